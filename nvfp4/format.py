@@ -1,0 +1,171 @@
+"""NVFP4: the format and its plain-torch reference quantizer.
+
+Two-level scaling (DESIGN.md, "NVFP4 numerics"): FP4 E2M1 codes, one FP8 E4M3 scale per 16
+contiguous elements of the last (reduction) dim, one fp32 per-tensor scale from the amax.
+Codes and block scales equal torchao 0.18's ``nvfp4_quantize`` (prototype/mx_formats/
+nvfp4_tensor.py) given the same per-tensor scale; the tests check it bit for bit.
+
+All arithmetic is fp32 whatever the input dtype, so CPU and CUDA give identical bits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+FP4_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_SCALE = 2.0**-6  # smallest normal e4m3: subnormal block scales are never produced
+BLOCK_SIZE = 16
+# Floor of the per-tensor scale: with the smallest block scale (2**-6) the reciprocal
+# r = (1/s_tensor)/s_block must stay finite, so 1/s_tensor <= 2**121. (The smallest normal
+# fp32, 2**-126, would overflow r.) Only tensors with amax < 2688 * 2**-121 ever hit it.
+TENSOR_SCALE_MIN = 2.0**-121
+
+# Value of each 4-bit code: bit 3 is the sign, bits 0-2 index the E2M1 magnitudes.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_CODE_TO_VALUE = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+# Round-half-to-even onto the E2M1 grid: magnitude code = number of thresholds passed.
+# At a tie the even code wins, so ties at 0.25, 1.25, 2.5, 5 round down (strict >) and
+# ties at 0.75, 1.75, 3.5 round up (>=).
+_STRICT = (0.25, 1.25, 2.5, 5.0)
+_INCLUSIVE = (0.75, 1.75, 3.5)
+
+TensorScaleMode = Literal["pow2", "amax"]
+TENSOR_SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
+
+
+class NVFP4(NamedTuple):
+    """A tensor quantized to NVFP4.
+
+    packed:       uint8 [..., K/2], code of element 2i in the low nibble, 2i+1 in the high one.
+    block_scale:  float8_e4m3fn [..., K/16].
+    tensor_scale: fp32 0-dim; dequant = code_value * float(block_scale) * tensor_scale.
+    """
+
+    packed: torch.Tensor
+    block_scale: torch.Tensor
+    tensor_scale: torch.Tensor
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the whole tensor, fp32 0-dim (NaN if x holds a NaN)."""
+    return x.detach().abs().amax().float()
+
+
+def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> torch.Tensor:
+    """Per-tensor (second-level) scale from an amax, fp32 0-dim.
+
+    ``amax`` mode is torchao's ``per_tensor_amax_to_scale``: amax / (448 * 6). ``pow2`` (the
+    default) rounds that up to a power of two, so that 1/s is exact and engines that store
+    the scale (ModelOpt) and its reciprocal (compressed-tensors) decode the same bits.
+    amax == 0 gives 1.0 (all codes 0); a non-finite amax gives a non-finite scale, so the
+    whole tensor dequantizes to NaN instead of hiding the fault.
+    """
+    if mode not in TENSOR_SCALE_MODES:
+        raise ValueError(f"tensor scale mode {mode!r} is not one of {TENSOR_SCALE_MODES}")
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    s = amax / (E4M3_MAX * FP4_MAX)
+    s = torch.where(torch.isfinite(s), s.clamp_min(TENSOR_SCALE_MIN), s)
+    if mode == "pow2":
+        # Round up to 2**k in the bits: add all-ones to the mantissa, carry into the exponent.
+        bits = s.view(torch.int32)
+        up = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+        s = torch.where(torch.isfinite(s), up, s)
+    return torch.where(amax == 0, torch.ones_like(s), s)
+
+
+def _check_last_dim(x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"NVFP4 quantizes floating-point tensors, got dtype {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(
+            f"NVFP4 needs the last (reduction) dim to be a multiple of {BLOCK_SIZE}, "
+            f"got shape {tuple(x.shape)}; pad it or leave this tensor in high precision"
+        )
+
+
+def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """Round fp32 y (already clamped to [-6, 6]) half-to-even onto E2M1; uint8 codes."""
+    mag = y.abs()
+    code = torch.zeros_like(mag, dtype=torch.uint8)
+    for t in _STRICT:
+        code += mag > t
+    for t in _INCLUSIVE:
+        code += mag >= t
+    return code | (torch.signbit(y).to(torch.uint8) << 3)  # -0 keeps its sign, as in torchao
+
+
+def _block_codes(
+    x: torch.Tensor, s_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [..., K] uint8 and block scales [..., K/16] e4m3 of x under tensor scale s."""
+    xb = x.float().reshape(*x.shape[:-1], -1, BLOCK_SIZE)  # [..., K/16, 16]
+    b_amax = xb.abs().amax(dim=-1)
+    s = (b_amax / FP4_MAX) / s_tensor
+    # Clamp before the cast: CUDA and CPU disagree on out-of-range e4m3 casts. A block
+    # holding Inf or NaN gets a NaN scale, so it dequantizes to NaN (it is never clipped).
+    s = torch.where(torch.isfinite(b_amax), s.clamp(E4M3_MIN_SCALE, E4M3_MAX), torch.nan)
+    s_block = s.to(torch.float8_e4m3fn)
+    r = (1.0 / s_tensor) / s_block.float()  # this exact order (torchao, MSLK kernels)
+    y = (xb * r.unsqueeze(-1)).clamp(-FP4_MAX, FP4_MAX)
+    return _e2m1_codes(y).reshape(x.shape), s_block
+
+
+def quantize_with_scale(x: torch.Tensor, s_tensor: torch.Tensor) -> NVFP4:
+    """Quantize x [..., K] with a given fp32 per-tensor scale (e.g. a frozen input_scale)."""
+    _check_last_dim(x)
+    s_tensor = torch.as_tensor(s_tensor, dtype=torch.float32, device=x.device)
+    codes, s_block = _block_codes(x, s_tensor)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return NVFP4(packed, s_block, s_tensor)
+
+
+def quantize(
+    x: torch.Tensor, amax: torch.Tensor | None = None, mode: TensorScaleMode = "pow2"
+) -> NVFP4:
+    """Quantize x [..., K] to NVFP4.
+
+    ``amax`` defaults to max |x|; pass it to quantize a shard or a fused group with the
+    amax of the whole logical tensor. Non-finite inputs never raise (that would sync the
+    device): their blocks, or with a non-finite amax the whole tensor, dequantize to NaN.
+    """
+    _check_last_dim(x)
+    return quantize_with_scale(x, tensor_scale(abs_max(x) if amax is None else amax, mode))
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] -> uint8 codes [..., K]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def _codes_to_values(codes: torch.Tensor) -> torch.Tensor:
+    return _CODE_TO_VALUE.to(codes.device)[codes.long()]
+
+
+def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code_value * block_scale, without the tensor scale: exact in bf16 (<= 6 significant bits).
+
+    This is the operand of the emulated FP4 GEMM, as FP4 tensor cores see it.
+    """
+    v = _codes_to_values(unpack_codes(q.packed))
+    v = v.reshape(*v.shape[:-1], -1, BLOCK_SIZE) * q.block_scale.float().unsqueeze(-1)
+    return v.flatten(-2).to(dtype)
+
+
+def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code_value * float(block_scale) * tensor_scale, in fp32, then cast to dtype."""
+    return (dequantize_unscaled(q) * q.tensor_scale).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, amax: torch.Tensor | None = None, mode: TensorScaleMode = "pow2"
+) -> torch.Tensor:
+    """dequantize(quantize(x, amax)) in x's dtype, without packing and unpacking the codes."""
+    _check_last_dim(x)
+    s_tensor = tensor_scale(abs_max(x) if amax is None else amax, mode).to(x.device)
+    codes, s_block = _block_codes(x, s_tensor)
+    v = _codes_to_values(codes).reshape(*x.shape[:-1], -1, BLOCK_SIZE)
+    v = v * s_block.float().unsqueeze(-1)
+    return (v.flatten(-2) * s_tensor).to(x.dtype)

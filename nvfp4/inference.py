@@ -1,0 +1,81 @@
+"""The emulated FP4 GEMM and ``NVFP4Linear``, the layer of a converted (deployed) model.
+
+No GPU here has FP4 tensor cores, so the GEMM is emulated exactly as they compute it:
+operands are ``code * block_scale`` (exact in bf16: at most 6 significant bits), products
+are accumulated in fp32, and the two tensor scales are applied to the fp32 accumulator.
+QAT calls the very same function, so prepared and converted models agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nvfp4.format import NVFP4, TensorScaleMode, dequantize_unscaled, quantize, quantize_with_scale
+
+
+def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M, K] @ [K, N] with fp32 accumulation and output; a and b hold bf16-exact values."""
+    if a.is_cuda:
+        # bf16 tensor-core GEMM with an fp32 result: no rounding of the exact operands.
+        return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def nvfp4_matmul(
+    xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N]."""
+    a = dequantize_unscaled(xq)  # [..., K] fp32, exact
+    b = dequantize_unscaled(wq)  # [N, K]
+    acc = _mm_fp32_acc(a.reshape(-1, a.shape[-1]), b.t())  # [M, N] fp32
+    acc = acc * (xq.tensor_scale * wq.tensor_scale)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
+
+
+class NVFP4Linear(nn.Module):
+    """A linear layer holding an NVFP4 weight, named as in ModelOpt NVFP4 checkpoints.
+
+    Buffers: ``weight`` uint8 [N, K/2] (packed codes), ``weight_scale`` float8_e4m3fn
+    [N, K/16], ``weight_scale_2`` fp32 (the per-tensor scale, multiplied), ``input_scale``
+    fp32 (static activation scale; absent in dynamic mode), ``bias`` (optional).
+    """
+
+    def __init__(
+        self,
+        weight: NVFP4,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        tensor_scale_mode: TensorScaleMode = "pow2",
+    ) -> None:
+        super().__init__()
+        self.out_features, half_k = weight.packed.shape
+        self.in_features = 2 * half_k
+        self.tensor_scale_mode = tensor_scale_mode
+        self.register_buffer("weight", weight.packed)
+        self.register_buffer("weight_scale", weight.block_scale)
+        self.register_buffer("weight_scale_2", weight.tensor_scale)
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("bias", bias)
+
+    @property
+    def activation_scale(self) -> str:
+        return "dynamic" if self.input_scale is None else "static"
+
+    def quantized_weight(self) -> NVFP4:
+        return NVFP4(self.weight, self.weight_scale, self.weight_scale_2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:
+            xq = quantize(x, mode=self.tensor_scale_mode)
+        else:
+            xq = quantize_with_scale(x, self.input_scale)
+        return nvfp4_matmul(xq, self.quantized_weight(), self.bias, x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation_scale={self.activation_scale}"
+        )

@@ -1,0 +1,266 @@
+"""NVFP4 quantization-aware training: ``NVFP4QATLinear``, prepare, calibrate, convert.
+
+The QAT forward quantizes weight and input with the reference numerics and runs the same
+emulated GEMM as the converted ``NVFP4Linear``: prepare-vs-convert outputs are bit-identical.
+Backward is a straight-through estimator over the fake-quantized operands:
+grad_x = grad_y @ dq(W), grad_W = grad_y^T @ dq(x), from packed codes saved in forward.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nvfp4.format import (
+    BLOCK_SIZE,
+    NVFP4,
+    TENSOR_SCALE_MODES,
+    TensorScaleMode,
+    abs_max,
+    dequantize,
+    quantize_with_scale,
+    tensor_scale,
+)
+from nvfp4.inference import NVFP4Linear, nvfp4_matmul
+
+ACTIVATION_SCALES = ("dynamic", "static")
+_UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """What to quantize and how. One config drives prepare, convert and export."""
+
+    include: tuple[str, ...] = ("*",)
+    """fnmatch patterns of module names (``layers.0.attention.wq``) of nn.Linears to quantize."""
+    exclude: tuple[str, ...] = ("output", "lm_head", "*.output", "*.lm_head")
+    """Patterns kept in high precision even if included (default: the output head)."""
+    activation_scale: Literal["dynamic", "static"] = "dynamic"
+    """dynamic: input tensor scale from each input's amax. static: from an amax calibrated
+    over batches (``calibrate``), frozen, and exported as ``input_scale``."""
+    tensor_scale: TensorScaleMode = "pow2"
+    """pow2: per-tensor scale rounded up to a power of two (decodes identically in every
+    engine). amax: amax / 2688, as torchao and ModelOpt PTQ."""
+    share_fused_amax: bool = True
+    """Give the linears that engines fuse (q/k/v, gate/up) one weight amax, as engines assume."""
+
+    def __post_init__(self) -> None:
+        if self.activation_scale not in ACTIVATION_SCALES:
+            raise ValueError(
+                f"activation_scale={self.activation_scale!r}: use one of {ACTIVATION_SCALES}"
+            )
+        if self.tensor_scale not in TENSOR_SCALE_MODES:
+            raise ValueError(f"tensor_scale={self.tensor_scale!r}: use one of {TENSOR_SCALE_MODES}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def selects(self, name: str) -> bool:
+        match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+        return match(self.include) and not match(self.exclude)
+
+
+class _QATLinearFn(torch.autograd.Function):
+    """y = nvfp4_matmul(q(x), q(W)) + b; backward by STE from the saved packed operands."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, x_scale, w_scale):  # type: ignore[override]
+        xq = quantize_with_scale(x, x_scale)
+        wq = quantize_with_scale(weight, w_scale)
+        ctx.save_for_backward(*xq, *wq)
+        ctx.has_bias = bias is not None
+        ctx.w_dtype = weight.dtype
+        return nvfp4_matmul(xq, wq, bias, x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        xq, wq = NVFP4(*saved[:3]), NVFP4(*saved[3:])
+        gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gy @ dequantize(wq, gy.dtype)).reshape(*grad_y.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            x_dq = dequantize(xq, gy.dtype)
+            grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class NVFP4QATLinear(nn.Linear):
+    """nn.Linear that fake-quantizes its weight and input to NVFP4 on every forward.
+
+    ``input_amax`` (fp32 buffer, checkpointed) holds the calibrated activation amax in
+    static mode; -1 until calibrated. Members of a fused group (q/k/v, gate/up) share one
+    weight amax: the max over the group.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        config: QATConfig | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.config = config or QATConfig()
+        self.register_buffer(
+            "input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device)
+        )
+        self.amax_peers: tuple[NVFP4QATLinear, ...] = ()  # other members of the fused group
+        self.calibrating = False
+        self._calibrated = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> NVFP4QATLinear:
+        """Wrap ``linear``'s own parameters (no copy; works on the meta device)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            config=config,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.input_amax = torch.full((), _UNCALIBRATED, device=linear.weight.device)
+        return new
+
+    def reset_calibration(self) -> None:
+        """Forget the calibrated input amax (also needed after materializing from meta)."""
+        self.input_amax.fill_(_UNCALIBRATED)
+        self._calibrated = False
+
+    def weight_amax(self) -> torch.Tensor:
+        """max |W| over this weight and its fused-group peers, fp32 0-dim."""
+        a = abs_max(self.weight)
+        for peer in self.amax_peers:
+            a = torch.maximum(a, abs_max(peer.weight))
+        return a
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.config.tensor_scale
+        if self.config.activation_scale == "dynamic" or self.calibrating:
+            a = abs_max(x)
+            if self.calibrating:
+                self.input_amax.copy_(torch.maximum(self.input_amax, a))
+            return tensor_scale(a, mode)
+        if not self._calibrated:
+            if float(self.input_amax) < 0:  # one host sync per module lifetime
+                raise RuntimeError(
+                    "static activation scale used before calibration: run "
+                    "nvfp4.calibrate(model, batches) or load a calibrated checkpoint"
+                )
+            self._calibrated = True
+        return tensor_scale(self.input_amax, mode)
+
+    def quantized_weight(self) -> NVFP4:
+        """The weight exactly as the forward quantizes it."""
+        w = self.weight.detach()
+        return quantize_with_scale(w, tensor_scale(self.weight_amax(), self.config.tensor_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
+        return _QATLinearFn.apply(x, self.weight, self.bias, self._input_scale(x), w_scale)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}"
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
+    """Swap the selected ``nn.Linear``s of ``model`` for ``NVFP4QATLinear``s, in place.
+
+    A model may define ``fused_linear_groups() -> list[list[str]]`` naming linears that
+    engines fuse; with ``share_fused_amax`` their weights share one amax.
+    """
+    config = config or QATConfig()
+    swapped: dict[str, NVFP4QATLinear] = {}
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or not config.selects(name):
+            continue
+        if mod.in_features % BLOCK_SIZE:
+            raise ValueError(
+                f"{name}: in_features={mod.in_features} is not a multiple of {BLOCK_SIZE}; "
+                f"NVFP4 blocks run along it. Exclude the layer with QATConfig.exclude"
+            )
+        swapped[name] = NVFP4QATLinear.from_linear(mod, config)
+        _swap(model, name, swapped[name])
+    groups = getattr(model, "fused_linear_groups", lambda: [])()
+    if config.share_fused_amax:
+        for group in groups:
+            members = [swapped[n] for n in group if n in swapped]
+            for m in members:
+                m.amax_peers = tuple(p for p in members if p is not m)
+    return model
+
+
+def qat_linears(model: nn.Module) -> list[NVFP4QATLinear]:
+    return [m for m in model.modules() if isinstance(m, NVFP4QATLinear)]
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup | None = None
+) -> int:
+    """Set the static input amax of every QAT linear to the max over ``batches``.
+
+    Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also
+    the max over all ranks of ``group`` (default: the world). Returns the batch count.
+    """
+    layers = [m for m in qat_linears(model) if m.config.activation_scale == "static"]
+    for m in layers:
+        m.input_amax.zero_()
+        m.calibrating = True
+    n = 0
+    try:
+        for batch in batches:
+            model(batch)
+            n += 1
+    finally:
+        for m in layers:
+            m.calibrating = False
+    if n == 0:
+        raise ValueError("calibrate got no batches")
+    if layers and dist.is_available() and dist.is_initialized():
+        amaxes = torch.stack([m.input_amax for m in layers])
+        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
+        for m, a in zip(layers, amaxes):
+            m.input_amax.copy_(a)
+    for m in layers:
+        m._calibrated = True
+    return n
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Swap every ``NVFP4QATLinear`` for an ``NVFP4Linear`` holding its quantized weight."""
+    qat = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4QATLinear)}
+    # Quantize all before swapping anything: fused peers must still see each other's weights.
+    converted = {}
+    for name, m in qat.items():
+        static = m.config.activation_scale == "static"
+        if static and float(m.input_amax) < 0:
+            raise RuntimeError(f"{name}: static activation scale is not calibrated; run calibrate")
+        converted[name] = NVFP4Linear(
+            m.quantized_weight(),
+            bias=None if m.bias is None else m.bias.detach().clone(),
+            input_scale=tensor_scale(m.input_amax, m.config.tensor_scale) if static else None,
+            tensor_scale_mode=m.config.tensor_scale,
+        )
+    for name, new in converted.items():
+        _swap(model, name, new)
+    return model

@@ -1,0 +1,202 @@
+"""QAT linear: prepare vs convert bit-exactness, STE backward, saved memory, calibration."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nvfp4
+from nvfp4 import NVFP4Linear, NVFP4QATLinear, QATConfig
+
+DTYPES = (torch.float32, torch.bfloat16)
+MODES = ("dynamic", "static")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 32, bias=False)
+        self.head = nn.Linear(32, 10)  # K=32 but excluded below: stays float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(F.gelu(self.up(x))))
+
+
+def _batches(n: int, *shape: int, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(*shape, generator=g).to(dtype) for _ in range(n)]
+
+
+def _prepare_convert(model: nn.Module, config: QATConfig, x: torch.Tensor):
+    nvfp4.prepare(model, config)
+    if config.activation_scale == "static":
+        nvfp4.calibrate(model, _batches(3, *x.shape, dtype=x.dtype))
+    with torch.no_grad():
+        y_qat = model(x)
+    nvfp4.convert(model)
+    with torch.no_grad():
+        y_conv = model(x)
+    return y_qat, y_conv
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mlp_prepare_vs_convert_bitwise(mode, dtype):
+    torch.manual_seed(0)
+    model = MLP().to(dtype)
+    config = QATConfig(activation_scale=mode, exclude=("head",))
+    x = torch.randn(4, 9, 64).to(dtype)
+    y_qat, y_conv = _prepare_convert(model, config, x)
+    assert isinstance(model.up, NVFP4Linear) and type(model.head) is nn.Linear
+    assert torch.equal(y_qat, y_conv)
+
+
+@pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n,bias", [(16, 16, True), (48, 80, False), (256, 33, True), (512, 512, False)])
+def test_random_linears_prepare_vs_convert_bitwise(k, n, bias, dtype, mode, tensor_scale):
+    torch.manual_seed(k + n)
+    model = nn.Sequential(nn.Linear(k, n, bias=bias)).to(dtype)
+    config = QATConfig(activation_scale=mode, tensor_scale=tensor_scale)
+    y_qat, y_conv = _prepare_convert(model, config, torch.randn(2, 5, k).to(dtype))
+    assert torch.equal(y_qat, y_conv)
+
+
+def test_qat_output_is_the_fake_quantized_linear():
+    """The emulated GEMM computes dq(x) @ dq(W).T (exact products, fp32 sums)."""
+    torch.manual_seed(1)
+    lin = NVFP4QATLinear(64, 32)
+    x = torch.randn(8, 64) * 3
+    ref = F.linear(nvfp4.fake_quantize(x).double(), nvfp4.fake_quantize(lin.weight.detach()).double(),
+                   lin.bias.detach().double())
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # it does quantize
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("xshape", [(8, 64), (2, 5, 64)])
+def test_backward_is_ste_over_fake_quantized_operands(xshape, dtype):
+    torch.manual_seed(2)
+    lin = NVFP4QATLinear(64, 48).to(dtype)
+    x = torch.randn(*xshape).to(dtype).requires_grad_()
+    gy = torch.randn(*xshape[:-1], 48).to(dtype)
+    lin(x).backward(gy)
+
+    xd = nvfp4.fake_quantize(x.detach()).requires_grad_()
+    wd = nvfp4.fake_quantize(lin.weight.detach()).requires_grad_()
+    b = lin.bias.detach().clone().requires_grad_()
+    F.linear(xd.reshape(-1, 64), wd, b).backward(gy.reshape(-1, 48))
+    assert torch.equal(x.grad, xd.grad.reshape(xshape))
+    assert torch.equal(lin.weight.grad, wd.grad)
+    assert torch.equal(lin.bias.grad, b.grad)  # torchao returns None here
+
+
+def test_fused_group_shares_weight_amax_and_trains_all_members():
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wq, self.wk, self.wv = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+
+        def fused_linear_groups(self) -> list[list[str]]:
+            return [["wq", "wk", "wv"]]
+
+        def forward(self, x):
+            return self.wq(x).sum() + self.wk(x).sum() + self.wv(x).sum()
+
+    torch.manual_seed(3)
+    m = Attn()
+    with torch.no_grad():
+        m.wk.weight[0, 0] = 50.0  # the group's amax lives in wk
+    nvfp4.prepare(m)
+    for lin in (m.wq, m.wk, m.wv):
+        assert lin.weight_amax().item() == 50.0
+        assert torch.equal(lin.quantized_weight().tensor_scale, nvfp4.tensor_scale(torch.tensor(50.0)))
+    m(torch.randn(4, 32)).backward()
+    assert all(lin.weight.grad is not None for lin in (m.wq, m.wk, m.wv))
+
+    separate = Attn()
+    nvfp4.prepare(separate, QATConfig(share_fused_amax=False))
+    assert separate.wq.weight_amax().item() < 50.0
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, list[torch.dtype]]:
+    sizes, dtypes = [], []
+
+    def pack(t: torch.Tensor):
+        sizes.append(t.numel() * t.element_size())
+        dtypes.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(sizes), dtypes
+
+
+def test_saved_tensors_are_packed_and_smaller_than_bf16_linear():
+    x = torch.randn(512, 1024, dtype=torch.bfloat16, requires_grad=True)
+    bf16 = nn.Linear(1024, 1024).to(torch.bfloat16)
+    qat = NVFP4QATLinear(1024, 1024).to(torch.bfloat16)
+    bf16_bytes, _ = _saved_bytes(bf16, x)
+    qat_bytes, dtypes = _saved_bytes(qat, x)
+    assert qat_bytes < 0.3 * bf16_bytes, (qat_bytes, bf16_bytes)  # 4.5 bits vs 16 per element
+    assert set(dtypes) <= {torch.uint8, torch.float8_e4m3fn, torch.float32}
+
+
+def test_static_mode_requires_calibration_and_freezes_amax():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 16))
+    nvfp4.prepare(model, QATConfig(activation_scale="static"))
+    with pytest.raises(RuntimeError, match="calibrat"):
+        model(torch.randn(2, 32))
+    batches = _batches(4, 2, 32)
+    assert nvfp4.calibrate(model, batches) == 4
+    lin = model[0]
+    assert lin.input_amax.item() == max(b.abs().max().item() for b in batches)
+    before = lin.input_amax.clone()
+    model(torch.randn(2, 32) * 100)  # larger inputs clamp; the scale stays frozen
+    assert torch.equal(lin.input_amax, before)
+    assert "0.input_amax" in model.state_dict()
+
+
+def test_calibrated_amax_survives_state_dict_round_trip():
+    src = nn.Sequential(nn.Linear(32, 16))
+    nvfp4.prepare(src, QATConfig(activation_scale="static"))
+    nvfp4.calibrate(src, _batches(2, 3, 32))
+    dst = nn.Sequential(nn.Linear(32, 16))
+    nvfp4.prepare(dst, QATConfig(activation_scale="static"))
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 32)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_prepare_rejects_k_not_multiple_of_16_naming_layer():
+    model = nn.Sequential(nn.Linear(20, 16))
+    with pytest.raises(ValueError, match=r"^0: in_features=20"):
+        nvfp4.prepare(model)
+
+
+def test_prepare_on_meta_device_shares_parameters():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16))
+    w = model[0].weight
+    nvfp4.prepare(model)
+    assert isinstance(model[0], NVFP4QATLinear) and model[0].weight is w
+    assert model[0].input_amax.is_meta
+
+
+def test_bad_config_values_rejected():
+    with pytest.raises(ValueError, match="activation_scale"):
+        QATConfig(activation_scale="dynamc")
+    with pytest.raises(ValueError, match="tensor_scale"):
+        QATConfig(tensor_scale="fp32")
+
+
+def test_non_finite_input_makes_output_nan_not_garbage():
+    lin = NVFP4QATLinear(32, 8)
+    x = torch.randn(4, 32)
+    x[1, 2] = math.nan
+    assert torch.isnan(lin(x)).all()  # the dynamic amax is NaN: the loss will say so
