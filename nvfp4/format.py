@@ -49,6 +49,13 @@ class NVFP4(NamedTuple):
     tensor_scale: torch.Tensor
 
 
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim fp32 constant on like's device. Dividing by it is a true division: CUDA
+    turns division by a Python scalar into multiplication by its rounded reciprocal,
+    which differs from the CPU by an ulp (seen on H100 for amax / 2688)."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
 def abs_max(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the whole tensor, fp32 0-dim (NaN if x holds a NaN)."""
     return x.detach().abs().amax().float()
@@ -66,7 +73,7 @@ def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> 
     if mode not in TENSOR_SCALE_MODES:
         raise ValueError(f"tensor scale mode {mode!r} is not one of {TENSOR_SCALE_MODES}")
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    s = amax / (E4M3_MAX * FP4_MAX)
+    s = amax / _const(E4M3_MAX * FP4_MAX, amax)
     s = torch.where(torch.isfinite(s), s.clamp_min(TENSOR_SCALE_MIN), s)
     if mode == "pow2":
         # Round up to 2**k in the bits: add all-ones to the mantissa, carry into the exponent.
@@ -103,12 +110,12 @@ def _block_codes(
     """Codes [..., K] uint8 and block scales [..., K/16] e4m3 of x under tensor scale s."""
     xb = x.float().reshape(*x.shape[:-1], -1, BLOCK_SIZE)  # [..., K/16, 16]
     b_amax = xb.abs().amax(dim=-1)
-    s = (b_amax / FP4_MAX) / s_tensor
+    s = (b_amax / _const(FP4_MAX, b_amax)) / s_tensor
     # Clamp before the cast: CUDA and CPU disagree on out-of-range e4m3 casts. A block
     # holding Inf or NaN gets a NaN scale, so it dequantizes to NaN (it is never clipped).
     s = torch.where(torch.isfinite(b_amax), s.clamp(E4M3_MIN_SCALE, E4M3_MAX), torch.nan)
     s_block = s.to(torch.float8_e4m3fn)
-    r = (1.0 / s_tensor) / s_block.float()  # this exact order (torchao, MSLK kernels)
+    r = (_const(1.0, s_tensor) / s_tensor) / s_block.float()  # this order: torchao, MSLK
     y = (xb * r.unsqueeze(-1)).clamp(-FP4_MAX, FP4_MAX)
     return _e2m1_codes(y).reshape(x.shape), s_block
 
