@@ -1,0 +1,1 @@
+"""Model families. Only Llama 3 for now."""

@@ -1,0 +1,89 @@
+"""Llama 3 hyper-parameters and the named flavors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+ActivationCheckpoint = Literal["none", "selective", "full"]
+ACTIVATION_CHECKPOINT_MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1+ frequency scaling of RoPE (HF ``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336
+    """Hidden size of the SwiGLU MLP (HF ``intermediate_size``)."""
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    max_seq_len: int = 131072
+    """Longest sequence the model serves (HF ``max_position_embeddings``)."""
+    activation_checkpoint: ActivationCheckpoint = "none"
+    """none | selective (recompute each MLP: its ffn_dim-wide activations dominate) | full
+    (recompute each transformer block)."""
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
+            raise ValueError(
+                f"activation_checkpoint={self.activation_checkpoint!r}: use one of "
+                f"{ACTIVATION_CHECKPOINT_MODES}"
+            )
+        object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+
+    def with_(self, **changes) -> ModelArgs:
+        return replace(self, **changes)
+
+
+_LLAMA32_ROPE = RopeScaling(factor=32.0)
+_LLAMA31_ROPE = RopeScaling(factor=8.0)
+
+FLAVORS: dict[str, ModelArgs] = {
+    # Tiny and CPU-fast; vocab of the bundled 8k BPE tokenizer.
+    "debug": ModelArgs(
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, ffn_dim=768,
+        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, max_seq_len=2048,
+    ),
+    # Llama 3.2 1B / 3B, Llama 3.1 8B, Llama 3.3 70B (published HF configs).
+    "1B": ModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
+    ),
+    "3B": ModelArgs(
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
+    ),
+    "8B": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, rope_scaling=_LLAMA31_ROPE,
+    ),
+    "70B": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, rope_scaling=_LLAMA31_ROPE,
+    ),
+}
+
+
+def flavor(name: str) -> ModelArgs:
+    try:
+        return FLAVORS[name]
+    except KeyError:
+        raise ValueError(f"unknown Llama 3 flavor {name!r}; choose one of {sorted(FLAVORS)}") from None

@@ -1,0 +1,291 @@
+"""Read and write Hugging Face Llama checkpoints (config.json + safetensors), streaming.
+
+``from_hf`` builds the model on the meta device and assigns one tensor at a time, so an
+8B model is never held twice; ``to_hf`` writes one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from models.llama3 import state_dict_adapter as adapter
+from models.llama3.args import ModelArgs, RopeScaling
+from models.llama3.model import Transformer
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints stored this buffer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file and the fix."""
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model directory")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+
+
+def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from an HF Llama config (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise CheckpointError(
+            f"{source}: model_type={cfg.get('model_type')!r}, architectures={archs}: "
+            "not a Llama (LlamaForCausalLM) checkpoint"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise CheckpointError(f"{source}: {flag}=true is not supported by this Llama 3 model")
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (default, llama3)")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    n_heads = cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
+        raise CheckpointError(f"{source}: head_dim != hidden_size / num_attention_heads is not supported")
+    return ModelArgs(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        vocab_size=cfg["vocab_size"],
+        ffn_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=cfg.get("max_position_embeddings", 131072),
+    )
+
+
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """config.json for ``LlamaForCausalLM`` in the layout published Llama 3 checkpoints use."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "max_position_embeddings": args.max_seq_len,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if (rs := args.rope_scaling) is not None:
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
+    return cfg
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it; every file checked to exist."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = {k: path / v for k, v in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard named in {index.name} is missing")
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no *.safetensors weights (only safetensors are read)")
+    files = {}
+    for f in shards:
+        for key in _open(f).keys():
+            files[key] = f
+    return files
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module, _, pname = name.rpartition(".")
+    setattr(model.get_submodule(module), pname, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def load_hf_tensors(model: Transformer, path: Path, dtype: torch.dtype | None) -> None:
+    """Stream every tensor of the HF checkpoint at ``path`` into ``model`` (meta or real)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.args.tie_word_embeddings
+    loaded: set[str] = set()
+    by_file: dict[Path, list[str]] = {}
+    for key, f in weight_files(path).items():
+        by_file.setdefault(f, []).append(key)
+    for f, keys in by_file.items():
+        handle = _open(f)
+        for key in keys:
+            if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                continue
+            try:
+                name = adapter.from_hf(key)
+            except KeyError:
+                raise CheckpointError(f"{f.name}: tensor {key} is not part of a Llama model") from None
+            try:
+                t = handle.get_tensor(key)
+            except Exception as e:  # a truncated or corrupt shard
+                raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
+            if tuple(t.shape) != tuple(expected[name]):
+                raise CheckpointError(
+                    f"{f.name}: tensor {key} has shape {tuple(t.shape)}, but config.json implies "
+                    f"{tuple(expected[name])}"
+                )
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"{f.name}: tensor {key} holds NaN or Inf values")
+            _assign(model, name, t if dtype is None else t.to(dtype))
+            loaded.add(name)
+    if tied:
+        model.tie_weights()
+        loaded.add("output.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {[adapter.to_hf(m) for m in missing][:8]}")
+
+
+def from_hf(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Transformer:
+    """A ``Transformer`` with the weights of the local HF Llama directory ``path`` (on CPU).
+
+    ``dtype=None`` keeps the stored dtype.
+    """
+    path = Path(path)
+    args = args_from_hf_config(read_config(path), str(path / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_hf_tensors(model, path, dtype)
+    return model
+
+
+def _nbytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
+    cast = dtype is not None and t.is_floating_point()
+    return t.numel() * (dtype if cast else t.dtype).itemsize
+
+
+def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        n = _nbytes(t, dtype)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    return shards
+
+
+def write_safetensors(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write HF-named tensors as ``model.safetensors`` or numbered shards plus an index.
+
+    Floating tensors are cast to ``dtype`` (None keeps them) one shard at a time.
+    """
+    shards = _shards(tensors, dtype, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for fname, keys in zip(names, shards):
+        shard = {k: _cast(tensors[k], dtype) for k in keys}
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, fname))
+    if len(shards) > 1:
+        total = sum(_nbytes(t, dtype) for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous().cpu()
+
+
+def copy_tokenizer_files(src: Path | None, out: Path) -> list[str]:
+    if src is None:
+        return []
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for n in copied:
+        shutil.copy2(src / n, out / n)
+    return copied
+
+
+def to_hf(
+    model: Transformer,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``model`` as an HF Llama directory at ``path`` (must be absent or empty).
+
+    ``dtype=None`` keeps the parameters' dtype. Tokenizer files are copied from
+    ``tokenizer_dir`` when it has them.
+    """
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    if model.args.tie_word_embeddings:
+        sd.pop("output.weight")
+    tensors = {adapter.to_hf(k): v for k, v in sd.items()}
+    out_dtype = dtype or model.tok_embeddings.weight.dtype
+    (out / "config.json").write_text(json.dumps(hf_config_from_args(model.args, out_dtype), indent=2))
+    write_safetensors(out, tensors, dtype, max_shard_bytes)
+    copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir else None, out)

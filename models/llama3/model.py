@@ -1,0 +1,180 @@
+"""Llama 3 in plain modules, with TorchTitan parameter names (``layers.N.attention.wq``).
+
+RoPE uses the Hugging Face (rotate-half) layout, so HF weights load without permuting
+wq/wk; a row permutation would not change NVFP4 codes anyway (blocks run along K).
+Built on the meta device, then ``to_empty`` + ``init_weights()`` on the target device.
+The model has no buffers: RoPE tables are computed per forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.llama3.args import ModelArgs
+
+
+def rope_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [seq_len, head_dim] fp32, as HF's LlamaRotaryEmbedding computes them.
+
+    Computed per forward (a few KFLOPs): no buffers to materialize, shard or checkpoint.
+    """
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if (rs := args.rope_scaling) is not None:
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    pos = torch.arange(seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(pos, inv_freq)  # [S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D]; cos, sin [S, D]."""
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bs, seq, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
+        q = self.wq(x).view(bs, seq, -1, self.head_dim)  # [B, S, H, D]
+        k = self.wk(x).view(bs, seq, -1, self.head_dim)  # [B, S, Hkv, D]
+        v = self.wv(x).view(bs, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )  # [B, H, S, D]
+        return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); HF gate_proj = w1, up_proj = w3, down_proj = w2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.selective_ac = args.activation_checkpoint == "selective"
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        if self.selective_ac and torch.is_grad_enabled():
+            return h + checkpoint(self._mlp, h, use_reentrant=False)
+        return h + self._mlp(h)
+
+    def init_weights(self, n_layers_before: int) -> None:
+        # TorchTitan's depth init: output projections shrink with depth.
+        out_std = 0.02 / math.sqrt(2 * (n_layers_before + 1))
+        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+        for lin in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
+            nn.init.trunc_normal_(lin.weight, std=out_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head (``to_empty`` unties them)."""
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def fused_linear_groups(self) -> list[list[str]]:
+        """Linears that inference engines fuse into one GEMM (one weight tensor scale)."""
+        groups = []
+        for i in range(len(self.layers)):
+            p = f"layers.{i}"
+            groups.append([f"{p}.attention.wq", f"{p}.attention.wk", f"{p}.attention.wv"])
+            groups.append([f"{p}.feed_forward.w1", f"{p}.feed_forward.w3"])
+        return groups
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter in place (after ``to_empty`` from the meta device)."""
+        self.tie_weights()
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        for layer in self.layers:
+            layer.init_weights(layer.layer_id)
+        self.norm.reset_parameters()
+        if not self.args.tie_word_embeddings:
+            std = self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] int64 -> logits [B, S, vocab]."""
+        seq = tokens.shape[1]
+        if seq > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = rope_tables(self.args, seq, tokens.device)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.args.activation_checkpoint == "full" and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return self.output(self.norm(h))
