@@ -16,7 +16,16 @@ from nvfp4.format import (
     unpack_codes,
 )
 from nvfp4.inference import NVFP4Linear, nvfp4_matmul
-from nvfp4.qat import NVFP4QATLinear, QATConfig, calibrate, convert, prepare, qat_linears
+from nvfp4.qat import (
+    NVFP4QATLinear,
+    QATConfig,
+    calibrate,
+    convert,
+    needs_calibration,
+    prepare,
+    qat_linears,
+    set_enabled,
+)
 
 __all__ = [
     "BLOCK_SIZE",
@@ -33,11 +42,13 @@ __all__ = [
     "dequantize",
     "dequantize_unscaled",
     "fake_quantize",
+    "needs_calibration",
     "nvfp4_matmul",
     "prepare",
     "qat_linears",
     "quantize",
     "quantize_with_scale",
+    "set_enabled",
     "tensor_scale",
     "unpack_codes",
 ]

@@ -15,18 +15,19 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 from nvfp4.format import (
     BLOCK_SIZE,
     NVFP4,
     TENSOR_SCALE_MODES,
     TensorScaleMode,
-    abs_max,
     dequantize,
     quantize_with_scale,
     tensor_scale,
 )
 from nvfp4.inference import NVFP4Linear, nvfp4_matmul
+from nvfp4.sharded import global_abs_max, local, output_placement
 
 ACTIVATION_SCALES = ("dynamic", "static")
 _UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
@@ -115,6 +116,8 @@ class NVFP4QATLinear(nn.Linear):
             "input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device)
         )
         self.amax_peers: tuple[NVFP4QATLinear, ...] = ()  # other members of the fused group
+        self.last_input_amax: torch.Tensor | None = None  # dynamic mode, for metrics
+        self.enabled = True  # False: a plain linear (training in float before QAT starts)
         self.calibrating = False
         self._calibrated = False
 
@@ -140,16 +143,14 @@ class NVFP4QATLinear(nn.Linear):
         self._calibrated = False
 
     def weight_amax(self) -> torch.Tensor:
-        """max |W| over this weight and its fused-group peers, fp32 0-dim."""
-        a = abs_max(self.weight)
-        for peer in self.amax_peers:
-            a = torch.maximum(a, abs_max(peer.weight))
-        return a
+        """max |W| over this weight and its fused-group peers, over all their shards."""
+        return global_abs_max(self.weight, *(p.weight for p in self.amax_peers))
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.config.tensor_scale
         if self.config.activation_scale == "dynamic" or self.calibrating:
-            a = abs_max(x)
+            a = global_abs_max(x)
+            self.last_input_amax = a
             if self.calibrating:
                 self.input_amax.copy_(torch.maximum(self.input_amax, a))
             return tensor_scale(a, mode)
@@ -162,14 +163,35 @@ class NVFP4QATLinear(nn.Linear):
             self._calibrated = True
         return tensor_scale(self.input_amax, mode)
 
+    def observed_input_amax(self) -> float:
+        """The calibrated amax (static) or the last input's (dynamic); 0 before any forward."""
+        if self.config.activation_scale == "static":
+            return max(float(self.input_amax), 0.0)
+        return 0.0 if self.last_input_amax is None else float(self.last_input_amax)
+
     def quantized_weight(self) -> NVFP4:
-        """The weight exactly as the forward quantizes it."""
-        w = self.weight.detach()
+        """The weight (this rank's shard of it) exactly as the forward quantizes it."""
+        w = local(self.weight.detach())
         return quantize_with_scale(w, tensor_scale(self.weight_amax(), self.config.tensor_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return nn.functional.linear(x, self.weight, self.bias)
         w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
-        return _QATLinearFn.apply(x, self.weight, self.bias, self._input_scale(x), w_scale)
+        x_scale = self._input_scale(x)
+        w = self.weight
+        if not isinstance(w, DTensor):
+            return _QATLinearFn.apply(x, w, self.bias, x_scale, w_scale)
+        # Tensor parallel: quantize and multiply the local shards (global scales above),
+        # then say how the local outputs combine.
+        if not isinstance(x, DTensor):
+            raise TypeError("tensor-parallel NVFP4 linear expects a DTensor input (apply a TP plan)")
+        placements = output_placement(x, w)
+        if self.bias is not None and isinstance(placements[0], Partial):
+            raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
+        bias = None if self.bias is None else local(self.bias)
+        y = _QATLinearFn.apply(x.to_local(), w.to_local(), bias, x_scale, w_scale)
+        return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -210,6 +232,18 @@ def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
 
 def qat_linears(model: nn.Module) -> list[NVFP4QATLinear]:
     return [m for m in model.modules() if isinstance(m, NVFP4QATLinear)]
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quantization on or off in every QAT linear (parameters are unchanged)."""
+    for m in qat_linears(model):
+        m.enabled = enabled
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """True if a static-mode QAT linear has no calibrated input amax yet (one host sync)."""
+    static = [m.input_amax for m in qat_linears(model) if m.config.activation_scale == "static"]
+    return bool(static) and bool((torch.stack([local(a) for a in static]) < 0).any())
 
 
 @torch.no_grad()

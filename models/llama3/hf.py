@@ -153,11 +153,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(module), pname, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
 
-def load_hf_tensors(model: Transformer, path: Path, dtype: torch.dtype | None) -> None:
-    """Stream every tensor of the HF checkpoint at ``path`` into ``model`` (meta or real)."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.args.tie_word_embeddings
-    loaded: set[str] = set()
+def iter_hf_tensors(path: Path, model_args: ModelArgs, expected: dict[str, torch.Size]):
+    """Yield (our name, tensor) for every tensor of the HF checkpoint at ``path``, one at a
+    time, checked against ``expected`` shapes and for finiteness; then check nothing is missing.
+    """
+    tied = model_args.tie_word_embeddings
+    loaded: set[str] = {"output.weight"} if tied else set()
     by_file: dict[Path, list[str]] = {}
     for key, f in weight_files(path).items():
         by_file.setdefault(f, []).append(key)
@@ -181,14 +182,19 @@ def load_hf_tensors(model: Transformer, path: Path, dtype: torch.dtype | None) -
                 )
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CheckpointError(f"{f.name}: tensor {key} holds NaN or Inf values")
-            _assign(model, name, t if dtype is None else t.to(dtype))
             loaded.add(name)
-    if tied:
-        model.tie_weights()
-        loaded.add("output.weight")
+            yield name, t
     missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(f"{path}: missing tensors {[adapter.to_hf(m) for m in missing][:8]}")
+
+
+def load_hf_tensors(model: Transformer, path: Path, dtype: torch.dtype | None) -> None:
+    """Stream every tensor of the HF checkpoint at ``path`` into ``model`` (meta or real)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name, t in iter_hf_tensors(path, model.args, expected):
+        _assign(model, name, t if dtype is None else t.to(dtype))
+    model.tie_weights()
 
 
 def from_hf(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Transformer:

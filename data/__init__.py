@@ -1,0 +1,1 @@
+"""Tokenizers, local corpora, packing and the resumable global-batch loader."""

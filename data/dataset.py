@@ -1,0 +1,82 @@
+"""Local corpora through ``datasets`` (offline), tokenized, split by document, packed.
+
+Documents: one per row of jsonl/json/parquet files (``text_field``), one per .txt file.
+Each document's tokens get EOS appended; the stream is cut into windows of seq_len + 1.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import Tokenizer
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """Corpus files that cannot be used; the message names them."""
+
+
+def _files(path: Path) -> tuple[str, list[str]]:
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist; set dataset.path to a local file or folder")
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in BUILDERS)
+    if not files:
+        raise DataError(f"{path}: no {'/'.join(BUILDERS)} files in it")
+    builders = {BUILDERS.get(f.suffix) for f in files}
+    if None in builders or len(builders) > 1:
+        raise DataError(f"{path}: mixed or unknown file types {sorted({f.suffix for f in files})}")
+    return builders.pop(), [str(f) for f in files]
+
+
+def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Read documents with ``datasets``, offline, caching in a temporary folder."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    builder, files = _files(Path(path))
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache,
+                                       keep_in_memory=True, **kwargs)
+        except Exception as e:
+            raise DataError(f"{path}: datasets could not read it as {builder} ({e})") from None
+        if text_field not in ds.column_names:
+            raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")
+        return [t for t in ds[text_field] if t]
+
+
+@dataclass
+class TokenWindows:
+    train: torch.Tensor  # [n_train, seq_len + 1] int64
+    validation: torch.Tensor  # [n_val, seq_len + 1]
+
+
+def _pack(docs: list[list[int]], eos: int, seq_len: int) -> torch.Tensor:
+    flat = torch.tensor([t for d in docs for t in (*d, eos)], dtype=torch.int64)
+    n = flat.numel() // (seq_len + 1)
+    return flat[: n * (seq_len + 1)].view(n, seq_len + 1)
+
+
+def build_windows(
+    documents: list[str], tokenizer: Tokenizer, seq_len: int, validation_fraction: float, seed: int
+) -> TokenWindows:
+    """Tokenize, hold out a seeded share of whole documents for validation, pack both."""
+    tokens = tokenizer.encode_batch(documents)
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(validation_fraction * len(tokens)) if validation_fraction > 0 else 0
+    if validation_fraction > 0 and len(tokens) > 1:
+        n_val = max(1, n_val)
+    val_ids = set(order[:n_val])
+    train = _pack([t for i, t in enumerate(tokens) if i not in val_ids], tokenizer.eos_id, seq_len)
+    val = _pack([t for i, t in enumerate(tokens) if i in val_ids], tokenizer.eos_id, seq_len)
+    return TokenWindows(train, val)

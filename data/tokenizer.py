@@ -1,0 +1,94 @@
+"""Tokenizers: a Hugging Face ``tokenizer.json`` or a Llama 3 tiktoken ``tokenizer.model``."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Protocol
+
+EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<|eot_id|>")
+
+# Llama 3's pre-tokenizer split (llama-models, llama3/tokenizer.py).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL = 256
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names it."""
+
+
+class HFTokenizer:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        try:
+            self._tok = _Tok.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
+        eos = next((i for i in ids if i is not None), None)
+        if eos is None:
+            raise TokenizerError(f"{path}: none of the EOS tokens {EOS_CANDIDATES} is in the vocabulary")
+        self.eos_id = eos
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+class TiktokenTokenizer:
+    """Llama 3 ``tokenizer.model``: base64 BPE ranks plus 256 special tokens after them."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import tiktoken
+        except ImportError:
+            raise TokenizerError(f"{path}: reading a tiktoken tokenizer.model needs `pip install tiktoken`") from None
+        ranks = {}
+        try:
+            for line in path.read_text().splitlines():
+                if line:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+        except ValueError as e:
+            raise TokenizerError(f"{path}: not a tiktoken BPE file ({e})") from None
+        n = len(ranks)
+        special = ["<|begin_of_text|>", "<|end_of_text|>"] + [
+            f"<|reserved_special_token_{i}|>" for i in range(LLAMA3_NUM_SPECIAL - 2)
+        ]
+        self._enc = tiktoken.Encoding(
+            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            special_tokens={t: n + i for i, t in enumerate(special)},
+        )
+        self.vocab_size = n + LLAMA3_NUM_SPECIAL
+        self.eos_id = n + 1
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """``tokenizer.json`` (HF) or ``tokenizer.model`` (tiktoken), or a folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).is_file()]
+        if not found:
+            raise TokenizerError(f"{p}: holds neither tokenizer.json nor tokenizer.model")
+        p = found[0]
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer {p} does not exist; set model.tokenizer_path")
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    if p.suffix == ".model":
+        return TiktokenTokenizer(p)
+    raise TokenizerError(f"{p}: unknown tokenizer format; use tokenizer.json or a tiktoken tokenizer.model")

@@ -1,0 +1,71 @@
+"""Quantizing sharded operands: a DTensor's per-tensor scale comes from its *global* amax.
+
+Generic over placements: the local amax is all-reduced (MAX) over exactly the mesh dims on
+which the tensor is sharded; replicated dims hold the same data and need no reduction.
+Knows DTensor placements, not how meshes are built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from nvfp4.format import BLOCK_SIZE, abs_max
+
+
+def _sharded_dims(t: DTensor) -> list[int]:
+    dims = []
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Partial):
+            raise ValueError(f"cannot take the amax of a Partial DTensor {tuple(t.shape)}; reduce it first")
+        if not isinstance(p, Replicate):  # Shard and _StridedShard
+            dims.append(i)
+    return dims
+
+
+def reduce_amax(local_amax: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """MAX-reduce a local amax over the mesh dims that shard ``like`` (a no-op for plain tensors)."""
+    if not isinstance(like, DTensor):
+        return local_amax
+    for d in _sharded_dims(like):
+        dist.all_reduce(local_amax, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group(d))
+    return local_amax
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def global_abs_max(*tensors: torch.Tensor) -> torch.Tensor:
+    """max |x| over all pieces of all ``tensors`` (one logical tensor or a fused group).
+
+    Members of a group share their sharding, so one collective serves the whole group.
+    """
+    a = abs_max(local(tensors[0]))
+    for t in tensors[1:]:
+        a = torch.maximum(a, abs_max(local(t)))
+    return reduce_amax(a, tensors[0])
+
+
+def check_local_blocks(name: str, t: torch.Tensor) -> None:
+    """The local shard's last dim must hold whole 16-element blocks."""
+    k = local(t).shape[-1]
+    if k % BLOCK_SIZE:
+        raise ValueError(
+            f"{name}: local reduction dim {k} (global {t.shape[-1]}) is not a multiple of "
+            f"{BLOCK_SIZE}, so NVFP4 blocks would straddle ranks; use a tensor-parallel degree "
+            f"that divides {t.shape[-1] // BLOCK_SIZE} or exclude the layer from QAT"
+        )
+
+
+def output_placement(x: DTensor, w: DTensor) -> list:
+    """Placements of y = x @ w.T computed shard by shard (Megatron colwise / rowwise)."""
+    (xp,), (wp,) = x.placements, w.placements
+    if isinstance(wp, Shard) and wp.dim == 0 and isinstance(xp, Replicate):
+        return [Shard(-1)]  # colwise: each rank owns a slice of the output features
+    if isinstance(wp, Shard) and wp.dim == 1 and isinstance(xp, Shard) and xp.dim in (-1, x.ndim - 1):
+        return [Partial()]  # rowwise: each rank holds a partial sum over its K slice
+    if isinstance(wp, Replicate) and isinstance(xp, Replicate):
+        return [Replicate()]
+    raise NotImplementedError(f"NVFP4 QAT linear: input {x.placements} with weight {w.placements}")

@@ -1,0 +1,107 @@
+"""Apply tensor parallelism, compile and FSDP2 to a Llama, in TorchTitan's order.
+
+Activation checkpointing is a model option (ModelArgs.activation_checkpoint), applied
+inside the blocks' forward, so it sits between TP and compile as TorchTitan orders them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from models.llama3 import Transformer
+from nvfp4.qat import NVFP4QATLinear
+from nvfp4.sharded import check_local_blocks
+from parallel.mesh import ParallelConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_tp(model: Transformer, tp: int) -> None:
+    """Reject a TP degree that splits heads or NVFP4 blocks, before any work."""
+    a = model.args
+    for what, n in (("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads), ("ffn_dim", a.ffn_dim),
+                    ("vocab_size", a.vocab_size)):
+        if n % tp:
+            raise ParallelConfigError(f"tensor_parallel_degree={tp} does not divide {what}={n}")
+    for name, m in model.named_modules():
+        if isinstance(m, NVFP4QATLinear) and name.endswith(("attention.wo", "feed_forward.w2")):
+            k = m.in_features // tp
+            if k % 16:
+                raise ParallelConfigError(
+                    f"{name}: with tensor_parallel_degree={tp} each rank holds K={k} input "
+                    f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
+                    f"choose a degree dividing {m.in_features // 16} or exclude it from QAT"
+                )
+
+
+# TorchTitan's Llama plan: sequence-parallel norms, colwise q/k/v/w1/w3, rowwise wo/w2.
+def _block_plan() -> dict:
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        },
+    )
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, _block_plan())
+    model.tie_weights()  # both halves are Shard(0) over the vocab: one parameter again
+    for name, m in model.named_modules():
+        if isinstance(m, NVFP4QATLinear):
+            check_local_blocks(name, m.weight)
+
+
+def apply_compile(model: Transformer) -> None:
+    for block in model.layers:
+        block.compile()  # in place: parameter names stay layers.N.*
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def parallelize_llama(
+    model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, compile: bool
+) -> None:
+    """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim; in place."""
+    tp = mesh["tp"].size()
+    if tp > 1:
+        check_tp(model, tp)
+        apply_tp(model, mesh["tp"])
+    if compile:
+        apply_compile(model)
+    apply_fsdp(model, mesh["dp_shard"], param_dtype, reduce_dtype)

@@ -1,0 +1,28 @@
+"""Run train.py in a subprocess from the repository root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--training.seq_len=64", "--training.local_batch_size=4", "--validation.freq=0",
+        "--metrics.enable_tensorboard=false", "--lr_scheduler.warmup_steps=1"]
+
+
+def train(dump: Path, *overrides: str, recipe: str = "recipes/debug_cpu.toml", timeout: int = 300,
+          env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", "--recipe", recipe, f"--job.dump_folder={dump}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def metrics(dump: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(dump: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(dump) if "loss" in m}

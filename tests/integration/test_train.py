@@ -1,0 +1,80 @@
+"""train.py end to end on CPU: learning, metrics, checkpoints, exact resume, signals."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from tests.integration.helpers import FAST, ROOT, losses, metrics, train
+
+
+def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
+    dump = tmp_path / "run"
+    r = train(dump, "--training.steps=16", "--metrics.log_freq=1", "--validation.freq=8",
+              "--checkpoint.interval=8", "--training.seq_len=64")
+    assert r.returncode == 0, r.stderr
+    loss = losses(dump)
+    assert sorted(loss) == list(range(1, 17))
+    assert loss[16] < loss[1] - 1.0  # it learns
+    logged = metrics(dump)
+    assert any("validation/loss" in m for m in logged)
+    assert {"grad_norm", "lr", "tokens_per_s", "qat/mlp/weight_rel_err", "qat/attention/scale_clamped_share"} <= logged[0].keys()
+    assert list((dump / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-16", "step-8"]
+    assert (dump / "checkpoint" / "step-16" / "config.toml").is_file() and (dump / "config.toml").is_file()
+
+
+def test_resume_after_crash_gives_bit_identical_losses(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*FAST, "--training.steps=10", "--checkpoint.interval=5", "--checkpoint.keep_latest_k=0",
+              "--metrics.log_freq=1"]
+    assert train(a, *common).returncode == 0
+    shutil.copytree(a / "checkpoint" / "step-5", b / "checkpoint" / "step-5")  # later ones "lost"
+    r = train(b, *common)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == [6, 7, 8, 9, 10]
+    assert all(la[s] == lb[s] for s in lb), (la, lb)
+
+
+def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path):
+    dump = tmp_path / "run"
+    common = [*FAST, "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0", "--metrics.log_freq=1"]
+    assert train(dump, *common, "--training.steps=4").returncode == 0
+    # What a kill in the middle of saving step 4 leaves: a .tmp folder without metadata.
+    ck = dump / "checkpoint"
+    (ck / "step-4").rename(ck / "step-4.tmp")
+    (ck / "step-4.tmp" / ".metadata").unlink()
+    r = train(dump, *common, "--training.steps=6")
+    assert r.returncode == 0, r.stderr
+    assert "step-2 at step 2" in r.stdout
+    assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-6"]
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    dump = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",
+           *FAST, "--training.steps=500", "--metrics.log_freq=1", "--checkpoint.interval=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((dump / "metrics.jsonl").exists() and len(metrics(dump)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = [int(p.name.split("-")[1]) for p in (dump / "checkpoint").iterdir()]
+    assert len(saved) == 1 and saved[0] >= 3 and "stopped by signal" in out
+    n = saved[0]
+    r = train(dump, *FAST, f"--training.steps={n + 2}", "--metrics.log_freq=1", "--checkpoint.interval=1000")
+    assert r.returncode == 0, r.stderr
+    assert max(losses(dump)) == n + 2 and f"at step {n}" in r.stdout
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    dump = tmp_path / "run"
+    r = train(dump, *FAST, "--training.steps=6", "--optimizer.lr=1e30", "--lr_scheduler.warmup_steps=0",
+              "--training.max_norm=0", "--checkpoint.interval=1", "--qat.enable=false")
+    assert r.returncode == 1
+    assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr and "Traceback" not in r.stderr

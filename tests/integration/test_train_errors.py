@@ -1,0 +1,69 @@
+"""Bad input to train.py: one clear error, exit code 2, no traceback, no run folder."""
+
+import re
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from tokenizers import Tokenizer, models
+
+from models.llama3 import FLAVORS, Transformer, to_hf
+from tests.integration.helpers import FAST, train
+
+
+def _big_tokenizer(path):
+    vocab = {f"w{i}": i for i in range(9000)} | {"<|end_of_text|>": 9000}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(path))
+    return path
+
+
+def _hf_of_other_shape(path):
+    to_hf(Transformer(FLAVORS["debug"].with_(n_layers=1)), path)
+    return path
+
+
+def _dcp_of_other_shape(path):
+    torch.manual_seed(0)
+    model = Transformer(FLAVORS["debug"].with_(dim=128, n_heads=4, n_kv_heads=2))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    return path
+
+
+CASES = {
+    "malformed_toml": (lambda tmp: ["--recipe", str(_write(tmp / "bad.toml", "[training]\nsteps = = 3\n"))],
+                       r"bad.toml: malformed TOML.*line 2, column"),
+    "unknown_key": (lambda tmp: ["--training.step=3"], "unknown key training.step; did you mean 'steps'"),
+    "wrong_type": (lambda tmp: ["--training.steps=ten"], "training.steps must be int"),
+    "missing_data": (lambda tmp: [f"--dataset.path={tmp}/nowhere.jsonl"], "nowhere.jsonl does not exist"),
+    "tokenizer_too_big": (lambda tmp: [f"--model.tokenizer_path={_big_tokenizer(tmp / 'tok.json')}"],
+                          "has 9001 tokens, more than the model's vocab_size 8192"),
+    "hf_of_other_shape": (lambda tmp: [f"--checkpoint.initial_load_path={_hf_of_other_shape(tmp / 'hf')}",
+                                       "--checkpoint.initial_load_in_hf=true"],
+                          r"another model shape.*n_layers: 1 vs 4"),
+    "dcp_of_other_shape": (lambda tmp: [f"--checkpoint.initial_load_path={_dcp_of_other_shape(tmp / 'dcp')}"],
+                           r"has shape \(8192, 128\), this model needs \(8192, 256\)"),
+    "tp_not_dividing_world": (lambda tmp: ["--parallelism.tensor_parallel_degree=2"],
+                              "tensor_parallel_degree=2 does not divide the world size 1"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_cleanly(tmp_path, case):
+    make_args, message = CASES[case]
+    args = make_args(tmp_path)
+    dump = tmp_path / "run"
+    if args[0] == "--recipe":
+        r = train(dump, *FAST, recipe=args[1])
+    else:
+        r = train(dump, *FAST, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert re.search(message, lines[0]), lines[0]
+    assert not dump.exists()  # no partial output

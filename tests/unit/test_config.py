@@ -1,0 +1,75 @@
+"""Recipe parsing: defaults, TOML, overrides, and clear errors for bad input."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from training.config import Config, ConfigError, help_text, load_config, to_toml
+
+RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.job.dump_folder and cfg.training.steps > 0
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"debug_cpu.toml", "llama3_1b_qat.toml", "llama3_3b_qat.toml", "llama3_8b_qat.toml"} <= names
+
+
+def test_overrides_beat_recipe_and_defaults(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text('[training]\nsteps = 7\nseq_len = 64\n[qat]\nexclude = ["output", "layers.0.*"]\n')
+    cfg = load_config(r, ["--training.steps=9", "--optimizer.lr", "2e-4", "--qat.activation_scale=static"])
+    assert cfg.training.steps == 9 and cfg.training.seq_len == 64
+    assert cfg.optimizer.lr == 2e-4 and cfg.qat.activation_scale == "static"
+    assert cfg.qat.exclude == ["output", "layers.0.*"]
+    assert cfg.training.local_batch_size == Config().training.local_batch_size
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_config(None, ["--training.steps=30", "--job.description=a \"quoted\" run"])
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg
+
+
+def test_malformed_toml_names_line_and_column(tmp_path):
+    r = tmp_path / "bad.toml"
+    r.write_text("[training]\nsteps = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: malformed TOML.*line 2, column"):
+        load_config(r)
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text("[training]\nstep = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key training.step; did you mean 'steps'"):
+        load_config(r)
+    with pytest.raises(ConfigError, match=r"unknown section \[trainig\]; did you mean 'training'"):
+        load_config(None, ["--trainig.steps=3"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--training.steps=ten", "training.steps must be int"),
+    ("--training.compile=1", "training.compile must be true or false"),
+    ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static'\]; did you mean 'dynamic'"),
+    ("--qat.include=layers", "qat.include must be a list of strings"),
+    ("--training.steps=0", "training.steps must be > 0"),
+    ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),
+    ("--checkpoint.initial_load_in_hf=true", "needs checkpoint.initial_load_path"),
+])
+def test_bad_values_rejected_naming_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_help_lists_every_key_with_its_doc():
+    text = help_text()
+    for section in ("job", "training", "qat", "checkpoint", "metrics"):
+        assert f"[{section}]" in text
+    assert "global_batch_size = -1" in text and "gradient accumulation" in text
+    assert "activation_scale = \"dynamic\"" in text

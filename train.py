@@ -1,0 +1,40 @@
+"""Train a Llama with NVFP4 QAT under FSDP2 + TP.
+
+    python train.py --recipe recipes/debug_cpu.toml [--section.key=value ...]
+    torchrun --nproc_per_node=8 train.py --recipe recipes/llama3_3b_qat.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.llama3 import CheckpointError
+from training.checkpoint import CheckpointLoadError
+from training.config import ConfigError, help_text, load_config
+from training.runtime import teardown_and_exit
+
+USER_ERRORS = (ConfigError, CheckpointError, CheckpointLoadError, FileNotFoundError)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=help_text(), add_help=True)
+    p.add_argument("--recipe", help="TOML recipe; keys not in it keep their defaults")
+    args, overrides = p.parse_known_args(argv)
+    from data.dataset import DataError
+    from data.tokenizer import TokenizerError
+    from parallel.mesh import ParallelConfigError
+    from training.trainer import Trainer, TrainingError
+
+    user_errors = USER_ERRORS + (DataError, TokenizerError, ParallelConfigError, TrainingError)
+    try:
+        config = load_config(args.recipe, overrides)
+        return Trainer(config).run()
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+
+
+if __name__ == "__main__":
+    teardown_and_exit(main(sys.argv[1:]))

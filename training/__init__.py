@@ -1,0 +1,1 @@
+"""Recipe config, optimizer and schedule, metrics, checkpoints and the training loop."""

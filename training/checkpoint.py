@@ -1,0 +1,123 @@
+"""DCP checkpoints in ``step-N`` folders: atomic saves, keep-latest-k, resume, initial loads.
+
+A save goes to ``step-N.tmp`` and is renamed once every rank has finished, so a crash in
+the middle leaves the previous checkpoint as the latest complete one. The LR schedule is a
+function of the step, so the step restores it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that does not fit this run; the message names it."""
+
+
+def complete_steps(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if (m := _STEP.fullmatch(p.name)) and (p / ".metadata").is_file():
+            found.append((int(m[1]), p))
+    return sorted(found)
+
+
+def latest(folder: Path) -> Path | None:
+    steps = complete_steps(folder)
+    return steps[-1][1] if steps else None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(
+    folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any], keep_latest_k: int, config_toml: str, rank: int,
+) -> Path:
+    """Save model, optimizer and ``extra`` (data-loader state, step, RNG) as ``step-N``."""
+    final, tmp = folder / f"step-{step}", folder / f"step-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd, **extra}, checkpoint_id=str(tmp))
+    _barrier()
+    if rank == 0:
+        (tmp / "config.toml").write_text(config_toml)  # the converter reads the QAT config here
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if keep_latest_k:
+            for _, old in complete_steps(folder)[:-keep_latest_k]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    """Load everything saved by ``save`` into the live objects (resharding as needed)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd, **extra}
+    _dcp_load(state, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return {k: state[k] for k in extra}
+
+
+def load_model(path: Path, model: nn.Module) -> None:
+    """Load only the model weights of a ``step-N`` folder (fine-tuning from it)."""
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP wraps per-rank failures; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointLoadError(f"{path}: cannot load this checkpoint into this run ({first})") from None
+
+
+def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
+    """Compare a DCP checkpoint's model tensor shapes with this model's, before any work."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointLoadError(f"{path}: not a DCP checkpoint folder ({e})") from None
+    for name, shape in expected.items():
+        entry = meta.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointLoadError(f"{path}: has no tensor model.{name}; is it a checkpoint of this model?")
+        if tuple(entry.size) != tuple(shape):
+            raise CheckpointLoadError(
+                f"{path}: model.{name} has shape {tuple(entry.size)}, this model needs {tuple(shape)} "
+                "(a checkpoint of another model size or flavor)"
+            )
+
+
+def load_full_tensors(model: nn.Module, tensors) -> None:
+    """Load (name, full tensor) pairs one at a time into a possibly sharded model."""
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    for name, t in tensors:
+        set_model_state_dict(model, {name: t}, options=opts)

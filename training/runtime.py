@@ -1,0 +1,66 @@
+"""Process group, device, logging and teardown for a run (torchrun or a plain process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device=cuda but no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun: env://; alone: a one-rank group on a file store."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        store = dist.FileStore(tempfile.mktemp(prefix="nvfp4-titan-store-"), 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def setup_logging(rank: int, log_dir: Path | None = None) -> None:
+    """Rank 0 prints INFO to stdout; every rank logs to <log_dir>/rank<r>.log when given."""
+    logger = logging.getLogger("nvfp4_titan")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    if rank == 0:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        f = logging.FileHandler(log_dir / f"rank{rank}.log")
+        f.setFormatter(fmt)
+        logger.addHandler(f)
+    logger.propagate = False
+
+
+def teardown_and_exit(code: int) -> None:
+    """Leave without the gloo exit crash (DESIGN.md): barrier, destroy, flush, os._exit."""
+    if dist.is_initialized():
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: exit with our own code anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,274 @@
+"""The training run: recipe -> data -> model (meta) -> QAT prepare -> TP/FSDP -> init or
+load -> loop with metrics, validation and DCP checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+import nvfp4
+from data.dataset import build_windows, load_documents
+from data.loader import GlobalBatchLoader
+from data.tokenizer import load_tokenizer
+from models.llama3 import ModelArgs, Transformer, flavor
+from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
+from parallel import build_mesh, parallelize_llama, resolve_dims
+from training import checkpoint as ckpt
+from training.config import Config, ConfigError, to_toml
+from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
+from training.optim import build_optimizer, lr_at, set_lr
+from training.runtime import init_distributed, pick_device, setup_logging
+
+log = logging.getLogger("nvfp4_titan")
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_word_embeddings")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says where it stopped."""
+
+
+def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
+    """The flavor's hyper-parameters; checked against an HF initial checkpoint and the tokenizer."""
+    args = flavor(cfg.model.flavor).with_(activation_checkpoint=cfg.training.activation_checkpoint)
+    if cfg.checkpoint.initial_load_in_hf:
+        path = Path(cfg.checkpoint.initial_load_path)
+        hf = args_from_hf_config(read_config(path), str(path / "config.json"))
+        diff = [f"{f}: {getattr(hf, f)} vs {getattr(args, f)}" for f in _SHAPE_FIELDS if getattr(hf, f) != getattr(args, f)]
+        if diff:
+            raise ConfigError(
+                f"{path} is a checkpoint of another model shape than flavor {cfg.model.flavor!r} "
+                f"({'; '.join(diff)}); set model.flavor to match it"
+            )
+        args = args.with_(rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling, norm_eps=hf.norm_eps)
+    if vocab_size > args.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {cfg.model.tokenizer_path} has {vocab_size} tokens, more than the model's "
+            f"vocab_size {args.vocab_size}; use the flavor's tokenizer"
+        )
+    if cfg.training.seq_len > args.max_seq_len:
+        raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
+    return args
+
+
+def qat_config(cfg: Config) -> nvfp4.QATConfig:
+    q = cfg.qat
+    return nvfp4.QATConfig(include=tuple(q.include), exclude=tuple(q.exclude), activation_scale=q.activation_scale,
+                           tensor_scale=q.tensor_scale, share_fused_amax=q.share_fused_amax)
+
+
+class Trainer:
+    def __init__(self, config: Config) -> None:
+        self.cfg = config
+        self.step = 0
+        self.stop_requested = False
+
+    # ---- setup: everything that can fail on bad input happens before any file is written
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = pick_device(cfg.training.device)
+        self.rank, self.world = init_distributed(self.device)
+        setup_logging(self.rank)
+        dims = resolve_dims(self.world, cfg.parallelism.data_parallel_shard_degree, cfg.parallelism.tensor_parallel_degree)
+        self.mesh = build_mesh(dims, self.device.type)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+        self.args = model_args(cfg, tokenizer.vocab_size)
+        self._build_data(tokenizer, dims.dp_shard, self.mesh["dp_shard"].get_local_rank())
+        self._build_model()
+        self.folder = Path(cfg.job.dump_folder)
+        self.ckpt_folder = self.folder / cfg.checkpoint.folder
+        self.resume_from = ckpt.latest(self.ckpt_folder) if cfg.checkpoint.enable else None
+        if self.resume_from is None and cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
+            ckpt.check_model_shapes(Path(cfg.checkpoint.initial_load_path), self._param_shapes())
+        self._make_run_folder()
+        self._materialize()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self._load_initial_state()
+
+    def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
+        t = self.cfg.training
+        docs = load_documents(self.cfg.dataset.path, self.cfg.dataset.text_field)
+        windows = build_windows(docs, tokenizer, t.seq_len, self.cfg.dataset.validation_fraction, t.seed)
+        global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
+        try:
+            self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.global_batch = global_batch
+        self.val_loader = None
+        if self.cfg.validation.freq and len(windows.validation) >= t.local_batch_size * dp:
+            self.val_loader = GlobalBatchLoader(
+                windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
+
+    def _build_model(self) -> None:
+        with torch.device("meta"):
+            self.model = Transformer(self.args)
+        if self.cfg.qat.enable:
+            nvfp4.prepare(self.model, qat_config(self.cfg))
+        t = self.cfg.training
+        parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile)
+
+    def _param_shapes(self) -> dict[str, torch.Size]:
+        return {n: p.shape for n, p in self.model.named_parameters(remove_duplicate=False)}
+
+    def _make_run_folder(self) -> None:
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "config.toml").write_text(to_toml(self.cfg))
+        setup_logging(self.rank, self.folder / "logs")
+        self.metrics = MetricsLogger(self.folder, self.cfg.metrics, self.rank, asdict(self.cfg))
+
+    def _materialize(self) -> None:
+        torch.manual_seed(self.cfg.training.seed)
+        self.model.to_empty(device=self.device)
+        self.model.init_weights()
+        for m in nvfp4.qat_linears(self.model):
+            m.reset_calibration()
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"dataloader": self.loader.state_dict(), "train_state": {"step": self.step, "rng": torch.get_rng_state()}}
+
+    def _load_initial_state(self) -> None:
+        c = self.cfg.checkpoint
+        if self.resume_from is not None:
+            extra = ckpt.load(self.resume_from, self.model, self.optimizer, self._extra_state())
+            self.loader.load_state_dict(extra["dataloader"])
+            self.step = int(extra["train_state"]["step"])
+            torch.set_rng_state(extra["train_state"]["rng"])
+            log.info(f"resumed from {self.resume_from} at step {self.step}")
+        elif c.initial_load_path and c.initial_load_in_hf:
+            ckpt.load_full_tensors(self.model, iter_hf_tensors(Path(c.initial_load_path), self.args, self._param_shapes()))
+            log.info(f"loaded Hugging Face weights from {c.initial_load_path}")
+        elif c.initial_load_path:
+            path = Path(c.initial_load_path)
+            if c.initial_load_model_only:
+                ckpt.load_model(path, self.model)
+            else:
+                self._load_full(path)
+            log.info(f"loaded initial weights from {path}")
+
+    def _load_full(self, path: Path) -> None:
+        extra = ckpt.load(path, self.model, self.optimizer, self._extra_state())
+        self.loader.load_state_dict(extra["dataloader"])
+        self.step = int(extra["train_state"]["step"])
+
+    # ---- the loop
+    def run(self) -> int:
+        self.setup()
+        cfg, t = self.cfg, self.cfg.training
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        fpt = flops_per_token(self.args, n_params, t.seq_len)
+        peak = peak_flops(self.device)
+        log.info(f"{cfg.job.description or 'run'}: {self.args} | {n_params / 1e6:.1f}M parameters, world {self.world}, "
+                 f"QAT {'on' if cfg.qat.enable else 'off'}, {t.steps} steps of {self.global_batch} x {t.seq_len} tokens")
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while self.step < t.steps:
+                self.step += 1
+                self._prepare_qat()
+                loss, grad_norm, lr = self._train_step()
+                window_tokens += self.global_batch * t.seq_len
+                if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                    dt = time.perf_counter() - window_start
+                    values = self._metrics(loss, grad_norm, lr, window_tokens / dt, fpt, peak)
+                    self.metrics.log(self.step, values)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self.val_loader is not None and (self.step % cfg.validation.freq == 0 or self.step == t.steps):
+                    self.metrics.log(self.step, {"validation/loss": self._validate()})
+                if self._should_stop():
+                    self._save()
+                    log.info(f"stopped by signal after step {self.step}; resume by running the same command")
+                    return 0
+                if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == t.steps):
+                    self._save()
+        finally:
+            self.metrics.close()
+        return 0
+
+    def _prepare_qat(self) -> None:
+        if not self.cfg.qat.enable:
+            return
+        on = self.step > self.cfg.qat.start_step
+        nvfp4.set_enabled(self.model, on)
+        if on and nvfp4.needs_calibration(self.model):
+            n = self.cfg.qat.calibration_batches
+            c = self.loader.consumed
+            batches = [x.to(self.device) for b in range(c, c + n) for x, _ in self.loader.batch(b)]
+            nvfp4.calibrate(self.model, batches)
+            log.info(f"calibrated static activation scales on {n} batches")
+
+    def _train_step(self) -> tuple[float, float, float]:
+        micro = self.loader.next()
+        tokens = sum(y.numel() for _, y in micro)
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in micro:
+            logits = self.model(x.to(self.device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum") / tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.training.max_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        lr = lr_at(self.step, self.cfg.optimizer.lr, self.cfg.training.steps, self.cfg.lr_scheduler)
+        set_lr(self.optimizer, lr)
+        dist.all_reduce(loss_sum)  # every rank of a TP group holds the same loss: mean over all
+        loss_value = loss_sum.item() / self.world
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.latest(self.ckpt_folder)
+            raise TrainingError(
+                f"non-finite loss ({loss_value}) at step {self.step}; nothing was saved. Last good "
+                f"checkpoint: {last or 'none'}. Lower optimizer.lr or check the data and initial weights"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, float(grad_norm), lr
+
+    def _metrics(self, loss: float, grad_norm: float, lr: float, tps: float, fpt: float, peak: float | None) -> dict[str, float]:
+        values = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
+                  "tokens_per_s_per_device": tps / self.world, "epoch": self.loader.epoch}
+        if peak is not None:
+            values["mfu"] = fpt * tps / self.world / peak
+            values["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.cfg.qat.enable and self.step > self.cfg.qat.start_step:
+            values.update(qat_health(self.model))
+        return values
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        for b in range(self.cfg.validation.steps):
+            for x, y in self.val_loader.batch(b % self.val_loader.batches_per_epoch):
+                logits = self.model(x.to(self.device))
+                total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum")
+                count += y.numel()
+        dist.all_reduce(total)
+        return total.item() / (count * self.world)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+    def _save(self) -> None:
+        if not self.cfg.checkpoint.enable:
+            return
+        path = ckpt.save(self.ckpt_folder, self.step, self.model, self.optimizer, self._extra_state(),
+                         self.cfg.checkpoint.keep_latest_k, to_toml(self.cfg), self.rank)
+        log.info(f"saved checkpoint {path}")
