@@ -6,6 +6,8 @@ Each document's tokens get EOS appended; the stream is cut into windows of seq_l
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import torch
 
 from data.tokenizer import Tokenizer
 
+log = logging.getLogger("nvfp4_titan")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -34,15 +37,36 @@ def _files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(f) for f in files]
 
 
+def _read_plain(builder: str, files: list[str], text_field: str, path: Path) -> list[str]:
+    """jsonl and txt without ``datasets`` (GPU nodes that cannot install it); same documents."""
+    if builder == "text":
+        return [Path(f).read_text(encoding="utf-8") for f in files]
+    if builder != "json" or not all(f.endswith(".jsonl") for f in files):
+        raise DataError(f"{path}: reading {builder} files needs the datasets package (pip install datasets)")
+    docs = []
+    for f in files:
+        for i, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                row = json.loads(line)
+                if text_field not in row:
+                    raise DataError(f"{f}:{i + 1}: no field {text_field!r}; its fields are {sorted(row)}")
+                docs.append(row[text_field])
+    return docs
+
+
 def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Read documents with ``datasets``, offline, caching in a temporary folder."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
+    builder, files = _files(Path(path))
+    try:
+        import datasets
+    except ImportError:
+        log.warning("datasets is not installed: reading %s with the plain jsonl/txt reader", path)
+        return [t for t in _read_plain(builder, files, text_field, Path(path)) if t]
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    builder, files = _files(Path(path))
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
         try:

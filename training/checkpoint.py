@@ -85,10 +85,14 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: 
 
 
 def load_model(path: Path, model: nn.Module) -> None:
-    """Load only the model weights of a ``step-N`` folder (fine-tuning from it)."""
-    state = {"model": get_model_state_dict(model)}
+    """Load only the model weights of a ``step-N`` folder (fine-tuning from it).
+
+    QAT calibration buffers (``input_amax``) are not weights: a float checkpoint lacks them.
+    """
+    weights = {k: v for k, v in get_model_state_dict(model).items() if not k.endswith("input_amax")}
+    state = {"model": weights}
     _dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:

@@ -107,3 +107,13 @@ def test_tiktoken_tokenizer_model(tmp_path):
     tok = load_tokenizer(tmp_path / "tokenizer.model")
     assert tok.vocab_size == 256 + 256 and tok.eos_id == 257
     assert tok.encode_batch(["hi"]) == [[ord("h"), ord("i")]]
+
+
+def test_plain_reader_gives_the_same_documents_without_datasets(tmp_path, monkeypatch):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("one\ntwo")
+    with_datasets = load_documents(CORPUS), load_documents(tmp_path / "t")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    assert (load_documents(CORPUS), load_documents(tmp_path / "t")) == with_datasets

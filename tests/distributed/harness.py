@@ -1,0 +1,52 @@
+"""Run a function on N gloo ranks in spawned processes; failures come back with their traceback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+
+
+def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, args: tuple) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    code = 0
+    try:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+        fn(rank, world, *args)
+        dist.barrier()
+    except BaseException:
+        Path(err_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
+        code = 1
+    # The gloo exit crash (DESIGN.md): destroy the group and leave with os._exit.
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 300) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` processes; raise with the first failure."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, tmp, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        errors = sorted(Path(tmp).glob("rank*.txt"))
+        if errors:
+            raise AssertionError(f"{errors[0].stem} failed:\n{errors[0].read_text()}")
+        codes = [p.exitcode for p in procs]
+        assert codes == [0] * world, f"exit codes {codes}"

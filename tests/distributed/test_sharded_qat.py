@@ -1,0 +1,113 @@
+"""Per-shard QAT quantizes every weight (and every rowwise input) to the same FP4 codes, block
+scales and tensor scales as the unsharded model: FSDP=2, TP=2, FSDP=2 x TP=2 on gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+import nvfp4
+import nvfp4.qat
+import nvfp4.sharded
+from models.llama3 import FLAVORS, Transformer
+from parallel import ParallelDims, build_mesh, parallelize_llama
+from tests.distributed.harness import run_ranks
+
+ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
+class Recorder:
+    """Records every quantize call of the QAT forward: {layer: {"x": (input, q), "w": (weight, q)}}."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: dict[str, dict] = {}
+        self.current: list[str] = []
+        for name, m in model.named_modules():
+            if isinstance(m, nvfp4.NVFP4QATLinear):
+                m.register_forward_pre_hook(lambda mod, args, name=name: self.current.append(name))
+        self._orig = nvfp4.qat.quantize_with_scale
+        nvfp4.qat.quantize_with_scale = self._quantize
+
+    def _quantize(self, x, s):
+        q = self._orig(x, s)
+        entry = self.calls.setdefault(self.current[-1], {})
+        entry["w" if "x" in entry else "x"] = (x.detach().clone(), q)
+        return q
+
+    def close(self) -> None:
+        nvfp4.qat.quantize_with_scale = self._orig
+
+
+def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:
+    return (torch.equal(a.packed, b.packed) and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+            and torch.equal(a.tensor_scale, b.tensor_scale))
+
+
+def _cat(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
+    return nvfp4.NVFP4(torch.cat([p.packed for p in parts], dim), torch.cat([p.block_scale for p in parts], dim),
+                       parts[0].tensor_scale)
+
+
+def _gather(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
+    """all_gather_object of an NVFP4 (float8 storages do not pickle: send the bytes)."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (q.packed, q.block_scale.view(torch.uint8), q.tensor_scale), group=group)
+    return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]
+
+
+def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool) -> None:
+    torch.manual_seed(0)
+    config = nvfp4.QATConfig(tensor_scale=mode)
+    args = FLAVORS["debug"].with_(n_layers=2)
+    ref = Transformer(args)
+    ref.init_weights()
+    nvfp4.prepare(ref, config)
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    rec_ref = Recorder(ref)
+    ref(tokens)
+    rec_ref.close()
+
+    if not reduce_amax:  # negative control: each shard uses its own amax
+        nvfp4.sharded.reduce_amax = lambda a, like: a
+    mesh = build_mesh(ParallelDims(dp, tp), "cpu")
+    with torch.device("meta"):
+        model = Transformer(args)
+    nvfp4.prepare(model, config)
+    parallelize_llama(model, mesh, "float32", "float32", compile=False)
+    model.to_empty(device="cpu")
+    params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
+    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    rec = Recorder(model)
+    model(tokens)
+    rec.close()
+
+    tp_group = mesh["tp"].get_group()
+    mismatches = []
+    for name, want in rec_ref.calls.items():
+        got = rec.calls[name]
+        rowwise = name.endswith(ROWWISE)
+        w = _cat(_gather(got["w"][1], tp_group), 1 if rowwise else 0) if tp > 1 else got["w"][1]
+        if not _equal(w, want["w"][1]):
+            mismatches.append(f"{name}.weight")
+        if rowwise and tp > 1:  # the input is sharded along K: compare with quantizing the whole
+            xs = [None] * tp
+            dist.all_gather_object(xs, got["x"][0], group=tp_group)
+            whole = nvfp4.quantize(torch.cat(xs, -1), mode=mode)
+            if not _equal(_cat(_gather(got["x"][1], tp_group), -1), whole):
+                mismatches.append(f"{name}.input")
+    if reduce_amax:
+        assert not mismatches, mismatches
+    else:
+        assert mismatches, "local amaxes gave the same codes: the check cannot fail"
+
+
+@pytest.mark.parametrize("dp,tp,mode", [(2, 1, "pow2"), (1, 2, "pow2"), (2, 2, "pow2"), (1, 2, "amax")],
+                         ids=["fsdp2", "tp2", "fsdp2xtp2", "tp2-amax-scale"])
+def test_sharded_codes_equal_unsharded(dp, tp, mode):
+    run_ranks(_worker, dp * tp, dp, tp, mode, True)
+
+
+def test_negative_control_local_amax_gives_different_codes():
+    run_ranks(_worker, 2, 1, 2, "amax", False)
