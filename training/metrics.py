@@ -95,7 +95,8 @@ def qat_health(model: nn.Module) -> dict[str, float]:
     error of the fake-quantized weights, and the largest recent input amax. Each rank sums
     over the shards it owns; one all-reduce makes the figures global."""
     groups = ("attention", "mlp")
-    stats = torch.zeros(len(groups), 5, dtype=torch.float64)  # clamped, blocks, err2, w2, amax
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
+    stats = torch.zeros(len(groups), 5, dtype=torch.float64, device=device)  # clamped, blocks, err2, w2, amax
     for name, m in model.named_modules():
         if not isinstance(m, NVFP4QATLinear):
             continue
@@ -103,11 +104,11 @@ def qat_health(model: nn.Module) -> dict[str, float]:
         q = m.quantized_weight()
         s = q.block_scale.float()
         w = local(m.weight).float()
-        row[0] += ((s == nvfp4.E4M3_MIN_SCALE) | (s == nvfp4.E4M3_MAX)).sum().item()
+        row[0] += ((s == nvfp4.E4M3_MIN_SCALE) | (s == nvfp4.E4M3_MAX)).sum()
         row[1] += s.numel()
-        row[2] += (w - nvfp4.dequantize(q)).pow(2).sum().item()
-        row[3] += w.pow(2).sum().item()
-        row[4] = max(row[4].item(), m.observed_input_amax())
+        row[2] += (w - nvfp4.dequantize(q)).pow(2).sum()
+        row[3] += w.pow(2).sum()
+        row[4] = torch.clamp_min(row[4], m.observed_input_amax())
     if dist.is_initialized():
         sums, amax = stats[:, :4].clone(), stats[:, 4].clone()
         dist.all_reduce(sums)

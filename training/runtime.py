@@ -23,13 +23,15 @@ def pick_device(choice: str) -> torch.device:
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size). Under torchrun: env://; alone: a one-rank group on a file store."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        kwargs["device_id"] = device
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **kwargs)
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="nvfp4-titan-store-"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
