@@ -151,6 +151,11 @@ def _codes_to_values(codes: torch.Tensor) -> torch.Tensor:
     return _CODE_TO_VALUE.to(codes.device)[codes.long()]
 
 
+def e2m1_values(packed: torch.Tensor) -> torch.Tensor:
+    """The E2M1 values (fp32 [..., K]) of packed codes, before any scale."""
+    return _codes_to_values(unpack_codes(packed))
+
+
 def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code_value * block_scale, without the tensor scale: exact in bf16 (<= 6 significant bits).
 

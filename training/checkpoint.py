@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -54,9 +55,10 @@ def _barrier() -> None:
 
 def save(
     folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any], keep_latest_k: int, config_toml: str, rank: int,
+    extra: dict[str, Any], keep_latest_k: int, files: dict[str, str], rank: int,
 ) -> Path:
-    """Save model, optimizer and ``extra`` (data-loader state, step, RNG) as ``step-N``."""
+    """Save model, optimizer and ``extra`` (data-loader state, step, RNG) as ``step-N``,
+    with ``files`` (name -> text: the resolved recipe, the model args) beside them."""
     final, tmp = folder / f"step-{step}", folder / f"step-{step}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +67,8 @@ def save(
     dcp.save({"model": model_sd, "optimizer": optim_sd, **extra}, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
-        (tmp / "config.toml").write_text(config_toml)  # the converter reads the QAT config here
+        for name, text in files.items():  # the converter reads the recipe and model args here
+            (tmp / name).write_text(text)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep_latest_k:
@@ -98,7 +101,7 @@ def load_model(path: Path, model: nn.Module) -> None:
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps per-rank failures; keep the first line
+    except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointLoadError(f"{path}: cannot load this checkpoint into this run ({first})") from None
 

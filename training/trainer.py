@@ -21,6 +21,7 @@ from data.dataset import build_windows, load_documents
 from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
 from models.llama3 import ModelArgs, Transformer, flavor
+from models.llama3.args import model_args_json
 from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
 from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
@@ -269,6 +270,7 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.checkpoint.enable:
             return
+        files = {"config.toml": to_toml(self.cfg), "model_args.json": model_args_json(self.args)}
         path = ckpt.save(self.ckpt_folder, self.step, self.model, self.optimizer, self._extra_state(),
-                         self.cfg.checkpoint.keep_latest_k, to_toml(self.cfg), self.rank)
+                         self.cfg.checkpoint.keep_latest_k, files, self.rank)
         log.info(f"saved checkpoint {path}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 ActivationCheckpoint = Literal["none", "selective", "full"]
@@ -87,3 +88,15 @@ def flavor(name: str) -> ModelArgs:
         return FLAVORS[name]
     except KeyError:
         raise ValueError(f"unknown Llama 3 flavor {name!r}; choose one of {sorted(FLAVORS)}") from None
+
+
+def model_args_json(args: ModelArgs) -> str:
+    """ModelArgs as JSON (stored in every training checkpoint)."""
+    return json.dumps(asdict(args), indent=2)
+
+
+def model_args_from_json(text: str) -> ModelArgs:
+    d = json.loads(text)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelArgs(**{f.name: d[f.name] for f in fields(ModelArgs) if f.init})

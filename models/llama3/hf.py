@@ -210,56 +210,50 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Tran
     return model
 
 
-def _nbytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
-    cast = dtype is not None and t.is_floating_point()
-    return t.numel() * (dtype if cast else t.dtype).itemsize
+class SafetensorsWriter:
+    """Streams named tensors into ~``max_shard_bytes`` safetensors shards (one in memory at a
+    time); ``close`` names them ``model-0000i-of-0000n`` and writes the index (or a single
+    ``model.safetensors``)."""
 
+    def __init__(self, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        self.out, self.max_bytes = out, max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.shards: list[list[str]] = []
 
-def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, t in tensors.items():
-        n = _nbytes(t, dtype)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += n
-    return shards
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if self.buffer and self.size + n > self.max_bytes:
+            self._flush()
+        self.buffer[name] = t
+        self.size += n
+        self.total += n
 
+    def _flush(self) -> None:
+        save_file(self.buffer, str(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.buffer, self.size = {}, 0
 
-def write_safetensors(
-    out: Path,
-    tensors: dict[str, torch.Tensor],
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> None:
-    """Write HF-named tensors as ``model.safetensors`` or numbered shards plus an index.
-
-    Floating tensors are cast to ``dtype`` (None keeps them) one shard at a time.
-    """
-    shards = _shards(tensors, dtype, max_shard_bytes)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for fname, keys in zip(names, shards):
-        shard = {k: _cast(tensors[k], dtype) for k in keys}
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, fname))
-    if len(shards) > 1:
-        total = sum(_nbytes(t, dtype) for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    def close(self) -> None:
+        if self.buffer or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for i, (fname, keys) in enumerate(zip(names, self.shards)):
+            (self.out / f"shard-{i}.tmp").rename(self.out / fname)
+            weight_map.update(dict.fromkeys(keys, fname))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach()
     if dtype is not None and t.is_floating_point():
         t = t.to(dtype)
-    return t.contiguous().cpu()
+    return t
 
 
 def copy_tokenizer_files(src: Path | None, out: Path) -> list[str]:
@@ -290,8 +284,10 @@ def to_hf(
     sd = model.state_dict()
     if model.args.tie_word_embeddings:
         sd.pop("output.weight")
-    tensors = {adapter.to_hf(k): v for k, v in sd.items()}
     out_dtype = dtype or model.tok_embeddings.weight.dtype
     (out / "config.json").write_text(json.dumps(hf_config_from_args(model.args, out_dtype), indent=2))
-    write_safetensors(out, tensors, dtype, max_shard_bytes)
+    writer = SafetensorsWriter(out, max_shard_bytes)
+    for k, v in sd.items():
+        writer.add(adapter.to_hf(k), _cast(v, dtype))
+    writer.close()
     copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir else None, out)

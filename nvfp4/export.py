@@ -1,0 +1,98 @@
+"""NVFP4 checkpoint layouts that inference engines read, and their decoding formulas.
+
+``modelopt`` (vLLM, SGLang, TensorRT-LLM): ``weight`` uint8 [N, K/2] (element 2i in the low
+nibble), ``weight_scale`` float8_e4m3fn [N, K/16], ``weight_scale_2`` fp32 = s_tensor
+(multiplied), ``input_scale`` fp32 = the activation's s_tensor. Checked against vLLM
+``model_executor/layers/quantization/modelopt.py`` (ModelOptNvFp4LinearMethod: alpha =
+input_scale * weight_scale_2, input_scale_inv = 1 / input_scale, fused q/k/v take the max
+weight_scale_2) and ``hf_quant_config.json`` parsing in the same file.
+
+``compressed-tensors`` (``nvfp4-pack-quantized``): ``weight_packed`` uint8 [N, K/2],
+``weight_scale`` e4m3, ``weight_global_scale`` fp32 [1] = 1 / s_tensor (divided),
+``input_global_scale`` fp32 [1]. Checked against compressed-tensors 0.20
+``compressors/nvfp4/base.py`` (unpack: low nibble first) and
+``quantization/lifecycle/forward_helpers.py`` (_dequantize: scale / global_scale).
+
+With the default power-of-two tensor scale, both decodings give our bits exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nvfp4.format import BLOCK_SIZE, e2m1_values
+
+FORMATS = ("modelopt", "compressed-tensors")
+
+
+def _scalar(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t.detach().float().reshape(shape).clone()
+
+
+def layer_tensors(fmt: str, q: NVFP4, input_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear, by suffix (``weight``, ``weight_scale`` ...)."""
+    if fmt == "modelopt":
+        out = {"weight": q.packed, "weight_scale": q.block_scale, "weight_scale_2": _scalar(q.tensor_scale, ())}
+        if input_scale is not None:
+            out["input_scale"] = _scalar(input_scale, ())
+        return out
+    if fmt == "compressed-tensors":
+        out = {"weight_packed": q.packed, "weight_scale": q.block_scale,
+               "weight_global_scale": _scalar(1.0 / q.tensor_scale, (1,))}
+        if input_scale is not None:
+            out["input_global_scale"] = _scalar(1.0 / input_scale, (1,))
+        return out
+    raise ValueError(f"unknown NVFP4 export format {fmt!r}; use one of {FORMATS}")
+
+
+def quantized_suffixes(fmt: str) -> tuple[str, ...]:
+    return ("weight", "weight_scale", "weight_scale_2", "input_scale") if fmt == "modelopt" else (
+        "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+
+def quantization_config(fmt: str, ignore: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """``quantization_config`` for config.json (``extra``: our provenance, kept alongside)."""
+    if fmt == "modelopt":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK_SIZE,
+                "kv_cache_quant_algo": None, "ignore": ignore, "nvfp4_titan": extra}
+    fp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "symmetric": True,
+           "group_size": BLOCK_SIZE, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {**fp4, "dynamic": False},
+            "input_activations": {**fp4, "dynamic": "local"},
+        }},
+        "ignore": ignore,
+        "nvfp4_titan": extra,
+    }
+
+
+def hf_quant_config(ignore: list[str], producer_version: str) -> dict[str, Any]:
+    """ModelOpt's ``hf_quant_config.json`` (read by vLLM and TensorRT-LLM)."""
+    return {
+        "producer": {"name": "modelopt", "version": producer_version},
+        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": BLOCK_SIZE,
+                         "exclude_modules": ignore},
+    }
+
+
+def _blockwise(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    v = values.reshape(*values.shape[:-1], -1, BLOCK_SIZE) * scale.unsqueeze(-1)
+    return v.flatten(-2)
+
+
+def decode(fmt: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A reader's dequantized fp32 weight from one layer's tensors, by that reader's formula:
+    vLLM's emulation fp4 * (weight_scale / (1 / weight_scale_2)); compressed-tensors'
+    fp4 * (weight_scale / weight_global_scale)."""
+    if fmt == "modelopt":
+        values, s = e2m1_values(tensors["weight"]), tensors["weight_scale"].float()
+        return _blockwise(values, s / (1.0 / tensors["weight_scale_2"].float()))
+    values, s = e2m1_values(tensors["weight_packed"]), tensors["weight_scale"].float()
+    return _blockwise(values, s / tensors["weight_global_scale"].float().reshape(()))

@@ -1,0 +1,177 @@
+"""convert_to_nvfp4: sharded and single-process checkpoints, exact codes, exact logits,
+independent readers (compressed-tensors, vLLM's formula), bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import nvfp4
+from models.llama3 import FLAVORS, Transformer
+from models.llama3 import state_dict_adapter as adapter
+from tests.integration.helpers import FAST, ROOT, train
+from training.convert import ConvertError, Options, convert, load_nvfp4_model
+
+COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--training.local_batch_size=4",
+          "--lr_scheduler.warmup_steps=0", "--checkpoint.interval=2"]
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    single = tmp / "single"
+    assert train(single, *COMMON).returncode == 0
+    static = tmp / "static"
+    assert train(static, *COMMON, "--qat.activation_scale=static", "--qat.calibration_batches=2").returncode == 0
+    sharded = tmp / "fsdp2xtp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
+           "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={sharded}", *COMMON,
+           "--parallelism.data_parallel_shard_degree=2", "--parallelism.tensor_parallel_degree=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"single": single, "static": static, "fsdp2xtp2": sharded}
+
+
+def _consolidated(run, tmp_path) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(str(run / "checkpoint" / "step-2"), str(tmp_path / "full.pt"))
+    return torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _qat_model(weights: dict[str, torch.Tensor], config: nvfp4.QATConfig) -> Transformer:
+    model = Transformer(FLAVORS["debug"])
+    nvfp4.prepare(model, config)
+    model.load_state_dict(weights, strict=False)
+    for m in nvfp4.qat_linears(model):
+        m._calibrated = m.config.activation_scale == "static"
+    return model
+
+
+TOKENS = torch.randint(0, 8192, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("run", ["single", "fsdp2xtp2"])
+def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, run, tmp_path):
+    out = tmp_path / "out"
+    convert(runs[run], out, Options(calibration_batches=2))
+    weights = _consolidated(runs[run], tmp_path)
+    got = _tensors(out)
+    model = Transformer(FLAVORS["debug"])
+    for group in model.fused_linear_groups() + [[f"layers.{i}.attention.wo", f"layers.{i}.feed_forward.w2"] for i in range(4)]:
+        members = [[m] for m in group] if group[0].endswith("wo") else [group]
+        for g in members:
+            amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in g]).max()
+            for m in g:
+                q = nvfp4.quantize(weights[f"{m}.weight"], amax)
+                hf = adapter.to_hf_module(m)
+                assert torch.equal(got[f"{hf}.weight"], q.packed), m
+                assert torch.equal(got[f"{hf}.weight_scale"].view(torch.uint8), q.block_scale.view(torch.uint8)), m
+                assert torch.equal(got[f"{hf}.weight_scale_2"], q.tensor_scale), m
+                assert got[f"{hf}.input_scale"].dtype == torch.float32
+    with torch.no_grad():
+        want = _qat_model(weights, nvfp4.QATConfig())(TOKENS)
+        conv = load_nvfp4_model(out)(TOKENS)
+    assert torch.equal(conv, want)
+
+
+def test_static_scales_are_exported_and_logits_exact(runs, tmp_path):
+    out = tmp_path / "out"
+    convert(runs["static"], out, Options())
+    weights = _consolidated(runs["static"], tmp_path)
+    got = _tensors(out)
+    s = nvfp4.tensor_scale(weights["layers.2.feed_forward.w2.input_amax"])
+    assert torch.equal(got["model.layers.2.mlp.down_proj.input_scale"], s)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["nvfp4_titan"]["input_scale"].startswith("static")
+    with torch.no_grad():
+        want = _qat_model(weights, nvfp4.QATConfig(activation_scale="static"))(TOKENS)
+        conv = load_nvfp4_model(out)(TOKENS)
+    assert torch.equal(conv, want)
+
+
+def test_independent_readers_decode_identical_weights(runs, tmp_path):
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    weights = _consolidated(runs["single"], tmp_path)
+    convert(runs["single"], tmp_path / "mo", Options(calibration_batches=1))
+    convert(runs["single"], tmp_path / "ct", Options(fmt="compressed-tensors", calibration_batches=1))
+    mo, ct = _tensors(tmp_path / "mo"), _tensors(tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    qc.pop("nvfp4_titan")
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    for i in range(4):
+        group = [f"layers.{i}.attention.{w}" for w in ("wq", "wk", "wv")]
+        amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in group]).max()
+        for m in group:
+            want = nvfp4.fake_quantize(weights[f"{m}.weight"], amax)
+            hf = adapter.to_hf_module(m)
+            # compressed-tensors' own decompressor (bf16 out: exact, values have <= 6 bits)
+            sd = {k.removeprefix(hf + "."): v for k, v in ct.items() if k.startswith(hf + ".")}
+            dec = NVFP4PackedCompressor.decompress(sd, scheme)["weight"]
+            assert torch.equal(dec.float(), want), m
+            # vLLM's emulation formula on the modelopt layout: fp4 * (weight_scale / (1 / weight_scale_2))
+            packed = mo[f"{hf}.weight"]
+            codes = torch.stack((packed & 0xF, packed >> 4), -1).flatten(-2).long()
+            fp4 = E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)
+            scale = mo[f"{hf}.weight_scale"].float() / (1.0 / mo[f"{hf}.weight_scale_2"])
+            assert torch.equal((fp4.reshape(fp4.shape[0], -1, 16) * scale[..., None]).flatten(1), want), m
+    hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "NVFP4" and hq["group_size"] == 16 and hq["exclude_modules"] == ["lm_head"]
+
+
+def test_cli_verify_and_overwrite(runs, tmp_path):
+    out = tmp_path / "out"
+    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["single"]), str(out), "--verify",
+           "--calibration-batches=1"]
+    r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "0 mismatches" in r.stdout and r.stdout.count(" yes") == 28
+    r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not empty; pass --overwrite" in r.stderr
+    assert subprocess.run(cli + ["--overwrite", "--format=hf"], cwd=ROOT, capture_output=True).returncode == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def _bad(tmp_path, runs, kind):
+    step = tmp_path / "step"
+    if kind == "not_a_checkpoint":
+        step.mkdir()
+        (step / "notes.txt").write_text("hi")
+        return step, "not a checkpoint"
+    if kind == "other_model":
+        step.mkdir()
+        (step / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+        return step, "not a Llama"
+    shutil.copytree(runs["single"] / "checkpoint" / "step-2", step)
+    if kind == "corrupt_shard":
+        shard = next(step.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:1000])
+        return step, "truncated or corrupt"
+    weights = {"model": _consolidated(runs["single"], tmp_path)}
+    weights["model"]["layers.1.feed_forward.w3.weight"][0, 0] = float("nan")
+    for f in step.glob("*.distcp"):
+        f.unlink()
+    dcp.save(weights, checkpoint_id=str(step), no_dist=True)
+    return step, "layers.1.feed_forward.w3.weight holds NaN"
+
+
+@pytest.mark.parametrize("kind", ["not_a_checkpoint", "other_model", "corrupt_shard", "non_finite"])
+def test_bad_input_leaves_nothing_behind(runs, tmp_path, kind):
+    src, message = _bad(tmp_path, runs, kind)
+    out = tmp_path / "out"
+    with pytest.raises((ConvertError, ValueError), match=message):
+        convert(src, out, Options(calibration_batches=1))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -1,0 +1,387 @@
+"""Training checkpoint (DCP, any world size) or HF directory -> NVFP4 inference checkpoint.
+
+    python scripts/convert_to_nvfp4.py CHECKPOINT OUTPUT_DIR [--format modelopt|compressed-tensors|hf]
+
+Streams one fused group of weights at a time from the DCP metadata and quantizes it with the
+numerics of the QAT forward: the recipe's mixed-precision cast, the fused-group amax and the
+recipe's QAT config, all read from the checkpoint. Writes into a temporary folder renamed
+into place at the end: a failed conversion leaves no OUTPUT_DIR behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+import nvfp4
+from nvfp4.export import FORMATS, decode, hf_quant_config, layer_tensors, quantization_config
+from models.llama3 import ModelArgs, Transformer, CheckpointError
+from models.llama3 import state_dict_adapter as adapter
+from models.llama3.args import model_args_from_json
+from models.llama3.hf import (
+    SafetensorsWriter, TOKENIZER_FILES, _cast, _open, args_from_hf_config, hf_config_from_args,
+    read_config, weight_files,
+)
+from training.checkpoint import latest
+from training.config import Config, ConfigError, load_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConvertError(ValueError):
+    """Input that cannot be converted; the message names the file or tensor."""
+
+
+@dataclass
+class Source:
+    """Where the weights come from and how training quantized them."""
+
+    path: Path
+    args: ModelArgs
+    qat: nvfp4.QATConfig
+    cast: torch.dtype | None  # what the QAT forward saw (FSDP param dtype); None: as stored
+    read: Callable[[str], torch.Tensor]  # our tensor name -> tensor
+    names: list[str]
+    config: Config | None = None
+    tokenizer_dir: Path | None = None
+    input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _dcp_step(path: Path) -> Path | None:
+    if (path / ".metadata").is_file():
+        return path
+    for folder in (path / "checkpoint", path):
+        if (step := latest(folder)) is not None:
+            return step
+    return None
+
+
+def _dcp_source(step: Path) -> Source:
+    for need in ("config.toml", "model_args.json"):
+        if not (step / need).is_file():
+            raise ConvertError(f"{step}: no {need}; it was not written by train.py (convert a step-N folder of a run)")
+    try:
+        cfg = load_config(step / "config.toml")
+    except ConfigError as e:
+        raise ConvertError(f"{step}/config.toml: {e}") from None
+    args = model_args_from_json((step / "model_args.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+
+    def read(name: str) -> torch.Tensor:
+        key = f"model.{name}"
+        if key not in meta:
+            raise ConvertError(f"{step}: has no tensor {key}; is it a checkpoint of this model?")
+        m = meta[key]
+        t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load({key: t}, checkpoint_id=str(step), no_dist=True)
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            raise ConvertError(f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+        return t
+
+    names = [k.removeprefix("model.") for k in meta if k.startswith("model.") and not k.endswith("input_amax")]
+    tok = Path(cfg.model.tokenizer_path)
+    src = Source(step, args, _qat_config(cfg), DTYPES[cfg.training.mixed_precision_param], read, names, cfg,
+                 tok if tok.is_dir() else tok.parent)
+    if cfg.qat.activation_scale == "static":
+        src.input_amax = {k.removeprefix("model.").removesuffix(".input_amax"): read(k.removeprefix("model."))
+                          for k in meta if k.endswith("input_amax")}
+    return src
+
+
+def _qat_config(cfg: Config) -> nvfp4.QATConfig:
+    q = cfg.qat
+    return nvfp4.QATConfig(include=tuple(q.include), exclude=tuple(q.exclude), activation_scale=q.activation_scale,
+                           tensor_scale=q.tensor_scale, share_fused_amax=q.share_fused_amax)
+
+
+def _hf_source(path: Path) -> Source:
+    args = args_from_hf_config(read_config(path), str(path / "config.json"))
+    files = weight_files(path)
+    handles: dict[Path, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        key = adapter.to_hf(name)
+        if key not in files:
+            raise ConvertError(f"{path}: has no tensor {key}")
+        f = files[key]
+        h = handles.setdefault(f, _open(f))
+        try:
+            return h.get_tensor(key)
+        except Exception as e:
+            raise ConvertError(f"{f}: cannot read tensor {key} ({e})") from None
+
+    names = [adapter.from_hf(k) for k in files if not k.endswith("rotary_emb.inv_freq")]
+    return Source(path, args, nvfp4.QATConfig(), None, read, names, None, path)
+
+
+def resolve_source(path: Path) -> Source:
+    """A DCP step folder, a run folder (its latest step) or a Hugging Face directory."""
+    if not path.exists():
+        raise ConvertError(f"{path} does not exist")
+    if (step := _dcp_step(path)) is not None:
+        return _dcp_source(step)
+    if (path / "config.json").is_file():
+        return _hf_source(path)
+    raise ConvertError(f"{path}: not a checkpoint (no DCP .metadata, no step-N folders, no config.json)")
+
+
+def qat_groups(src: Source) -> list[list[str]]:
+    """Module names of the linears QAT quantized, grouped as they share one weight amax."""
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    nvfp4.prepare(model, src.qat)
+    names = {m: n for n, m in model.named_modules()}
+    groups, seen = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, nvfp4.NVFP4QATLinear) and name not in seen:
+            group = [name] + [names[p] for p in m.amax_peers]
+            seen.update(group)
+            groups.append(group)
+    return groups
+
+
+def _weight(src: Source, module: str) -> torch.Tensor:
+    w = _cast(src.read(f"{module}.weight"), src.cast)
+    if not torch.isfinite(w).all():
+        raise ConvertError(f"{src.path}: tensor {module}.weight holds NaN or Inf; refusing to export it")
+    return w
+
+
+def quantized_groups(src: Source):
+    """Yield (module, weight as the forward saw it, NVFP4 weight) for every QAT linear."""
+    for group in qat_groups(src):
+        ws = {m: _weight(src, m) for m in group}
+        amax = torch.stack([nvfp4.abs_max(w) for w in ws.values()]).max()
+        for m, w in ws.items():
+            yield m, w, nvfp4.quantize(w, amax, src.qat.tensor_scale)
+
+
+def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) -> torch.Tensor:
+    from data.dataset import build_windows, load_documents
+    from data.tokenizer import load_tokenizer
+
+    cfg = src.config
+    if data is None and cfg is None:
+        raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
+    tok = load_tokenizer(cfg.model.tokenizer_path if cfg and data is None else src.tokenizer_dir)
+    docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
+    seq = seq_len or (cfg.training.seq_len if cfg else 2048)
+    w = build_windows(docs, tok, seq, cfg.dataset.validation_fraction if cfg else 0.05, cfg.training.seed if cfg else 0)
+    return w.validation if len(w.validation) else w.train
+
+
+def calibrated_input_amax(src: Source, n_batches: int, batch_size: int, data: Path | None,
+                          seq_len: int | None) -> dict[str, torch.Tensor]:
+    """Input amaxes of every QAT linear over ``n_batches`` held-out batches (the model in memory)."""
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    for name in src.names:
+        module, _, p = name.rpartition(".")
+        setattr(model.get_submodule(module), p, torch.nn.Parameter(_cast(src.read(name), src.cast), requires_grad=False))
+    model.tie_weights()
+    nvfp4.prepare(model, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
+    for m in nvfp4.qat_linears(model):
+        m.input_amax = torch.zeros(())
+    windows = _calibration_windows(src, data, seq_len)[: n_batches * batch_size, :-1]
+    nvfp4.calibrate(model, list(windows.split(batch_size)))
+    return {n: m.input_amax for n, m in model.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
+
+
+def _ignored(src: Source, quantized: set[str]) -> list[str]:
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    return sorted(adapter.to_hf_module(n) for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n not in quantized)
+
+
+def _copy_tokenizer(src: Source, out: Path) -> None:
+    if src.config is not None and Path(src.config.model.tokenizer_path).is_file():
+        shutil.copy2(src.config.model.tokenizer_path, out / Path(src.config.model.tokenizer_path).name)
+    elif src.tokenizer_dir is not None:
+        for n in TOKENIZER_FILES:
+            if (src.tokenizer_dir / n).is_file():
+                shutil.copy2(src.tokenizer_dir / n, out / n)
+
+
+@dataclass
+class Options:
+    fmt: str = "modelopt"
+    dtype: torch.dtype | None = None
+    calibration_batches: int = 8
+    calibration_batch_size: int = 4
+    calibration_data: Path | None = None
+    calibration_seq_len: int | None = None
+    max_shard_bytes: int = 5 * 2**30
+
+
+def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str]:
+    if src.qat.activation_scale == "static" and src.input_amax:
+        return src.input_amax, "static: calibrated during training and frozen"
+    if o.calibration_batches == 0:
+        return {}, "absent (--calibration-batches 0): only engines with dynamic activation scales can run it"
+    amax = calibrated_input_amax(src, o.calibration_batches, o.calibration_batch_size, o.calibration_data,
+                                 o.calibration_seq_len)
+    data = o.calibration_data or (src.config.dataset.path if src.config else "?")
+    return amax, f"calibrated by the converter over {o.calibration_batches} batches of {data}"
+
+
+def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], None]) -> None:
+    """Write the converted checkpoint into the empty folder ``out``."""
+    out_dtype = o.dtype or src.cast
+    writer = SafetensorsWriter(out, o.max_shard_bytes)
+    quantized: set[str] = set()
+    extra = {}
+    if o.fmt != "hf":
+        amaxes, how = _input_amaxes(src, o)
+        log(f"input scales: {how}")
+        groups = qat_groups(src)
+        total = sum(map(len, groups))
+        for module, _, q in quantized_groups(src):
+            s_in = nvfp4.tensor_scale(amaxes[module], src.qat.tensor_scale) if module in amaxes else None
+            for suffix, t in layer_tensors(o.fmt, q, s_in).items():
+                writer.add(f"{adapter.to_hf_module(module)}.{suffix}", t)
+            quantized.add(module)
+            log(f"[{len(quantized)}/{total}] {module}")
+        extra = {"activation_scale": src.qat.activation_scale, "tensor_scale": src.qat.tensor_scale,
+                 "input_scale": how, "source": str(src.path)}
+    for name in src.names:
+        if name.removesuffix(".weight") in quantized or (src.args.tie_word_embeddings and name == "output.weight"):
+            continue
+        t = src.read(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConvertError(f"{src.path}: tensor {name} holds NaN or Inf; refusing to export it")
+        writer.add(adapter.to_hf(name), _cast(t, out_dtype))
+    writer.close()
+    cfg = hf_config_from_args(src.args, out_dtype or torch.bfloat16)
+    if o.fmt != "hf":
+        ignore = _ignored(src, quantized)
+        cfg["quantization_config"] = quantization_config(o.fmt, ignore, extra)
+        if o.fmt == "modelopt":
+            (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(ignore, "nvfp4-titan"), indent=2))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    _copy_tokenizer(src, out)
+
+
+def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
+            log: Callable[[str], None] = lambda s: None) -> Source:
+    """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
+    if o.fmt not in (*FORMATS, "hf"):
+        raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    src = resolve_source(source)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        write_checkpoint(src, tmp, o, log)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return src
+
+
+def verify(output: Path, src: Source, fmt: str, log: Callable[[str], None] = print) -> int:
+    """Decode every quantized weight by its reader's formula and compare with the QAT
+    forward's fake-quantized weight; print a table; return the number of mismatches."""
+    files = weight_files(output)
+    handles: dict[Path, object] = {}
+    bad = 0
+    log(f"{'tensor':56s} {'shape':>14s} {'max |diff|':>11s}  ok")
+    for module, _, q in quantized_groups(src):
+        prefix = adapter.to_hf_module(module)
+        tensors = {}
+        for key in (k for k in files if k.startswith(prefix + ".")):
+            h = handles.setdefault(files[key], _open(files[key]))
+            tensors[key.removeprefix(prefix + ".")] = h.get_tensor(key)
+        got, want = decode(fmt, tensors), nvfp4.dequantize(q)
+        ok = torch.equal(got, want)
+        bad += not ok
+        diff = (got - want).abs().max().item()
+        log(f"{prefix + '.weight':56s} {str(tuple(want.shape)):>14s} {diff:11.3e}  {'yes' if ok else 'NO'}")
+    log(f"{bad} mismatches")
+    return bad
+
+
+def load_nvfp4_model(path: Path) -> Transformer:
+    """Our model with ``NVFP4Linear`` layers from a converted checkpoint (either format)."""
+    cfg = read_config(path)
+    qc = cfg.get("quantization_config") or {}
+    fmt = "modelopt" if qc.get("quant_method") == "modelopt" else "compressed-tensors"
+    mode = (qc.get("nvfp4_titan") or {}).get("tensor_scale", "pow2")
+    dynamic = (qc.get("nvfp4_titan") or {}).get("activation_scale", "static") == "dynamic"
+    args = args_from_hf_config(cfg, str(path / "config.json"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    files = weight_files(path)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, f in files.items():
+        module, _, suffix = key.rpartition(".")
+        t = _open(f).get_tensor(key)
+        layers.setdefault(module, {})[suffix] = t
+    for hf_module, tensors in layers.items():
+        name = adapter.from_hf_module(hf_module)
+        if "weight_scale" in tensors:
+            if fmt == "modelopt":
+                q = nvfp4.NVFP4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"])
+                s_in = tensors.get("input_scale")
+            else:
+                q = nvfp4.NVFP4(tensors["weight_packed"], tensors["weight_scale"], 1.0 / tensors["weight_global_scale"].reshape(()))
+                s_in = 1.0 / tensors["input_global_scale"].reshape(()) if "input_global_scale" in tensors else None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, nvfp4.NVFP4Linear(q, None, None if dynamic else s_in, mode))
+        else:
+            for suffix, t in tensors.items():
+                setattr(model.get_submodule(name), suffix, torch.nn.Parameter(t, requires_grad=False))
+    model.tie_weights()
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="DCP step folder, training run folder, or HF directory")
+    p.add_argument("output", type=Path, help="new (or empty) output directory")
+    p.add_argument("--format", default="modelopt", choices=(*FORMATS, "hf"))
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of unquantized tensors (default: the training param dtype)")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="dynamic-mode checkpoints: batches that calibrate the exported input_scale (0: none)")
+    p.add_argument("--calibration-batch-size", type=int, default=4)
+    p.add_argument("--calibration-data", type=Path, help="corpus for calibration (default: the recipe's dataset)")
+    p.add_argument("--calibration-seq-len", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.add_argument("--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    o = Options(a.format, DTYPES[a.dtype] if a.dtype else None, a.calibration_batches, a.calibration_batch_size,
+                a.calibration_data, a.calibration_seq_len)
+    try:
+        src = convert(a.checkpoint, a.output, o, a.overwrite, log)
+        print(f"wrote {a.output} ({a.format})")
+        if a.verify and a.format != "hf":
+            return 1 if verify(a.output, src, a.format) else 0
+        return 0
+    except (ConvertError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
