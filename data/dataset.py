@@ -91,16 +91,21 @@ def _pack(docs: list[list[int]], eos: int, seq_len: int) -> torch.Tensor:
     return flat[: n * (seq_len + 1)].view(n, seq_len + 1)
 
 
+def validation_ids(n_docs: int, validation_fraction: float, seed: int) -> set[int]:
+    """Indices of the documents held out for validation: a seeded share, at least one."""
+    order = torch.randperm(n_docs, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(validation_fraction * n_docs) if validation_fraction > 0 else 0
+    if validation_fraction > 0 and n_docs > 1:
+        n_val = max(1, n_val)
+    return set(order[:n_val])
+
+
 def build_windows(
     documents: list[str], tokenizer: Tokenizer, seq_len: int, validation_fraction: float, seed: int
 ) -> TokenWindows:
     """Tokenize, hold out a seeded share of whole documents for validation, pack both."""
     tokens = tokenizer.encode_batch(documents)
-    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = round(validation_fraction * len(tokens)) if validation_fraction > 0 else 0
-    if validation_fraction > 0 and len(tokens) > 1:
-        n_val = max(1, n_val)
-    val_ids = set(order[:n_val])
+    val_ids = validation_ids(len(tokens), validation_fraction, seed)
     train = _pack([t for i, t in enumerate(tokens) if i not in val_ids], tokenizer.eos_id, seq_len)
     val = _pack([t for i, t in enumerate(tokens) if i in val_ids], tokenizer.eos_id, seq_len)
     return TokenWindows(train, val)

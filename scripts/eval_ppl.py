@@ -1,0 +1,146 @@
+"""Token- and word-level perplexity of a model on held-out text, with strided windows.
+
+    python scripts/eval_ppl.py outputs/debug_cpu                     # QAT model at its latest step
+    python scripts/eval_ppl.py outputs/debug_cpu_nvfp4               # the converted NVFP4 checkpoint
+    python scripts/eval_ppl.py HF_DIR --data corpus.jsonl --quant nvfp4-ptq
+
+MODEL: a training run / DCP step folder (the model as trained, QAT included), a float Hugging
+Face directory, or an NVFP4 directory written by convert_to_nvfp4.py (read through
+NVFP4Linear: its figure equals the QAT model's). Word perplexity = exp(total NLL / number of
+whitespace-separated words), comparable across tokenizers. The held-out documents are the
+recipe's validation split (same seed and fraction) unless --data names other text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nvfp4  # noqa: E402
+from data.dataset import load_documents, validation_ids  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
+from models.llama3 import Transformer, from_hf  # noqa: E402
+from models.llama3.hf import _cast  # noqa: E402
+from training.convert import ConvertError, Source, load_nvfp4_model, resolve_source  # noqa: E402
+
+
+def _trained_model(src: Source) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    cfg = src.config
+    if cfg.qat.enable:
+        nvfp4.prepare(model, src.qat)
+    state = {n: _cast(src.read(n), src.cast) for n in src.names}
+    state.update({f"{k}.input_amax": v for k, v in src.input_amax.items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for m in nvfp4.qat_linears(model):
+        if m.input_amax.is_meta:  # dynamic mode: no calibrated amax in the checkpoint
+            m.input_amax = torch.full((), -1.0)
+        m._calibrated = m.config.activation_scale == "static"
+    return model
+
+
+def load_model(path: Path) -> tuple[Transformer, Source | None]:
+    """(model, source) for any supported MODEL path."""
+    cfg_json = path / "config.json"
+    if cfg_json.is_file() and "quantization_config" in cfg_json.read_text():
+        return load_nvfp4_model(path), None
+    src = resolve_source(path)
+    if src.config is None:
+        return from_hf(path), src
+    return _trained_model(src), src
+
+
+def strided_windows(ids: torch.Tensor, seq_len: int, stride: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(inputs, targets, first scored position): each target token is scored exactly once."""
+    out, prev_end = [], 0
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + seq_len, len(ids) - 1)
+        out.append((ids[begin:end], ids[begin + 1 : end + 1], max(0, prev_end - begin)))
+        prev_end = end
+        if end == len(ids) - 1:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, ids: torch.Tensor, n_words: int, seq_len: int, stride: int,
+               batch_size: int, progress: bool = True) -> dict[str, float]:
+    windows = strided_windows(ids, seq_len, stride)
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        for group in _same_length(windows[i : i + batch_size]):
+            x = torch.stack([w[0] for w in group])
+            y = torch.stack([w[1] for w in group])
+            mask = torch.stack([torch.arange(len(w[1])) >= w[2] for w in group])
+            losses = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
+            nll += losses[mask.flatten()].double().sum().item()
+            count += int(mask.sum())
+        if progress:
+            print(f"\r[{min(i + batch_size, len(windows))}/{len(windows)}] token ppl {math.exp(nll / count):.4f}",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {"tokens": count, "words": n_words, "nll": nll, "token_ppl": math.exp(nll / count),
+            "word_ppl": math.exp(nll / n_words)}
+
+
+def _same_length(group):
+    lengths = {len(w[0]) for w in group}
+    return [[w for w in group if len(w[0]) == n] for n in sorted(lengths)]
+
+
+def held_out_text(src: Source | None, data: Path | None, text_field: str) -> list[str]:
+    if data is not None:
+        return load_documents(data, text_field)
+    if src is None or src.config is None:
+        raise ConvertError("give --data: this model carries no recipe naming its held-out split")
+    d, t = src.config.dataset, src.config.training
+    docs = load_documents(d.path, d.text_field)
+    return [docs[i] for i in sorted(validation_ids(len(docs), d.validation_fraction, t.seed))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=Path, help="held-out corpus (default: the recipe's validation split)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model's or the recipe's)")
+    p.add_argument("--quant", choices=("none", "nvfp4-ptq"), default="none",
+                   help="nvfp4-ptq: fake-quantize a float model's linears (weights and inputs)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        model, src = load_model(a.model)
+        if a.quant == "nvfp4-ptq":
+            if nvfp4.qat_linears(model) or any(isinstance(m, nvfp4.NVFP4Linear) for m in model.modules()):
+                raise ConvertError(f"{a.model} is already quantized; --quant nvfp4-ptq takes a float model")
+            nvfp4.prepare(model, nvfp4.QATConfig())
+        tok_path = a.tokenizer or (src.config.model.tokenizer_path if src and src.config else a.model)
+        tok = load_tokenizer(tok_path)
+        docs = held_out_text(src, a.data, a.text_field)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)], dtype=torch.int64)
+    n_words = sum(len(d.split()) for d in docs)
+    model.to(a.device).eval()
+    r = perplexity(model, ids.to(a.device), n_words, a.seq_len, a.stride, a.batch_size)
+    print(f"{a.model}: word_ppl {r['word_ppl']:.6f}  token_ppl {r['token_ppl']:.6f}  "
+          f"({r['tokens']} tokens, {r['words']} words, quant={a.quant})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
