@@ -14,6 +14,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from nvfp4 import kernels
+
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_MIN_SCALE = 2.0**-6  # smallest normal e4m3: subnormal block scales are never produced
@@ -122,11 +124,27 @@ def _block_codes(
 
 def quantize_with_scale(x: torch.Tensor, s_tensor: torch.Tensor) -> NVFP4:
     """Quantize x [..., K] with a given fp32 per-tensor scale (e.g. a frozen input_scale)."""
+    return quantize_for_gemm(x, s_tensor, operand=False)[0]
+
+
+def operand_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the emulated GEMM's operands: bf16 tensor cores on CUDA, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quantize_for_gemm(
+    x: torch.Tensor, s_tensor: torch.Tensor, operand: bool = True
+) -> tuple[NVFP4, torch.Tensor | None]:
+    """Quantize x [..., K]; with ``operand`` also return ``code * block_scale`` (exact) in
+    ``operand_dtype``: on CUDA one fused pass, so x is read once."""
     _check_last_dim(x)
     s_tensor = torch.as_tensor(s_tensor, dtype=torch.float32, device=x.device)
+    if kernels.enabled(x):
+        packed, s_block, op = kernels.quantize(x, s_tensor, emit_operand=operand)
+        return NVFP4(packed, s_block, s_tensor), op
     codes, s_block = _block_codes(x, s_tensor)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return NVFP4(packed, s_block, s_tensor)
+    q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s_tensor)
+    return q, dequantize_unscaled(q, operand_dtype(x.device)) if operand else None
 
 
 def quantize(
@@ -161,6 +179,8 @@ def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.T
 
     This is the operand of the emulated FP4 GEMM, as FP4 tensor cores see it.
     """
+    if kernels.enabled(q.packed):
+        return kernels.dequantize(q.packed, q.block_scale, None, dtype)
     v = _codes_to_values(unpack_codes(q.packed))
     v = v.reshape(*v.shape[:-1], -1, BLOCK_SIZE) * q.block_scale.float().unsqueeze(-1)
     return v.flatten(-2).to(dtype)
@@ -168,6 +188,8 @@ def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.T
 
 def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code_value * float(block_scale) * tensor_scale, in fp32, then cast to dtype."""
+    if kernels.enabled(q.packed):
+        return kernels.dequantize(q.packed, q.block_scale, q.tensor_scale, dtype)
     return (dequantize_unscaled(q) * q.tensor_scale).to(dtype)
 
 
@@ -177,6 +199,8 @@ def fake_quantize(
     """dequantize(quantize(x, amax)) in x's dtype, without packing and unpacking the codes."""
     _check_last_dim(x)
     s_tensor = tensor_scale(abs_max(x) if amax is None else amax, mode).to(x.device)
+    if kernels.enabled(x):
+        return dequantize(quantize_with_scale(x, s_tensor), x.dtype)
     codes, s_block = _block_codes(x, s_tensor)
     v = _codes_to_values(codes).reshape(*x.shape[:-1], -1, BLOCK_SIZE)
     v = v * s_block.float().unsqueeze(-1)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nvfp4.format import NVFP4, TensorScaleMode, dequantize_unscaled, quantize, quantize_with_scale
+from nvfp4.format import (
+    NVFP4,
+    TensorScaleMode,
+    dequantize_unscaled,
+    operand_dtype,
+    quantize,
+    quantize_with_scale,
+)
 
 
 def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -22,17 +29,25 @@ def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def scaled_matmul(
+    a: torch.Tensor, b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y = (a @ b.T) * (s_a * s_b) + bias: a [..., K], b [N, K] hold ``code * block_scale``."""
+    acc = _mm_fp32_acc(a.reshape(-1, a.shape[-1]), b.t())  # [M, N] fp32
+    acc = acc * (s_a * s_b)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
+
+
 def nvfp4_matmul(
     xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N]."""
-    a = dequantize_unscaled(xq)  # [..., K] fp32, exact
-    b = dequantize_unscaled(wq)  # [N, K]
-    acc = _mm_fp32_acc(a.reshape(-1, a.shape[-1]), b.t())  # [M, N] fp32
-    acc = acc * (xq.tensor_scale * wq.tensor_scale)
-    if bias is not None:
-        acc = acc + bias.float()
-    return acc.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
+    dt = operand_dtype(xq.packed.device)
+    a, b = dequantize_unscaled(xq, dt), dequantize_unscaled(wq, dt)  # exact in bf16
+    return scaled_matmul(a, b, xq.tensor_scale, wq.tensor_scale, bias, out_dtype)
 
 
 class NVFP4Linear(nn.Module):

@@ -23,10 +23,11 @@ from nvfp4.format import (
     TENSOR_SCALE_MODES,
     TensorScaleMode,
     dequantize,
+    quantize_for_gemm,
     quantize_with_scale,
     tensor_scale,
 )
-from nvfp4.inference import NVFP4Linear, nvfp4_matmul
+from nvfp4.inference import NVFP4Linear, scaled_matmul
 from nvfp4.sharded import global_abs_max, local, output_placement
 
 ACTIVATION_SCALES = ("dynamic", "static")
@@ -70,12 +71,12 @@ class _QATLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, x_scale, w_scale):  # type: ignore[override]
-        xq = quantize_with_scale(x, x_scale)
-        wq = quantize_with_scale(weight, w_scale)
-        ctx.save_for_backward(*xq, *wq)
+        xq, x_op = quantize_for_gemm(x, x_scale)
+        wq, w_op = quantize_for_gemm(weight, w_scale)
+        ctx.save_for_backward(*xq, *wq)  # packed: 4.5 bits per element
         ctx.has_bias = bias is not None
         ctx.w_dtype = weight.dtype
-        return nvfp4_matmul(xq, wq, bias, x.dtype)
+        return scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]

@@ -27,17 +27,17 @@ class Recorder:
         for name, m in model.named_modules():
             if isinstance(m, nvfp4.NVFP4QATLinear):
                 m.register_forward_pre_hook(lambda mod, args, name=name: self.current.append(name))
-        self._orig = nvfp4.qat.quantize_with_scale
-        nvfp4.qat.quantize_with_scale = self._quantize
+        self._orig = nvfp4.qat.quantize_for_gemm
+        nvfp4.qat.quantize_for_gemm = self._quantize
 
     def _quantize(self, x, s):
-        q = self._orig(x, s)
+        q, op = self._orig(x, s)
         entry = self.calls.setdefault(self.current[-1], {})
         entry["w" if "x" in entry else "x"] = (x.detach().clone(), q)
-        return q
+        return q, op
 
     def close(self) -> None:
-        nvfp4.qat.quantize_with_scale = self._orig
+        nvfp4.qat.quantize_for_gemm = self._orig
 
 
 def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:

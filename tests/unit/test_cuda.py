@@ -57,3 +57,31 @@ def test_backward_is_ste_on_cuda():
     F.linear(xd, wd).backward(gy)
     assert torch.equal(x.grad, xd.grad)
     assert torch.equal(lin.weight.grad, wd.grad)
+
+
+SHAPES = [(1, 16), (33, 48), (7, 80), (129, 272), (2, 3, 512), (1024, 4096), (4096, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernels_equal_reference_on_random_tensors(shape, dtype):
+    from nvfp4.format import quantize_for_gemm
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 8).to(dtype)
+    s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+    ref, ref_op = quantize_for_gemm(x, s)  # CPU reference, fp32 operand
+    got, op = quantize_for_gemm(x.cuda(), s.cuda())
+    assert torch.equal(got.packed.cpu(), ref.packed)
+    assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
+    assert op.dtype == torch.bfloat16 and torch.equal(op.cpu().float(), ref_op)  # exact in bf16
+    for out in (torch.float32, torch.bfloat16):
+        assert torch.equal(nvfp4.dequantize(got, out).cpu(), nvfp4.dequantize(ref, out))
+
+
+def test_kernel_marks_non_finite_blocks_nan():
+    x = torch.randn(4, 64, device="cuda")
+    x[1, 5], x[2, 40] = float("nan"), float("inf")
+    fq = nvfp4.fake_quantize(x, amax=torch.tensor(3.0, device="cuda"))
+    assert torch.isnan(fq[1, :16]).all() and torch.isnan(fq[2, 32:48]).all()
+    assert torch.isfinite(fq[0]).all() and torch.isfinite(fq[3]).all()

@@ -1,0 +1,169 @@
+"""QAT vs bf16 on one CUDA GPU: quantize bandwidth, linear fwd+bwd, full 1B training step.
+
+    python scripts/bench.py [--short] [--out benchmarks/results/bench_<card>.md]
+
+Every row is measured side by side in this process (CUDA events, median of repeats after
+warm-up); ratios are bf16 time / QAT time (>1: QAT faster). Compile warm-up is excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nvfp4  # noqa: E402
+from nvfp4 import kernels  # noqa: E402
+
+LINEAR_SHAPES = {  # (K, N) of the projections
+    "1B": [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)],
+    "3B": [(3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072)],
+    "8B": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+}
+
+
+def timed(fn, warmup: int = 3, repeat: int = 10) -> float:
+    """Median milliseconds of fn() on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench_bandwidth(rows: list[str], short: bool) -> None:
+    rows += ["## Quantize bandwidth", "",
+             "| tensor (bf16) | copy GB/s | quantize GB/s | quantize+operand GB/s | reference GB/s | kernel / copy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for mib in ((64,) if short else (64, 256, 1024)):
+        n = mib * 2**20 // 2
+        x = torch.randn(n // 4096, 4096, device="cuda", dtype=torch.bfloat16)
+        s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+        y = torch.empty_like(x)
+        t_copy = timed(lambda: y.copy_(x))
+        t_q = timed(lambda: kernels.quantize(x, s))
+        t_qo = timed(lambda: kernels.quantize(x, s, emit_operand=True))
+        os.environ["NVFP4_REFERENCE"] = "1"
+        t_ref = timed(lambda: nvfp4.quantize_with_scale(x, s), warmup=1, repeat=3)
+        os.environ["NVFP4_REFERENCE"] = "0"
+        copy_gbs = 2 * x.numel() * 2 / t_copy / 1e6
+        q_bytes = x.numel() * (2 + 0.5 + 1 / 16)
+        gbs = q_bytes / t_q / 1e6
+        rows.append(f"| {mib} MiB | {copy_gbs:.0f} | {gbs:.0f} | {(q_bytes + 2 * x.numel()) / t_qo / 1e6:.0f} | "
+                    f"{q_bytes / t_ref / 1e6:.0f} | {gbs / copy_gbs:.2f} |")
+    rows.append("")
+
+
+def bench_linears(rows: list[str], short: bool) -> None:
+    rows += ["## Linear forward + backward (eager), ms", "",
+             "| flavor | K x N | tokens | bf16 | QAT | bf16/QAT |", "|---|---|---:|---:|---:|---:|"]
+    for flavor, shapes in LINEAR_SHAPES.items():
+        if short and flavor != "3B":
+            continue
+        for k, n in shapes:
+            for tokens in ((8192,) if short else (8192, 16384)):
+                x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+                ref = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                qat = nvfp4.NVFP4QATLinear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+
+                def step(m):
+                    m(x).backward(gy)
+
+                t_ref, t_qat = timed(lambda: step(ref)), timed(lambda: step(qat))
+                rows.append(f"| {flavor} | {k} x {n} | {tokens} | {t_ref:.3f} | {t_qat:.3f} | {t_ref / t_qat:.2f} |")
+    rows.append("")
+
+
+def bench_step(rows: list[str], short: bool) -> None:
+    from models.llama3 import FLAVORS, Transformer
+    from parallel import ParallelDims, build_mesh, parallelize_llama
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+    mesh = build_mesh(ParallelDims(1, 1), "cuda")
+    seq, batch = 2048, 4
+    rows += [f"## Llama 1B training step (seq {seq}, batch {batch}, bf16 params, FSDP world 1, AdamW)", "",
+             "| mode | compile | tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |", "|---|---|---:|---:|---:|---:|"]
+    for compile in ((True,) if short else (False, True)):
+        base = None
+        for mode in ("bf16", "qat-dynamic", "qat-static"):
+            torch.manual_seed(0)
+            with torch.device("meta"):
+                model = Transformer(FLAVORS["1B"].with_(n_layers=4 if short else 16, activation_checkpoint="none"))
+            if mode != "bf16":
+                nvfp4.prepare(model, nvfp4.QATConfig(activation_scale=mode.split("-")[1]))
+            parallelize_llama(model, mesh, "bfloat16", "float32", compile)
+            model.to_empty(device="cuda")
+            model.init_weights()
+            for m in nvfp4.qat_linears(model):
+                m.reset_calibration()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+            tokens = torch.randint(0, 128256, (batch, seq + 1), device="cuda")
+            if mode == "qat-static":
+                nvfp4.calibrate(model, [tokens[:, :-1]])
+
+            def step():
+                logits = model(tokens[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            ms = timed(step, warmup=1, repeat=5 if short else 10)
+            tps = batch * seq / ms * 1e3
+            mem = torch.cuda.max_memory_allocated() / 2**30
+            base = base or (tps, mem)
+            rows.append(f"| {mode} | {compile} | {tps:,.0f} | {mem:.2f} | {tps / base[0]:.2f} | {mem / base[1]:.2f} |")
+            del model, opt
+            torch.cuda.empty_cache()
+    rows.append("")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--short", action="store_true", help="fewer sizes and a 4-layer model (CI smoke test)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--only", choices=("bandwidth", "linears", "step"))
+    a = p.parse_args()
+    if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
+        sys.exit("bench.py needs a CUDA GPU and Triton")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name()
+    rows = [f"# QAT vs bf16 on {name}", "", f"{datetime.date.today()}, torch {torch.__version__}"
+            f"{' (short mode)' if a.short else ''}", ""]
+    for part, fn in (("bandwidth", bench_bandwidth), ("linears", bench_linears), ("step", bench_step)):
+        if a.only in (None, part):
+            start = len(rows)
+            fn(rows, a.short)
+            print("\n".join(rows[start:]), flush=True)
+    text = "\n".join(rows) + "\n"
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
