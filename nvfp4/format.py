@@ -59,8 +59,9 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over the whole tensor, fp32 0-dim (NaN if x holds a NaN)."""
-    return x.detach().abs().amax().float()
+    """max |x| over the whole tensor, fp32 0-dim (NaN if x holds a NaN); one pass, no |x| copy."""
+    lo, hi = torch.aminmax(x.detach())
+    return torch.maximum(hi.float(), -lo.float())
 
 
 def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> torch.Tensor:

@@ -31,9 +31,17 @@ def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def scaled_matmul(
     a: torch.Tensor, b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
-    bias: torch.Tensor | None, out_dtype: torch.dtype,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, pow2_scales: bool = False,
 ) -> torch.Tensor:
-    """y = (a @ b.T) * (s_a * s_b) + bias: a [..., K], b [N, K] hold ``code * block_scale``."""
+    """y = (a @ b.T) * (s_a * s_b) + bias: a [..., K], b [N, K] hold ``code * block_scale``.
+
+    With power-of-two tensor scales, a bf16 result and no bias, scaling commutes with the
+    rounding to bf16, so the GEMM writes bf16 directly and one exact multiply follows:
+    the same bits as rounding the scaled fp32 accumulator, without its three fp32 passes.
+    """
+    if pow2_scales and a.is_cuda and out_dtype == torch.bfloat16 and bias is None:
+        y = torch.mm(a.reshape(-1, a.shape[-1]).to(torch.bfloat16), b.to(torch.bfloat16).t())
+        return (y * (s_a * s_b)).reshape(*a.shape[:-1], b.shape[0])
     acc = _mm_fp32_acc(a.reshape(-1, a.shape[-1]), b.t())  # [M, N] fp32
     acc = acc * (s_a * s_b)
     if bias is not None:
@@ -42,12 +50,12 @@ def scaled_matmul(
 
 
 def nvfp4_matmul(
-    xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype
+    xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype, pow2_scales: bool = False
 ) -> torch.Tensor:
     """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N]."""
     dt = operand_dtype(xq.packed.device)
     a, b = dequantize_unscaled(xq, dt), dequantize_unscaled(wq, dt)  # exact in bf16
-    return scaled_matmul(a, b, xq.tensor_scale, wq.tensor_scale, bias, out_dtype)
+    return scaled_matmul(a, b, xq.tensor_scale, wq.tensor_scale, bias, out_dtype, pow2_scales)
 
 
 class NVFP4Linear(nn.Module):
@@ -87,7 +95,8 @@ class NVFP4Linear(nn.Module):
             xq = quantize(x, mode=self.tensor_scale_mode)
         else:
             xq = quantize_with_scale(x, self.input_scale)
-        return nvfp4_matmul(xq, self.quantized_weight(), self.bias, x.dtype)
+        pow2 = self.tensor_scale_mode == "pow2"
+        return nvfp4_matmul(xq, self.quantized_weight(), self.bias, x.dtype, pow2)
 
     def extra_repr(self) -> str:
         return (

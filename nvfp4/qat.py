@@ -70,13 +70,13 @@ class _QATLinearFn(torch.autograd.Function):
     """y = nvfp4_matmul(q(x), q(W)) + b; backward by STE from the saved packed operands."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, x_scale, w_scale):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, x_scale, w_scale, pow2_scales):  # type: ignore[override]
         xq, x_op = quantize_for_gemm(x, x_scale)
         wq, w_op = quantize_for_gemm(weight, w_scale)
         ctx.save_for_backward(*xq, *wq)  # packed: 4.5 bits per element
         ctx.has_bias = bias is not None
         ctx.w_dtype = weight.dtype
-        return scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype)
+        return scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
@@ -91,7 +91,7 @@ class _QATLinearFn(torch.autograd.Function):
             grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class NVFP4QATLinear(nn.Linear):
@@ -164,6 +164,10 @@ class NVFP4QATLinear(nn.Linear):
             self._calibrated = True
         return tensor_scale(self.input_amax, mode)
 
+    @property
+    def _pow2(self) -> bool:
+        return self.config.tensor_scale == "pow2"
+
     def observed_input_amax(self) -> float:
         """The calibrated amax (static) or the last input's (dynamic); 0 before any forward."""
         if self.config.activation_scale == "static":
@@ -182,7 +186,7 @@ class NVFP4QATLinear(nn.Linear):
         x_scale = self._input_scale(x)
         w = self.weight
         if not isinstance(w, DTensor):
-            return _QATLinearFn.apply(x, w, self.bias, x_scale, w_scale)
+            return _QATLinearFn.apply(x, w, self.bias, x_scale, w_scale, self._pow2)
         # Tensor parallel: quantize and multiply the local shards (global scales above),
         # then say how the local outputs combine.
         if not isinstance(x, DTensor):
@@ -191,7 +195,7 @@ class NVFP4QATLinear(nn.Linear):
         if self.bias is not None and isinstance(placements[0], Partial):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
-        y = _QATLinearFn.apply(x.to_local(), w.to_local(), bias, x_scale, w_scale)
+        y = _QATLinearFn.apply(x.to_local(), w.to_local(), bias, x_scale, w_scale, self._pow2)
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     def extra_repr(self) -> str:

@@ -71,8 +71,10 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
 
 
 def bench_linears(rows: list[str], short: bool) -> None:
-    rows += ["## Linear forward + backward (eager), ms", "",
-             "| flavor | K x N | tokens | bf16 | QAT | bf16/QAT |", "|---|---|---:|---:|---:|---:|"]
+    rows += ["## Linear forward + backward, ms (QAT: dynamic activation scale)", "",
+             "| flavor | K x N | tokens | bf16 eager | QAT eager | bf16/QAT eager | bf16 compiled | QAT compiled | bf16/QAT compiled |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    compile = lambda m: torch.compile(m, dynamic=True)  # noqa: E731  one graph for every shape
     for flavor, shapes in LINEAR_SHAPES.items():
         if short and flavor != "3B":
             continue
@@ -86,8 +88,9 @@ def bench_linears(rows: list[str], short: bool) -> None:
                 def step(m):
                     m(x).backward(gy)
 
-                t_ref, t_qat = timed(lambda: step(ref)), timed(lambda: step(qat))
-                rows.append(f"| {flavor} | {k} x {n} | {tokens} | {t_ref:.3f} | {t_qat:.3f} | {t_ref / t_qat:.2f} |")
+                t = [timed(lambda: step(m)) for m in (ref, qat, compile(ref), compile(qat))]
+                rows.append(f"| {flavor} | {k} x {n} | {tokens} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.2f} | "
+                            f"{t[2]:.3f} | {t[3]:.3f} | {t[2] / t[3]:.2f} |")
     rows.append("")
 
 
