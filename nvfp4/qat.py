@@ -66,32 +66,67 @@ class QATConfig:
         return match(self.include) and not match(self.exclude)
 
 
-class _QATLinearFn(torch.autograd.Function):
-    """y = nvfp4_matmul(q(x), q(W)) + b; backward by STE from the saved packed operands."""
+# The QAT GEMM is a custom op with its own autograd, so torch.compile keeps it as one opaque
+# node (no graph break, no tracing into Triton kernels inside an autograd.Function).
+@torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
+def _qat_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor,
+    w_scale: torch.Tensor, pow2_scales: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = (q(x) @ q(W).T) * scales + b, plus the packed operands saved for backward."""
+    xq, x_op = quantize_for_gemm(x, x_scale)
+    wq, w_op = quantize_for_gemm(weight, w_scale)
+    y = scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
+    return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
 
-    @staticmethod
-    def forward(ctx: Any, x, weight, bias, x_scale, w_scale, pow2_scales):  # type: ignore[override]
-        xq, x_op = quantize_for_gemm(x, x_scale)
-        wq, w_op = quantize_for_gemm(weight, w_scale)
-        ctx.save_for_backward(*xq, *wq)  # packed: 4.5 bits per element
-        ctx.has_bias = bias is not None
-        ctx.w_dtype = weight.dtype
-        return scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
 
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        xq, wq = NVFP4(*saved[:3]), NVFP4(*saved[3:])
-        gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gy @ dequantize(wq, gy.dtype)).reshape(*grad_y.shape[:-1], -1)
-        if ctx.needs_input_grad[1]:
-            x_dq = dequantize(xq, gy.dtype)
-            grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(ctx.w_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gy.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+@_qat_linear.register_fake
+def _(x, weight, bias, x_scale, w_scale, pow2_scales):
+    k, n = x.shape[-1], weight.shape[0]
+    lead = x.shape[:-1]
+    return (x.new_empty(*lead, n), x.new_empty(*lead, k // 2, dtype=torch.uint8),
+            x.new_empty(*lead, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn),
+            weight.new_empty(n, k // 2, dtype=torch.uint8), weight.new_empty(n, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("nvfp4::qat_linear_backward", mutates_args=())
+def _qat_linear_backward(
+    grad_y: torch.Tensor, x_packed: torch.Tensor, x_block: torch.Tensor, x_scale: torch.Tensor,
+    w_packed: torch.Tensor, w_block: torch.Tensor, w_scale: torch.Tensor, w_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy."""
+    gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+    grad_x = (gy @ dequantize(NVFP4(w_packed, w_block, w_scale), gy.dtype)).reshape(*grad_y.shape[:-1], -1)
+    x_dq = dequantize(NVFP4(x_packed, x_block, x_scale), gy.dtype)
+    grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
+    return grad_x, grad_w, gy.sum(0)
+
+
+@_qat_linear_backward.register_fake
+def _(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype):
+    k = w_packed.shape[-1] * 2
+    return (grad_y.new_empty(*grad_y.shape[:-1], k), grad_y.new_empty(w_packed.shape[0], k, dtype=w_dtype),
+            grad_y.new_empty(grad_y.shape[-1]))
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, weight, bias, x_scale, w_scale, _ = inputs
+    _, xp, xb, wp, wb = output
+    ctx.save_for_backward(xp, xb, x_scale, wp, wb, w_scale)  # packed: 4.5 bits per element
+    ctx.has_bias = bias is not None
+    ctx.w_dtype = weight.dtype
+
+
+def _backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:
+    grad_x, grad_w, grad_b = _qat_linear_backward(grad_y, *ctx.saved_tensors, ctx.w_dtype)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+
+
+_qat_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales: bool) -> torch.Tensor:
+    return _qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
 
 
 class NVFP4QATLinear(nn.Linear):
@@ -186,7 +221,7 @@ class NVFP4QATLinear(nn.Linear):
         x_scale = self._input_scale(x)
         w = self.weight
         if not isinstance(w, DTensor):
-            return _QATLinearFn.apply(x, w, self.bias, x_scale, w_scale, self._pow2)
+            return qat_linear(x, w, self.bias, x_scale, w_scale, self._pow2)
         # Tensor parallel: quantize and multiply the local shards (global scales above),
         # then say how the local outputs combine.
         if not isinstance(x, DTensor):
@@ -195,7 +230,7 @@ class NVFP4QATLinear(nn.Linear):
         if self.bias is not None and isinstance(placements[0], Partial):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
-        y = _QATLinearFn.apply(x.to_local(), w.to_local(), bias, x_scale, w_scale, self._pow2)
+        y = qat_linear(x.to_local(), w.to_local(), bias, x_scale, w_scale, self._pow2)
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     def extra_repr(self) -> str:
