@@ -20,7 +20,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs
@@ -110,23 +109,22 @@ if HAVE_TRITON:
 
     _BM, _G = 32, 4  # 32 rows x 64 columns (4 blocks) per program
 
-    @triton_op("nvfp4::quantize", mutates_args={})
+    # Plain launches: under torch.compile these run inside the opaque nvfp4::qat_linear op.
     def _quantize_op(x: torch.Tensor, s: torch.Tensor, emit_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         M, K = x.shape
         packed = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
         scales = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
         op = torch.empty(M, K if emit_op else 0, dtype=torch.bfloat16, device=x.device)
         grid = (triton.cdiv(M, _BM), triton.cdiv(K, _G * 16))
-        wrap_triton(_quantize_kernel)[grid](x, s, packed, scales, op, M, K, BM=_BM, G=_G, EMIT_OP=emit_op)
+        _quantize_kernel[grid](x, s, packed, scales, op, M, K, BM=_BM, G=_G, EMIT_OP=emit_op)
         return packed, scales, op
 
-    @triton_op("nvfp4::dequantize", mutates_args={})
     def _dequantize_op(packed: torch.Tensor, scales: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
                        use_s: bool) -> torch.Tensor:
         M, K = packed.shape[0], packed.shape[1] * 2
         out = torch.empty(M, K, dtype=dtype, device=packed.device)
         grid = (triton.cdiv(M, _BM), triton.cdiv(K, _G * 16))
-        wrap_triton(_dequantize_kernel)[grid](packed, scales, s, out, M, K, BM=_BM, G=_G, USE_S=use_s)
+        _dequantize_kernel[grid](packed, scales, s, out, M, K, BM=_BM, G=_G, USE_S=use_s)
         return out
 
 

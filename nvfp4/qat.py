@@ -66,18 +66,55 @@ class QATConfig:
         return match(self.include) and not match(self.exclude)
 
 
-# The QAT GEMM is a custom op with its own autograd, so torch.compile keeps it as one opaque
-# node (no graph break, no tracing into Triton kernels inside an autograd.Function).
-@torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
-def _qat_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor,
-    w_scale: torch.Tensor, pow2_scales: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(x, weight, bias, x_scale, w_scale, pow2_scales):
     """y = (q(x) @ q(W).T) * scales + b, plus the packed operands saved for backward."""
     xq, x_op = quantize_for_gemm(x, x_scale)
     wq, w_op = quantize_for_gemm(weight, w_scale)
     y = scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
     return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
+
+
+def _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype):
+    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy."""
+    gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+    grad_x = (gy @ dequantize(NVFP4(w_packed, w_block, w_scale), gy.dtype)).reshape(*grad_y.shape[:-1], -1)
+    x_dq = dequantize(NVFP4(x_packed, x_block, x_scale), gy.dtype)
+    grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
+    return grad_x, grad_w, gy.sum(0)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, weight, bias, x_scale, w_scale, _ = inputs
+    _, xp, xb, wp, wb = output
+    ctx.save_for_backward(xp, xb, x_scale, wp, wb, w_scale)  # packed: 4.5 bits per element
+    ctx.has_bias = bias is not None
+    ctx.w_dtype = weight.dtype
+
+
+class _QATLinearFn(torch.autograd.Function):
+    """Eager path: an autograd.Function has less per-call overhead than a custom op."""
+
+    @staticmethod
+    def forward(*inputs):  # type: ignore[override]
+        return _forward(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:  # type: ignore[override]
+        grad_x, grad_w, grad_b = _backward_impl(grad_y, *ctx.saved_tensors, ctx.w_dtype)
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+
+
+# Under torch.compile the QAT GEMM is a custom op with its own autograd: one opaque node
+# (no graph break; Dynamo does not trace the Triton launches inside, which it failed to
+# do on H100 for the autograd.Function).
+@torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
+def _qat_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor,
+    w_scale: torch.Tensor, pow2_scales: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, x_scale, w_scale, pow2_scales)
 
 
 @_qat_linear.register_fake
@@ -94,12 +131,7 @@ def _qat_linear_backward(
     grad_y: torch.Tensor, x_packed: torch.Tensor, x_block: torch.Tensor, x_scale: torch.Tensor,
     w_packed: torch.Tensor, w_block: torch.Tensor, w_scale: torch.Tensor, w_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy."""
-    gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
-    grad_x = (gy @ dequantize(NVFP4(w_packed, w_block, w_scale), gy.dtype)).reshape(*grad_y.shape[:-1], -1)
-    x_dq = dequantize(NVFP4(x_packed, x_block, x_scale), gy.dtype)
-    grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
-    return grad_x, grad_w, gy.sum(0)
+    return _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype)
 
 
 @_qat_linear_backward.register_fake
@@ -109,24 +141,18 @@ def _(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype):
             grad_y.new_empty(grad_y.shape[-1]))
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _, weight, bias, x_scale, w_scale, _ = inputs
-    _, xp, xb, wp, wb = output
-    ctx.save_for_backward(xp, xb, x_scale, wp, wb, w_scale)  # packed: 4.5 bits per element
-    ctx.has_bias = bias is not None
-    ctx.w_dtype = weight.dtype
-
-
-def _backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:
+def _op_backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:
     grad_x, grad_w, grad_b = _qat_linear_backward(grad_y, *ctx.saved_tensors, ctx.w_dtype)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
 
-_qat_linear.register_autograd(_backward, setup_context=_setup_context)
+_qat_linear.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales: bool) -> torch.Tensor:
-    return _qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
+    if torch.compiler.is_compiling():
+        return _qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
+    return _QATLinearFn.apply(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
 
 
 class NVFP4QATLinear(nn.Linear):
