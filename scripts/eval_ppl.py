@@ -27,25 +27,7 @@ import nvfp4  # noqa: E402
 from data.dataset import load_documents, validation_ids  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.llama3 import Transformer, from_hf  # noqa: E402
-from models.llama3.hf import _cast  # noqa: E402
-from training.convert import ConvertError, Source, load_nvfp4_model, resolve_source  # noqa: E402
-
-
-def _trained_model(src: Source) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(src.args)
-    cfg = src.config
-    if cfg.qat.enable:
-        nvfp4.prepare(model, src.qat)
-    state = {n: _cast(src.read(n), src.cast) for n in src.names}
-    state.update({f"{k}.input_amax": v for k, v in src.input_amax.items()})
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    for m in nvfp4.qat_linears(model):
-        if m.input_amax.is_meta:  # dynamic mode: no calibrated amax in the checkpoint
-            m.input_amax = torch.full((), -1.0)
-        m._calibrated = m.config.activation_scale == "static"
-    return model
+from training.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[Transformer, Source | None]:
@@ -56,7 +38,7 @@ def load_model(path: Path) -> tuple[Transformer, Source | None]:
     src = resolve_source(path)
     if src.config is None:
         return from_hf(path), src
-    return _trained_model(src), src
+    return build_model(src, src.qat if src.config.qat.enable else None), src
 
 
 def strided_windows(ids: torch.Tensor, seq_len: int, stride: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

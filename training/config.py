@@ -16,6 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import nvfp4
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -123,6 +125,12 @@ class QAT:
     """Training batches that calibrate static activation scales at start_step."""
     start_step: int = 0
     """Train in float before this step, with QAT from it on (0: from the start)."""
+
+    def nvfp4_config(self) -> nvfp4.QATConfig:
+        """The ``nvfp4.QATConfig`` these keys describe (training, conversion, evaluation)."""
+        return nvfp4.QATConfig(include=tuple(self.include), exclude=tuple(self.exclude),
+                               activation_scale=self.activation_scale, tensor_scale=self.tensor_scale,
+                               share_fused_amax=self.share_fused_amax)
 
 
 @dataclass

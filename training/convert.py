@@ -96,18 +96,12 @@ def _dcp_source(step: Path) -> Source:
 
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.") and not k.endswith("input_amax")]
     tok = Path(cfg.model.tokenizer_path)
-    src = Source(step, args, _qat_config(cfg), DTYPES[cfg.training.mixed_precision_param], read, names, cfg,
+    src = Source(step, args, cfg.qat.nvfp4_config(), DTYPES[cfg.training.mixed_precision_param], read, names, cfg,
                  tok if tok.is_dir() else tok.parent)
     if cfg.qat.activation_scale == "static":
         src.input_amax = {k.removeprefix("model.").removesuffix(".input_amax"): read(k.removeprefix("model."))
                           for k in meta if k.endswith("input_amax")}
     return src
-
-
-def _qat_config(cfg: Config) -> nvfp4.QATConfig:
-    q = cfg.qat
-    return nvfp4.QATConfig(include=tuple(q.include), exclude=tuple(q.exclude), activation_scale=q.activation_scale,
-                           tensor_scale=q.tensor_scale, share_fused_amax=q.share_fused_amax)
 
 
 def _hf_source(path: Path) -> Source:
@@ -186,18 +180,28 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) ->
     return w.validation if len(w.validation) else w.train
 
 
+def build_model(src: Source, qat: nvfp4.QATConfig | None) -> Transformer:
+    """The whole model in memory with the weights as the forward saw them (cast), QAT
+    prepared with ``qat`` if given; calibrated input amaxes loaded, others uncalibrated."""
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    if qat is not None:
+        nvfp4.prepare(model, qat)
+    state = {n: _cast(src.read(n), src.cast) for n in src.names}
+    state.update({f"{k}.input_amax": v for k, v in src.input_amax.items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for m in nvfp4.qat_linears(model):
+        if m.input_amax.is_meta:
+            m.input_amax = torch.full((), -1.0)
+        m._calibrated = bool(m.input_amax >= 0)
+    return model
+
+
 def calibrated_input_amax(src: Source, n_batches: int, batch_size: int, data: Path | None,
                           seq_len: int | None) -> dict[str, torch.Tensor]:
     """Input amaxes of every QAT linear over ``n_batches`` held-out batches (the model in memory)."""
-    with torch.device("meta"):
-        model = Transformer(src.args)
-    for name in src.names:
-        module, _, p = name.rpartition(".")
-        setattr(model.get_submodule(module), p, torch.nn.Parameter(_cast(src.read(name), src.cast), requires_grad=False))
-    model.tie_weights()
-    nvfp4.prepare(model, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
-    for m in nvfp4.qat_linears(model):
-        m.input_amax = torch.zeros(())
+    model = build_model(src, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
     windows = _calibration_windows(src, data, seq_len)[: n_batches * batch_size, :-1]
     nvfp4.calibrate(model, list(windows.split(batch_size)))
     return {n: m.input_amax for n, m in model.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}

@@ -61,12 +61,6 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
     return args
 
 
-def qat_config(cfg: Config) -> nvfp4.QATConfig:
-    q = cfg.qat
-    return nvfp4.QATConfig(include=tuple(q.include), exclude=tuple(q.exclude), activation_scale=q.activation_scale,
-                           tensor_scale=q.tensor_scale, share_fused_amax=q.share_fused_amax)
-
-
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.cfg = config
@@ -114,7 +108,7 @@ class Trainer:
         with torch.device("meta"):
             self.model = Transformer(self.args)
         if self.cfg.qat.enable:
-            nvfp4.prepare(self.model, qat_config(self.cfg))
+            nvfp4.prepare(self.model, self.cfg.qat.nvfp4_config())
         t = self.cfg.training
         parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile)
 
