@@ -41,7 +41,7 @@ class Model:
     name: str = "llama3"
     """Model family. Only llama3 exists."""
     flavor: str = "debug"
-    """debug | 1B | 3B | 8B | 70B (models/llama3/args.py)."""
+    """debug | 80M | 1B | 3B | 8B | 70B (models/llama3/args.py)."""
     tokenizer_path: str = "data/assets/tokenizer.json"
     """A tokenizer.json, a Llama 3 tiktoken tokenizer.model, or a folder holding one."""
 

@@ -65,6 +65,11 @@ FLAVORS: dict[str, ModelArgs] = {
         dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, ffn_dim=768,
         rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, max_seq_len=2048,
     ),
+    # ~80M parameters with the 8k tokenizer: the QAT experiment's pre-train on one GPU.
+    "80M": ModelArgs(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=8192, ffn_dim=2048,
+        rope_theta=500000.0, tie_word_embeddings=True, max_seq_len=4096,
+    ),
     # Llama 3.2 1B / 3B, Llama 3.1 8B, Llama 3.3 70B (published HF configs).
     "1B": ModelArgs(
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
