@@ -52,32 +52,36 @@ def quantized_suffixes(fmt: str) -> tuple[str, ...]:
         "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 
 
-def quantization_config(fmt: str, ignore: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+def quant_algo(weight_only: bool) -> str:
+    """ModelOpt's name: NVFP4 (W4A4) or W4A16_NVFP4 (weight-only); both in vLLM's QUANT_ALGOS."""
+    return "W4A16_NVFP4" if weight_only else "NVFP4"
+
+
+def quantization_config(fmt: str, ignore: list[str], extra: dict[str, Any], weight_only: bool = False) -> dict[str, Any]:
     """``quantization_config`` for config.json (``extra``: our provenance, kept alongside)."""
     if fmt == "modelopt":
-        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK_SIZE,
+        return {"quant_method": "modelopt", "quant_algo": quant_algo(weight_only), "group_size": BLOCK_SIZE,
                 "kv_cache_quant_algo": None, "ignore": ignore, "nvfp4_titan": extra}
     fp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "symmetric": True,
            "group_size": BLOCK_SIZE, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
+    group = {"targets": ["Linear"], "weights": {**fp4, "dynamic": False}}
+    if not weight_only:  # compressed-tensors' NVFP4 scheme; NVFP4A16 has no input_activations
+        group["input_activations"] = {**fp4, "dynamic": "local"}
     return {
         "quant_method": "compressed-tensors",
         "format": "nvfp4-pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {**fp4, "dynamic": False},
-            "input_activations": {**fp4, "dynamic": "local"},
-        }},
+        "config_groups": {"group_0": group},
         "ignore": ignore,
         "nvfp4_titan": extra,
     }
 
 
-def hf_quant_config(ignore: list[str], producer_version: str) -> dict[str, Any]:
+def hf_quant_config(ignore: list[str], producer_version: str, weight_only: bool = False) -> dict[str, Any]:
     """ModelOpt's ``hf_quant_config.json`` (read by vLLM and TensorRT-LLM)."""
     return {
         "producer": {"name": "modelopt", "version": producer_version},
-        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": BLOCK_SIZE,
+        "quantization": {"quant_algo": quant_algo(weight_only), "kv_cache_quant_algo": None, "group_size": BLOCK_SIZE,
                          "exclude_modules": ignore},
     }
 

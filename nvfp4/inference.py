@@ -14,6 +14,7 @@ from torch import nn
 from nvfp4.format import (
     NVFP4,
     TensorScaleMode,
+    dequantize,
     dequantize_unscaled,
     operand_dtype,
     quantize,
@@ -64,6 +65,7 @@ class NVFP4Linear(nn.Module):
     Buffers: ``weight`` uint8 [N, K/2] (packed codes), ``weight_scale`` float8_e4m3fn
     [N, K/16], ``weight_scale_2`` fp32 (the per-tensor scale, multiplied), ``input_scale``
     fp32 (static activation scale; absent in dynamic mode), ``bias`` (optional).
+    ``weight_only``: inputs stay in high precision (W4A16): y = F.linear(x, dq(W), bias).
     """
 
     def __init__(
@@ -72,8 +74,12 @@ class NVFP4Linear(nn.Module):
         bias: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
         tensor_scale_mode: TensorScaleMode = "pow2",
+        weight_only: bool = False,
     ) -> None:
         super().__init__()
+        if weight_only and input_scale is not None:
+            raise ValueError("a weight-only NVFP4Linear takes no input_scale")
+        self.weight_only = weight_only
         self.out_features, half_k = weight.packed.shape
         self.in_features = 2 * half_k
         self.tensor_scale_mode = tensor_scale_mode
@@ -85,12 +91,16 @@ class NVFP4Linear(nn.Module):
 
     @property
     def activation_scale(self) -> str:
+        if self.weight_only:
+            return "none"
         return "dynamic" if self.input_scale is None else "static"
 
     def quantized_weight(self) -> NVFP4:
         return NVFP4(self.weight, self.weight_scale, self.weight_scale_2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_only:
+            return nn.functional.linear(x, dequantize(self.quantized_weight(), x.dtype), self.bias)
         if self.input_scale is None:
             xq = quantize(x, mode=self.tensor_scale_mode)
         else:

@@ -30,7 +30,7 @@ from nvfp4.format import (
 from nvfp4.inference import NVFP4Linear, scaled_matmul
 from nvfp4.sharded import global_abs_max, local, output_placement
 
-ACTIVATION_SCALES = ("dynamic", "static")
+ACTIVATION_SCALES = ("dynamic", "static", "none")
 _UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
 
 
@@ -42,9 +42,10 @@ class QATConfig:
     """fnmatch patterns of module names (``layers.0.attention.wq``) of nn.Linears to quantize."""
     exclude: tuple[str, ...] = ("output", "lm_head", "*.output", "*.lm_head")
     """Patterns kept in high precision even if included (default: the output head)."""
-    activation_scale: Literal["dynamic", "static"] = "dynamic"
+    activation_scale: Literal["dynamic", "static", "none"] = "dynamic"
     """dynamic: input tensor scale from each input's amax. static: from an amax calibrated
-    over batches (``calibrate``), frozen, and exported as ``input_scale``."""
+    over batches (``calibrate``), frozen, and exported as ``input_scale``. none: weight-only
+    (W4A16): inputs stay in high precision."""
     tensor_scale: TensorScaleMode = "pow2"
     """pow2: per-tensor scale rounded up to a power of two (decodes identically in every
     engine). amax: amax / 2688, as torchao and ModelOpt PTQ."""
@@ -149,6 +150,18 @@ def _op_backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple
 _qat_linear.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized weight (exact values); backward: the gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return dequantize(quantize_for_gemm(w, w_scale, operand=False)[0], w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        return grad, None
+
+
 def qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
@@ -230,7 +243,8 @@ class NVFP4QATLinear(nn.Linear):
         return self.config.tensor_scale == "pow2"
 
     def observed_input_amax(self) -> float:
-        """The calibrated amax (static) or the last input's (dynamic); 0 before any forward."""
+        """The calibrated amax (static) or the last input's (dynamic); 0 before any forward
+        or in weight-only mode."""
         if self.config.activation_scale == "static":
             return max(float(self.input_amax), 0.0)
         return 0.0 if self.last_input_amax is None else float(self.last_input_amax)
@@ -244,8 +258,13 @@ class NVFP4QATLinear(nn.Linear):
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
         w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
-        x_scale = self._input_scale(x)
         w = self.weight
+        if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
+            w_fq = _StraightThrough.apply(local(w), w_scale)
+            if isinstance(w, DTensor):
+                w_fq = DTensor.from_local(w_fq, w.device_mesh, w.placements, run_check=False)
+            return nn.functional.linear(x, w_fq, self.bias)
+        x_scale = self._input_scale(x)
         if not isinstance(w, DTensor):
             return qat_linear(x, w, self.bias, x_scale, w_scale, self._pow2)
         # Tensor parallel: quantize and multiply the local shards (global scales above),
@@ -360,6 +379,7 @@ def convert(model: nn.Module) -> nn.Module:
             bias=None if m.bias is None else m.bias.detach().clone(),
             input_scale=tensor_scale(m.input_amax, m.config.tensor_scale) if static else None,
             tensor_scale_mode=m.config.tensor_scale,
+            weight_only=m.config.activation_scale == "none",
         )
     for name, new in converted.items():
         _swap(model, name, new)

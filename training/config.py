@@ -115,8 +115,9 @@ class QAT:
     """fnmatch patterns of linear names to quantize (layers.0.attention.wq)."""
     exclude: list[str] = field(default_factory=lambda: ["output"])
     """Patterns kept in high precision: by default the output head."""
-    activation_scale: Literal["dynamic", "static"] = "dynamic"
-    """dynamic: each input's own amax; static: calibrated over calibration_batches, frozen."""
+    activation_scale: Literal["dynamic", "static", "none"] = "dynamic"
+    """dynamic: each input's own amax; static: calibrated over calibration_batches, frozen;
+    none: weight-only QAT (W4A16), inputs stay in high precision."""
     tensor_scale: Literal["pow2", "amax"] = "pow2"
     """pow2: per-tensor scale rounded up to 2**k (every engine decodes the same bits); amax: amax/2688."""
     share_fused_amax: bool = True

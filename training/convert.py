@@ -235,6 +235,8 @@ class Options:
 
 
 def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str]:
+    if src.qat.activation_scale == "none":
+        return {}, "none: weight-only QAT (W4A16), inputs stay in high precision"
     if src.qat.activation_scale == "static" and src.input_amax:
         return src.input_amax, "static: calibrated during training and frozen"
     if o.calibration_batches == 0:
@@ -275,9 +277,11 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
     cfg = hf_config_from_args(src.args, out_dtype or torch.bfloat16)
     if o.fmt != "hf":
         ignore = _ignored(src, quantized)
-        cfg["quantization_config"] = quantization_config(o.fmt, ignore, extra)
+        weight_only = src.qat.activation_scale == "none"
+        cfg["quantization_config"] = quantization_config(o.fmt, ignore, extra, weight_only)
         if o.fmt == "modelopt":
-            (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config(ignore, "nvfp4-titan"), indent=2))
+            hq = hf_quant_config(ignore, "nvfp4-titan", weight_only)
+            (out / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _copy_tokenizer(src, out)
 
@@ -329,8 +333,9 @@ def load_nvfp4_model(path: Path) -> Transformer:
     cfg = read_config(path)
     qc = cfg.get("quantization_config") or {}
     fmt = "modelopt" if qc.get("quant_method") == "modelopt" else "compressed-tensors"
-    mode = (qc.get("nvfp4_titan") or {}).get("tensor_scale", "pow2")
-    dynamic = (qc.get("nvfp4_titan") or {}).get("activation_scale", "static") == "dynamic"
+    ours = qc.get("nvfp4_titan") or {}
+    mode = ours.get("tensor_scale", "pow2")
+    act = ours.get("activation_scale", "none" if qc.get("quant_algo") == "W4A16_NVFP4" else "static")
     args = args_from_hf_config(cfg, str(path / "config.json"))
     with torch.device("meta"):
         model = Transformer(args)
@@ -350,7 +355,8 @@ def load_nvfp4_model(path: Path) -> Transformer:
                 q = nvfp4.NVFP4(tensors["weight_packed"], tensors["weight_scale"], 1.0 / tensors["weight_global_scale"].reshape(()))
                 s_in = 1.0 / tensors["input_global_scale"].reshape(()) if "input_global_scale" in tensors else None
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, nvfp4.NVFP4Linear(q, None, None if dynamic else s_in, mode))
+            s_in = s_in if act == "static" else None
+            setattr(model.get_submodule(parent), child, nvfp4.NVFP4Linear(q, None, s_in, mode, weight_only=act == "none"))
         else:
             for suffix, t in tensors.items():
                 setattr(model.get_submodule(name), suffix, torch.nn.Parameter(t, requires_grad=False))

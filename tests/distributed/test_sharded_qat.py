@@ -24,16 +24,20 @@ class Recorder:
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls: dict[str, dict] = {}
         self.current: list[str] = []
+        self.weight_only = set()
         for name, m in model.named_modules():
             if isinstance(m, nvfp4.NVFP4QATLinear):
                 m.register_forward_pre_hook(lambda mod, args, name=name: self.current.append(name))
+                if m.config.activation_scale == "none":
+                    self.weight_only.add(name)
         self._orig = nvfp4.qat.quantize_for_gemm
         nvfp4.qat.quantize_for_gemm = self._quantize
 
-    def _quantize(self, x, s):
-        q, op = self._orig(x, s)
-        entry = self.calls.setdefault(self.current[-1], {})
-        entry["w" if "x" in entry else "x"] = (x.detach().clone(), q)
+    def _quantize(self, x, s, operand=True):
+        q, op = self._orig(x, s, operand)
+        name = self.current[-1]
+        entry = self.calls.setdefault(name, {})
+        entry["w" if "x" in entry or name in self.weight_only else "x"] = (x.detach().clone(), q)
         return q, op
 
     def close(self) -> None:
@@ -57,9 +61,9 @@ def _gather(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
     return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]
 
 
-def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool) -> None:
+def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool, act: str = "dynamic") -> None:
     torch.manual_seed(0)
-    config = nvfp4.QATConfig(tensor_scale=mode)
+    config = nvfp4.QATConfig(tensor_scale=mode, activation_scale=act)
     args = FLAVORS["debug"].with_(n_layers=2)
     ref = Transformer(args)
     ref.init_weights()
@@ -91,7 +95,7 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
         w = _cat(_gather(got["w"][1], tp_group), 1 if rowwise else 0) if tp > 1 else got["w"][1]
         if not _equal(w, want["w"][1]):
             mismatches.append(f"{name}.weight")
-        if rowwise and tp > 1:  # the input is sharded along K: compare with quantizing the whole
+        if rowwise and tp > 1 and act != "none":  # sharded K input: compare with quantizing the whole
             xs = [None] * tp
             dist.all_gather_object(xs, got["x"][0], group=tp_group)
             whole = nvfp4.quantize(torch.cat(xs, -1), mode=mode)
@@ -107,6 +111,10 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
                          ids=["fsdp2", "tp2", "fsdp2xtp2", "tp2-amax-scale"])
 def test_sharded_codes_equal_unsharded(dp, tp, mode):
     run_ranks(_worker, dp * tp, dp, tp, mode, True)
+
+
+def test_weight_only_tp_codes_equal_unsharded():
+    run_ranks(_worker, 2, 1, 2, "pow2", True, "none")
 
 
 def test_negative_control_local_amax_gives_different_codes():

@@ -30,13 +30,15 @@ def runs(tmp_path_factory):
     assert train(single, *COMMON).returncode == 0
     static = tmp / "static"
     assert train(static, *COMMON, "--qat.activation_scale=static", "--qat.calibration_batches=2").returncode == 0
+    weight_only = tmp / "weight_only"
+    assert train(weight_only, *COMMON, "--qat.activation_scale=none").returncode == 0
     sharded = tmp / "fsdp2xtp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
            "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={sharded}", *COMMON,
            "--parallelism.data_parallel_shard_degree=2", "--parallelism.tensor_parallel_degree=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"single": single, "static": static, "fsdp2xtp2": sharded}
+    return {"single": single, "static": static, "weight_only": weight_only, "fsdp2xtp2": sharded}
 
 
 def _consolidated(run, tmp_path) -> dict[str, torch.Tensor]:
@@ -98,6 +100,25 @@ def test_static_scales_are_exported_and_logits_exact(runs, tmp_path):
         want = _qat_model(weights, nvfp4.QATConfig(activation_scale="static"))(TOKENS)
         conv = load_nvfp4_model(out)(TOKENS)
     assert torch.equal(conv, want)
+
+
+def test_weight_only_exports_w4a16_and_logits_exact(runs, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    convert(runs["weight_only"], tmp_path / "mo", Options())
+    convert(runs["weight_only"], tmp_path / "ct", Options(fmt="compressed-tensors"))
+    got = _tensors(tmp_path / "mo")
+    assert not [k for k in got if k.endswith("input_scale")]
+    hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "W4A16_NVFP4"
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    qc.pop("nvfp4_titan")
+    assert QuantizationConfig.model_validate(qc).config_groups["group_0"].input_activations is None
+    weights = _consolidated(runs["weight_only"], tmp_path)
+    with torch.no_grad():
+        want = _qat_model(weights, nvfp4.QATConfig(activation_scale="none"))(TOKENS)
+        for fmt in ("mo", "ct"):
+            assert torch.equal(load_nvfp4_model(tmp_path / fmt)(TOKENS), want), fmt
 
 
 def test_independent_readers_decode_identical_weights(runs, tmp_path):

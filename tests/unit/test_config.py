@@ -56,7 +56,7 @@ def test_unknown_key_suggests_closest(tmp_path):
 @pytest.mark.parametrize("override,match", [
     ("--training.steps=ten", "training.steps must be int"),
     ("--training.compile=1", "training.compile must be true or false"),
-    ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static'\]; did you mean 'dynamic'"),
+    ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static', 'none'\]; did you mean 'dynamic'"),
     ("--qat.include=layers", "qat.include must be a list of strings"),
     ("--training.steps=0", "training.steps must be > 0"),
     ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),

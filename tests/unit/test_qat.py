@@ -200,3 +200,31 @@ def test_non_finite_input_makes_output_nan_not_garbage():
     x = torch.randn(4, 32)
     x[1, 2] = math.nan
     assert torch.isnan(lin(x)).all()  # the dynamic amax is NaN: the loss will say so
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_only_prepare_vs_convert_bitwise_and_inputs_unquantized(dtype):
+    torch.manual_seed(5)
+    model = MLP().to(dtype)
+    config = QATConfig(activation_scale="none", exclude=("head",))
+    x = torch.randn(3, 7, 64).to(dtype)
+    y_qat, y_conv = _prepare_convert(model, config, x)
+    assert torch.equal(y_qat, y_conv)
+    assert model.up.activation_scale == "none" and model.up.input_scale is None
+    qat = nn.Sequential(nn.Linear(64, 32).to(dtype))
+    want = F.linear(x, nvfp4.fake_quantize(qat[0].weight.detach()), qat[0].bias)  # x itself, dq(W)
+    nvfp4.prepare(qat, config)
+    assert torch.equal(qat(x), want)
+
+
+def test_weight_only_backward_is_ste():
+    torch.manual_seed(6)
+    qat = nn.Sequential(nn.Linear(64, 48))
+    nvfp4.prepare(qat, QATConfig(activation_scale="none"))
+    x = torch.randn(8, 64, requires_grad=True)
+    gy = torch.randn(8, 48)
+    qat(x).backward(gy)
+    wd = nvfp4.fake_quantize(qat[0].weight.detach()).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    F.linear(x2, wd, qat[0].bias.detach()).backward(gy)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(qat[0].weight.grad, wd.grad)
