@@ -150,12 +150,23 @@ def _op_backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple
 _qat_linear.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("nvfp4::fake_quantize_weight", mutates_args=())
+def _fake_quantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """dq(q(W)) in W's dtype; a custom op so that torch.compile does not trace its kernels."""
+    return dequantize(quantize_for_gemm(w, w_scale, operand=False)[0], w.dtype)
+
+
+@_fake_quantize_weight.register_fake
+def _(w, w_scale):
+    return torch.empty_like(w)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: the fake-quantized weight (exact values); backward: the gradient unchanged."""
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return dequantize(quantize_for_gemm(w, w_scale, operand=False)[0], w.dtype)
+        return _fake_quantize_weight(w, w_scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]

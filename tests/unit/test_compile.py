@@ -32,3 +32,13 @@ def test_compiled_qat_linear_equals_eager_forward_and_backward(tmp_path, monkeyp
     y2 = torch.compile(lin)(x)
     y2.square().sum().backward()
     assert torch.equal(y2, eager[0]) and torch.equal(x.grad, eager[1]) and torch.equal(lin.weight.grad, eager[2])
+
+
+def test_compiled_weight_only_qat_equals_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    nvfp4.prepare(model, nvfp4.QATConfig(activation_scale="none"))
+    x = torch.randn(4, 64)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    assert torch.equal(torch.compile(model)(x), model(x))
