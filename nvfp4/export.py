@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nvfp4.format import BLOCK_SIZE, e2m1_values
+from nvfp4.format import BLOCK_SIZE, e2m1_values, scale_blocks
 
 FORMATS = ("modelopt", "compressed-tensors")
 
@@ -86,17 +86,12 @@ def hf_quant_config(ignore: list[str], producer_version: str, weight_only: bool 
     }
 
 
-def _blockwise(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    v = values.reshape(*values.shape[:-1], -1, BLOCK_SIZE) * scale.unsqueeze(-1)
-    return v.flatten(-2)
-
-
 def decode(fmt: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """A reader's dequantized fp32 weight from one layer's tensors, by that reader's formula:
     vLLM's emulation fp4 * (weight_scale / (1 / weight_scale_2)); compressed-tensors'
     fp4 * (weight_scale / weight_global_scale)."""
     if fmt == "modelopt":
         values, s = e2m1_values(tensors["weight"]), tensors["weight_scale"].float()
-        return _blockwise(values, s / (1.0 / tensors["weight_scale_2"].float()))
+        return scale_blocks(values, s / (1.0 / tensors["weight_scale_2"].float()))
     values, s = e2m1_values(tensors["weight_packed"]), tensors["weight_scale"].float()
-    return _blockwise(values, s / tensors["weight_global_scale"].float().reshape(()))
+    return scale_blocks(values, s / tensors["weight_global_scale"].float().reshape(()))

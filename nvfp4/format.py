@@ -145,7 +145,9 @@ def quantize_for_gemm(
         return NVFP4(packed, s_block, s_tensor), op
     codes, s_block = _block_codes(x, s_tensor)
     q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s_tensor)
-    return q, dequantize_unscaled(q, operand_dtype(x.device)) if operand else None
+    if not operand:
+        return q, None
+    return q, scale_blocks(_codes_to_values(codes), s_block).to(operand_dtype(x.device))
 
 
 def quantize(
@@ -175,6 +177,12 @@ def e2m1_values(packed: torch.Tensor) -> torch.Tensor:
     return _codes_to_values(unpack_codes(packed))
 
 
+def scale_blocks(values: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """values [..., K] times their block's scale [..., K/16] (fp32)."""
+    v = values.reshape(*values.shape[:-1], -1, BLOCK_SIZE) * block_scale.float().unsqueeze(-1)
+    return v.flatten(-2)
+
+
 def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code_value * block_scale, without the tensor scale: exact in bf16 (<= 6 significant bits).
 
@@ -182,9 +190,7 @@ def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.T
     """
     if kernels.enabled(q.packed):
         return kernels.dequantize(q.packed, q.block_scale, None, dtype)
-    v = _codes_to_values(unpack_codes(q.packed))
-    v = v.reshape(*v.shape[:-1], -1, BLOCK_SIZE) * q.block_scale.float().unsqueeze(-1)
-    return v.flatten(-2).to(dtype)
+    return scale_blocks(e2m1_values(q.packed), q.block_scale).to(dtype)
 
 
 def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -203,6 +209,4 @@ def fake_quantize(
     if kernels.enabled(x):
         return dequantize(quantize_with_scale(x, s_tensor), x.dtype)
     codes, s_block = _block_codes(x, s_tensor)
-    v = _codes_to_values(codes).reshape(*x.shape[:-1], -1, BLOCK_SIZE)
-    v = v * s_block.float().unsqueeze(-1)
-    return (v.flatten(-2) * s_tensor).to(x.dtype)
+    return (scale_blocks(_codes_to_values(codes), s_block) * s_tensor).to(x.dtype)

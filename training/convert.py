@@ -30,8 +30,8 @@ from models.llama3 import ModelArgs, Transformer, CheckpointError
 from models.llama3 import state_dict_adapter as adapter
 from models.llama3.args import model_args_from_json
 from models.llama3.hf import (
-    SafetensorsWriter, TOKENIZER_FILES, _cast, _open, args_from_hf_config, hf_config_from_args,
-    read_config, weight_files,
+    SafetensorsWriter, TOKENIZER_FILES, TensorReader, _cast, args_from_hf_config, hf_config_from_args,
+    read_config,
 )
 from training.checkpoint import latest
 from training.config import Config, ConfigError, load_config
@@ -106,21 +106,15 @@ def _dcp_source(step: Path) -> Source:
 
 def _hf_source(path: Path) -> Source:
     args = args_from_hf_config(read_config(path), str(path / "config.json"))
-    files = weight_files(path)
-    handles: dict[Path, object] = {}
+    reader = TensorReader(path)
 
     def read(name: str) -> torch.Tensor:
         key = adapter.to_hf(name)
-        if key not in files:
+        if key not in reader.files:
             raise ConvertError(f"{path}: has no tensor {key}")
-        f = files[key]
-        h = handles.setdefault(f, _open(f))
-        try:
-            return h.get_tensor(key)
-        except Exception as e:
-            raise ConvertError(f"{f}: cannot read tensor {key} ({e})") from None
+        return reader(key)
 
-    names = [adapter.from_hf(k) for k in files if not k.endswith("rotary_emb.inv_freq")]
+    names = [adapter.from_hf(k) for k in reader.files if not k.endswith("rotary_emb.inv_freq")]
     return Source(path, args, nvfp4.QATConfig(), None, read, names, None, path)
 
 
@@ -309,16 +303,12 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
 def verify(output: Path, src: Source, fmt: str, log: Callable[[str], None] = print) -> int:
     """Decode every quantized weight by its reader's formula and compare with the QAT
     forward's fake-quantized weight; print a table; return the number of mismatches."""
-    files = weight_files(output)
-    handles: dict[Path, object] = {}
+    read = TensorReader(output)
     bad = 0
     log(f"{'tensor':56s} {'shape':>14s} {'max |diff|':>11s}  ok")
     for module, _, q in quantized_groups(src):
         prefix = adapter.to_hf_module(module)
-        tensors = {}
-        for key in (k for k in files if k.startswith(prefix + ".")):
-            h = handles.setdefault(files[key], _open(files[key]))
-            tensors[key.removeprefix(prefix + ".")] = h.get_tensor(key)
+        tensors = {k.removeprefix(prefix + "."): read(k) for k in read.files if k.startswith(prefix + ".")}
         got, want = decode(fmt, tensors), nvfp4.dequantize(q)
         ok = torch.equal(got, want)
         bad += not ok
@@ -339,12 +329,11 @@ def load_nvfp4_model(path: Path) -> Transformer:
     args = args_from_hf_config(cfg, str(path / "config.json"))
     with torch.device("meta"):
         model = Transformer(args)
-    files = weight_files(path)
+    read = TensorReader(path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, f in files.items():
+    for key in read.files:
         module, _, suffix = key.rpartition(".")
-        t = _open(f).get_tensor(key)
-        layers.setdefault(module, {})[suffix] = t
+        layers.setdefault(module, {})[suffix] = read(key)
     for hf_module, tensors in layers.items():
         name = adapter.from_hf_module(hf_module)
         if "weight_scale" in tensors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -148,6 +149,23 @@ def _open(f: Path):
         raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
 
 
+class TensorReader:
+    """Tensors of a Hugging Face directory by HF name; each safetensors file opened once."""
+
+    def __init__(self, path: Path) -> None:
+        self.files = weight_files(path)  # HF name -> file
+        self._handles: dict[Path, Any] = {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        f = self.files[key]
+        if f not in self._handles:
+            self._handles[f] = _open(f)
+        try:
+            return self._handles[f].get_tensor(key)
+        except Exception as e:  # a truncated or corrupt shard
+            raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module, _, pname = name.rpartition(".")
     setattr(model.get_submodule(module), pname, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
@@ -159,31 +177,24 @@ def iter_hf_tensors(path: Path, model_args: ModelArgs, expected: dict[str, torch
     """
     tied = model_args.tie_word_embeddings
     loaded: set[str] = {"output.weight"} if tied else set()
-    by_file: dict[Path, list[str]] = {}
-    for key, f in weight_files(path).items():
-        by_file.setdefault(f, []).append(key)
-    for f, keys in by_file.items():
-        handle = _open(f)
-        for key in keys:
-            if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
-                continue
-            try:
-                name = adapter.from_hf(key)
-            except KeyError:
-                raise CheckpointError(f"{f.name}: tensor {key} is not part of a Llama model") from None
-            try:
-                t = handle.get_tensor(key)
-            except Exception as e:  # a truncated or corrupt shard
-                raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
-            if tuple(t.shape) != tuple(expected[name]):
-                raise CheckpointError(
-                    f"{f.name}: tensor {key} has shape {tuple(t.shape)}, but config.json implies "
-                    f"{tuple(expected[name])}"
-                )
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise CheckpointError(f"{f.name}: tensor {key} holds NaN or Inf values")
-            loaded.add(name)
-            yield name, t
+    read = TensorReader(path)
+    for key, f in sorted(read.files.items(), key=lambda kv: kv[1]):  # file by file
+        if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+            continue
+        try:
+            name = adapter.from_hf(key)
+        except KeyError:
+            raise CheckpointError(f"{f.name}: tensor {key} is not part of a Llama model") from None
+        t = read(key)
+        if tuple(t.shape) != tuple(expected[name]):
+            raise CheckpointError(
+                f"{f.name}: tensor {key} has shape {tuple(t.shape)}, but config.json implies "
+                f"{tuple(expected[name])}"
+            )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{f.name}: tensor {key} holds NaN or Inf values")
+        loaded.add(name)
+        yield name, t
     missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(f"{path}: missing tensors {[adapter.to_hf(m) for m in missing][:8]}")
