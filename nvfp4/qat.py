@@ -23,10 +23,13 @@ from nvfp4.format import (
     TENSOR_SCALE_MODES,
     TensorScaleMode,
     dequantize,
+    dequantize_unscaled,
+    operand_dtype,
     quantize_for_gemm,
     quantize_with_scale,
     tensor_scale,
 )
+from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.inference import NVFP4Linear, scaled_matmul
 from nvfp4.sharded import global_abs_max, local, output_placement
 
@@ -70,7 +73,11 @@ class QATConfig:
 def _forward(x, weight, bias, x_scale, w_scale, pow2_scales):
     """y = (q(x) @ q(W).T) * scales + b, plus the packed operands saved for backward."""
     xq, x_op = quantize_for_gemm(x, x_scale)
-    wq, w_op = quantize_for_gemm(weight, w_scale)
+    if isinstance(weight, NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
+        wq = weight.nvfp4
+        w_op = dequantize_unscaled(wq, operand_dtype(x.device))
+    else:
+        wq, w_op = quantize_for_gemm(weight, w_scale)
     y = scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
     return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
 
@@ -166,6 +173,8 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(w, NVFP4GatheredWeight):
+            return dequantize(w.nvfp4, w.dtype)
         return _fake_quantize_weight(w, w_scale)
 
     @staticmethod
@@ -268,8 +277,11 @@ class NVFP4QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
-        w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
         w = self.weight
+        if isinstance(local(w), NVFP4GatheredWeight):
+            w_scale = local(w).nvfp4.tensor_scale
+        else:
+            w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
         if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
             w_fq = _StraightThrough.apply(local(w), w_scale)
             if isinstance(w, DTensor):
@@ -333,6 +345,8 @@ def qat_linears(model: nn.Module) -> list[NVFP4QATLinear]:
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch fake quantization on or off in every QAT linear (parameters are unchanged)."""
     for m in qat_linears(model):
+        if not enabled and isinstance(local(m.weight), (NVFP4TrainingWeight, NVFP4GatheredWeight)):
+            raise ValueError("QAT cannot be switched off while weights are all-gathered as NVFP4")
         m.enabled = enabled
 
 

@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from nvfp4.format import BLOCK_SIZE, abs_max
 
 
-def _sharded_dims(t: DTensor) -> list[int]:
+def sharded_dims(t: DTensor) -> list[int]:
+    """Mesh dims on which ``t`` is sharded (its pieces differ there)."""
     dims = []
     for i, p in enumerate(t.placements):
         if isinstance(p, Partial):
@@ -28,8 +29,12 @@ def reduce_amax(local_amax: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """MAX-reduce a local amax over the mesh dims that shard ``like`` (a no-op for plain tensors)."""
     if not isinstance(like, DTensor):
         return local_amax
-    for d in _sharded_dims(like):
-        dist.all_reduce(local_amax, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group(d))
+    mesh, dims = like.device_mesh, sharded_dims(like)
+    if len(dims) > 1 and len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        dist.all_reduce(local_amax, op=dist.ReduceOp.MAX)  # sharded over the whole world: one collective
+        return local_amax
+    for d in dims:
+        dist.all_reduce(local_amax, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
     return local_amax
 
 

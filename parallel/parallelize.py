@@ -20,8 +20,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.llama3 import Transformer
+from nvfp4.fsdp import enable_nvfp4_all_gather
 from nvfp4.qat import NVFP4QATLinear
-from nvfp4.sharded import check_local_blocks
+from nvfp4.sharded import check_local_blocks, local
 from parallel.mesh import ParallelConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,6 +44,16 @@ def check_tp(model: Transformer, tp: int) -> None:
                     f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
                     f"choose a degree dividing {m.in_features // 16} or exclude it from QAT"
                 )
+
+
+def check_even_rows(model: nn.Module, dp: int) -> None:
+    """NVFP4 all-gather needs every QAT weight's rows split evenly over the FSDP ranks."""
+    for name, m in model.named_modules():
+        if isinstance(m, NVFP4QATLinear) and local(m.weight).shape[0] % dp:
+            raise ParallelConfigError(
+                f"{name}: {local(m.weight).shape[0]} rows do not split evenly over "
+                f"data_parallel_shard_degree={dp}, which NVFP4 all-gather needs; choose a degree "
+                f"that divides it or set qat.fsdp_nvfp4_all_gather = false")
 
 
 # TorchTitan's Llama plan: sequence-parallel norms, colwise q/k/v/w1/w3, rowwise wo/w2.
@@ -95,13 +106,22 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_d
 
 
 def parallelize_llama(
-    model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, compile: bool
+    model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, compile: bool,
+    nvfp4_all_gather: bool = False,
 ) -> None:
-    """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim; in place."""
+    """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim; in place.
+
+    ``nvfp4_all_gather``: FSDP2 gathers QAT weights as NVFP4 (nvfp4/fsdp.py; eager only).
+    """
     tp = mesh["tp"].size()
     if tp > 1:
         check_tp(model, tp)
         apply_tp(model, mesh["tp"])
     if compile:
+        if nvfp4_all_gather:
+            raise ValueError("NVFP4 all-gather works in eager mode only: turn compile off")
         apply_compile(model)
+    if nvfp4_all_gather:
+        check_even_rows(model, mesh["dp_shard"].size())
+        enable_nvfp4_all_gather(model, DTYPES[param_dtype])
     apply_fsdp(model, mesh["dp_shard"], param_dtype, reduce_dtype)

@@ -126,6 +126,9 @@ class QAT:
     """Training batches that calibrate static activation scales at start_step."""
     start_step: int = 0
     """Train in float before this step, with QAT from it on (0: from the start)."""
+    fsdp_nvfp4_all_gather: bool = False
+    """FSDP2 all-gathers QAT weights as NVFP4 (4.5 bits/element instead of 16), quantized
+    before the gather with one batched amax all-reduce per step; same numerics. Eager only."""
 
     def nvfp4_config(self) -> nvfp4.QATConfig:
         """The ``nvfp4.QATConfig`` these keys describe (training, conversion, evaluation)."""
@@ -218,6 +221,10 @@ class Config:
              "parallelism.data_parallel_shard_degree must be >= 1 or -1"),
             (0 <= self.qat.start_step < t.steps, f"qat.start_step must be in [0, training.steps={t.steps})"),
             (self.qat.calibration_batches > 0, "qat.calibration_batches must be > 0"),
+            (not self.qat.fsdp_nvfp4_all_gather or (self.qat.enable and self.qat.start_step == 0),
+             "qat.fsdp_nvfp4_all_gather needs qat.enable = true and qat.start_step = 0"),
+            (not (self.qat.fsdp_nvfp4_all_gather and t.compile),
+             "qat.fsdp_nvfp4_all_gather works in eager mode only: set training.compile = false"),
             (0 <= self.dataset.validation_fraction < 1, "dataset.validation_fraction must be in [0, 1)"),
             (self.validation.freq >= 0 and self.validation.steps > 0, "validation.freq must be >= 0, validation.steps > 0"),
             (self.checkpoint.interval > 0, "checkpoint.interval must be > 0"),

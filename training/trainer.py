@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 import nvfp4
+from nvfp4.fsdp import precompute_weight_scales
 from data.dataset import build_windows, load_documents
 from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
@@ -110,7 +111,8 @@ class Trainer:
         if self.cfg.qat.enable:
             nvfp4.prepare(self.model, self.cfg.qat.nvfp4_config())
         t = self.cfg.training
-        parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile)
+        parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile,
+                          nvfp4_all_gather=self.cfg.qat.fsdp_nvfp4_all_gather)
 
     def _param_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.model.named_parameters(remove_duplicate=False)}
@@ -196,12 +198,18 @@ class Trainer:
             return
         on = self.step > self.cfg.qat.start_step
         nvfp4.set_enabled(self.model, on)
+        self._refresh_weight_scales()
         if on and nvfp4.needs_calibration(self.model):
             n = self.cfg.qat.calibration_batches
             c = self.loader.consumed
             batches = [x.to(self.device) for b in range(c, c + n) for x, _ in self.loader.batch(b)]
             nvfp4.calibrate(self.model, batches)
             log.info(f"calibrated static activation scales on {n} batches")
+
+    def _refresh_weight_scales(self) -> None:
+        """NVFP4 all-gather: the weights' tensor scales, after each optimizer step (one all-reduce)."""
+        if self.cfg.qat.fsdp_nvfp4_all_gather:
+            precompute_weight_scales(self.model)
 
     def _train_step(self) -> tuple[float, float, float]:
         micro = self.loader.next()
@@ -243,6 +251,7 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> float:
+        self._refresh_weight_scales()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
         for b in range(self.cfg.validation.steps):

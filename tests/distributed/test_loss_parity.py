@@ -1,5 +1,6 @@
 """One checkpoint saved by a single process, resumed by train.py under torchrun as 1 process,
-FSDP=2, TP=2 and FSDP=2 x TP=2 (DCP resharding on load), on the same global batches."""
+FSDP=2, TP=2 and FSDP=2 x TP=2 (DCP resharding on load), on the same global batches; FSDP
+layouts again with NVFP4 all-gather, which must not change a bit."""
 
 import shutil
 import subprocess
@@ -28,11 +29,13 @@ def test_losses_match_across_layouts_and_qat_matters(tmp_path):
     assert r.returncode == 0, r.stderr
     ref = losses(base)
     runs = {}
-    for name, nproc, dp, tp in (("single", 1, 1, 1), ("fsdp2", 2, 2, 1), ("tp2", 2, 1, 2), ("fsdp2xtp2", 4, 2, 2)):
+    layouts = (("single", 1, 1, 1, False), ("fsdp2", 2, 2, 1, False), ("tp2", 2, 1, 2, False),
+               ("fsdp2xtp2", 4, 2, 2, False), ("fsdp2-nvfp4-ag", 2, 2, 1, True), ("fsdp2xtp2-nvfp4-ag", 4, 2, 2, True))
+    for name, nproc, dp, tp, all_gather in layouts:
         dump = tmp_path / name
         _resume_from(base, dump)
         r = _torchrun(dump, nproc, f"--parallelism.data_parallel_shard_degree={dp}",
-                      f"--parallelism.tensor_parallel_degree={tp}")
+                      f"--parallelism.tensor_parallel_degree={tp}", f"--qat.fsdp_nvfp4_all_gather={all_gather}".lower())
         assert r.returncode == 0, (name, r.stderr[-3000:])
         assert "at step 2" in r.stdout
         runs[name] = losses(dump)
@@ -42,6 +45,8 @@ def test_losses_match_across_layouts_and_qat_matters(tmp_path):
         for s in (4, 5, 6, 7):
             assert abs(got[s] - ref[s]) <= 1e-3 * abs(ref[s]), (name, s, got[s], ref[s])
     assert runs["single"] == {s: ref[s] for s in runs["single"]}  # same layout: bit-identical
+    assert runs["fsdp2-nvfp4-ag"] == runs["fsdp2"]  # the all-gather format changes no bit
+    assert runs["fsdp2xtp2-nvfp4-ag"] == runs["fsdp2xtp2"]
 
     float_run = tmp_path / "float"
     _resume_from(base, float_run)

@@ -17,3 +17,15 @@ def test_debug_recipe_losses_equal_with_kernels_on_and_off(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[flag] = losses(tmp_path / flag)
     assert runs["0"] == runs["1"] and len(runs["0"]) == 8
+
+
+def test_nvfp4_all_gather_changes_no_loss_on_gpu(tmp_path):
+    """FSDP2 all-gathers QAT weights as NVFP4 under NCCL (world 1: FSDP2's copy path)."""
+    args = [*FAST, "--training.device=cuda", "--training.steps=6", "--metrics.log_freq=1",
+            "--checkpoint.enable=false", "--training.mixed_precision_param=bfloat16"]
+    runs = {}
+    for flag in ("false", "true"):
+        r = train(tmp_path / flag, *args, f"--qat.fsdp_nvfp4_all_gather={flag}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[flag] = losses(tmp_path / flag)
+    assert runs["false"] == runs["true"] and len(runs["false"]) == 6

@@ -42,6 +42,8 @@ CASES = {
                           r"another model shape.*n_layers: 1 vs 4"),
     "dcp_of_other_shape": (lambda tmp: [f"--checkpoint.initial_load_path={_dcp_of_other_shape(tmp / 'dcp')}"],
                            r"has shape \(8192, 128\), this model needs \(8192, 256\)"),
+    "nvfp4_all_gather_compiled": (lambda tmp: ["--qat.fsdp_nvfp4_all_gather=true", "--training.compile=true"],
+                                  "fsdp_nvfp4_all_gather works in eager mode only"),
     "tp_not_dividing_world": (lambda tmp: ["--parallelism.tensor_parallel_degree=2"],
                               "tensor_parallel_degree=2 does not divide the world size 1"),
 }

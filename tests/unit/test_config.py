@@ -73,3 +73,8 @@ def test_help_lists_every_key_with_its_doc():
         assert f"[{section}]" in text
     assert "global_batch_size = -1" in text and "gradient accumulation" in text
     assert "activation_scale = \"dynamic\"" in text
+
+
+def test_nvfp4_all_gather_needs_qat_from_the_start():
+    with pytest.raises(ConfigError, match="fsdp_nvfp4_all_gather needs qat.enable = true and qat.start_step = 0"):
+        load_config(None, ["--qat.fsdp_nvfp4_all_gather=true", "--qat.start_step=5"])

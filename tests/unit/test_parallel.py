@@ -7,7 +7,7 @@ import nvfp4
 from models.llama3 import FLAVORS, ModelArgs, Transformer
 from parallel import resolve_dims
 from parallel.mesh import ParallelConfigError
-from parallel.parallelize import check_tp
+from parallel.parallelize import check_even_rows, check_tp
 
 
 def test_resolve_dims():
@@ -40,3 +40,10 @@ def test_tp_must_keep_nvfp4_blocks_whole():
 def test_supported_tp_degrees_of_real_flavors():
     for name, tp in (("1B", 8), ("3B", 8), ("8B", 8), ("debug", 2)):
         check_tp(_meta(FLAVORS[name].with_(n_layers=1)), tp)
+
+
+def test_nvfp4_all_gather_needs_rows_split_evenly():
+    model = _meta(FLAVORS["debug"])
+    with pytest.raises(ParallelConfigError, match=r"layers.0.attention.wq: 256 rows do not split evenly over data_parallel_shard_degree=3"):
+        check_even_rows(model, 3)
+    check_even_rows(model, 4)

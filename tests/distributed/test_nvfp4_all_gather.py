@@ -1,0 +1,133 @@
+"""NVFP4 all-gather for FSDP2 (nvfp4/fsdp.py) on gloo: the numerics of the bf16 all-gather bit
+for bit, over training steps, with the bytes on the wire measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+import nvfp4
+from models.llama3 import FLAVORS, Transformer
+from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
+from nvfp4.sharded import local
+from parallel import ParallelDims, build_mesh, parallelize_llama
+from scripts.fsdp_all_gather_bytes import count_all_gather_bytes
+from tests.distributed.harness import run_ranks
+from training.config import Optimizer
+from training.optim import build_optimizer
+
+ARGS = FLAVORS["debug"].with_(n_layers=2)
+
+
+def _sharded(ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    nvfp4.prepare(model, nvfp4.qat_linears(ref)[0].config)
+    parallelize_llama(model, build_mesh(ParallelDims(dp, tp), "cpu"), param_dtype, "float32",
+                      compile=False, nvfp4_all_gather=all_gather)
+    model.to_empty(device="cpu")
+    params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
+    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    for m in nvfp4.qat_linears(model):
+        m.reset_calibration()
+    return model
+
+
+def _reference(mode: str = "pow2") -> tuple[Transformer, torch.Tensor]:
+    """The unsharded QAT model; ``mode`` amax makes every amax bit matter (pow2 rounds)."""
+    torch.manual_seed(0)
+    ref = Transformer(ARGS)
+    ref.init_weights()
+    nvfp4.prepare(ref, nvfp4.QATConfig(tensor_scale=mode))
+    return ref, torch.randint(0, ARGS.vocab_size, (2, 32))
+
+
+def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:
+    """Forward pre-hooks: the NVFP4 weight each QAT linear receives from the all-gather."""
+    seen: dict[str, nvfp4.NVFP4] = {}
+
+    def hook(mod, args, name):
+        w = local(mod.weight)
+        assert isinstance(w, NVFP4GatheredWeight), f"{name}: weight arrived as {type(w).__name__}, not NVFP4"
+        seen[name] = w.nvfp4
+
+    for name, m in model.named_modules():
+        if isinstance(m, nvfp4.NVFP4QATLinear):
+            m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
+    return seen
+
+
+def _codes_worker(rank: int, world: int, dp: int, mode: str) -> None:
+    ref, tokens = _reference(mode)
+    model = _sharded(ref, dp, 1, "float32", all_gather=True)
+    seen = _gathered_weights(model)
+    precompute_weight_scales(model)
+    model(tokens)
+    layers = {n: m for n, m in ref.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
+    assert sorted(seen) == sorted(layers)
+    for name, got in seen.items():
+        want = layers[name].quantized_weight()  # the unsharded model's weight, its group amax
+        assert torch.equal(got.packed, want.packed), name
+        assert torch.equal(got.block_scale.view(torch.uint8), want.block_scale.view(torch.uint8)), name
+        assert torch.equal(got.tensor_scale, want.tensor_scale), name
+
+
+@pytest.mark.parametrize("dp,mode", [(1, "pow2"), (2, "pow2"), (2, "amax")], ids=["fsdp1", "fsdp2", "fsdp2-amax"])
+def test_gathered_codes_equal_unsharded(dp, mode):
+    run_ranks(_codes_worker, dp, dp, mode)
+
+
+def _training_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:
+    ref, tokens = _reference(mode)
+    runs = {}
+    for all_gather in (False, True):
+        model = _sharded(ref, dp, tp, "bfloat16", all_gather)
+        opt = build_optimizer(model, Optimizer(lr=1e-2))
+        losses = []
+        for _ in range(3):
+            if all_gather:
+                precompute_weight_scales(model)
+            loss = model(tokens).float().square().mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        state = model.state_dict()
+        assert all(type(local(v)) is torch.Tensor for v in state.values())  # checkpoints hold plain tensors
+        runs[all_gather] = (losses, {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()})
+        if all_gather:  # the optimizer step cleared the scales: a forward now is an error
+            with pytest.raises(RuntimeError, match="precompute_weight_scales"):
+                model(tokens)
+    (loss_off, sd_off), (loss_on, sd_on) = runs[False], runs[True]
+    assert all(torch.equal(a, b) for a, b in zip(loss_off, loss_on)), (loss_off, loss_on)
+    assert sd_off.keys() == sd_on.keys()
+    for k in sd_off:
+        assert torch.equal(sd_off[k], sd_on[k]), k
+
+
+@pytest.mark.parametrize("dp,tp,mode", [(2, 1, "pow2"), (2, 2, "amax")], ids=["fsdp2", "fsdp2xtp2-amax"])
+def test_training_steps_bit_identical_to_bf16_all_gather(dp, tp, mode):
+    """bf16 mixed precision, AdamW, clipping: 3 steps of losses and the final weights equal."""
+    run_ranks(_training_worker, dp * tp, dp, tp, mode)
+
+
+def _bytes_worker(rank: int, world: int) -> None:
+    ref, tokens = _reference()
+    counted = {}
+    for all_gather in (False, True):
+        model = _sharded(ref, world, 1, "bfloat16", all_gather)
+        precompute_weight_scales(model)
+        with count_all_gather_bytes() as n:
+            model(tokens).float().mean().backward()
+        counted[all_gather] = n[0]
+    qat = sum(m.weight.numel() for m in nvfp4.qat_linears(model))
+    # Each block is gathered twice (forward, backward); a QAT weight element costs 2 bytes
+    # in bf16 and 4.5 bits = 9/16 byte as NVFP4 (code + its share of an E4M3 block scale).
+    assert counted[False] - counted[True] == 2 * qat * (2 - 9 / 16), counted
+
+
+def test_bytes_on_the_wire():
+    run_ranks(_bytes_worker, 2)
