@@ -8,7 +8,11 @@ Per seed: pre-train in float (QAT off); from that checkpoint fine-tune (a) in fl
 perplexity of the base, PTQ of the base, the float fine-tune, PTQ of it, the QAT model and
 its converted NVFP4 checkpoint on the recipe's held-out split. Recovery =
 (PTQ_ft - QAT) / (PTQ_ft - float_ft). Writes results.md and results.json to --out.
-Any train.py override can follow ``--``: it applies to every run (ablations).
+Any train.py override can follow ``--``: it applies to every run. ``--ablations`` adds
+one row per knob (token budget, learning rate, static activation scales, weight-only,
+separate q/k/v amax), each a QAT fine-tune of the first seed's base, compared with a float
+fine-tune of the same budget and a PTQ baseline of the same kind. ``--jobs N`` runs N
+training runs at once. results.json/results.md are rewritten after every evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,62 +44,173 @@ _spec.loader.exec_module(eval_ppl)
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
 
 
-def run_train(recipe: str, dump: Path, nproc: int, args: list[str]) -> None:
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation row: a QAT fine-tune that differs from the main one in one knob."""
+
+    what: str
+    steps: float = 1.0
+    """Factor on --finetune-steps; the float fine-tune it is compared with gets the same budget."""
+    lr: float = 1.0
+    """Factor on --finetune-lr (the float fine-tune follows too)."""
+    qat: tuple[str, ...] = ()
+    """train.py overrides of the QAT run only."""
+    ptq: nvfp4.QATConfig = nvfp4.QATConfig()
+    """How the float fine-tune is quantized for this row's PTQ baseline."""
+
+
+ABLATIONS = {
+    "tokens_x0.25": Ablation("QAT token budget / 4 (float fine-tune likewise)", steps=0.25),
+    "tokens_x0.5": Ablation("QAT token budget / 2 (float fine-tune likewise)", steps=0.5),
+    "lr_x0.3": Ablation("learning rate x 0.3 (both fine-tunes)", lr=0.3),
+    "lr_x3": Ablation("learning rate x 3 (both fine-tunes)", lr=3.0),
+    "static_act": Ablation("static (calibrated) activation scales; PTQ baseline dynamic",
+                           qat=("--qat.activation_scale=static",)),
+    "weight_only": Ablation("weight-only W4A16 QAT; PTQ baseline weight-only",
+                            qat=("--qat.activation_scale=none",), ptq=nvfp4.QATConfig(activation_scale="none")),
+    "separate_qkv_amax": Ablation("q/k/v and gate/up keep separate weight amaxes",
+                                  qat=("--qat.share_fused_amax=false",), ptq=nvfp4.QATConfig(share_fused_amax=False)),
+}
+
+
+def run_train(recipe: str, dump: Path, nproc: int, args: list[str]) -> Path:
+    """train.py in a subprocess, its output in DUMP.log; returns DUMP."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
     cmd = [*launcher, str(ROOT / "train.py"), "--recipe", recipe, f"--job.dump_folder={dump}", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    dump.parent.mkdir(parents=True, exist_ok=True)
+    log = dump.parent / f"{dump.name}.log"
+    print(f"+ {' '.join(cmd)}  > {log}", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"training run {dump} failed; see {log}")
+    print(f"  done {dump} in {time.perf_counter() - start:.0f} s", flush=True)
+    return dump
 
 
-def evaluate(path: Path, ptq: bool, ids: torch.Tensor, words: int, a: argparse.Namespace) -> float:
+def evaluate(path: Path, ptq: nvfp4.QATConfig | None, ids: torch.Tensor, words: int, a: argparse.Namespace) -> float:
     model, _ = eval_ppl.load_model(path)
-    if ptq:
-        nvfp4.prepare(model, nvfp4.QATConfig())
+    if ptq is not None:
+        nvfp4.prepare(model, ptq)
     model.to(a.device).eval()
     r = eval_ppl.perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size,
                             progress=False)
     return r["word_ppl"]
 
 
-def one_seed(seed: int, a: argparse.Namespace, extra: list[str]) -> dict[str, float]:
-    out = a.out / f"seed{seed}"
-    common = [f"--training.seed={seed}", "--checkpoint.keep_latest_k=1", *extra]
-    base = out / "base"
-    run_train(a.recipe, base, a.nproc, [*common, "--qat.enable=false", f"--training.steps={a.pretrain_steps}",
-                                        f"--checkpoint.interval={a.pretrain_steps}"])
-    start = f"--checkpoint.initial_load_path={base / 'checkpoint' / f'step-{a.pretrain_steps}'}"
-    ft = [*common, start, f"--training.steps={a.finetune_steps}", f"--checkpoint.interval={a.finetune_steps}",
-          f"--optimizer.lr={a.finetune_lr}", f"--lr_scheduler.warmup_steps={min(a.finetune_steps // 10, 100)}"]
-    run_train(a.recipe, out / "float_ft", a.nproc, [*ft, "--qat.enable=false"])
-    run_train(a.recipe, out / "qat", a.nproc, [*ft, "--qat.enable=true"])
-    convert(out / "qat", out / "nvfp4", Options(calibration_batches=8), overwrite=True)
+class Experiment:
+    """Schedules the training runs (up to --jobs at once: small models leave a GPU idle) and
+    evaluates them in this process."""
 
-    src = eval_ppl.resolve_source(base)
-    docs = eval_ppl.held_out_text(src, a.eval_data, "text")
-    tok = load_tokenizer(src.config.model.tokenizer_path)
-    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)])
-    words = sum(len(d.split()) for d in docs)
-    paths = {"base": base, "base_ptq": base, "float_ft": out / "float_ft", "float_ft_ptq": out / "float_ft",
-             "qat": out / "qat", "nvfp4": out / "nvfp4"}
-    r = {row: evaluate(paths[row], row.endswith("_ptq"), ids, words, a) for row in ROWS}
-    r["recovery"] = (r["float_ft_ptq"] - r["qat"]) / (r["float_ft_ptq"] - r["float_ft"])
-    print(json.dumps({"seed": seed, **r}), flush=True)
-    return r
+    def __init__(self, a: argparse.Namespace, extra: list[str]) -> None:
+        self.a, self.extra = a, extra
+        self.pool = ThreadPoolExecutor(max_workers=a.jobs)
+
+    def _common(self, seed: int) -> list[str]:
+        return [f"--training.seed={seed}", "--checkpoint.keep_latest_k=1", *self.extra]
+
+    def pretrain(self, seed: int) -> Future:
+        steps = self.a.pretrain_steps
+        return self.pool.submit(run_train, self.a.recipe, self.a.out / f"seed{seed}" / "base", self.a.nproc,
+                                [*self._common(seed), "--qat.enable=false", f"--training.steps={steps}",
+                                 f"--checkpoint.interval={steps}"])
+
+    def finetune(self, seed: int, name: str, qat: bool, steps_factor: float = 1.0, lr_factor: float = 1.0,
+                 overrides: tuple[str, ...] = ()) -> Future:
+        a = self.a
+        steps = max(1, round(a.finetune_steps * steps_factor))
+        base = a.out / f"seed{seed}" / "base" / "checkpoint" / f"step-{a.pretrain_steps}"
+        args = [*self._common(seed), f"--checkpoint.initial_load_path={base}", f"--training.steps={steps}",
+                f"--checkpoint.interval={steps}", f"--optimizer.lr={a.finetune_lr * lr_factor}",
+                f"--lr_scheduler.warmup_steps={min(steps // 10, 100)}", f"--qat.enable={str(qat).lower()}", *overrides]
+        return self.pool.submit(run_train, a.recipe, a.out / f"seed{seed}" / name, a.nproc, args)
+
+    def run(self, seeds: list[int], ablations: list[str]) -> dict:
+        a = self.a
+        for f in [self.pretrain(s) for s in seeds]:
+            f.result()
+        jobs: dict[tuple[int, str], Future] = {}
+        for s in seeds:
+            jobs[s, "float_ft"] = self.finetune(s, "float_ft", False)
+            jobs[s, "qat"] = self.finetune(s, "qat", True)
+        for name in ablations:
+            ab = ABLATIONS[name]
+            if (ab.steps, ab.lr) != (1.0, 1.0):
+                jobs[seeds[0], f"float_{name}"] = self.finetune(seeds[0], f"float_{name}", False, ab.steps, ab.lr)
+            jobs[seeds[0], f"qat_{name}"] = self.finetune(seeds[0], f"qat_{name}", True, ab.steps, ab.lr, ab.qat)
+        results: dict = {"seeds": {}, "ablations": {}}
+        for s in seeds:
+            out = a.out / f"seed{s}"
+            jobs[s, "float_ft"].result(), jobs[s, "qat"].result()
+            convert(out / "qat", out / "nvfp4", Options(calibration_batches=8), overwrite=True)
+            ids, words = self._held_out(out / "base")
+            paths = {"base": "base", "base_ptq": "base", "float_ft": "float_ft", "float_ft_ptq": "float_ft",
+                     "qat": "qat", "nvfp4": "nvfp4"}
+            r = {row: evaluate(out / paths[row], nvfp4.QATConfig() if row.endswith("_ptq") else None, ids, words, a)
+                 for row in ROWS}
+            r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
+            results["seeds"][s] = r
+            self._save(results)
+            print(json.dumps({"seed": s, **r}), flush=True)
+        out = a.out / f"seed{seeds[0]}"
+        ids, words = self._held_out(out / "base") if ablations else (None, 0)
+        for name in ablations:
+            ab = ABLATIONS[name]
+            float_dir = out / (f"float_{name}" if (ab.steps, ab.lr) != (1.0, 1.0) else "float_ft")
+            jobs[seeds[0], f"qat_{name}"].result()
+            if (seeds[0], f"float_{name}") in jobs:
+                jobs[seeds[0], f"float_{name}"].result()
+            r = {"float_ft": evaluate(float_dir, None, ids, words, a),
+                 "float_ft_ptq": evaluate(float_dir, ab.ptq, ids, words, a),
+                 "qat": evaluate(out / f"qat_{name}", None, ids, words, a)}
+            r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
+            results["ablations"][name] = r
+            self._save(results)
+            print(json.dumps({"ablation": name, **r}), flush=True)
+        self.pool.shutdown()
+        return results
+
+    def _held_out(self, base: Path) -> tuple[torch.Tensor, int]:
+        src = eval_ppl.resolve_source(base)
+        docs = eval_ppl.held_out_text(src, self.a.eval_data, "text")
+        tok = load_tokenizer(src.config.model.tokenizer_path)
+        ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)])
+        return ids, sum(len(d.split()) for d in docs)
+
+    def _save(self, results: dict) -> None:
+        """After every evaluation, so that an interrupted experiment keeps what it measured."""
+        (self.a.out / "results.json").write_text(json.dumps(results, indent=2))
+        (self.a.out / "results.md").write_text(report(results, self.a, self.extra))
 
 
-def report(results: dict[int, dict[str, float]], a: argparse.Namespace, extra: list[str]) -> str:
-    rec = [r["recovery"] for r in results.values()]
-    spread = f" +- {statistics.stdev(rec):.1%}" if len(rec) > 1 else " (one seed: no error bar)"
+def recovery(ptq: float, qat: float, float_: float) -> float:
+    """Share of the gap that PTQ opens over the float model which QAT closes."""
+    return (ptq - qat) / (ptq - float_)
+
+
+def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
+    seeds = results["seeds"]
     lines = ["# Float vs PTQ vs QAT (NVFP4), word perplexity on held-out text", "",
              f"recipe `{a.recipe}`, pre-train {a.pretrain_steps} steps, fine-tune {a.finetune_steps} steps at lr "
              f"{a.finetune_lr}, overrides `{' '.join(extra) or 'none'}`", "",
              "| seed | " + " | ".join(ROWS) + " | recovery |", "|---" * (len(ROWS) + 2) + "|"]
-    for seed, r in results.items():
+    for seed, r in seeds.items():
         lines.append(f"| {seed} | " + " | ".join(f"{r[k]:.4f}" for k in ROWS) + f" | {r['recovery']:.1%} |")
-    lines += ["", f"Recovery (mean over seeds): {statistics.mean(rec):.1%}{spread}; "
-              f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
-              "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested)."]
+    if seeds:
+        rec = [r["recovery"] for r in seeds.values()]
+        spread = f" +- {statistics.stdev(rec):.1%} (std over {len(rec)} seeds)" if len(rec) > 1 else " (one seed: no error bar)"
+        lines += ["", f"Recovery (mean over seeds): {statistics.mean(rec):.1%}{spread}; "
+                  f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
+                  "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested)."]
+    if results["ablations"]:
+        main = next(iter(seeds.values()))
+        lines += ["", f"## Ablations (seed {next(iter(seeds))}, one knob each; main row: qat {main['qat']:.4f}, "
+                  f"recovery {main['recovery']:.1%})", "",
+                  "| ablation | what changes | float_ft | float_ft_ptq | qat | recovery |", "|---|---|---|---|---|---|"]
+        for name, r in results["ablations"].items():
+            lines.append(f"| {name} | {ABLATIONS[name].what} | {r['float_ft']:.4f} | {r['float_ft_ptq']:.4f} | "
+                         f"{r['qat']:.4f} | {r['recovery']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,15 +228,15 @@ def main() -> None:
     p.add_argument("--eval-stride", type=int, default=512)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS),
+                   help="ablation rows, run on the first seed (default: none)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once (one GPU fits several small ones)")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results = {s: one_seed(s, a, extra) for s in a.seeds}
-    (a.out / "results.json").write_text(json.dumps(results, indent=2))
-    text = report(results, a, extra)
-    (a.out / "results.md").write_text(text)
-    print(text)
+    results = Experiment(a, extra).run(a.seeds, a.ablations)
+    print(report(results, a, extra))
 
 
 if __name__ == "__main__":
