@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +101,12 @@ def evaluate(path: Path, ptq: nvfp4.QATConfig | None, ids: torch.Tensor, words: 
 
 class Experiment:
     """Schedules the training runs (up to --jobs at once: small models leave a GPU idle) and
-    evaluates them in this process."""
+    the evaluations (up to --jobs at once, in this process, each as soon as its model exists)."""
 
     def __init__(self, a: argparse.Namespace, extra: list[str]) -> None:
         self.a, self.extra = a, extra
         self.pool = ThreadPoolExecutor(max_workers=a.jobs)
+        self.eval_pool = ThreadPoolExecutor(max_workers=a.jobs)
 
     def _common(self, seed: int) -> list[str]:
         return [f"--training.seed={seed}", "--checkpoint.keep_latest_k=1", *self.extra]
@@ -127,49 +128,63 @@ class Experiment:
         return self.pool.submit(run_train, a.recipe, a.out / f"seed{seed}" / name, a.nproc, args)
 
     def run(self, seeds: list[int], ablations: list[str]) -> dict:
+        """Train everything, evaluating each model as soon as it exists (evaluations run
+        beside the training runs); results are saved as they complete."""
         a = self.a
         for f in [self.pretrain(s) for s in seeds]:
             f.result()
-        jobs: dict[tuple[int, str], Future] = {}
+        held_out = {s: self._held_out(a.out / f"seed{s}" / "base") for s in seeds}
+        done = Future()
+        done.set_result(None)
+        evals: dict[tuple, Future] = {}
+
+        def evaluation(seed: int, name: str, ptq: nvfp4.QATConfig | None, after: Future) -> Future:
+            key = (seed, name, ptq)  # the same model and quantization is evaluated once
+            if key not in evals:
+                evals[key] = self.eval_pool.submit(
+                    lambda: (after.result(), evaluate(a.out / f"seed{seed}" / name, ptq, *held_out[seed], a))[1])
+            return evals[key]
+
+        rows: dict[tuple, dict[str, Future]] = {}
         for s in seeds:
-            jobs[s, "float_ft"] = self.finetune(s, "float_ft", False)
-            jobs[s, "qat"] = self.finetune(s, "qat", True)
+            float_ft, qat = self.finetune(s, "float_ft", False), self.finetune(s, "qat", True)
+            converted = self.eval_pool.submit(lambda s=s, qat=qat: (qat.result(), self._convert(s))[1])
+            rows["seeds", s] = {
+                "base": evaluation(s, "base", None, done), "base_ptq": evaluation(s, "base", nvfp4.QATConfig(), done),
+                "float_ft": evaluation(s, "float_ft", None, float_ft),
+                "float_ft_ptq": evaluation(s, "float_ft", nvfp4.QATConfig(), float_ft),
+                "qat": evaluation(s, "qat", None, qat), "nvfp4": evaluation(s, "nvfp4", None, converted)}
+            if s == seeds[0]:
+                main_float = float_ft
         for name in ablations:
-            ab = ABLATIONS[name]
-            if (ab.steps, ab.lr) != (1.0, 1.0):
-                jobs[seeds[0], f"float_{name}"] = self.finetune(seeds[0], f"float_{name}", False, ab.steps, ab.lr)
-            jobs[seeds[0], f"qat_{name}"] = self.finetune(seeds[0], f"qat_{name}", True, ab.steps, ab.lr, ab.qat)
+            ab, s = ABLATIONS[name], seeds[0]
+            own_float = (ab.steps, ab.lr) != (1.0, 1.0)
+            float_name = f"float_{name}" if own_float else "float_ft"
+            float_run = self.finetune(s, float_name, False, ab.steps, ab.lr) if own_float else main_float
+            qat_run = self.finetune(s, f"qat_{name}", True, ab.steps, ab.lr, ab.qat)
+            rows["ablations", name] = {"float_ft": evaluation(s, float_name, None, float_run),
+                                       "float_ft_ptq": evaluation(s, float_name, ab.ptq, float_run),
+                                       "qat": evaluation(s, f"qat_{name}", None, qat_run)}
         results: dict = {"seeds": {}, "ablations": {}}
-        for s in seeds:
-            out = a.out / f"seed{s}"
-            jobs[s, "float_ft"].result(), jobs[s, "qat"].result()
-            convert(out / "qat", out / "nvfp4", Options(calibration_batches=8), overwrite=True)
-            ids, words = self._held_out(out / "base")
-            paths = {"base": "base", "base_ptq": "base", "float_ft": "float_ft", "float_ft_ptq": "float_ft",
-                     "qat": "qat", "nvfp4": "nvfp4"}
-            r = {row: evaluate(out / paths[row], nvfp4.QATConfig() if row.endswith("_ptq") else None, ids, words, a)
-                 for row in ROWS}
-            r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
-            results["seeds"][s] = r
-            self._save(results)
-            print(json.dumps({"seed": s, **r}), flush=True)
-        out = a.out / f"seed{seeds[0]}"
-        ids, words = self._held_out(out / "base") if ablations else (None, 0)
-        for name in ablations:
-            ab = ABLATIONS[name]
-            float_dir = out / (f"float_{name}" if (ab.steps, ab.lr) != (1.0, 1.0) else "float_ft")
-            jobs[seeds[0], f"qat_{name}"].result()
-            if (seeds[0], f"float_{name}") in jobs:
-                jobs[seeds[0], f"float_{name}"].result()
-            r = {"float_ft": evaluate(float_dir, None, ids, words, a),
-                 "float_ft_ptq": evaluate(float_dir, ab.ptq, ids, words, a),
-                 "qat": evaluate(out / f"qat_{name}", None, ids, words, a)}
-            r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
-            results["ablations"][name] = r
-            self._save(results)
-            print(json.dumps({"ablation": name, **r}), flush=True)
+        for f in as_completed({f for r in rows.values() for f in r.values()}):
+            f.result()  # raise the first failure
+            for (kind, key), futures in rows.items():
+                if key not in results[kind] and all(x.done() for x in futures.values()):
+                    r = {k: x.result() for k, x in futures.items()}
+                    r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
+                    results[kind][key] = r
+                    print(json.dumps({kind: key, **r}), flush=True)
+                    self._save(results)
         self.pool.shutdown()
+        self.eval_pool.shutdown()
+        results["seeds"] = {s: results["seeds"][s] for s in seeds}  # in the order asked
+        results["ablations"] = {n: results["ablations"][n] for n in ablations}
+        self._save(results)
         return results
+
+    def _convert(self, seed: int) -> None:
+        out = self.a.out / f"seed{seed}"
+        convert(out / "qat", out / "nvfp4", Options(calibration_batches=8), overwrite=True)
 
     def _held_out(self, base: Path) -> tuple[torch.Tensor, int]:
         src = eval_ppl.resolve_source(base)
@@ -204,9 +219,9 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
                   f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
                   "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested)."]
     if results["ablations"]:
-        main = next(iter(seeds.values()))
-        lines += ["", f"## Ablations (seed {next(iter(seeds))}, one knob each; main row: qat {main['qat']:.4f}, "
-                  f"recovery {main['recovery']:.1%})", "",
+        main = f"seed {a.seeds[0]}" + (f", main row: qat {seeds[a.seeds[0]]['qat']:.4f}, recovery "
+                                       f"{seeds[a.seeds[0]]['recovery']:.1%}" if a.seeds[0] in seeds else "")
+        lines += ["", f"## Ablations ({main}; one knob each)", "",
                   "| ablation | what changes | float_ft | float_ft_ptq | qat | recovery |", "|---|---|---|---|---|---|"]
         for name, r in results["ablations"].items():
             lines.append(f"| {name} | {ABLATIONS[name].what} | {r['float_ft']:.4f} | {r['float_ft_ptq']:.4f} | "
