@@ -27,7 +27,10 @@ except ImportError:  # CPU-only installs
 
 
 def enabled(x: torch.Tensor) -> bool:
-    return HAVE_TRITON and x.is_cuda and os.environ.get("NVFP4_REFERENCE", "0") != "1"
+    """Triton for plain CUDA tensors; tensor subclasses (no storage of their own) take the
+    reference, whose torch ops they dispatch."""
+    return (HAVE_TRITON and x.is_cuda and type(x) in (torch.Tensor, torch.nn.Parameter)
+            and os.environ.get("NVFP4_REFERENCE", "0") != "1")
 
 
 if HAVE_TRITON:

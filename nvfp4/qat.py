@@ -272,6 +272,8 @@ class NVFP4QATLinear(nn.Linear):
     def quantized_weight(self) -> NVFP4:
         """The weight (this rank's shard of it) exactly as the forward quantizes it."""
         w = local(self.weight.detach())
+        if isinstance(w, NVFP4TrainingWeight):  # NVFP4 all-gather: its high-precision shard
+            w = w._tensor
         return quantize_with_scale(w, tensor_scale(self.weight_amax(), self.config.tensor_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
