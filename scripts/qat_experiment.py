@@ -62,6 +62,7 @@ class Ablation:
 ABLATIONS = {
     "tokens_x0.25": Ablation("QAT token budget / 4 (float fine-tune likewise)", steps=0.25),
     "tokens_x0.5": Ablation("QAT token budget / 2 (float fine-tune likewise)", steps=0.5),
+    "tokens_x2": Ablation("QAT token budget x 2 (float fine-tune likewise)", steps=2.0),
     "lr_x0.3": Ablation("learning rate x 0.3 (both fine-tunes)", lr=0.3),
     "lr_x3": Ablation("learning rate x 3 (both fine-tunes)", lr=3.0),
     "static_act": Ablation("static (calibrated) activation scales; PTQ baseline dynamic",
