@@ -110,7 +110,8 @@ if HAVE_TRITON:
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                  tl.reshape(v, (BM, G * 16)).to(out_ptr.dtype.element_ty), mask=mask)
 
-    _BM, _G = 32, 4  # 32 rows x 64 columns (4 blocks) per program
+    # Rows x 16-element blocks per program, and warps: scripts/tune_kernels.py measures others.
+    TILE = {"BM": 64, "G": 4, "num_warps": 4}
 
     # Plain launches: under torch.compile these run inside the opaque nvfp4::qat_linear op.
     def _quantize_op(x: torch.Tensor, s: torch.Tensor, emit_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,16 +119,19 @@ if HAVE_TRITON:
         packed = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
         scales = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
         op = torch.empty(M, K if emit_op else 0, dtype=torch.bfloat16, device=x.device)
-        grid = (triton.cdiv(M, _BM), triton.cdiv(K, _G * 16))
-        _quantize_kernel[grid](x, s, packed, scales, op, M, K, BM=_BM, G=_G, EMIT_OP=emit_op)
+        bm, g = TILE["BM"], TILE["G"]
+        grid = (triton.cdiv(M, bm), triton.cdiv(K, g * 16))
+        _quantize_kernel[grid](x, s, packed, scales, op, M, K, BM=bm, G=g, EMIT_OP=emit_op,
+                               num_warps=TILE["num_warps"])
         return packed, scales, op
 
     def _dequantize_op(packed: torch.Tensor, scales: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
                        use_s: bool) -> torch.Tensor:
         M, K = packed.shape[0], packed.shape[1] * 2
         out = torch.empty(M, K, dtype=dtype, device=packed.device)
-        grid = (triton.cdiv(M, _BM), triton.cdiv(K, _G * 16))
-        _dequantize_kernel[grid](packed, scales, s, out, M, K, BM=_BM, G=_G, USE_S=use_s)
+        bm, g = TILE["BM"], TILE["G"]
+        grid = (triton.cdiv(M, bm), triton.cdiv(K, g * 16))
+        _dequantize_kernel[grid](packed, scales, s, out, M, K, BM=bm, G=g, USE_S=use_s, num_warps=TILE["num_warps"])
         return out
 
 

@@ -1,6 +1,7 @@
 """scripts/qat_experiment.py runs end to end at toy size on the CPU and reports a table."""
 
 import json
+from xml.etree import ElementTree
 import subprocess
 import sys
 
@@ -26,3 +27,13 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert ab["tokens_x0.5"]["float_ft"] != res["float_ft"]  # a budget knob gets its own float fine-tune
     text = (out / "results.md").read_text()
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
+
+    r = subprocess.run([sys.executable, "scripts/plot_qat_experiment.py", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    svg = {name: ElementTree.parse(out / f"{name}.svg").getroot() for name in ("loss_curves", "perplexity", "recovery")}
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svg["loss_curves"].findall(f"{ns}polyline")) == 2  # float_ft and qat of seed 0
+    bars = lambda root: [t.text for t in root.iter(f"{ns}title")]  # noqa: E731
+    assert len(bars(svg["perplexity"])) == 6  # the six evaluations of seed 0
+    assert [b.split(":")[0] for b in bars(svg["recovery"])] == ["seed 0 qat", "tokens_x0.5 qat", "weight_only qat"]
