@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks in spawned processes; failures come back with their traceback."""
+"""Run a function on N gloo ranks in spawned processes (failures come back with their traceback),
+and helpers to join NVFP4 shards across ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
+
+import nvfp4
+
+ROWWISE = ("attention.wo", "feed_forward.w2")  # the TP plan's rowwise linears: weights split along K
 
 
 def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, args: tuple) -> None:
@@ -50,3 +56,15 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 300) -> None:
             raise AssertionError(f"{errors[0].stem} failed:\n{errors[0].read_text()}")
         codes = [p.exitcode for p in procs]
         assert codes == [0] * world, f"exit codes {codes}"
+
+
+def cat_nvfp4(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
+    return nvfp4.NVFP4(torch.cat([p.packed for p in parts], dim), torch.cat([p.block_scale for p in parts], dim),
+                       parts[0].tensor_scale)
+
+
+def gather_nvfp4(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
+    """all_gather_object of an NVFP4 (float8 storages do not pickle: send the bytes)."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (q.packed, q.block_scale.view(torch.uint8), q.tensor_scale), group=group)
+    return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]

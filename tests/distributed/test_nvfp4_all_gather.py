@@ -14,7 +14,7 @@ from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
 from nvfp4.sharded import local
 from parallel import ParallelDims, build_mesh, parallelize_llama
 from scripts.fsdp_all_gather_bytes import count_all_gather_bytes
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import ROWWISE, cat_nvfp4, gather_nvfp4, run_ranks
 from training.config import Optimizer
 from training.optim import build_optimizer
 
@@ -59,24 +59,28 @@ def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:
     return seen
 
 
-def _codes_worker(rank: int, world: int, dp: int, mode: str) -> None:
+def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:
     ref, tokens = _reference(mode)
-    model = _sharded(ref, dp, 1, "float32", all_gather=True)
+    model = _sharded(ref, dp, tp, "float32", all_gather=True)
     seen = _gathered_weights(model)
     precompute_weight_scales(model)
     model(tokens)
     layers = {n: m for n, m in ref.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
     assert sorted(seen) == sorted(layers)
+    tp_group = model.layers[0].attention.wq.weight.device_mesh.get_group("tp") if tp > 1 else None
     for name, got in seen.items():
+        if tp > 1:  # the TP-local weight FSDP gathered: join the TP shards (rowwise split K)
+            got = cat_nvfp4(gather_nvfp4(got, tp_group), 1 if name.endswith(ROWWISE) else 0)
         want = layers[name].quantized_weight()  # the unsharded model's weight, its group amax
         assert torch.equal(got.packed, want.packed), name
         assert torch.equal(got.block_scale.view(torch.uint8), want.block_scale.view(torch.uint8)), name
         assert torch.equal(got.tensor_scale, want.tensor_scale), name
 
 
-@pytest.mark.parametrize("dp,mode", [(1, "pow2"), (2, "pow2"), (2, "amax")], ids=["fsdp1", "fsdp2", "fsdp2-amax"])
-def test_gathered_codes_equal_unsharded(dp, mode):
-    run_ranks(_codes_worker, dp, dp, mode)
+@pytest.mark.parametrize("dp,tp,mode", [(1, 1, "pow2"), (2, 1, "pow2"), (2, 1, "amax"), (1, 2, "amax"), (2, 2, "amax")],
+                         ids=["fsdp1", "fsdp2", "fsdp2-amax", "tp2-amax", "fsdp2xtp2-amax"])
+def test_gathered_codes_equal_unsharded(dp, tp, mode):
+    run_ranks(_codes_worker, dp * tp, dp, tp, mode)
 
 
 def _training_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:

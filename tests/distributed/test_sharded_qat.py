@@ -13,10 +13,7 @@ import nvfp4.qat
 import nvfp4.sharded
 from models.llama3 import FLAVORS, Transformer
 from parallel import ParallelDims, build_mesh, parallelize_llama
-from tests.distributed.harness import run_ranks
-
-ROWWISE = ("attention.wo", "feed_forward.w2")
-
+from tests.distributed.harness import ROWWISE, cat_nvfp4, gather_nvfp4, run_ranks
 
 class Recorder:
     """Records every quantize call of the QAT forward: {layer: {"x": (input, q), "w": (weight, q)}}."""
@@ -47,18 +44,6 @@ class Recorder:
 def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:
     return (torch.equal(a.packed, b.packed) and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
             and torch.equal(a.tensor_scale, b.tensor_scale))
-
-
-def _cat(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
-    return nvfp4.NVFP4(torch.cat([p.packed for p in parts], dim), torch.cat([p.block_scale for p in parts], dim),
-                       parts[0].tensor_scale)
-
-
-def _gather(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
-    """all_gather_object of an NVFP4 (float8 storages do not pickle: send the bytes)."""
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (q.packed, q.block_scale.view(torch.uint8), q.tensor_scale), group=group)
-    return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]
 
 
 def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool, act: str = "dynamic") -> None:
@@ -92,14 +77,14 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
     for name, want in rec_ref.calls.items():
         got = rec.calls[name]
         rowwise = name.endswith(ROWWISE)
-        w = _cat(_gather(got["w"][1], tp_group), 1 if rowwise else 0) if tp > 1 else got["w"][1]
+        w = cat_nvfp4(gather_nvfp4(got["w"][1], tp_group), 1 if rowwise else 0) if tp > 1 else got["w"][1]
         if not _equal(w, want["w"][1]):
             mismatches.append(f"{name}.weight")
         if rowwise and tp > 1 and act != "none":  # sharded K input: compare with quantizing the whole
             xs = [None] * tp
             dist.all_gather_object(xs, got["x"][0], group=tp_group)
             whole = nvfp4.quantize(torch.cat(xs, -1), mode=mode)
-            if not _equal(_cat(_gather(got["x"][1], tp_group), -1), whole):
+            if not _equal(cat_nvfp4(gather_nvfp4(got["x"][1], tp_group), -1), whole):
                 mismatches.append(f"{name}.input")
     if reduce_amax:
         assert not mismatches, mismatches
