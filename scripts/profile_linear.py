@@ -1,0 +1,53 @@
+"""Where a QAT linear's time goes: torch.profiler over fwd+bwd of one NVFP4QATLinear vs nn.Linear.
+
+    python scripts/profile_linear.py [--k 3072 --n 1024 --tokens 8192 --iters 10]
+
+Prints per iteration: wall ms, GPU-busy ms (sum of kernel times), kernel launches, and the ops
+with the most CPU time, so that launch-bound and bandwidth-bound costs can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nvfp4  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=3072)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args()
+    x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(a.tokens, a.n, device="cuda", dtype=torch.bfloat16)
+    layers = {"bf16": torch.nn.Linear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16),
+              "qat": nvfp4.NVFP4QATLinear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16)}
+    print(f"{torch.cuda.get_device_name()}: linear {a.k} x {a.n}, {a.tokens} tokens, eager fwd+bwd")
+    for name, m in layers.items():
+        for _ in range(3):
+            m(x).backward(gy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(a.iters):
+                m(x).backward(gy)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / a.iters * 1e3
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu = sum(e.device_time for e in events) / a.iters / 1e3
+        print(f"\n## {name}: wall {wall:.3f} ms, GPU busy {gpu:.3f} ms, {len(events) / a.iters:.0f} kernels per iteration")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+if __name__ == "__main__":
+    main()
