@@ -15,7 +15,6 @@ The pattern is torchao's float8 all-gather (torchao/float8/fsdp_utils.py,
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -33,12 +32,6 @@ _PRESERVE = {
 }
 
 
-def _wrapper(cls: type, like: torch.Tensor, dtype: torch.dtype, requires_grad: bool) -> Any:
-    return torch.Tensor._make_wrapper_subclass(
-        cls, like.shape, strides=like.stride(), dtype=dtype, device=like.device,
-        requires_grad=requires_grad)
-
-
 class NVFP4TrainingWeight(torch.Tensor):
     """A QAT weight's local shard that FSDP2 all-gathers as NVFP4.
 
@@ -50,7 +43,8 @@ class NVFP4TrainingWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor, param_dtype: torch.dtype):
-        return _wrapper(cls, tensor, tensor.dtype, tensor.requires_grad)
+        return torch.Tensor._make_wrapper_subclass(cls, tensor.shape, strides=tensor.stride(), dtype=tensor.dtype,
+                                                   device=tensor.device, requires_grad=tensor.requires_grad)
 
     def __init__(self, tensor: torch.Tensor, param_dtype: torch.dtype) -> None:
         self._tensor = tensor

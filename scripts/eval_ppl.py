@@ -90,6 +90,12 @@ def held_out_text(src: Source | None, data: Path | None, text_field: str) -> lis
     return [docs[i] for i in sorted(validation_ids(len(docs), d.validation_fraction, t.seed))]
 
 
+def token_ids(tok, docs: list[str]) -> tuple[torch.Tensor, int]:
+    """(the documents' token ids, each followed by EOS, as one int64 tensor; their word count)."""
+    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)], dtype=torch.int64)
+    return ids, sum(len(d.split()) for d in docs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
@@ -115,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)], dtype=torch.int64)
-    n_words = sum(len(d.split()) for d in docs)
+    ids, n_words = token_ids(tok, docs)
     model.to(a.device).eval()
     r = perplexity(model, ids.to(a.device), n_words, a.seq_len, a.stride, a.batch_size)
     print(f"{a.model}: word_ppl {r['word_ppl']:.6f}  token_ppl {r['token_ppl']:.6f}  "

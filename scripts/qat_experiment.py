@@ -147,21 +147,21 @@ class Experiment:
             return evals[key]
 
         rows: dict[tuple, dict[str, Future]] = {}
+        float_runs: dict[int, Future] = {}
         for s in seeds:
             float_ft, qat = self.finetune(s, "float_ft", False), self.finetune(s, "qat", True)
+            float_runs[s] = float_ft
             converted = self.eval_pool.submit(lambda s=s, qat=qat: (qat.result(), self._convert(s))[1])
             rows["seeds", s] = {
                 "base": evaluation(s, "base", None, done), "base_ptq": evaluation(s, "base", nvfp4.QATConfig(), done),
                 "float_ft": evaluation(s, "float_ft", None, float_ft),
                 "float_ft_ptq": evaluation(s, "float_ft", nvfp4.QATConfig(), float_ft),
                 "qat": evaluation(s, "qat", None, qat), "nvfp4": evaluation(s, "nvfp4", None, converted)}
-            if s == seeds[0]:
-                main_float = float_ft
         for name in ablations:
             ab, s = ABLATIONS[name], seeds[0]
             own_float = (ab.steps, ab.lr) != (1.0, 1.0)
             float_name = f"float_{name}" if own_float else "float_ft"
-            float_run = self.finetune(s, float_name, False, ab.steps, ab.lr) if own_float else main_float
+            float_run = self.finetune(s, float_name, False, ab.steps, ab.lr) if own_float else float_runs[s]
             qat_run = self.finetune(s, f"qat_{name}", True, ab.steps, ab.lr, ab.qat)
             rows["ablations", name] = {"float_ft": evaluation(s, float_name, None, float_run),
                                        "float_ft_ptq": evaluation(s, float_name, ab.ptq, float_run),
@@ -190,9 +190,7 @@ class Experiment:
     def _held_out(self, base: Path) -> tuple[torch.Tensor, int]:
         src = eval_ppl.resolve_source(base)
         docs = eval_ppl.held_out_text(src, self.a.eval_data, "text")
-        tok = load_tokenizer(src.config.model.tokenizer_path)
-        ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)])
-        return ids, sum(len(d.split()) for d in docs)
+        return eval_ppl.token_ids(load_tokenizer(src.config.model.tokenizer_path), docs)
 
     def _save(self, results: dict) -> None:
         """After every evaluation, so that an interrupted experiment keeps what it measured."""

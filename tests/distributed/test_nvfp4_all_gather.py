@@ -13,7 +13,7 @@ from models.llama3 import FLAVORS, Transformer
 from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
 from nvfp4.sharded import local
 from parallel import ParallelDims, build_mesh, parallelize_llama
-from scripts.fsdp_all_gather_bytes import count_all_gather_bytes
+from scripts.fsdp_all_gather_bytes import step_bytes
 from tests.distributed.harness import ROWWISE, cat_nvfp4, gather_nvfp4, run_ranks
 from training.config import Optimizer
 from training.optim import build_optimizer
@@ -119,18 +119,11 @@ def test_training_steps_bit_identical_to_bf16_all_gather(dp, tp, mode):
 
 
 def _bytes_worker(rank: int, world: int) -> None:
-    ref, tokens = _reference()
-    counted = {}
-    for all_gather in (False, True):
-        model = _sharded(ref, world, 1, "bfloat16", all_gather)
-        precompute_weight_scales(model)
-        with count_all_gather_bytes() as n:
-            model(tokens).float().mean().backward()
-        counted[all_gather] = n[0]
-    qat = sum(m.weight.numel() for m in nvfp4.qat_linears(model))
+    off, qat = step_bytes("debug", False, world)
+    on, _ = step_bytes("debug", True, world)
     # Each block is gathered twice (forward, backward); a QAT weight element costs 2 bytes
     # in bf16 and 4.5 bits = 9/16 byte as NVFP4 (code + its share of an E4M3 block scale).
-    assert counted[False] - counted[True] == 2 * qat * (2 - 9 / 16), counted
+    assert off - on == 2 * qat * (2 - 9 / 16), (off, on)
 
 
 def test_bytes_on_the_wire():
