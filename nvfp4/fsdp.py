@@ -116,9 +116,15 @@ def precompute_weight_scales(model: nn.Module) -> None:
     for idx in by_sharding.values():
         amax[idx] = reduce_amax(amax[idx], layers[idx[0]].weight)
     # The unsharded path takes the amax of the weight cast to param_dtype; rounding is
-    # monotonic, so that is the cast of the fp32 amax.
-    amax = torch.stack([a.to(s.param_dtype).float() for a, s in zip(amax, shards)])
+    # monotonic, so that is the cast of the fp32 amax. Vector ops, not per-layer ones: this
+    # runs every step.
+    for dtype in {s.param_dtype for s in shards}:
+        idx = [i for i, s in enumerate(shards) if s.param_dtype == dtype]
+        amax[idx] = amax[idx].to(dtype).float()
     index = {id(m): i for i, m in enumerate(layers)}
+    groups = [[i, *(index[id(p)] for p in m.amax_peers if id(p) in index)] for i, m in enumerate(layers)]
+    width = max(map(len, groups))  # pad each group with itself: the max is unchanged
+    amax = amax[torch.tensor([g + g[:1] * (width - len(g)) for g in groups], device=amax.device)].amax(dim=1)
+    scales = {mode: tensor_scale(amax, mode) for mode in {m.config.tensor_scale for m in layers}}
     for i, (m, s) in enumerate(zip(layers, shards)):
-        group = [i, *(index[id(p)] for p in m.amax_peers if id(p) in index)]
-        s.scale = tensor_scale(amax[group].max(), m.config.tensor_scale)
+        s.scale = scales[m.config.tensor_scale][i]
