@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nvfp4.format import BLOCK_SIZE, e2m1_values, scale_blocks
+from nvfp4.format import BLOCK_SIZE, NVFP4, e2m1_values, scale_blocks
 
 FORMATS = ("modelopt", "compressed-tensors")
 

@@ -58,10 +58,15 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
-def abs_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over the whole tensor, fp32 0-dim (NaN if x holds a NaN); one pass, no |x| copy."""
-    lo, hi = torch.aminmax(x.detach())
-    return torch.maximum(hi.float(), -lo.float())
+def abs_max(*xs: torch.Tensor) -> torch.Tensor:
+    """max |x| over all elements of all xs, fp32 0-dim (NaN if one holds a NaN); one pass, no |x| copy."""
+    if all(kernels.enabled(x) for x in xs):
+        return kernels.abs_max(*(x.detach() for x in xs))
+    amaxes = []
+    for x in xs:
+        lo, hi = torch.aminmax(x.detach())
+        amaxes.append(torch.maximum(hi.float(), -lo.float()))
+    return amaxes[0] if len(amaxes) == 1 else torch.stack(amaxes).amax()
 
 
 def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> torch.Tensor:
@@ -73,9 +78,10 @@ def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> 
     amax == 0 gives 1.0 (all codes 0); a non-finite amax gives a non-finite scale, so the
     whole tensor dequantizes to NaN instead of hiding the fault.
     """
-    if mode not in TENSOR_SCALE_MODES:
-        raise ValueError(f"tensor scale mode {mode!r} is not one of {TENSOR_SCALE_MODES}")
+    _check_mode(mode)
     amax = torch.as_tensor(amax, dtype=torch.float32)
+    if amax.dim() == 0 and kernels.enabled(amax):
+        return kernels.tensor_scale(amax, mode == "pow2")
     s = amax / _const(E4M3_MAX * FP4_MAX, amax)
     s = torch.where(torch.isfinite(s), s.clamp_min(TENSOR_SCALE_MIN), s)
     if mode == "pow2":
@@ -84,6 +90,20 @@ def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> 
         up = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
         s = torch.where(torch.isfinite(s), up, s)
     return torch.where(amax == 0, torch.ones_like(s), s)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in TENSOR_SCALE_MODES:
+        raise ValueError(f"tensor scale mode {mode!r} is not one of {TENSOR_SCALE_MODES}")
+
+
+def amax_and_scale(*xs: torch.Tensor, mode: TensorScaleMode = "pow2") -> tuple[torch.Tensor, torch.Tensor]:
+    """``abs_max(*xs)`` and its ``tensor_scale``; on CUDA one kernel computes both."""
+    _check_mode(mode)
+    if all(kernels.enabled(x) for x in xs):
+        return kernels.amax_and_scale(tuple(x.detach() for x in xs), mode == "pow2")
+    amax = abs_max(*xs)
+    return amax, tensor_scale(amax, mode)
 
 
 def _check_last_dim(x: torch.Tensor) -> None:
@@ -160,7 +180,8 @@ def quantize(
     device): their blocks, or with a non-finite amax the whole tensor, dequantize to NaN.
     """
     _check_last_dim(x)
-    return quantize_with_scale(x, tensor_scale(abs_max(x) if amax is None else amax, mode))
+    s_tensor = amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)
+    return quantize_with_scale(x, s_tensor)
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -205,7 +226,7 @@ def fake_quantize(
 ) -> torch.Tensor:
     """dequantize(quantize(x, amax)) in x's dtype, without packing and unpacking the codes."""
     _check_last_dim(x)
-    s_tensor = tensor_scale(abs_max(x) if amax is None else amax, mode).to(x.device)
+    s_tensor = (amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)).to(x.device)
     if kernels.enabled(x):
         return dequantize(quantize_with_scale(x, s_tensor), x.dtype)
     codes, s_block = _block_codes(x, s_tensor)

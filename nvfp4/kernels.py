@@ -7,12 +7,20 @@ the sign bit (so -0 keeps code 8). One pass over x gives the packed codes, the b
 and, for the emulated GEMM, the bf16 operand ``code * block_scale``. Blocks holding NaN/Inf
 get a NaN scale as in the reference (their codes are unspecified: they dequantize to NaN).
 
-Dispatch: CUDA tensors use these kernels unless ``NVFP4_REFERENCE=1``; everything else (and
-any machine without Triton) uses the reference.
+Layout: a [M, K] tensor is M*K/16 blocks of 8 element pairs. Each pair is loaded and stored
+as one integer (two bf16 in an int32, two fp32 in an int64), so the pair is at hand for
+packing its two nibbles, every access is contiguous, and no tile is reshaped. The amax is
+one pass of integer maxima over the bits of |x| (NaN bits exceed Inf's, so NaN wins as in
+the reference), and the per-tensor scale is one scalar kernel instead of a dozen torch ops.
+
+Dispatch: plain CUDA tensors use these kernels outside ``torch.compile`` tracing (where the
+reference's torch ops fuse) unless ``NVFP4_REFERENCE=1``; everything else (and any machine
+without Triton) uses the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,23 +35,53 @@ except ImportError:  # CPU-only installs
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Triton for plain CUDA tensors; tensor subclasses (no storage of their own) take the
-    reference, whose torch ops they dispatch."""
+    """Triton for plain CUDA tensors in eager code (custom ops run eagerly under compile too);
+    tensor subclasses (no storage of their own) take the reference, whose torch ops they dispatch."""
     return (HAVE_TRITON and x.is_cuda and type(x) in (torch.Tensor, torch.nn.Parameter)
-            and os.environ.get("NVFP4_REFERENCE", "0") != "1")
+            and not torch.compiler.is_compiling() and os.environ.get("NVFP4_REFERENCE", "0") != "1")
 
+
+# Element dtype -> (Triton kind, integer dtype holding one pair).
+_KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _e2m1(y):
-        """fp32 y in [-6, 6] -> int32 code (sign bit 3), round half to even."""
-        a = tl.abs(y)
-        code = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-        code += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-        code += (a > 5.0).to(tl.int32)
-        sign = (y.to(tl.int32, bitcast=True) >> 31) & 1
-        return code | (sign << 3)
+    def _unpack_pair(w, KIND: tl.constexpr):
+        """An integer holding two elements -> (even, odd) as fp32, bits unchanged."""
+        if KIND == 0:  # bf16: the upper half of an fp32
+            return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+        elif KIND == 1:
+            lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return w.to(tl.int32).to(tl.float32, bitcast=True), (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _pack_pair(lo, hi, KIND: tl.constexpr):
+        """(even, odd) fp32 -> one integer of two elements of the kind, each rounded to nearest even."""
+        if KIND == 0:
+            lo16 = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+            hi16 = hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+            return (lo16 & 0xFFFF) | (hi16 << 16)
+        elif KIND == 1:
+            lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+            hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+            return (lo16 & 0xFFFF) | (hi16 << 16)
+        else:
+            lo32 = lo.to(tl.int32, bitcast=True).to(tl.int64)
+            return (lo32 & 0xFFFFFFFF) | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+
+    @triton.jit
+    def _e2m1(a):
+        """fp32 magnitude in [0, 6] -> (code 0-7, its E2M1 value), rounded half to even by the
+        FPU: a + 2**(e+22) has an ulp of 2**(e-1), the E2M1 spacing at a's exponent e (e >= 0:
+        below 1 the spacing is 0.5), so (a + m) - m is a rounded onto the grid."""
+        e = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)
+        m = (e + (22 << 23)).to(tl.float32, bitcast=True)
+        v = (a + m) - m
+        code = tl.where(v < 1.0, (v * 2.0).to(tl.int32), (v.to(tl.int32, bitcast=True) >> 22) - 252)
+        return code, v
 
     @triton.jit
     def _clamp(v, lo, hi):
@@ -53,101 +91,162 @@ if HAVE_TRITON:
 
     @triton.jit
     def _value(code):
+        """4-bit code (sign bit 3) -> fp32 E2M1 value, from the bits: 1.0 is code 2 = 254 << 22."""
         m = code & 7
-        v = tl.where(m <= 4, m.to(tl.float32) * 0.5, tl.where(m == 5, 3.0, tl.where(m == 6, 4.0, 6.0)))
-        return tl.where((code & 8) != 0, -v, v)
+        bits = tl.where(m >= 2, (m + 252) << 22, tl.where(m == 1, 252 << 22, 0))
+        return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _quantize_kernel(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, M, K,
-                         BM: tl.constexpr, G: tl.constexpr, EMIT_OP: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * G * 16 + tl.arange(0, G * 16)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s_t = tl.load(s_ptr)
-        xb = tl.reshape(x, (BM, G, 16))
-        bad = tl.sum(((xb != xb) | (tl.abs(xb) == float("inf"))).to(tl.int32), axis=2) > 0
-        b_amax = tl.max(tl.abs(xb), axis=2)
-        s = tl.math.div_rn(tl.math.div_rn(b_amax, 6.0), s_t)
-        s = _clamp(s, 0.015625, 448.0)
-        s = tl.where(bad, float("nan"), s)
-        s8 = s.to(tl.float8e4nv)
-        s8f = s8.to(tl.float32)
-        r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), s8f)
-        y = xb * r[:, :, None]
-        y = _clamp(y, -6.0, 6.0)
-        code = _e2m1(y)  # [BM, G, 16]
-        even, odd = tl.split(tl.reshape(code, (BM, G * 8, 2)))
-        pcols = tl.program_id(1) * G * 8 + tl.arange(0, G * 8)
-        pmask = (rows[:, None] < M) & (pcols[None, :] < K // 2)
-        tl.store(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + pcols[None, :],
-                 (even | (odd << 4)).to(tl.uint8), mask=pmask)
-        scols = tl.program_id(1) * G + tl.arange(0, G)
-        smask = (rows[:, None] < M) & (scols[None, :] < K // 16)
-        tl.store(scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :],
-                 s8.to(tl.uint8, bitcast=True), mask=smask)
+    def _code_and_operand(x_bits, r, sb, EMIT_OP: tl.constexpr):
+        """Codes of x (fp32 bits) under reciprocal scale r, and the operand value * sb (fp32, signed)."""
+        sign = x_bits & -2147483648
+        code, v = _e2m1(tl.minimum(tl.abs(x_bits.to(tl.float32, bitcast=True) * r), 6.0))
+        code = code | ((sign >> 28) & 8)
         if EMIT_OP:
-            op = tl.reshape(_value(code) * s8f[:, :, None], (BM, G * 16))
-            tl.store(op_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], op.to(tl.bfloat16), mask=mask)
+            return code, ((v * sb).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        return code, v
 
     @triton.jit
-    def _dequantize_kernel(packed_ptr, scale_ptr, s_ptr, out_ptr, M, K,
-                           BM: tl.constexpr, G: tl.constexpr, USE_S: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        pcols = tl.program_id(1) * G * 8 + tl.arange(0, G * 8)
-        pmask = (rows[:, None] < M) & (pcols[None, :] < K // 2)
-        p = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + pcols[None, :], mask=pmask, other=0).to(tl.int32)
-        code = tl.reshape(tl.join(p & 15, p >> 4), (BM, G, 16))
-        scols = tl.program_id(1) * G + tl.arange(0, G)
-        smask = (rows[:, None] < M) & (scols[None, :] < K // 16)
-        sb = tl.load(scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :], mask=smask, other=0)
-        sbf = sb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        v = _value(code) * sbf[:, :, None]
+    def _quantize_kernel(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, n_blocks,
+                         R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr):
+        blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
+        bmask = blk < n_blocks
+        pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
+        mask = bmask[:, None]
+        lo, hi = _unpack_pair(tl.load(x_ptr + pair, mask=mask, other=0), KIND)
+        lo, hi = lo.to(tl.int32, bitcast=True), hi.to(tl.int32, bitcast=True)
+        # Block amax on the bits of |x|: NaN and Inf compare above every finite value.
+        mag = tl.maximum(tl.max(lo & 0x7FFFFFFF, axis=1), tl.max(hi & 0x7FFFFFFF, axis=1))
+        s_t = tl.load(s_ptr)
+        s = tl.math.div_rn(tl.math.div_rn(mag.to(tl.float32, bitcast=True), 6.0), s_t)
+        s = _clamp(s, 0.015625, 448.0)
+        s = tl.where(mag >= 0x7F800000, float("nan"), s)
+        s8 = s.to(tl.float8e4nv)
+        sb = s8.to(tl.float32)[:, None]
+        r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), sb)
+        c_lo, v_lo = _code_and_operand(lo, r, sb, EMIT_OP)
+        c_hi, v_hi = _code_and_operand(hi, r, sb, EMIT_OP)
+        tl.store(packed_ptr + pair, (c_lo | (c_hi << 4)).to(tl.uint8), mask=mask)
+        tl.store(scale_ptr + blk, s8.to(tl.uint8, bitcast=True), mask=bmask)
+        if EMIT_OP:  # bf16 operand pairs
+            tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0), mask=mask)
+
+    @triton.jit
+    def _dequantize_kernel(packed_ptr, scale_ptr, s_ptr, out_ptr, n_blocks,
+                           R: tl.constexpr, KIND: tl.constexpr, USE_S: tl.constexpr):
+        blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        bmask = blk < n_blocks
+        pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        mask = bmask[:, None]
+        p = tl.load(packed_ptr + pair, mask=mask, other=0).to(tl.int32)
+        sb = tl.load(scale_ptr + blk, mask=bmask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)[:, None]
+        lo = _value(p & 15) * sb
+        hi = _value(p >> 4) * sb
         if USE_S:
-            v = v * tl.load(s_ptr)
-        cols = tl.program_id(1) * G * 16 + tl.arange(0, G * 16)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                 tl.reshape(v, (BM, G * 16)).to(out_ptr.dtype.element_ty), mask=mask)
+            s = tl.load(s_ptr)
+            lo, hi = lo * s, hi * s
+        tl.store(out_ptr + pair, _pack_pair(lo, hi, KIND), mask=mask)
 
-    # Rows x 16-element blocks per program, and warps: scripts/tune_kernels.py measures others.
-    TILE = {"BM": 64, "G": 4, "num_warps": 4}
+    @triton.jit
+    def _scale_of(a, POW2: tl.constexpr):
+        """format.tensor_scale of one fp32 amax."""
+        s = tl.math.div_rn(a, 2688.0)
+        finite = (s == s) & (tl.abs(s) != float("inf"))
+        s = tl.where(finite, tl.maximum(s, 2.0**-121), s)
+        if POW2:
+            up = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+            s = tl.where(finite, up, s)
+        return tl.where(a == 0.0, 1.0, s)
 
-    # Plain launches: under torch.compile these run inside the opaque nvfp4::qat_linear op.
-    def _quantize_op(x: torch.Tensor, s: torch.Tensor, emit_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        M, K = x.shape
-        packed = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
-        scales = torch.empty(M, K // 16, dtype=torch.uint8, device=x.device)
-        op = torch.empty(M, K if emit_op else 0, dtype=torch.bfloat16, device=x.device)
-        bm, g = TILE["BM"], TILE["G"]
-        grid = (triton.cdiv(M, bm), triton.cdiv(K, g * 16))
-        _quantize_kernel[grid](x, s, packed, scales, op, M, K, BM=bm, G=g, EMIT_OP=emit_op,
-                               num_warps=TILE["num_warps"])
-        return packed, scales, op
+    @triton.jit
+    def _abs_max_kernel(x_ptr, buf_ptr, n, programs, SCALE: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
+        """buf[0] (int32 bits, >= 0) = max(buf[0], bits of max |x|) over a grid-strided slice of x.
+        SCALE: buf[1] counts finished programs; the last of ``programs`` writes the scale to buf[2]."""
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        tl.atomic_max(buf_ptr, tl.max(acc, axis=0))
+        if SCALE:
+            if tl.atomic_add(buf_ptr + 1, 1) == programs - 1:  # acq_rel: every max is visible
+                a = tl.atomic_max(buf_ptr, 0).to(tl.float32, bitcast=True)
+                tl.store(buf_ptr + 2, _scale_of(a, POW2).to(tl.int32, bitcast=True))
 
-    def _dequantize_op(packed: torch.Tensor, scales: torch.Tensor, s: torch.Tensor, dtype: torch.dtype,
-                       use_s: bool) -> torch.Tensor:
-        M, K = packed.shape[0], packed.shape[1] * 2
-        out = torch.empty(M, K, dtype=dtype, device=packed.device)
-        bm, g = TILE["BM"], TILE["G"]
-        grid = (triton.cdiv(M, bm), triton.cdiv(K, g * 16))
-        _dequantize_kernel[grid](packed, scales, s, out, M, K, BM=bm, G=g, USE_S=use_s, num_warps=TILE["num_warps"])
-        return out
+    @triton.jit
+    def _tensor_scale_kernel(amax_ptr, out_ptr, POW2: tl.constexpr):
+        tl.store(out_ptr, _scale_of(tl.load(amax_ptr), POW2))
+
+    # 16-element blocks per program and warps; elements per amax iteration, programs per SM and
+    # warps: scripts/tune_kernels.py measures others.
+    TILE = {"R": 256, "num_warps": 4}
+    AMAX_TILE = {"BLOCK": 4096, "per_sm": 4, "num_warps": 8}
+
+
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """t [..., K] contiguous -> the integer view holding two elements each (aligned)."""
+    t = t.contiguous()
+    if t.storage_offset() % 2:
+        t = t.clone()
+    return t.view(_KIND[t.dtype][1])
 
 
 def quantize(x: torch.Tensor, s_tensor: torch.Tensor, emit_operand: bool = False):
     """x [..., K] CUDA -> (packed, e4m3 block scales, bf16 operand or None), shaped like x."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    packed, scales, op = _quantize_op(x2, s_tensor.reshape(1), emit_operand)
-    lead = x.shape[:-1]
-    return (packed.reshape(*lead, -1), scales.view(torch.float8_e4m3fn).reshape(*lead, -1),
-            op.reshape(x.shape) if emit_operand else None)
+    lead, k = x.shape[:-1], x.shape[-1]
+    n_blocks = x.numel() // 16
+    packed = torch.empty(*lead, k // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(*lead, k // 16, dtype=torch.uint8, device=x.device)
+    op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
+    grid = (triton.cdiv(n_blocks, TILE["R"]),)
+    _quantize_kernel[grid](_pairs(x), s_tensor.reshape(1), packed, scales, op.view(torch.int32), n_blocks,
+                           R=TILE["R"], KIND=_KIND[x.dtype][0], EMIT_OP=emit_operand, num_warps=TILE["num_warps"])
+    return packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, s_tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """code * block_scale (* s_tensor if given) in fp32, cast to dtype; shaped [..., K]."""
-    p2 = packed.reshape(-1, packed.shape[-1]).contiguous()
-    s2 = scales.reshape(-1, scales.shape[-1]).contiguous().view(torch.uint8)
-    s = s_tensor.reshape(1) if s_tensor is not None else torch.ones(1, device=packed.device)
-    out = _dequantize_op(p2, s2, s, dtype, s_tensor is not None)
-    return out.reshape(*packed.shape[:-1], -1)
+    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
+    n_blocks = out.numel() // 16
+    s = scales.contiguous().view(torch.uint8)
+    s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
+    grid = (triton.cdiv(n_blocks, TILE["R"]),)
+    _dequantize_kernel[grid](packed.contiguous(), s, s_t, out.view(_KIND[dtype][1]), n_blocks, R=TILE["R"],
+                             KIND=_KIND[dtype][0], USE_S=s_tensor is not None, num_warps=TILE["num_warps"])
+    return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _abs_max(xs: tuple[torch.Tensor, ...], pow2: bool | None) -> torch.Tensor:
+    """int32 [3]: bits of max |x| over all xs, a program count, and (pow2 not None) the bits of
+    the tensor scale, computed by the last program of the last launch."""
+    buf = torch.zeros(3, dtype=torch.int32, device=xs[0].device)
+    xs = tuple(x.contiguous() for x in xs)
+    block = AMAX_TILE["BLOCK"]
+    grids = [max(1, min(triton.cdiv(x.numel(), block), AMAX_TILE["per_sm"] * _sm_count(x.device))) for x in xs]
+    for x, grid in zip(xs, grids):
+        _abs_max_kernel[(grid,)](x, buf, x.numel(), sum(grids), SCALE=pow2 is not None, POW2=bool(pow2),
+                                 BLOCK=block, num_warps=AMAX_TILE["num_warps"])
+    return buf.view(torch.float32)
+
+
+def abs_max(*xs: torch.Tensor) -> torch.Tensor:
+    """max |x| over all elements of all xs (CUDA, same device), fp32 0-dim; NaN if any is NaN."""
+    return _abs_max(xs, None)[0]
+
+
+def amax_and_scale(xs: tuple[torch.Tensor, ...], pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``abs_max(*xs)`` and its ``format.tensor_scale``, without a launch for the scale."""
+    buf = _abs_max(xs, pow2)
+    return buf[0], buf[2]
+
+
+def tensor_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """``format.tensor_scale`` of a CUDA fp32 0-dim amax, in one launch."""
+    out = torch.empty((), dtype=torch.float32, device=amax.device)
+    _tensor_scale_kernel[(1,)](amax, out, POW2=pow2, num_warps=1)
+    return out

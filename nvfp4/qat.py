@@ -31,7 +31,7 @@ from nvfp4.format import (
 )
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.inference import NVFP4Linear, scaled_matmul
-from nvfp4.sharded import global_abs_max, local, output_placement
+from nvfp4.sharded import global_abs_max, global_amax_and_scale, local, output_placement
 
 ACTIVATION_SCALES = ("dynamic", "static", "none")
 _UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
@@ -82,19 +82,21 @@ def _forward(x, weight, bias, x_scale, w_scale, pow2_scales):
     return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
 
 
-def _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype):
-    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy."""
+def _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias):
+    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy
+    (an empty tensor without a bias)."""
     gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
     grad_x = (gy @ dequantize(NVFP4(w_packed, w_block, w_scale), gy.dtype)).reshape(*grad_y.shape[:-1], -1)
     x_dq = dequantize(NVFP4(x_packed, x_block, x_scale), gy.dtype)
     grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
-    return grad_x, grad_w, gy.sum(0)
+    return grad_x, grad_w, gy.sum(0) if has_bias else gy.new_empty(0)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     _, weight, bias, x_scale, w_scale, _ = inputs
     _, xp, xb, wp, wb = output
     ctx.save_for_backward(xp, xb, x_scale, wp, wb, w_scale)  # packed: 4.5 bits per element
+    ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
     ctx.has_bias = bias is not None
     ctx.w_dtype = weight.dtype
 
@@ -110,7 +112,7 @@ class _QATLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:  # type: ignore[override]
-        grad_x, grad_w, grad_b = _backward_impl(grad_y, *ctx.saved_tensors, ctx.w_dtype)
+        grad_x, grad_w, grad_b = _backward_impl(grad_y, *ctx.saved_tensors, ctx.w_dtype, ctx.has_bias)
         return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
 
@@ -137,20 +139,20 @@ def _(x, weight, bias, x_scale, w_scale, pow2_scales):
 @torch.library.custom_op("nvfp4::qat_linear_backward", mutates_args=())
 def _qat_linear_backward(
     grad_y: torch.Tensor, x_packed: torch.Tensor, x_block: torch.Tensor, x_scale: torch.Tensor,
-    w_packed: torch.Tensor, w_block: torch.Tensor, w_scale: torch.Tensor, w_dtype: torch.dtype,
+    w_packed: torch.Tensor, w_block: torch.Tensor, w_scale: torch.Tensor, w_dtype: torch.dtype, has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype)
+    return _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias)
 
 
 @_qat_linear_backward.register_fake
-def _(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype):
+def _(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias):
     k = w_packed.shape[-1] * 2
     return (grad_y.new_empty(*grad_y.shape[:-1], k), grad_y.new_empty(w_packed.shape[0], k, dtype=w_dtype),
-            grad_y.new_empty(grad_y.shape[-1]))
+            grad_y.new_empty(grad_y.shape[-1] if has_bias else 0))
 
 
 def _op_backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:
-    grad_x, grad_w, grad_b = _qat_linear_backward(grad_y, *ctx.saved_tensors, ctx.w_dtype)
+    grad_x, grad_w, grad_b = _qat_linear_backward(grad_y, *ctx.saved_tensors, ctx.w_dtype, ctx.has_bias)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
 
@@ -241,14 +243,19 @@ class NVFP4QATLinear(nn.Linear):
         """max |W| over this weight and its fused-group peers, over all their shards."""
         return global_abs_max(self.weight, *(p.weight for p in self.amax_peers))
 
+    def weight_scale(self) -> torch.Tensor:
+        """The per-tensor scale of ``weight_amax``."""
+        peers = (p.weight for p in self.amax_peers)
+        return global_amax_and_scale(self.weight, *peers, mode=self.config.tensor_scale)[1]
+
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.config.tensor_scale
         if self.config.activation_scale == "dynamic" or self.calibrating:
-            a = global_abs_max(x)
+            a, s = global_amax_and_scale(x, mode=mode)
             self.last_input_amax = a
             if self.calibrating:
                 self.input_amax.copy_(torch.maximum(self.input_amax, a))
-            return tensor_scale(a, mode)
+            return s
         if not self._calibrated:
             if float(self.input_amax) < 0:  # one host sync per module lifetime
                 raise RuntimeError(
@@ -274,7 +281,7 @@ class NVFP4QATLinear(nn.Linear):
         w = local(self.weight.detach())
         if isinstance(w, NVFP4TrainingWeight):  # NVFP4 all-gather: its high-precision shard
             w = w._tensor
-        return quantize_with_scale(w, tensor_scale(self.weight_amax(), self.config.tensor_scale))
+        return quantize_with_scale(w, self.weight_scale())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -283,7 +290,7 @@ class NVFP4QATLinear(nn.Linear):
         if isinstance(local(w), NVFP4GatheredWeight):
             w_scale = local(w).nvfp4.tensor_scale
         else:
-            w_scale = tensor_scale(self.weight_amax(), self.config.tensor_scale)
+            w_scale = self.weight_scale()
         if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
             w_fq = _StraightThrough.apply(local(w), w_scale)
             if isinstance(w, DTensor):

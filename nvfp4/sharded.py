@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from nvfp4.format import BLOCK_SIZE, abs_max
+from nvfp4.format import BLOCK_SIZE, TensorScaleMode, abs_max, amax_and_scale, tensor_scale
 
 
 def sharded_dims(t: DTensor) -> list[int]:
@@ -47,10 +47,15 @@ def global_abs_max(*tensors: torch.Tensor) -> torch.Tensor:
 
     Members of a group share their sharding, so one collective serves the whole group.
     """
-    a = abs_max(local(tensors[0]))
-    for t in tensors[1:]:
-        a = torch.maximum(a, abs_max(local(t)))
-    return reduce_amax(a, tensors[0])
+    return reduce_amax(abs_max(*(local(t) for t in tensors)), tensors[0])
+
+
+def global_amax_and_scale(*tensors: torch.Tensor, mode: TensorScaleMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """``global_abs_max`` and its tensor scale (one CUDA kernel for both when nothing is sharded)."""
+    if not isinstance(tensors[0], DTensor):
+        return amax_and_scale(*tensors, mode=mode)
+    amax = global_abs_max(*tensors)
+    return amax, tensor_scale(amax, mode)
 
 
 def check_local_blocks(name: str, t: torch.Tensor) -> None:

@@ -55,7 +55,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     print(f"NVFP4 fake-quantize error, {args.rows}x{args.cols} fp32 tensors, seed {args.seed}")
-    print(f"| tensor | SQNR amax (dB) | SQNR pow2 (dB) | pow2 - amax (dB) | min-clamped blocks amax / pow2 |")
+    print("| tensor | SQNR amax (dB) | SQNR pow2 (dB) | pow2 - amax (dB) | min-clamped blocks amax / pow2 |")
     print("|---|---:|---:|---:|---:|")
     for name, x in tensors(args.rows, args.cols, g).items():
         s_amax = sqnr_db(x, nvfp4.fake_quantize(x, mode="amax"))

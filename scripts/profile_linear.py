@@ -2,8 +2,9 @@
 
     python scripts/profile_linear.py [--k 3072 --n 1024 --tokens 8192 --iters 10]
 
-Prints per iteration: wall ms, GPU-busy ms (sum of kernel times), kernel launches, and the ops
-with the most CPU time, so that launch-bound and bandwidth-bound costs can be told apart.
+Prints per iteration: the CPU time to enqueue fwd+bwd (no profiler, no sync), wall ms, GPU-busy ms
+(sum of kernel times), kernel launches, and the ops with the most CPU time, so that launch-bound
+and bandwidth-bound costs can be told apart.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def main() -> None:
         for _ in range(3):
             m(x).backward(gy)
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(a.iters):
+            m(x).backward(gy)
+        enqueue = (time.perf_counter() - start) / a.iters * 1e3
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(a.iters):
@@ -45,7 +51,8 @@ def main() -> None:
             wall = (time.perf_counter() - start) / a.iters * 1e3
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu = sum(e.device_time for e in events) / a.iters / 1e3
-        print(f"\n## {name}: wall {wall:.3f} ms, GPU busy {gpu:.3f} ms, {len(events) / a.iters:.0f} kernels per iteration")
+        print(f"\n## {name}: CPU enqueue {enqueue:.3f} ms, wall {wall:.3f} ms (profiled), GPU busy {gpu:.3f} ms, "
+              f"{len(events) / a.iters:.0f} kernels per iteration")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 

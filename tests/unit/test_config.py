@@ -1,6 +1,5 @@
 """Recipe parsing: defaults, TOML, overrides, and clear errors for bad input."""
 
-import tomllib
 from pathlib import Path
 
 import pytest

@@ -75,8 +75,62 @@ def test_kernels_equal_reference_on_random_tensors(shape, dtype):
     assert torch.equal(got.packed.cpu(), ref.packed)
     assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
     assert op.dtype == torch.bfloat16 and torch.equal(op.cpu().float(), ref_op)  # exact in bf16
-    for out in (torch.float32, torch.bfloat16):
+    for out in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(nvfp4.dequantize(got, out).cpu(), nvfp4.dequantize(ref, out))
+    assert torch.equal(nvfp4.abs_max(x.cuda()).cpu(), nvfp4.abs_max(x))
+
+
+def test_abs_max_kernel_equals_reference():
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(3000, 4096, generator=g)  # many programs, each grid-striding
+    big[1234, 17] = -40.0
+    small = torch.randn(7, 16, generator=g) * 100
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a, b = big.to(dtype), small.to(dtype)
+        assert torch.equal(nvfp4.abs_max(a.cuda()).cpu(), torch.tensor(40.0))
+        assert torch.equal(nvfp4.abs_max(a.cuda(), b.cuda()).cpu(), nvfp4.abs_max(a, b))
+    for bad, want in ((float("nan"), torch.isnan), (-float("inf"), torch.isinf)):
+        x = big.clone()
+        x[2999, 4095] = bad
+        assert want(nvfp4.abs_max(x.cuda())) and want(nvfp4.abs_max(x))
+    tiny = torch.tensor([0.0, -1e-45, 0.0, 0.0] * 4)  # the smallest subnormal wins over zeros
+    assert torch.equal(nvfp4.abs_max(tiny.cuda()).cpu(), nvfp4.abs_max(tiny))
+
+
+@pytest.mark.parametrize("mode", ["pow2", "amax"])
+def test_amax_and_scale_kernel_equals_reference(mode):
+    """One kernel gives the amax and, from its last program, the scale: every repeat sees both."""
+    g = torch.Generator().manual_seed(6)
+    group = [torch.randn(2048, 2048, generator=g) * 3, torch.randn(512, 2048, generator=g), torch.randn(16, 16)]
+    want = nvfp4.amax_and_scale(*group, mode=mode)
+    cuda = [t.cuda().to(torch.bfloat16) for t in group]
+    want_bf16 = nvfp4.amax_and_scale(*[t.cpu() for t in cuda], mode=mode)
+    for _ in range(50):
+        got = nvfp4.amax_and_scale(*[t.cuda() for t in group], mode=mode)
+        assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want))
+        got = nvfp4.amax_and_scale(*cuda, mode=mode)
+        assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want_bf16))
+
+
+AMAXES = [0.0, -0.0, 1e-45, 1e-40, 2.0**-126, 1e-30, 2688.0 * 2.0**-121, 0.3, 1.0, 2688.0, 2689.0, 123.456,
+          3.0e38, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("mode", ["pow2", "amax"])
+def test_tensor_scale_kernel_equals_reference(mode):
+    for a in AMAXES:
+        cpu = nvfp4.tensor_scale(torch.tensor(a), mode)
+        gpu = nvfp4.tensor_scale(torch.tensor(a, device="cuda"), mode).cpu()
+        assert torch.equal(gpu, cpu) or (gpu.isnan() and cpu.isnan()), (a, gpu, cpu)
+
+
+def test_kernels_take_misaligned_views():
+    base = torch.randn(64 * 16 + 1, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(64, 16)  # storage offset 1: no int32 view of its pairs without a copy
+    s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+    got, ref = nvfp4.quantize_with_scale(x, s), nvfp4.quantize_with_scale(x.cpu(), s.cpu())
+    assert torch.equal(got.packed.cpu(), ref.packed)
+    assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
 
 
 def test_kernel_marks_non_finite_blocks_nan():

@@ -63,6 +63,13 @@ def test_block_scale_clamps_at_e4m3_max_with_small_supplied_amax(mode):
     _assert_matches_torchao(x, amax, mode)
 
 
+def test_abs_max_of_several_tensors():
+    a, b = torch.tensor([[1.0, -7.5]]), torch.tensor([3.0, -2.0, 0.5]).to(torch.bfloat16)
+    assert torch.equal(nvfp4.abs_max(a, b), torch.tensor(7.5))
+    assert torch.equal(nvfp4.abs_max(b), torch.tensor(3.0))
+    assert torch.isnan(nvfp4.abs_max(a, torch.tensor([float("nan")]), b))
+
+
 def test_ties_round_half_to_even():
     x = EDGES["ties"]
     assert torch.equal(nvfp4.tensor_scale(nvfp4.abs_max(x)), torch.tensor(1.0))

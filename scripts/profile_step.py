@@ -1,0 +1,50 @@
+"""Where a QAT training step's extra time goes: torch.profiler over the Llama 1B step of bench.py.
+
+    python scripts/profile_step.py [--layers 4] [--eager] [--steps 3]
+
+Per mode (bf16, QAT dynamic, QAT static): wall ms per step, GPU-busy ms (sum of kernel times),
+kernels per step, and the kernels with the most GPU time, so that the QAT-only kernels and the
+gap between wall and GPU time (launch-bound stretches) can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.bench import STEP_MODES, build_step  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--eager", action="store_true", help="no torch.compile")
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    print(f"{torch.cuda.get_device_name()}: Llama 1B ({a.layers} layers) step, compile={not a.eager}")
+    for mode in STEP_MODES:
+        step = build_step(mode, not a.eager, a.layers)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / a.steps * 1e3
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / a.steps / 1e3
+        print(f"\n## {mode}: wall {wall:.1f} ms (profiled), GPU busy {busy:.1f} ms, "
+              f"{len(kernels) / a.steps:.0f} kernels per step")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+        del step
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
