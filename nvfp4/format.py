@@ -158,16 +158,27 @@ def quantize_for_gemm(
 ) -> tuple[NVFP4, torch.Tensor | None]:
     """Quantize x [..., K]; with ``operand`` also return ``code * block_scale`` (exact) in
     ``operand_dtype``: on CUDA one fused pass, so x is read once."""
-    _check_last_dim(x)
-    s_tensor = torch.as_tensor(s_tensor, dtype=torch.float32, device=x.device)
-    if kernels.enabled(x):
-        packed, s_block, op = kernels.quantize(x, s_tensor, emit_operand=operand)
-        return NVFP4(packed, s_block, s_tensor), op
-    codes, s_block = _block_codes(x, s_tensor)
-    q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s_tensor)
-    if not operand:
-        return q, None
-    return q, scale_blocks(_codes_to_values(codes), s_block).to(operand_dtype(x.device))
+    return quantize_operands([(x, s_tensor)], operand)[0]
+
+
+def quantize_operands(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], operand: bool = True
+) -> list[tuple[NVFP4, torch.Tensor | None]]:
+    """``quantize_for_gemm`` of one or two (x, tensor scale), e.g. both operands of a GEMM:
+    on CUDA in one launch."""
+    pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
+    for x, _ in pairs:
+        _check_last_dim(x)
+    if len(pairs) <= 2 and all(kernels.enabled(x) for x, _ in pairs):
+        outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], emit_operand=operand)
+        return [(NVFP4(packed, s_block, s), op) for (packed, s_block, op), (_, s) in zip(outs, pairs)]
+    out = []
+    for x, s in pairs:
+        codes, s_block = _block_codes(x, s)
+        q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s)
+        op = scale_blocks(_codes_to_values(codes), s_block).to(operand_dtype(x.device)) if operand else None
+        out.append((q, op))
+    return out
 
 
 def quantize(
@@ -204,21 +215,29 @@ def scale_blocks(values: torch.Tensor, block_scale: torch.Tensor) -> torch.Tenso
     return v.flatten(-2)
 
 
+def _dequantize(qs: list[NVFP4], dtype: torch.dtype, scaled: bool) -> list[torch.Tensor]:
+    if len(qs) <= 2 and all(kernels.enabled(q.packed) for q in qs):
+        return kernels.dequantize([(q.packed, q.block_scale, q.tensor_scale if scaled else None) for q in qs], dtype)
+    unscaled = [scale_blocks(e2m1_values(q.packed), q.block_scale) for q in qs]
+    return [(v * q.tensor_scale if scaled else v).to(dtype) for v, q in zip(unscaled, qs)]
+
+
 def dequantize_unscaled(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code_value * block_scale, without the tensor scale: exact in bf16 (<= 6 significant bits).
 
     This is the operand of the emulated FP4 GEMM, as FP4 tensor cores see it.
     """
-    if kernels.enabled(q.packed):
-        return kernels.dequantize(q.packed, q.block_scale, None, dtype)
-    return scale_blocks(e2m1_values(q.packed), q.block_scale).to(dtype)
+    return _dequantize([q], dtype, scaled=False)[0]
 
 
 def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code_value * float(block_scale) * tensor_scale, in fp32, then cast to dtype."""
-    if kernels.enabled(q.packed):
-        return kernels.dequantize(q.packed, q.block_scale, q.tensor_scale, dtype)
-    return (dequantize_unscaled(q) * q.tensor_scale).to(dtype)
+    return _dequantize([q], dtype, scaled=True)[0]
+
+
+def dequantize_all(qs: list[NVFP4], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """``dequantize`` of one or two tensors (on CUDA in one launch)."""
+    return _dequantize(qs, dtype, scaled=True)
 
 
 def fake_quantize(

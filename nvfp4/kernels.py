@@ -107,9 +107,9 @@ if HAVE_TRITON:
         return code, v
 
     @triton.jit
-    def _quantize_kernel(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, n_blocks,
+    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, pid, n_blocks,
                          R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr):
-        blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
+        blk = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
         bmask = blk < n_blocks
         pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
         mask = bmask[:, None]
@@ -132,9 +132,19 @@ if HAVE_TRITON:
             tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0), mask=mask)
 
     @triton.jit
-    def _dequantize_kernel(packed_ptr, scale_ptr, s_ptr, out_ptr, n_blocks,
+    def _quantize_kernel(xa, sa, pa, ca, oa, na, xb, sb, pb, cb, ob, nb, programs_a,
+                         R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, EMIT_OP: tl.constexpr):
+        """Tensor a on the first ``programs_a`` programs, tensor b (if launched) on the rest."""
+        pid = tl.program_id(0)
+        if pid < programs_a:
+            _quantize_blocks(xa, sa, pa, ca, oa, pid, na, R, KIND_A, EMIT_OP)
+        else:
+            _quantize_blocks(xb, sb, pb, cb, ob, pid - programs_a, nb, R, KIND_B, EMIT_OP)
+
+    @triton.jit
+    def _dequantize_blocks(packed_ptr, scale_ptr, s_ptr, out_ptr, pid, n_blocks,
                            R: tl.constexpr, KIND: tl.constexpr, USE_S: tl.constexpr):
-        blk = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        blk = pid.to(tl.int64) * R + tl.arange(0, R)
         bmask = blk < n_blocks
         pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
         mask = bmask[:, None]
@@ -146,6 +156,15 @@ if HAVE_TRITON:
             s = tl.load(s_ptr)
             lo, hi = lo * s, hi * s
         tl.store(out_ptr + pair, _pack_pair(lo, hi, KIND), mask=mask)
+
+    @triton.jit
+    def _dequantize_kernel(pa, ca, sa, oa, na, pb, cb, sb, ob, nb, programs_a,
+                           R: tl.constexpr, KIND: tl.constexpr, USE_S: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < programs_a:
+            _dequantize_blocks(pa, ca, sa, oa, pid, na, R, KIND, USE_S)
+        else:
+            _dequantize_blocks(pb, cb, sb, ob, pid - programs_a, nb, R, KIND, USE_S)
 
     @triton.jit
     def _scale_of(a, POW2: tl.constexpr):
@@ -191,29 +210,42 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
     return t.view(_KIND[t.dtype][1])
 
 
-def quantize(x: torch.Tensor, s_tensor: torch.Tensor, emit_operand: bool = False):
-    """x [..., K] CUDA -> (packed, e4m3 block scales, bf16 operand or None), shaped like x."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    n_blocks = x.numel() // 16
-    packed = torch.empty(*lead, k // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(*lead, k // 16, dtype=torch.uint8, device=x.device)
-    op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
-    grid = (triton.cdiv(n_blocks, TILE["R"]),)
-    _quantize_kernel[grid](_pairs(x), s_tensor.reshape(1), packed, scales, op.view(torch.int32), n_blocks,
-                           R=TILE["R"], KIND=_KIND[x.dtype][0], EMIT_OP=emit_operand, num_warps=TILE["num_warps"])
-    return packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None
+def _launch(kernel, parts: list[tuple], n_blocks: list[int], **meta) -> None:
+    """One launch over the blocks of one or two tensors (``parts``: each tensor's arguments)."""
+    programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks]
+    a, b = parts[0], parts[-1]  # b = a when alone: its branch is never taken
+    kernel[(sum(programs),)](*a, n_blocks[0], *b, n_blocks[-1], programs[0], R=TILE["R"],
+                             num_warps=TILE["num_warps"], **meta)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, s_tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """code * block_scale (* s_tensor if given) in fp32, cast to dtype; shaped [..., K]."""
-    out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
-    n_blocks = out.numel() // 16
-    s = scales.contiguous().view(torch.uint8)
-    s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
-    grid = (triton.cdiv(n_blocks, TILE["R"]),)
-    _dequantize_kernel[grid](packed.contiguous(), s, s_t, out.view(_KIND[dtype][1]), n_blocks, R=TILE["R"],
-                             KIND=_KIND[dtype][0], USE_S=s_tensor is not None, num_warps=TILE["num_warps"])
-    return out
+def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False) -> list[tuple]:
+    """One or two x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or
+    None), shaped like x, in one launch."""
+    outs, parts = [], []
+    for x, s in zip(xs, s_tensors):
+        packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(*x.shape[:-1], x.shape[-1] // 16, dtype=torch.uint8, device=x.device)
+        op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
+        parts.append((_pairs(x), s.reshape(1), packed, scales, op.view(torch.int32)))
+        outs.append((packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None))
+    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], KIND_A=_KIND[xs[0].dtype][0],
+            KIND_B=_KIND[xs[-1].dtype][0], EMIT_OP=emit_operand)
+    return outs
+
+
+def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One or two (packed, block scales, tensor scale or None) -> code * block_scale (* tensor
+    scale) in fp32, cast to dtype, shaped [..., K]; one launch. The tensor scales are all given or all None."""
+    outs, parts = [], []
+    for packed, scales, s_tensor in qs:
+        out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
+        s = scales.contiguous().view(torch.uint8)
+        s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
+        parts.append((packed.contiguous(), s, s_t, out.view(_KIND[dtype][1])))
+        outs.append(out)
+    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], KIND=_KIND[dtype][0],
+            USE_S=qs[0][2] is not None)
+    return outs
 
 
 @functools.cache

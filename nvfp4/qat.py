@@ -23,9 +23,11 @@ from nvfp4.format import (
     TENSOR_SCALE_MODES,
     TensorScaleMode,
     dequantize,
+    dequantize_all,
     dequantize_unscaled,
     operand_dtype,
     quantize_for_gemm,
+    quantize_operands,
     quantize_with_scale,
     tensor_scale,
 )
@@ -72,12 +74,12 @@ class QATConfig:
 
 def _forward(x, weight, bias, x_scale, w_scale, pow2_scales):
     """y = (q(x) @ q(W).T) * scales + b, plus the packed operands saved for backward."""
-    xq, x_op = quantize_for_gemm(x, x_scale)
     if isinstance(weight, NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
+        xq, x_op = quantize_for_gemm(x, x_scale)
         wq = weight.nvfp4
         w_op = dequantize_unscaled(wq, operand_dtype(x.device))
-    else:
-        wq, w_op = quantize_for_gemm(weight, w_scale)
+    else:  # both operands in one pass (one launch on CUDA)
+        (xq, x_op), (wq, w_op) = quantize_operands([(x, x_scale), (weight, w_scale)])
     y = scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
     return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
 
@@ -86,8 +88,8 @@ def _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scal
     """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy
     (an empty tensor without a bias)."""
     gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
-    grad_x = (gy @ dequantize(NVFP4(w_packed, w_block, w_scale), gy.dtype)).reshape(*grad_y.shape[:-1], -1)
-    x_dq = dequantize(NVFP4(x_packed, x_block, x_scale), gy.dtype)
+    w_dq, x_dq = dequantize_all([NVFP4(w_packed, w_block, w_scale), NVFP4(x_packed, x_block, x_scale)], gy.dtype)
+    grad_x = (gy @ w_dq).reshape(*grad_y.shape[:-1], -1)
     grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
     return grad_x, grad_w, gy.sum(0) if has_bias else gy.new_empty(0)
 

@@ -62,8 +62,8 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
         s = nvfp4.tensor_scale(nvfp4.abs_max(x))
         y = torch.empty_like(x)
         t_copy = timed(lambda: y.copy_(x), gpu_only=True)
-        t_q = timed(lambda: kernels.quantize(x, s), gpu_only=True)
-        t_qo = timed(lambda: kernels.quantize(x, s, emit_operand=True), gpu_only=True)
+        t_q = timed(lambda: kernels.quantize([x], [s]), gpu_only=True)
+        t_qo = timed(lambda: kernels.quantize([x], [s], emit_operand=True)[0], gpu_only=True)
         t_amax = timed(lambda: nvfp4.abs_max(x), gpu_only=True)
         os.environ["NVFP4_REFERENCE"] = "1"
         t_ref = timed(lambda: nvfp4.quantize_with_scale(x, s), warmup=1, repeat=3)

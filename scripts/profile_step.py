@@ -4,7 +4,8 @@
 
 Per mode (bf16, QAT dynamic, QAT static): wall ms per step, GPU-busy ms (sum of kernel times),
 kernels per step, and the kernels with the most GPU time, so that the QAT-only kernels and the
-gap between wall and GPU time (launch-bound stretches) can be read off.
+gap between wall and GPU time (launch-bound stretches) can be read off; then the ops with the
+most CPU time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eager", action="store_true", help="no torch.compile")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=15, help="ops listed by GPU time and by CPU time")
     a = p.parse_args()
     print(f"{torch.cuda.get_device_name()}: Llama 1B ({a.layers} layers) step, compile={not a.eager}")
     for mode in STEP_MODES:
@@ -41,7 +43,8 @@ def main() -> None:
         busy = sum(e.device_time for e in kernels) / a.steps / 1e3
         print(f"\n## {mode}: wall {wall:.1f} ms (profiled), GPU busy {busy:.1f} ms, "
               f"{len(kernels) / a.steps:.0f} kernels per step")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
         del step
         torch.cuda.empty_cache()
 

@@ -32,20 +32,20 @@ def main() -> None:
     s = nvfp4.tensor_scale(nvfp4.abs_max(x))
     y = torch.empty_like(x)
     copy_gbs = 4 * x.numel() / timed(lambda: y.copy_(x), gpu_only=True) / 1e6
-    want_q = kernels.quantize(x, s, emit_operand=True)
-    want_d = kernels.dequantize(want_q[0], want_q[1], None, torch.bfloat16)
+    want_q = kernels.quantize([x], [s], emit_operand=True)[0]
+    want_d = kernels.dequantize([(want_q[0], want_q[1], None)], torch.bfloat16)[0]
     default = dict(kernels.TILE)
     q_bytes, qo_bytes, d_bytes = x.numel() * (2.5 + 1 / 16), x.numel() * (4.5 + 1 / 16), x.numel() * (2.5 + 1 / 16)
     rows = []
     print(f"{torch.cuda.get_device_name()}, {a.mib} MiB bf16, copy {copy_gbs:.0f} GB/s, current tile {default}", flush=True)
     for r, w in itertools.product(a.blocks, a.warps):
         kernels.TILE.update(R=r, num_warps=w)
-        q = kernels.quantize(x, s, emit_operand=True)
+        q = kernels.quantize([x], [s], emit_operand=True)[0]
         same = all(torch.equal(u.view(torch.uint8), v.view(torch.uint8)) for u, v in zip(q, want_q))
-        same &= torch.equal(kernels.dequantize(q[0], q[1], None, torch.bfloat16), want_d)
-        t_q = timed(lambda: kernels.quantize(x, s), gpu_only=True)
-        t_qo = timed(lambda: kernels.quantize(x, s, emit_operand=True), gpu_only=True)
-        t_d = timed(lambda: kernels.dequantize(q[0], q[1], None, torch.bfloat16), gpu_only=True)
+        same &= torch.equal(kernels.dequantize([(q[0], q[1], None)], torch.bfloat16)[0], want_d)
+        t_q = timed(lambda: kernels.quantize([x], [s]), gpu_only=True)
+        t_qo = timed(lambda: kernels.quantize([x], [s], emit_operand=True)[0], gpu_only=True)
+        t_d = timed(lambda: kernels.dequantize([(q[0], q[1], None)], torch.bfloat16)[0], gpu_only=True)
         rows.append((q_bytes / t_q / 1e6, qo_bytes / t_qo / 1e6, d_bytes / t_d / 1e6, r, w, same))
         print(f"  measured R={r} warps={w}", flush=True)
     kernels.TILE.update(default)

@@ -133,6 +133,25 @@ def test_kernels_take_misaligned_views():
     assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.bfloat16)], ids=str)
+def test_two_operands_in_one_launch_equal_reference(dtypes):
+    from nvfp4.format import dequantize_all, quantize_operands
+
+    g = torch.Generator().manual_seed(7)
+    xs = [(torch.randn(333, 96, generator=g) * 4).to(dtypes[0]), torch.randn(3, 5, 1024, generator=g).to(dtypes[1])]
+    scales = [nvfp4.tensor_scale(nvfp4.abs_max(x)) for x in xs]
+    ref = quantize_operands(list(zip(xs, scales)))
+    got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])
+    for (rq, rop), (gq, gop) in zip(ref, got):
+        assert torch.equal(gq.packed.cpu(), rq.packed)
+        assert torch.equal(gq.block_scale.cpu().view(torch.uint8), rq.block_scale.view(torch.uint8))
+        assert torch.equal(gop.cpu().float(), rop)
+    for out in (torch.float32, torch.bfloat16):
+        for r, d in zip(dequantize_all([q for q, _ in ref], out), dequantize_all([q for q, _ in got], out)):
+            assert torch.equal(d.cpu(), r)
+
+
 def test_kernel_marks_non_finite_blocks_nan():
     x = torch.randn(4, 64, device="cuda")
     x[1, 5], x[2, 40] = float("nan"), float("inf")
