@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -77,7 +78,7 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
     rows.append("")
 
 
-def bench_linears(rows: list[str], short: bool) -> None:
+def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = tuple(LINEAR_SHAPES)) -> None:
     rows += ["## Linear forward + backward, ms of GPU time (QAT: dynamic activation scale)", "",
              "Launch latency hidden (`timed(gpu_only=True)`); the last column is the eager ratio of wall "
              "times, launches included, one linear at a time.", "",
@@ -86,7 +87,7 @@ def bench_linears(rows: list[str], short: bool) -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     compile = lambda m: torch.compile(m, dynamic=True)  # noqa: E731  one graph for every shape
     for flavor, shapes in LINEAR_SHAPES.items():
-        if short and flavor != "3B":
+        if flavor not in flavors or (short and flavor != "3B"):
             continue
         for k, n in shapes:
             for tokens in ((8192,) if short else (8192, 16384)):
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--short", action="store_true", help="fewer sizes and a 4-layer model (CI smoke test)")
     p.add_argument("--out", type=Path)
     p.add_argument("--only", choices=("bandwidth", "linears", "step"))
+    p.add_argument("--flavors", nargs="+", choices=tuple(LINEAR_SHAPES), default=tuple(LINEAR_SHAPES),
+                   help="projection shapes of these flavors in the linear table")
     a = p.parse_args()
     if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
         sys.exit("bench.py needs a CUDA GPU and Triton")
@@ -174,7 +177,9 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     rows = [f"# QAT vs bf16 on {name}", "", f"{datetime.date.today()}, torch {torch.__version__}"
             f"{' (short mode)' if a.short else ''}", ""]
-    for part, fn in (("bandwidth", bench_bandwidth), ("linears", bench_linears), ("step", bench_step)):
+    parts = (("bandwidth", bench_bandwidth), ("linears", functools.partial(bench_linears, flavors=tuple(a.flavors))),
+             ("step", bench_step))
+    for part, fn in parts:
         if a.only in (None, part):
             start = len(rows)
             fn(rows, a.short)

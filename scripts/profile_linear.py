@@ -22,6 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nvfp4  # noqa: E402
 
 
+def profiled(fn, iters: int) -> tuple[profile, float, float, float]:
+    """Run fn iters times under torch.profiler: (profile, wall ms, GPU-busy ms, kernels) per call."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / iters * 1e3
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return prof, wall, sum(e.device_time for e in events) / iters / 1e3, len(events) / iters
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, default=3072)
@@ -43,16 +55,9 @@ def main() -> None:
             m(x).backward(gy)
         enqueue = (time.perf_counter() - start) / a.iters * 1e3
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            for _ in range(a.iters):
-                m(x).backward(gy)
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / a.iters * 1e3
-        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu = sum(e.device_time for e in events) / a.iters / 1e3
+        prof, wall, gpu, kernels = profiled(lambda: m(x).backward(gy), a.iters)
         print(f"\n## {name}: CPU enqueue {enqueue:.3f} ms, wall {wall:.3f} ms (profiled), GPU busy {gpu:.3f} ms, "
-              f"{len(events) / a.iters:.0f} kernels per iteration")
+              f"{kernels:.0f} kernels per iteration")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 

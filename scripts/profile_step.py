@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.bench import STEP_MODES, build_step  # noqa: E402
+from scripts.profile_linear import profiled  # noqa: E402
 
 
 def main() -> None:
@@ -33,16 +32,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: Llama 1B ({a.layers} layers) step, compile={not a.eager}")
     for mode in STEP_MODES:
         step = build_step(mode, not a.eager, a.layers)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            for _ in range(a.steps):
-                step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / a.steps * 1e3
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels) / a.steps / 1e3
-        print(f"\n## {mode}: wall {wall:.1f} ms (profiled), GPU busy {busy:.1f} ms, "
-              f"{len(kernels) / a.steps:.0f} kernels per step")
+        prof, wall, busy, kernels = profiled(step, a.steps)
+        print(f"\n## {mode}: wall {wall:.1f} ms (profiled), GPU busy {busy:.1f} ms, {kernels:.0f} kernels per step")
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
         del step
