@@ -27,18 +27,21 @@ class Recorder:
                 m.register_forward_pre_hook(lambda mod, args, name=name: self.current.append(name))
                 if m.config.activation_scale == "none":
                     self.weight_only.add(name)
-        self._orig = nvfp4.qat.quantize_for_gemm
-        nvfp4.qat.quantize_for_gemm = self._quantize
+        self._orig = nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands
+        nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._quantize, self._quantize_operands
+
+    def _quantize_operands(self, pairs, operand=True):
+        return [self._quantize(x, s, operand) for x, s in pairs]
 
     def _quantize(self, x, s, operand=True):
-        q, op = self._orig(x, s, operand)
+        q, op = self._orig[0](x, s, operand)
         name = self.current[-1]
         entry = self.calls.setdefault(name, {})
         entry["w" if "x" in entry or name in self.weight_only else "x"] = (x.detach().clone(), q)
         return q, op
 
     def close(self) -> None:
-        nvfp4.qat.quantize_for_gemm = self._orig
+        nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._orig
 
 
 def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:
@@ -72,6 +75,8 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
     model(tokens)
     rec.close()
 
+    every = {name for name, m in ref.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
+    assert set(rec_ref.calls) == set(rec.calls) == every and all("w" in c for c in rec.calls.values())
     tp_group = mesh["tp"].get_group()
     mismatches = []
     for name, want in rec_ref.calls.items():
