@@ -166,10 +166,11 @@ def quantize_operands(
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
     """``quantize_for_gemm`` of one or two (x, tensor scale), e.g. both operands of a GEMM:
     on CUDA in one launch."""
+    _check_one_or_two(pairs)
     pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
     for x, _ in pairs:
         _check_last_dim(x)
-    if len(pairs) <= 2 and all(kernels.enabled(x) for x, _ in pairs):
+    if all(kernels.enabled(x) for x, _ in pairs):
         outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], emit_operand=operand)
         return [(NVFP4(packed, s_block, s), op) for (packed, s_block, op), (_, s) in zip(outs, pairs)]
     out = []
@@ -215,8 +216,14 @@ def scale_blocks(values: torch.Tensor, block_scale: torch.Tensor) -> torch.Tenso
     return v.flatten(-2)
 
 
+def _check_one_or_two(items: list) -> None:
+    if len(items) not in (1, 2):
+        raise ValueError(f"one or two tensors per call (one kernel launch), got {len(items)}")
+
+
 def _dequantize(qs: list[NVFP4], dtype: torch.dtype, scaled: bool) -> list[torch.Tensor]:
-    if len(qs) <= 2 and all(kernels.enabled(q.packed) for q in qs):
+    _check_one_or_two(qs)
+    if all(kernels.enabled(q.packed) for q in qs):
         return kernels.dequantize([(q.packed, q.block_scale, q.tensor_scale if scaled else None) for q in qs], dtype)
     unscaled = [scale_blocks(e2m1_values(q.packed), q.block_scale) for q in qs]
     return [(v * q.tensor_scale if scaled else v).to(dtype) for v, q in zip(unscaled, qs)]

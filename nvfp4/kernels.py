@@ -213,6 +213,8 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
 def _launch(kernel, parts: list[tuple], n_blocks: list[int], **meta) -> None:
     """One launch over the blocks of one or two tensors (``parts``: each tensor's arguments)."""
     programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks]
+    if sum(programs) == 0:  # empty tensors: nothing to launch
+        return
     a, b = parts[0], parts[-1]  # b = a when alone: its branch is never taken
     kernel[(sum(programs),)](*a, n_blocks[0], *b, n_blocks[-1], programs[0], R=TILE["R"],
                              num_warps=TILE["num_warps"], **meta)
