@@ -106,6 +106,11 @@ def amax_and_scale(*xs: torch.Tensor, mode: TensorScaleMode = "pow2") -> tuple[t
     return amax, tensor_scale(amax, mode)
 
 
+def _scale_for(x: torch.Tensor, amax: torch.Tensor | None, mode: TensorScaleMode) -> torch.Tensor:
+    """The tensor scale of x: from the given amax, else from max |x|."""
+    return amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)
+
+
 def _check_last_dim(x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"NVFP4 quantizes floating-point tensors, got dtype {x.dtype}")
@@ -192,8 +197,7 @@ def quantize(
     device): their blocks, or with a non-finite amax the whole tensor, dequantize to NaN.
     """
     _check_last_dim(x)
-    s_tensor = amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)
-    return quantize_with_scale(x, s_tensor)
+    return quantize_with_scale(x, _scale_for(x, amax, mode))
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -252,7 +256,7 @@ def fake_quantize(
 ) -> torch.Tensor:
     """dequantize(quantize(x, amax)) in x's dtype, without packing and unpacking the codes."""
     _check_last_dim(x)
-    s_tensor = (amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)).to(x.device)
+    s_tensor = _scale_for(x, amax, mode).to(x.device)
     if kernels.enabled(x):
         return dequantize(quantize_with_scale(x, s_tensor), x.dtype)
     codes, s_block = _block_codes(x, s_tensor)

@@ -256,8 +256,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _abs_max(xs: tuple[torch.Tensor, ...], pow2: bool | None) -> torch.Tensor:
-    """int32 [3]: bits of max |x| over all xs, a program count, and (pow2 not None) the bits of
-    the tensor scale, computed by the last program of the last launch."""
+    """fp32 view of an int32 [3] buffer: max |x| over all xs, a program count (its bits are no
+    float), and (pow2 not None) the tensor scale, written by the last program of the last launch."""
     buf = torch.zeros(3, dtype=torch.int32, device=xs[0].device)
     xs = tuple(x.contiguous() for x in xs)
     block = AMAX_TILE["BLOCK"]
