@@ -169,9 +169,8 @@ def quantize_for_gemm(
 def quantize_operands(
     pairs: list[tuple[torch.Tensor, torch.Tensor]], operand: bool = True
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
-    """``quantize_for_gemm`` of one or two (x, tensor scale), e.g. both operands of a GEMM:
-    on CUDA in one launch."""
-    _check_one_or_two(pairs)
+    """``quantize_for_gemm`` of several (x, tensor scale), e.g. the operands of a GEMM: on CUDA
+    two per launch."""
     pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
     for x, _ in pairs:
         _check_last_dim(x)
@@ -220,13 +219,7 @@ def scale_blocks(values: torch.Tensor, block_scale: torch.Tensor) -> torch.Tenso
     return v.flatten(-2)
 
 
-def _check_one_or_two(items: list) -> None:
-    if len(items) not in (1, 2):
-        raise ValueError(f"one or two tensors per call (one kernel launch), got {len(items)}")
-
-
 def _dequantize(qs: list[NVFP4], dtype: torch.dtype, scaled: bool) -> list[torch.Tensor]:
-    _check_one_or_two(qs)
     if all(kernels.enabled(q.packed) for q in qs):
         return kernels.dequantize([(q.packed, q.block_scale, q.tensor_scale if scaled else None) for q in qs], dtype)
     unscaled = [scale_blocks(e2m1_values(q.packed), q.block_scale) for q in qs]
@@ -246,9 +239,10 @@ def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return _dequantize([q], dtype, scaled=True)[0]
 
 
-def dequantize_all(qs: list[NVFP4], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """``dequantize`` of one or two tensors (on CUDA in one launch)."""
-    return _dequantize(qs, dtype, scaled=True)
+def dequantize_all(qs: list[NVFP4], dtype: torch.dtype = torch.float32, scaled: bool = True) -> list[torch.Tensor]:
+    """``dequantize`` of several tensors (on CUDA two per launch); ``scaled=False``:
+    ``dequantize_unscaled``."""
+    return _dequantize(qs, dtype, scaled)
 
 
 def fake_quantize(

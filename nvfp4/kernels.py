@@ -159,12 +159,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequantize_kernel(pa, ca, sa, oa, na, pb, cb, sb, ob, nb, programs_a,
-                           R: tl.constexpr, KIND: tl.constexpr, USE_S: tl.constexpr):
+                           R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, USE_S: tl.constexpr):
         pid = tl.program_id(0)
         if pid < programs_a:
-            _dequantize_blocks(pa, ca, sa, oa, pid, na, R, KIND, USE_S)
+            _dequantize_blocks(pa, ca, sa, oa, pid, na, R, KIND_A, USE_S)
         else:
-            _dequantize_blocks(pb, cb, sb, ob, pid - programs_a, nb, R, KIND, USE_S)
+            _dequantize_blocks(pb, cb, sb, ob, pid - programs_a, nb, R, KIND_B, USE_S)
 
     @triton.jit
     def _scale_of(a, POW2: tl.constexpr):
@@ -210,19 +210,20 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
     return t.view(_KIND[t.dtype][1])
 
 
-def _launch(kernel, parts: list[tuple], n_blocks: list[int], **meta) -> None:
-    """One launch over the blocks of one or two tensors (``parts``: each tensor's arguments)."""
-    programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks]
-    if sum(programs) == 0:  # empty tensors: nothing to launch
-        return
-    a, b = parts[0], parts[-1]  # b = a when alone: its branch is never taken
-    kernel[(sum(programs),)](*a, n_blocks[0], *b, n_blocks[-1], programs[0], R=TILE["R"],
-                             num_warps=TILE["num_warps"], **meta)
+def _launch(kernel, parts: list[tuple], n_blocks: list[int], kinds: list[int], **meta) -> None:
+    """Launch over the blocks of ``parts`` (each tensor's arguments), two tensors per launch."""
+    for i in range(0, len(parts), 2):
+        programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks[i:i + 2]]
+        if sum(programs) == 0:  # empty tensors: nothing to launch
+            continue
+        j = min(i + 1, len(parts) - 1)  # a tensor alone is its own pair: the second branch never runs
+        kernel[(sum(programs),)](*parts[i], n_blocks[i], *parts[j], n_blocks[j], programs[0], KIND_A=kinds[i],
+                                 KIND_B=kinds[j], R=TILE["R"], num_warps=TILE["num_warps"], **meta)
 
 
 def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False) -> list[tuple]:
-    """One or two x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or
-    None), shaped like x, in one launch."""
+    """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
+    like x; two tensors per launch."""
     outs, parts = [], []
     for x, s in zip(xs, s_tensors):
         packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
@@ -230,14 +231,15 @@ def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand
         op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
         parts.append((_pairs(x), s.reshape(1), packed, scales, op.view(torch.int32)))
         outs.append((packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None))
-    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], KIND_A=_KIND[xs[0].dtype][0],
-            KIND_B=_KIND[xs[-1].dtype][0], EMIT_OP=emit_operand)
+    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], [_KIND[x.dtype][0] for x in xs],
+            EMIT_OP=emit_operand)
     return outs
 
 
 def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
-    """One or two (packed, block scales, tensor scale or None) -> code * block_scale (* tensor
-    scale) in fp32, cast to dtype, shaped [..., K]; one launch. The tensor scales are all given or all None."""
+    """(packed, block scales, tensor scale or None) -> code * block_scale (* tensor scale) in
+    fp32, cast to dtype, shaped [..., K]; two tensors per launch. The tensor scales are all
+    given or all None."""
     outs, parts = [], []
     for packed, scales, s_tensor in qs:
         out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
@@ -245,7 +247,7 @@ def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
         s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
         parts.append((packed.contiguous(), s, s_t, out.view(_KIND[dtype][1])))
         outs.append(out)
-    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], KIND=_KIND[dtype][0],
+    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], [_KIND[dtype][0]] * len(outs),
             USE_S=qs[0][2] is not None)
     return outs
 

@@ -187,15 +187,16 @@ def test_non_finite_tensor_dequantizes_to_all_nan(bad):
     assert torch.isnan(nvfp4.dequantize(nvfp4.quantize(x))).all()
 
 
-def test_quantize_operands_equals_one_at_a_time_and_takes_one_or_two():
+def test_quantize_operands_equals_one_at_a_time():
     from nvfp4.format import dequantize_all, quantize_for_gemm, quantize_operands
 
-    x, w = torch.randn(5, 48), torch.randn(3, 48).to(torch.bfloat16)
-    sx, sw = nvfp4.amax_and_scale(x)[1], nvfp4.amax_and_scale(w, mode="amax")[1]
-    for (q, op), (q1, op1) in zip(quantize_operands([(x, sx), (w, sw)]), [quantize_for_gemm(x, sx), quantize_for_gemm(w, sw)]):
+    ts = [torch.randn(5, 48), torch.randn(3, 48).to(torch.bfloat16), torch.randn(2, 2, 32) * 1e-3]
+    pairs = [(t, nvfp4.amax_and_scale(t, mode=m)[1]) for t, m in zip(ts, ("pow2", "amax", "pow2"))]
+    together = quantize_operands(pairs)
+    assert len(together) == 3
+    for (q, op), (t, s) in zip(together, pairs):
+        q1, op1 = quantize_for_gemm(t, s)
         assert torch.equal(q.packed, q1.packed) and torch.equal(op, op1)
         assert torch.equal(q.block_scale.view(torch.uint8), q1.block_scale.view(torch.uint8))
-    qs = [q for q, _ in quantize_operands([(x, sx), (w, sw)])]
+    qs = [q for q, _ in together]
     assert all(torch.equal(a, nvfp4.dequantize(q)) for a, q in zip(dequantize_all(qs), qs))
-    with pytest.raises(ValueError, match="one or two tensors"):
-        quantize_operands([(x, sx)] * 3)
