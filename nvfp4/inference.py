@@ -31,10 +31,11 @@ def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_matmul(
-    a: torch.Tensor, b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
-    bias: torch.Tensor | None, out_dtype: torch.dtype, pow2_scales: bool = False,
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+    pow2_scales: bool = False,
 ) -> torch.Tensor:
-    """y = (a @ b.T) * (s_a * s_b) + bias: a [..., K], b [N, K] hold ``code * block_scale``.
+    """y = (a @ b.T) * scale + bias: a [..., K], b [N, K] hold ``code * block_scale``; ``scale``
+    is the product of the two tensor scales (fp32 0-dim).
 
     With power-of-two tensor scales, a bf16 result and no bias, scaling commutes with the
     rounding to bf16, so the GEMM writes bf16 directly and one exact multiply follows:
@@ -42,9 +43,9 @@ def scaled_matmul(
     """
     if pow2_scales and a.is_cuda and out_dtype == torch.bfloat16 and bias is None:
         y = torch.mm(a.reshape(-1, a.shape[-1]).to(torch.bfloat16), b.to(torch.bfloat16).t())
-        return (y * (s_a * s_b)).reshape(*a.shape[:-1], b.shape[0])
+        return (y * scale).reshape(*a.shape[:-1], b.shape[0])
     acc = _mm_fp32_acc(a.reshape(-1, a.shape[-1]), b.t())  # [M, N] fp32
-    acc = acc * (s_a * s_b)
+    acc = acc * scale
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
@@ -56,7 +57,7 @@ def nvfp4_matmul(
     """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N]."""
     dt = operand_dtype(xq.packed.device)
     a, b = dequantize_unscaled(xq, dt), dequantize_unscaled(wq, dt)  # exact in bf16
-    return scaled_matmul(a, b, xq.tensor_scale, wq.tensor_scale, bias, out_dtype, pow2_scales)
+    return scaled_matmul(a, b, xq.tensor_scale * wq.tensor_scale, bias, out_dtype, pow2_scales)
 
 
 class NVFP4Linear(nn.Module):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from nvfp4.format import (
     BLOCK_SIZE,
@@ -24,7 +25,6 @@ from nvfp4.format import (
     TensorScaleMode,
     dequantize,
     dequantize_all,
-    dequantize_unscaled,
     operand_dtype,
     quantize_for_gemm,
     quantize_operands,
@@ -72,50 +72,71 @@ class QATConfig:
         return match(self.include) and not match(self.exclude)
 
 
-def _forward(x, weight, bias, x_scale, w_scale, pow2_scales):
-    """y = (q(x) @ q(W).T) * scales + b, plus the packed operands saved for backward."""
-    if isinstance(weight, NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
-        xq, x_op = quantize_for_gemm(x, x_scale)
-        wq = weight.nvfp4
-        w_op = dequantize_unscaled(wq, operand_dtype(x.device))
-    else:  # both operands in one pass (one launch on CUDA)
-        (xq, x_op), (wq, w_op) = quantize_operands([(x, x_scale), (weight, w_scale)])
-    y = scaled_matmul(x_op, w_op, x_scale, w_scale, bias, x.dtype, pow2_scales)
-    return y, xq.packed, xq.block_scale, wq.packed, wq.block_scale
+def _forward(x, weights, bias, x_scale, w_scale, pow2_scales) -> list[torch.Tensor]:
+    """y_i = (q(x) @ q(W_i).T) * scales (+ b: one weight only) for weights sharing one input and
+    one tensor scale; x is quantized once. Returns [y_1..y_n, x packed, x block scales, then
+    each W_i's packed and block scales]: the packed operands are saved for backward."""
+    if isinstance(weights[0], NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
+        ((xq, x_op),) = quantize_operands([(x, x_scale)])
+        wqs = [w.nvfp4 for w in weights]
+        w_ops = dequantize_all(wqs, operand_dtype(x.device), scaled=False)
+    else:  # the input and the weights, two per launch on CUDA
+        (xq, x_op), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights])
+        wqs, w_ops = [q for q, _ in w_pairs], [op for _, op in w_pairs]
+    scale = x_scale * w_scale  # the weights share their tensor scale
+    ys = [scaled_matmul(x_op, w_op, scale, bias, x.dtype, pow2_scales) for w_op in w_ops]
+    return [*ys, xq.packed, xq.block_scale, *(t for q in wqs for t in (q.packed, q.block_scale))]
 
 
-def _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias):
-    """Straight-through estimator: grad_x = gy @ dq(W), grad_W = gy^T @ dq(x), grad_b = sum gy
-    (an empty tensor without a bias)."""
-    gy = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
-    w_dq, x_dq = dequantize_all([NVFP4(w_packed, w_block, w_scale), NVFP4(x_packed, x_block, x_scale)], gy.dtype)
-    grad_x = (gy @ w_dq).reshape(*grad_y.shape[:-1], -1)
-    grad_w = (gy.t() @ x_dq.reshape(-1, x_dq.shape[-1])).to(w_dtype)
-    return grad_x, grad_w, gy.sum(0) if has_bias else gy.new_empty(0)
+def _backward_impl(grad_ys, saved, w_dtype, has_bias) -> list[torch.Tensor]:
+    """Straight-through estimator: grad_x = sum_i gy_i @ dq(W_i), grad_W_i = gy_i^T @ dq(x),
+    grad_b = sum gy (an empty tensor without a bias). Returns [grad_x, grad_b, grad_W_1..n]."""
+    x_packed, x_block, x_scale, w_scale, *w_parts = saved
+    ws = [NVFP4(p, b, w_scale) for p, b in zip(w_parts[0::2], w_parts[1::2])]
+    *w_dqs, x_dq = dequantize_all([*ws, NVFP4(x_packed, x_block, x_scale)], grad_ys[0].dtype)
+    x_dq = x_dq.reshape(-1, x_dq.shape[-1])
+    gys = [gy.reshape(-1, gy.shape[-1]) for gy in grad_ys]  # [M, N_i]
+    grad_x = None
+    for gy, w_dq in zip(gys[::-1], w_dqs[::-1]):  # summed as autograd sums separate linears': last first
+        grad_x = gy @ w_dq if grad_x is None else grad_x.add_(gy @ w_dq)
+    grad_ws = [(gy.t() @ x_dq).to(w_dtype) for gy in gys]
+    grad_b = grad_ys[0].reshape(-1, grad_ys[0].shape[-1]).sum(0) if has_bias else grad_ys[0].new_empty(0)
+    return [grad_x.reshape(*x_packed.shape[:-1], -1), grad_b, *grad_ws]
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _, weight, bias, x_scale, w_scale, _ = inputs
-    _, xp, xb, wp, wb = output
-    ctx.save_for_backward(xp, xb, x_scale, wp, wb, w_scale)  # packed: 4.5 bits per element
+def _save(ctx: Any, x_scale, w_scale, bias, w_dtype, outputs: list, n: int) -> None:
+    """What backward needs from the forward of ``n`` weights (both autograd paths)."""
+    xp, xb, *w_parts = outputs[n:]
+    ctx.save_for_backward(xp, xb, x_scale, w_scale, *w_parts)  # packed: 4.5 bits per element
     ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
-    ctx.has_bias = bias is not None
-    ctx.w_dtype = weight.dtype
+    ctx.has_bias, ctx.w_dtype, ctx.n = bias is not None, w_dtype, n
+    ctx.y_like = [(y.shape, y.dtype, y.device) for y in outputs[:n]]
+
+
+def _grads_of_outputs(ctx: Any, grads: tuple) -> list[torch.Tensor]:
+    """The gradients of the n outputs y_i, zeros for an unused one."""
+    return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(grads[:ctx.n], ctx.y_like)]
 
 
 class _QATLinearFn(torch.autograd.Function):
-    """Eager path: an autograd.Function has less per-call overhead than a custom op."""
+    """Eager path: an autograd.Function has less per-call overhead than a custom op.
+    Arguments: x, bias, x_scale, w_scale, pow2_scales, *weights."""
 
     @staticmethod
-    def forward(*inputs):  # type: ignore[override]
-        return _forward(*inputs)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(x, bias, x_scale, w_scale, pow2_scales, *weights):  # type: ignore[override]
+        return tuple(_forward(x, weights, bias, x_scale, w_scale, pow2_scales))
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:  # type: ignore[override]
-        grad_x, grad_w, grad_b = _backward_impl(grad_y, *ctx.saved_tensors, ctx.w_dtype, ctx.has_bias)
-        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        _, bias, x_scale, w_scale, _, *weights = inputs
+        _save(ctx, x_scale, w_scale, bias, weights[0].dtype, list(output), len(weights))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
+        grad_x, grad_b, *grad_ws = _backward_impl(_grads_of_outputs(ctx, grads), ctx.saved_tensors, ctx.w_dtype,
+                                                  ctx.has_bias)
+        return grad_x, grad_b if ctx.has_bias else None, None, None, None, *grad_ws
 
 
 # Under torch.compile the QAT GEMM is a custom op with its own autograd: one opaque node
@@ -123,42 +144,50 @@ class _QATLinearFn(torch.autograd.Function):
 # do on H100 for the autograd.Function).
 @torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
 def _qat_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor,
+    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, x_scale: torch.Tensor,
     w_scale: torch.Tensor, pow2_scales: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, x_scale, w_scale, pow2_scales)
+) -> list[torch.Tensor]:
+    return _forward(x, weights, bias, x_scale, w_scale, pow2_scales)
 
 
 @_qat_linear.register_fake
-def _(x, weight, bias, x_scale, w_scale, pow2_scales):
-    k, n = x.shape[-1], weight.shape[0]
-    lead = x.shape[:-1]
-    return (x.new_empty(*lead, n), x.new_empty(*lead, k // 2, dtype=torch.uint8),
-            x.new_empty(*lead, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn),
-            weight.new_empty(n, k // 2, dtype=torch.uint8), weight.new_empty(n, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn))
+def _(x, weights, bias, x_scale, w_scale, pow2_scales):
+    k, lead = x.shape[-1], x.shape[:-1]
+    ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
+    packed = [(w.new_empty(w.shape[0], k // 2, dtype=torch.uint8),
+               w.new_empty(w.shape[0], k // BLOCK_SIZE, dtype=torch.float8_e4m3fn)) for w in weights]
+    return [*ys, x.new_empty(*lead, k // 2, dtype=torch.uint8),
+            x.new_empty(*lead, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn), *(t for p in packed for t in p)]
 
 
 @torch.library.custom_op("nvfp4::qat_linear_backward", mutates_args=())
 def _qat_linear_backward(
-    grad_y: torch.Tensor, x_packed: torch.Tensor, x_block: torch.Tensor, x_scale: torch.Tensor,
-    w_packed: torch.Tensor, w_block: torch.Tensor, w_scale: torch.Tensor, w_dtype: torch.dtype, has_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias)
+    grad_ys: list[torch.Tensor], saved: list[torch.Tensor], w_dtype: torch.dtype, has_bias: bool,
+) -> list[torch.Tensor]:
+    return _backward_impl(grad_ys, saved, w_dtype, has_bias)
 
 
 @_qat_linear_backward.register_fake
-def _(grad_y, x_packed, x_block, x_scale, w_packed, w_block, w_scale, w_dtype, has_bias):
-    k = w_packed.shape[-1] * 2
-    return (grad_y.new_empty(*grad_y.shape[:-1], k), grad_y.new_empty(w_packed.shape[0], k, dtype=w_dtype),
-            grad_y.new_empty(grad_y.shape[-1] if has_bias else 0))
+def _(grad_ys, saved, w_dtype, has_bias):
+    x_packed, w_packed = saved[0], saved[4::2]
+    k = x_packed.shape[-1] * 2
+    grad_b = grad_ys[0].new_empty(grad_ys[0].shape[-1] if has_bias else 0)
+    return [grad_ys[0].new_empty(*x_packed.shape[:-1], k), grad_b,
+            *(grad_ys[0].new_empty(w.shape[0], k, dtype=w_dtype) for w in w_packed)]
 
 
-def _op_backward(ctx: Any, grad_y: torch.Tensor, *unused: torch.Tensor) -> tuple:
-    grad_x, grad_w, grad_b = _qat_linear_backward(grad_y, *ctx.saved_tensors, ctx.w_dtype, ctx.has_bias)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+def _op_setup_context(ctx: Any, inputs: tuple, output: list) -> None:
+    _, weights, bias, x_scale, w_scale, _ = inputs
+    _save(ctx, x_scale, w_scale, bias, weights[0].dtype, output, len(weights))
 
 
-_qat_linear.register_autograd(_op_backward, setup_context=_setup_context)
+def _op_backward(ctx: Any, grads: list) -> tuple:
+    grad_x, grad_b, *grad_ws = _qat_linear_backward(_grads_of_outputs(ctx, grads), list(ctx.saved_tensors),
+                                                    ctx.w_dtype, ctx.has_bias)
+    return grad_x, grad_ws, grad_b if ctx.has_bias else None, None, None, None
+
+
+_qat_linear.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 @torch.library.custom_op("nvfp4::fake_quantize_weight", mutates_args=())
@@ -186,10 +215,12 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales: bool) -> torch.Tensor:
+def qat_linear(x, weights: list[torch.Tensor], bias, x_scale, w_scale, pow2_scales: bool) -> list[torch.Tensor]:
+    """[y_1..y_n] of ``_forward`` with the straight-through backward."""
+    n = len(weights)
     if torch.compiler.is_compiling():
-        return _qat_linear(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
-    return _QATLinearFn.apply(x, weight, bias, x_scale, w_scale, pow2_scales)[0]
+        return _qat_linear(x, weights, bias, x_scale, w_scale, pow2_scales)[:n]
+    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, pow2_scales, *weights)[:n])
 
 
 class NVFP4QATLinear(nn.Linear):
@@ -219,6 +250,7 @@ class NVFP4QATLinear(nn.Linear):
         self.enabled = True  # False: a plain linear (training in float before QAT starts)
         self.calibrating = False
         self._calibrated = False
+        self._same_input_amax: bool | None = None  # static: as the fused group's peers (forward_shared)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QATConfig) -> NVFP4QATLinear:
@@ -240,6 +272,7 @@ class NVFP4QATLinear(nn.Linear):
         """Forget the calibrated input amax (also needed after materializing from meta)."""
         self.input_amax.fill_(_UNCALIBRATED)
         self._calibrated = False
+        self._same_input_amax = None
 
     def weight_amax(self) -> torch.Tensor:
         """max |W| over this weight and its fused-group peers, over all their shards."""
@@ -285,14 +318,22 @@ class NVFP4QATLinear(nn.Linear):
             w = w._tensor
         return quantize_with_scale(w, self.weight_scale())
 
+    def _peers_share_input_amax(self) -> bool:
+        """Static mode: whether the fused group's peers hold this calibrated input amax (then
+        they share one quantized input). One host sync per calibration."""
+        if self._same_input_amax is None:
+            self._same_input_amax = all(torch.equal(p.input_amax, self.input_amax) for p in self.amax_peers)
+        return self._same_input_amax
+
+    def _gemm_weight_scale(self) -> torch.Tensor:
+        """The weight's tensor scale as the forward uses it (the NVFP4 all-gather's, if any)."""
+        w = local(self.weight)
+        return w.nvfp4.tensor_scale if isinstance(w, NVFP4GatheredWeight) else self.weight_scale()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
-        w = self.weight
-        if isinstance(local(w), NVFP4GatheredWeight):
-            w_scale = local(w).nvfp4.tensor_scale
-        else:
-            w_scale = self.weight_scale()
+        w, w_scale = self.weight, self._gemm_weight_scale()
         if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
             w_fq = _StraightThrough.apply(local(w), w_scale)
             if isinstance(w, DTensor):
@@ -300,7 +341,7 @@ class NVFP4QATLinear(nn.Linear):
             return nn.functional.linear(x, w_fq, self.bias)
         x_scale = self._input_scale(x)
         if not isinstance(w, DTensor):
-            return qat_linear(x, w, self.bias, x_scale, w_scale, self._pow2)
+            return qat_linear(x, [w], self.bias, x_scale, w_scale, self._pow2)[0]
         # Tensor parallel: quantize and multiply the local shards (global scales above),
         # then say how the local outputs combine.
         if not isinstance(x, DTensor):
@@ -309,12 +350,46 @@ class NVFP4QATLinear(nn.Linear):
         if self.bias is not None and isinstance(placements[0], Partial):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
-        y = qat_linear(x.to_local(), w.to_local(), bias, x_scale, w_scale, self._pow2)
+        y = qat_linear(x.to_local(), [w.to_local()], bias, x_scale, w_scale, self._pow2)[0]
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
+
+    @staticmethod
+    def forward_shared(linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+        """``[m(x) for m in linears]``, bit for bit; when the linears form one fused group
+        (q/k/v, gate/up: shared weight amax, see ``prepare``) x is quantized once and the
+        group's weight scale computed once. Anything else (module hooks such as a TP plan's,
+        biases, DTensor weights, calibration) takes the per-module path."""
+        if not _shares_input(linears):
+            return [m(x) for m in linears]
+        first = linears[0]
+        x_scale = first._input_scale(x)
+        for m in linears[1:]:
+            m.last_input_amax = first.last_input_amax
+        weights = [m.weight for m in linears]
+        return qat_linear(x, weights, None, x_scale, first._gemm_weight_scale(), first._pow2)
 
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks)
+
+
+def _shares_input(linears: Sequence[nn.Module]) -> bool:
+    """Whether ``forward_shared`` may quantize the input once for all of ``linears``."""
+    first = linears[0]
+    if not (len(linears) > 1 and all(type(m) is NVFP4QATLinear for m in linears)
+            and len(first.amax_peers) == len(linears) - 1
+            and all(p is m for p, m in zip(first.amax_peers, linears[1:]))):
+        return False
+    for m in linears:
+        if (not m.enabled or m.calibrating or m.bias is not None or m.config != first.config
+                or isinstance(m.weight, DTensor) or _has_hooks(m)):
+            return False
+    act = first.config.activation_scale
+    return act == "dynamic" or (act == "static" and first._peers_share_input_amax())  # "none": F.linear each
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -397,6 +472,8 @@ def calibrate(
             m.input_amax.copy_(a)
     for m in layers:
         m._calibrated = True
+        m._same_input_amax = None
+        m._peers_share_input_amax()  # now, not in the first (compiled) forward
     return n
 
 

@@ -18,6 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from models.llama3.args import ModelArgs
 
 
+def shared_input(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[m(x) for m in linears]``; linears that can share work on a common input (QAT linears
+    quantize it once) say so with a ``forward_shared`` static method."""
+    shared = getattr(type(linears[0]), "forward_shared", None)
+    return shared(linears, x) if shared else [m(x) for m in linears]
+
+
 def rope_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [seq_len, head_dim] fp32, as HF's LlamaRotaryEmbedding computes them.
 
@@ -76,9 +83,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bs, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
-        q = self.wq(x).view(bs, seq, -1, self.head_dim)  # [B, S, H, D]
-        k = self.wk(x).view(bs, seq, -1, self.head_dim)  # [B, S, Hkv, D]
-        v = self.wv(x).view(bs, seq, -1, self.head_dim)
+        q, k, v = (y.view(bs, seq, -1, self.head_dim) for y in shared_input((self.wq, self.wk, self.wv), x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
@@ -96,7 +101,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = shared_input((self.w1, self.w3), x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

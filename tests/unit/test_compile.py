@@ -42,3 +42,19 @@ def test_compiled_weight_only_qat_equals_eager(tmp_path, monkeypatch):
     x = torch.randn(4, 64)
     assert torch._dynamo.explain(model)(x).graph_break_count == 0
     assert torch.equal(torch.compile(model)(x), model(x))
+
+
+def test_compiled_shared_input_group_equals_eager_and_quantizes_once(tmp_path, monkeypatch):
+    from tests.unit.test_qat import QKV, QuantizeCounter, _fwd_bwd
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(2)
+    m = QKV()
+    nvfp4.prepare(m)
+    x, params = torch.randn(2, 8, 64), [m.wq.weight, m.wk.weight, m.wv.weight]
+    assert torch._dynamo.explain(m)(x).graph_break_count == 0
+    counter = QuantizeCounter(monkeypatch)
+    eager, eager_grads = _fwd_bwd(m, x, params)
+    compiled, compiled_grads = _fwd_bwd(torch.compile(m), x, params)
+    assert counter.calls == [4, 4]  # one quantize_operands per group, compiled too
+    assert all(torch.equal(a, b) for a, b in zip(eager + eager_grads, compiled + compiled_grads))

@@ -59,6 +59,27 @@ def test_backward_is_ste_on_cuda():
     assert torch.equal(lin.weight.grad, wd.grad)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_shared_input_group_on_cuda_equals_each_linear_and_the_reference(mode, monkeypatch):
+    """q/k/v quantizing x once (kernels: x and W two per launch) = each linear alone, bitwise;
+    and kernels = reference for the group's forward and backward."""
+    from tests.unit.test_qat import QKV, _fwd_bwd
+
+    torch.manual_seed(3)
+    m = QKV().cuda().to(torch.bfloat16)
+    nvfp4.prepare(m, nvfp4.QATConfig(activation_scale=mode))
+    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
+    if mode == "static":
+        nvfp4.calibrate(m, [x * 0.7])
+    params = [m.wq.weight, m.wk.weight, m.wv.weight]
+    shared, grads = _fwd_bwd(m, x, params)
+    each, _ = _fwd_bwd(lambda x: [lin(x) for lin in (m.wq, m.wk, m.wv)], x, params)
+    assert all(torch.equal(a, b) for a, b in zip(shared, each))
+    monkeypatch.setenv("NVFP4_REFERENCE", "1")
+    ref, ref_grads = _fwd_bwd(m, x, params)
+    assert all(torch.equal(a, b) for a, b in zip(shared + grads, ref + ref_grads))
+
+
 SHAPES = [(1, 16), (33, 48), (7, 80), (129, 272), (2, 3, 512), (1024, 4096), (4096, 1024)]
 
 
@@ -134,12 +155,15 @@ def test_kernels_take_misaligned_views():
 
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                    (torch.float16, torch.bfloat16)], ids=str)
-def test_two_operands_in_one_launch_equal_reference(dtypes):
+                                    (torch.float16, torch.bfloat16), (torch.bfloat16,) * 3,
+                                    (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16)], ids=str)
+def test_operands_two_per_launch_equal_reference(dtypes):
+    """Two tensors share a launch; an odd one out runs alone."""
     from nvfp4.format import dequantize_all, quantize_operands
 
     g = torch.Generator().manual_seed(7)
-    xs = [(torch.randn(333, 96, generator=g) * 4).to(dtypes[0]), torch.randn(3, 5, 1024, generator=g).to(dtypes[1])]
+    shapes = [(333, 96), (3, 5, 1024), (7, 48), (64, 2048)]
+    xs = [(torch.randn(*shape, generator=g) * 4 ** i).to(dt) for i, (shape, dt) in enumerate(zip(shapes, dtypes))]
     scales = [nvfp4.tensor_scale(nvfp4.abs_max(x)) for x in xs]
     ref = quantize_operands(list(zip(xs, scales)))
     got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nvfp4
+import nvfp4.qat
+from models.llama3.model import shared_input
 from nvfp4 import NVFP4Linear, NVFP4QATLinear, QATConfig
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -123,7 +125,108 @@ def test_fused_group_shares_weight_amax_and_trains_all_members():
     assert separate.wq.weight_amax().item() < 50.0
 
 
-def _saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, list[torch.dtype]]:
+class QKV(nn.Module):
+    """Three bias-free linears of one input and one fused group, called as the Llama model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Linear(64, n, bias=False) for n in (64, 32, 32))
+
+    def fused_linear_groups(self) -> list[list[str]]:
+        return [["wq", "wk", "wv"]]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return shared_input((self.wq, self.wk, self.wv), x)
+
+
+class QuantizeCounter:
+    """Counts the tensors each ``quantize_operands`` call of the QAT forward quantizes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[int] = []
+        orig = nvfp4.qat.quantize_operands
+        monkeypatch.setattr(nvfp4.qat, "quantize_operands", lambda pairs: self.calls.append(len(pairs)) or orig(pairs))
+
+
+def _fwd_bwd(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    x = x.detach().requires_grad_()
+    ys = fn(x)
+    sum(y.float().square().sum() for y in ys).backward()
+    grads = [x.grad, *(p.grad for p in params)]
+    for p in params:
+        p.grad = None
+    return ys, grads
+
+
+@pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_input_quantized_once_equals_each_linear(dtype, mode, tensor_scale, monkeypatch):
+    torch.manual_seed(5)
+    m = QKV().to(dtype)
+    nvfp4.prepare(m, QATConfig(activation_scale=mode, tensor_scale=tensor_scale))
+    x = torch.randn(2, 8, 64).to(dtype)
+    if mode == "static":
+        nvfp4.calibrate(m, [x * 0.5])  # smaller: some inputs clip
+    lins, params = (m.wq, m.wk, m.wv), [m.wq.weight, m.wk.weight, m.wv.weight]
+    counter = QuantizeCounter(monkeypatch)
+    shared, shared_grads = _fwd_bwd(m, x, params)
+    assert counter.calls == [4]  # x and the three weights, x once
+    each, each_grads = _fwd_bwd(lambda x: [lin(x) for lin in lins], x, params)
+    assert counter.calls == [4, 2, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(shared, each))
+    # grad_x sums the three GEMMs in the order autograd sums separate linears' gradients
+    assert all(torch.equal(a, b) for a, b in zip(shared_grads, each_grads))
+
+
+def test_shared_input_takes_the_per_module_path_when_it_cannot_share(monkeypatch):
+    torch.manual_seed(6)
+    x = torch.randn(4, 64)
+    src = QKV()
+    nvfp4.prepare(src, QATConfig(activation_scale="static"))
+    nvfp4.calibrate(src, [x])
+    state = src.state_dict()
+    state["wv.input_amax"] = torch.tensor(100.0)  # not the group's amax: one quantized x cannot serve all
+    m = QKV()
+    nvfp4.prepare(m, QATConfig(activation_scale="static"))
+    m.load_state_dict(state)
+    counter = QuantizeCounter(monkeypatch)
+    ys = m(x)
+    assert counter.calls == [2, 2, 2]
+    assert all(torch.equal(y, lin(x)) for y, lin in zip(ys, (m.wq, m.wk, m.wv)))
+
+    hooked = QKV()
+    nvfp4.prepare(hooked)
+    seen = []
+    hooked.wk.register_forward_pre_hook(lambda mod, args: seen.append(mod))  # e.g. a TP plan's hooks
+    counter.calls.clear()
+    hooked(x)
+    assert counter.calls == [2, 2, 2] and seen == [hooked.wk]
+
+    separate = QKV()  # no shared weight amax: the weights have different tensor scales
+    nvfp4.prepare(separate, QATConfig(share_fused_amax=False))
+    counter.calls.clear()
+    separate(x)
+    assert counter.calls == [2, 2, 2]
+
+    weight_only = QKV()  # W4A16: each linear runs F.linear on its fake-quantized weight
+    nvfp4.prepare(weight_only, QATConfig(activation_scale="none"))
+    counter.calls.clear()
+    assert all(torch.equal(y, lin(x)) for y, lin in zip(weight_only(x), (weight_only.wq, weight_only.wk, weight_only.wv)))
+    assert counter.calls == []
+
+
+def test_shared_input_saves_x_once():
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    m = QKV().to(torch.bfloat16)
+    nvfp4.prepare(m)
+    shared_bytes, _ = _saved_bytes(lambda x: sum(y.sum() for y in m(x)), x)
+    each_bytes, _ = _saved_bytes(lambda x: sum(lin(x).sum() for lin in (m.wq, m.wk, m.wv)), x)
+    x_bytes = 256 * 64 * 9 // 16 + 2 * 4  # codes, block scales, the two fp32 tensor scales
+    assert each_bytes - shared_bytes == 2 * x_bytes, (each_bytes, shared_bytes)
+
+
+def _saved_bytes(module, x: torch.Tensor) -> tuple[int, list[torch.dtype]]:
     sizes, dtypes = [], []
 
     def pack(t: torch.Tensor):
