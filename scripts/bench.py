@@ -24,13 +24,36 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
+from models.llama3.model import shared_input  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
 
-LINEAR_SHAPES = {  # (K, N) of the projections
-    "1B": [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)],
-    "3B": [(3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072)],
-    "8B": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
-}
+LINEAR_FLAVORS = ("1B", "3B", "8B")
+
+
+def block_projections(flavor: str) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The projections one Llama block runs: (name, K, output widths of the linears sharing x)."""
+    from models.llama3 import FLAVORS
+
+    a = FLAVORS[flavor]
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    return [("q/k/v", a.dim, (q, kv, kv)), ("o", q, (a.dim,)), ("gate/up", a.dim, (a.ffn_dim, a.ffn_dim)),
+            ("down", a.ffn_dim, (a.dim,))]
+
+
+class Projection(torch.nn.Module):
+    """Bias-free linears of one input, called as the Llama block calls them (one fused group)."""
+
+    def __init__(self, k: int, widths: tuple[int, ...], qat: bool) -> None:
+        super().__init__()
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for n in widths)
+        if qat:
+            nvfp4.prepare(self)
+
+    def fused_linear_groups(self) -> list[list[str]]:
+        return [[f"linears.{i}" for i in range(len(self.linears))]]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return shared_input(tuple(self.linears), x)
 
 
 def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False) -> float:
@@ -78,31 +101,32 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
     rows.append("")
 
 
-def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = tuple(LINEAR_SHAPES)) -> None:
-    rows += ["## Linear forward + backward, ms of GPU time (QAT: dynamic activation scale)", "",
-             "Launch latency hidden (`timed(gpu_only=True)`); the last column is the eager ratio of wall "
-             "times, launches included, one linear at a time.", "",
-             "| flavor | K x N | tokens | bf16 eager | QAT eager | bf16/QAT eager | bf16 compiled | QAT compiled "
-             "| bf16/QAT compiled | bf16/QAT eager wall |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEAR_FLAVORS) -> None:
+    rows += ["## Block projections forward + backward, ms of GPU time (QAT: dynamic activation scale)", "",
+             "Each row is what one Llama block calls: q/k/v and gate/up share their input (QAT quantizes it "
+             "once). Launch latency hidden (`timed(gpu_only=True)`); the last column is the eager ratio of "
+             "wall times, launches included, one projection at a time.", "",
+             "| flavor | projection | K x N | tokens | bf16 eager | QAT eager | bf16/QAT eager | bf16 compiled "
+             "| QAT compiled | bf16/QAT compiled | bf16/QAT eager wall |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     compile = lambda m: torch.compile(m, dynamic=True)  # noqa: E731  one graph for every shape
-    for flavor, shapes in LINEAR_SHAPES.items():
-        if flavor not in flavors or (short and flavor != "3B"):
+    for flavor in flavors:
+        if short and flavor != "3B":
             continue
-        for k, n in shapes:
+        for name, k, widths in block_projections(flavor):
             for tokens in ((8192,) if short else (8192, 16384)):
                 x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-                ref = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-                qat = nvfp4.NVFP4QATLinear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                gys = [torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16) for n in widths]
+                ref, qat = (Projection(k, widths, q).to("cuda", torch.bfloat16) for q in (False, True))
 
                 def step(m):
-                    m(x).backward(gy)
+                    torch.autograd.backward(m(x), gys)
 
                 t = [timed(lambda: step(m), gpu_only=True) for m in (ref, qat, compile(ref), compile(qat))]
                 wall = [timed(lambda: step(m)) for m in (ref, qat)]
-                rows.append(f"| {flavor} | {k} x {n} | {tokens} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / t[1]:.2f} | "
-                            f"{t[2]:.3f} | {t[3]:.3f} | {t[2] / t[3]:.2f} | {wall[0] / wall[1]:.2f} |")
+                rows.append(f"| {flavor} | {name} | {k} x {'+'.join(map(str, widths))} | {tokens} | {t[0]:.3f} | "
+                            f"{t[1]:.3f} | {t[0] / t[1]:.2f} | {t[2]:.3f} | {t[3]:.3f} | {t[2] / t[3]:.2f} | "
+                            f"{wall[0] / wall[1]:.2f} |")
     rows.append("")
 
 
@@ -168,8 +192,8 @@ def main() -> None:
     p.add_argument("--short", action="store_true", help="fewer sizes and a 4-layer model (CI smoke test)")
     p.add_argument("--out", type=Path)
     p.add_argument("--only", choices=("bandwidth", "linears", "step"))
-    p.add_argument("--flavors", nargs="+", choices=tuple(LINEAR_SHAPES), default=tuple(LINEAR_SHAPES),
-                   help="projection shapes of these flavors in the linear table")
+    p.add_argument("--flavors", nargs="+", choices=LINEAR_FLAVORS, default=LINEAR_FLAVORS,
+                   help="the block projections of these flavors in the linear table")
     a = p.parse_args()
     if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
         sys.exit("bench.py needs a CUDA GPU and Triton")
