@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import os
 import statistics
 import sys
@@ -139,6 +140,11 @@ def build_step(mode: str, compile: bool, n_layers: int):
     from models.llama3 import FLAVORS, Transformer
     from parallel import ParallelDims, build_mesh, parallelize_llama
 
+    # Free the previous step's model first: FSDP's hooks hold it in reference cycles, and left
+    # to the cyclic collector its parameters and optimizer state would count in this peak.
+    gc.collect()
+    torch.cuda.empty_cache()
+
     if not dist.is_initialized():
         dist.init_process_group("nccl", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1,
                                 device_id=torch.device("cuda", 0))
@@ -182,8 +188,7 @@ def bench_step(rows: list[str], short: bool) -> None:
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)
             rows.append(f"| {mode} | {compile} | {tps:,.0f} | {mem:.2f} | {tps / base[0]:.2f} | {mem / base[1]:.2f} |")
-            del step
-            torch.cuda.empty_cache()
+            del step  # build_step frees it
     rows.append("")
 
 

@@ -60,8 +60,7 @@ def main() -> None:
         print(f"\n## {mode}: wall {wall:.1f} ms (profiled), GPU busy {busy:.1f} ms, {kernels:.0f} kernels per step")
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=70))
-        del step
-        torch.cuda.empty_cache()
+        del step  # build_step frees it
 
 
 if __name__ == "__main__":
