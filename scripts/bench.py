@@ -191,7 +191,7 @@ def bench_step(rows: list[str], short: bool) -> None:
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)
             rows.append(f"| {mode} | {compile} | {tps:,.0f} | {mem:.2f} | {tps / base[0]:.2f} | {mem / base[1]:.2f} |")
-            del step  # build_step frees it
+            del step, chain  # build_step frees them
     rows.append("")
 
 
