@@ -198,7 +198,7 @@ if HAVE_TRITON:
 
     # 16-element blocks per program and warps; elements per amax iteration, programs per SM and
     # warps. scripts/tune_kernels.py measures others: these are the best or within 1% of it for
-    # each kernel on both H100 and H200 (benchmarks/results/kernels_h200_2026-11-29.md).
+    # each kernel on both H100 and H200 (benchmarks/results/shared_input_h200_2026-11-29.md).
     TILE = {"R": 128, "num_warps": 2}
     AMAX_TILE = {"BLOCK": 4096, "per_sm": 4, "num_warps": 16}
 
