@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as _module
 
 from nvfp4.format import (
     BLOCK_SIZE,
@@ -109,14 +109,14 @@ def _save(ctx: Any, x_scale, w_scale, bias, w_dtype, outputs: list, n: int) -> N
     xp, xb, *w_parts = outputs[n:]
     ctx.save_for_backward(xp, xb, x_scale, w_scale, *w_parts)  # packed: 4.5 bits per element
     ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
-    ctx.has_bias, ctx.w_dtype, ctx.n = bias is not None, w_dtype, n
+    ctx.has_bias, ctx.w_dtype = bias is not None, w_dtype
     ctx.y_like = [(y.shape, y.dtype, y.device) for y in outputs[:n]]
 
 
 def _grads_of_outputs(ctx: Any, grads: tuple) -> list[torch.Tensor]:
     """The gradients of the n outputs y_i, zeros for an unused one."""
     return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-            for g, (shape, dtype, device) in zip(grads[:ctx.n], ctx.y_like)]
+            for g, (shape, dtype, device) in zip(grads, ctx.y_like)]
 
 
 class _QATLinearFn(torch.autograd.Function):
@@ -374,7 +374,11 @@ class NVFP4QATLinear(nn.Linear):
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks)
+    """Whether calling ``m`` runs hooks (nn.Module.__call__'s own test): forward or backward,
+    the module's or global ones. Bypassing __call__ would skip them."""
+    return bool(m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
+                or _module._global_backward_pre_hooks or _module._global_backward_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def _shares_input(linears: Sequence[nn.Module]) -> bool:

@@ -203,6 +203,15 @@ def test_shared_input_takes_the_per_module_path_when_it_cannot_share(monkeypatch
     hooked(x)
     assert counter.calls == [2, 2, 2] and seen == [hooked.wk]
 
+    backward_hooked = QKV()  # a backward hook alone also needs the module's own __call__
+    nvfp4.prepare(backward_hooked)
+    grads = []
+    backward_hooked.wv.register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0]))
+    counter.calls.clear()
+    ys = backward_hooked(x.requires_grad_())
+    sum(y.sum() for y in ys).backward()
+    assert counter.calls == [2, 2, 2] and len(grads) == 1 and torch.equal(grads[0], torch.ones_like(ys[2]))
+
     separate = QKV()  # no shared weight amax: the weights have different tensor scales
     nvfp4.prepare(separate, QATConfig(share_fused_amax=False))
     counter.calls.clear()
