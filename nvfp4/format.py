@@ -167,21 +167,27 @@ def quantize_for_gemm(
 
 
 def quantize_operands(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], operand: bool = True
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], operand: bool = True,
+    op_scales: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
     """``quantize_for_gemm`` of several (x, tensor scale), e.g. the operands of a GEMM: on CUDA
-    two per launch."""
+    two per launch. ``op_scales``: per tensor an fp32 0-dim factor of its operand (applied in
+    fp32 before the cast, as ``dequantize`` applies a tensor scale), or None."""
     pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
+    op_scales = op_scales or [None] * len(pairs)
     for x, _ in pairs:
         _check_last_dim(x)
     if all(kernels.enabled(x) for x, _ in pairs):
-        outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], emit_operand=operand)
+        outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], operand, op_scales)
         return [(NVFP4(packed, s_block, s), op) for (packed, s_block, op), (_, s) in zip(outs, pairs)]
     out = []
-    for x, s in pairs:
+    for (x, s), o_scale in zip(pairs, op_scales):
         codes, s_block = _block_codes(x, s)
         q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s)
-        op = scale_blocks(_codes_to_values(codes), s_block).to(operand_dtype(x.device)) if operand else None
+        op = None
+        if operand:
+            op = scale_blocks(_codes_to_values(codes), s_block)
+            op = (op if o_scale is None else op * o_scale).to(operand_dtype(x.device))
         out.append((q, op))
     return out
 

@@ -74,14 +74,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _e2m1(a):
-        """fp32 magnitude in [0, 6] -> (code 0-7, its E2M1 value), rounded half to even by the
-        FPU: a + 2**(e+22) has an ulp of 2**(e-1), the E2M1 spacing at a's exponent e (e >= 0:
-        below 1 the spacing is 0.5), so (a + m) - m is a rounded onto the grid."""
-        e = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)
+        """fp32 magnitude in [0, 6] -> (code 0-7, a + m, m), a rounded half to even onto the E2M1
+        grid by the FPU: m = 2**(E+22), E >= 0 the exponent of max(a, 1), so a + m has an ulp of
+        2**(E-1), the grid spacing at a (below 1 it is 0.5), and (a + m) - m is the E2M1 value.
+        The sum's bits count the grid steps above m; code = steps + 2E (same parity: a tie goes
+        to the even code). Every fp32 in [0, 6] checked against ``format._e2m1_codes``."""
+        e = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)  # the bits of 2**E
         m = (e + (22 << 23)).to(tl.float32, bitcast=True)
-        v = (a + m) - m
-        code = tl.where(v < 1.0, (v * 2.0).to(tl.int32), (v.to(tl.int32, bitcast=True) >> 22) - 252)
-        return code, v
+        s = a + m
+        return s.to(tl.int32, bitcast=True) - e + (e >> 22) - ((22 << 23) + 254), s, m
 
     @triton.jit
     def _clamp(v, lo, hi):
@@ -97,18 +98,21 @@ if HAVE_TRITON:
         return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _code_and_operand(x_bits, r, sb, EMIT_OP: tl.constexpr):
-        """Codes of x (fp32 bits) under reciprocal scale r, and the operand value * sb (fp32, signed)."""
-        sign = x_bits & -2147483648
-        code, v = _e2m1(tl.minimum(tl.abs(x_bits.to(tl.float32, bitcast=True) * r), 6.0))
-        code = code | ((sign >> 28) & 8)
+    def _code_and_operand(x_bits, r, sb, os, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
+        """Codes of x (fp32 bits) under reciprocal scale r, with the sign in bit 3 (-0 keeps it);
+        and (EMIT_OP) the operand value * sb (* os: OP_SCALED), fp32, signed."""
+        code, s, m = _e2m1(tl.minimum(tl.abs(x_bits.to(tl.float32, bitcast=True) * r), 6.0))
+        code = code | ((x_bits >> 28) & 8)
         if EMIT_OP:
-            return code, ((v * sb).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        return code, v
+            op = (s - m) * sb
+            if OP_SCALED:
+                op = op * os
+            return code, (op.to(tl.int32, bitcast=True) | (x_bits & -2147483648)).to(tl.float32, bitcast=True)
+        return code, s
 
     @triton.jit
-    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, pid, n_blocks,
-                         R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr):
+    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, os_ptr, pid, n_blocks,
+                         R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
         blk = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
         bmask = blk < n_blocks
         pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
@@ -124,22 +128,29 @@ if HAVE_TRITON:
         s8 = s.to(tl.float8e4nv)
         sb = s8.to(tl.float32)[:, None]
         r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), sb)
-        c_lo, v_lo = _code_and_operand(lo, r, sb, EMIT_OP)
-        c_hi, v_hi = _code_and_operand(hi, r, sb, EMIT_OP)
+        os = tl.load(os_ptr) if OP_SCALED else 1.0
+        c_lo, v_lo = _code_and_operand(lo, r, sb, os, EMIT_OP, OP_SCALED)
+        c_hi, v_hi = _code_and_operand(hi, r, sb, os, EMIT_OP, OP_SCALED)
         tl.store(packed_ptr + pair, (c_lo | (c_hi << 4)).to(tl.uint8), mask=mask)
         tl.store(scale_ptr + blk, s8.to(tl.uint8, bitcast=True), mask=bmask)
         if EMIT_OP:  # bf16 operand pairs
-            tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0), mask=mask)
+            if OP_SCALED:
+                op = _pack_pair(v_lo, v_hi, 0)
+            else:  # code * block scale is exact in bf16 (<= 6 significant bits): its fp32 bits' upper half
+                lo_bits, hi_bits = v_lo.to(tl.int32, bitcast=True), v_hi.to(tl.int32, bitcast=True)
+                op = ((lo_bits >> 16) & 0xFFFF) | (hi_bits & -65536)
+            tl.store(op_ptr + pair, op, mask=mask)
 
     @triton.jit
-    def _quantize_kernel(xa, sa, pa, ca, oa, na, xb, sb, pb, cb, ob, nb, programs_a,
-                         R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, EMIT_OP: tl.constexpr):
+    def _quantize_kernel(xa, sa, pa, ca, oa, osa, na, xb, sb, pb, cb, ob, osb, nb, programs_a, R: tl.constexpr,
+                         KIND_A: tl.constexpr, KIND_B: tl.constexpr, OP_SCALED_A: tl.constexpr,
+                         OP_SCALED_B: tl.constexpr, EMIT_OP: tl.constexpr):
         """Tensor a on the first ``programs_a`` programs, tensor b (if launched) on the rest."""
         pid = tl.program_id(0)
         if pid < programs_a:
-            _quantize_blocks(xa, sa, pa, ca, oa, pid, na, R, KIND_A, EMIT_OP)
+            _quantize_blocks(xa, sa, pa, ca, oa, osa, pid, na, R, KIND_A, EMIT_OP, OP_SCALED_A)
         else:
-            _quantize_blocks(xb, sb, pb, cb, ob, pid - programs_a, nb, R, KIND_B, EMIT_OP)
+            _quantize_blocks(xb, sb, pb, cb, ob, osb, pid - programs_a, nb, R, KIND_B, EMIT_OP, OP_SCALED_B)
 
     @triton.jit
     def _dequantize_blocks(packed_ptr, scale_ptr, s_ptr, out_ptr, pid, n_blocks,
@@ -211,29 +222,35 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
     return t.view(_KIND[t.dtype][1])
 
 
-def _launch(kernel, parts: list[tuple], n_blocks: list[int], kinds: list[int], **meta) -> None:
-    """Launch over the blocks of ``parts`` (each tensor's arguments), two tensors per launch."""
+def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[str, int]], **meta) -> None:
+    """Launch over the blocks of ``parts`` (each tensor's arguments), two tensors per launch;
+    ``consts``: each tensor's constexprs, passed as NAME_A / NAME_B."""
     for i in range(0, len(parts), 2):
         programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks[i:i + 2]]
         if sum(programs) == 0:  # empty tensors: nothing to launch
             continue
         j = min(i + 1, len(parts) - 1)  # a tensor alone is its own pair: the second branch never runs
-        kernel[(sum(programs),)](*parts[i], n_blocks[i], *parts[j], n_blocks[j], programs[0], KIND_A=kinds[i],
-                                 KIND_B=kinds[j], R=TILE["R"], num_warps=TILE["num_warps"], **meta)
+        slots = {f"{k}_{slot}": v for slot, t in (("A", i), ("B", j)) for k, v in consts[t].items()}
+        kernel[(sum(programs),)](*parts[i], n_blocks[i], *parts[j], n_blocks[j], programs[0], **slots, R=TILE["R"],
+                                 num_warps=TILE["num_warps"], **meta)
 
 
-def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False) -> list[tuple]:
+def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False,
+             op_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
-    like x; two tensors per launch."""
+    like x; two tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
+    operand in fp32 before its rounding to bf16."""
+    op_scales = op_scales or [None] * len(xs)
     outs, parts = [], []
-    for x, s in zip(xs, s_tensors):
+    for x, s, o_scale in zip(xs, s_tensors, op_scales):
         packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
         scales = torch.empty(*x.shape[:-1], x.shape[-1] // 16, dtype=torch.uint8, device=x.device)
         op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
-        parts.append((_pairs(x), s.reshape(1), packed, scales, op.view(torch.int32)))
+        o_scale = s if o_scale is None else o_scale  # unread without OP_SCALED
+        parts.append((_pairs(x), s.reshape(1), packed, scales, op.view(torch.int32), o_scale.reshape(1)))
         outs.append((packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None))
-    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], [_KIND[x.dtype][0] for x in xs],
-            EMIT_OP=emit_operand)
+    consts = [{"KIND": _KIND[x.dtype][0], "OP_SCALED": emit_operand and o is not None} for x, o in zip(xs, op_scales)]
+    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], consts, EMIT_OP=emit_operand)
     return outs
 
 
@@ -248,7 +265,7 @@ def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
         s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
         parts.append((packed.contiguous(), s, s_t, out.view(_KIND[dtype][1])))
         outs.append(out)
-    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], [_KIND[dtype][0]] * len(outs),
+    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], [{"KIND": _KIND[dtype][0]}] * len(outs),
             USE_S=qs[0][2] is not None)
     return outs
 

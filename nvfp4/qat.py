@@ -32,7 +32,7 @@ from nvfp4.format import (
     tensor_scale,
 )
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
-from nvfp4.inference import NVFP4Linear, scaled_matmul
+from nvfp4.inference import NVFP4Linear, prescales_weight, scaled_matmul, weight_operands
 from nvfp4.sharded import global_abs_max, global_amax_and_scale, local, output_placement
 
 ACTIVATION_SCALES = ("dynamic", "static", "none")
@@ -76,15 +76,17 @@ def _forward(x, weights, bias, x_scale, w_scale, pow2_scales) -> list[torch.Tens
     """y_i = (q(x) @ q(W_i).T) * scales (+ b: one weight only) for weights sharing one input and
     one tensor scale; x is quantized once. Returns [y_1..y_n, x packed, x block scales, then
     each W_i's packed and block scales]: the packed operands are saved for backward."""
+    scale = x_scale * w_scale  # the weights share their tensor scale
+    prescaled = prescales_weight(x, x.dtype, bias, pow2_scales)
     if isinstance(weights[0], NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
         ((xq, x_op),) = quantize_operands([(x, x_scale)])
         wqs = [w.nvfp4 for w in weights]
-        w_ops = dequantize_all(wqs, operand_dtype(x.device), scaled=False)
+        w_ops = weight_operands(wqs, scale, prescaled, operand_dtype(x.device))
     else:  # the input and the weights, two per launch on CUDA
-        (xq, x_op), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights])
+        op_scales = [None] + [scale if prescaled else None] * len(weights)
+        (xq, x_op), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights], op_scales=op_scales)
         wqs, w_ops = [q for q, _ in w_pairs], [op for _, op in w_pairs]
-    scale = x_scale * w_scale  # the weights share their tensor scale
-    ys = [scaled_matmul(x_op, w_op, scale, bias, x.dtype, pow2_scales) for w_op in w_ops]
+    ys = [scaled_matmul(x_op, w_op, None if prescaled else scale, bias, x.dtype) for w_op in w_ops]
     return [*ys, xq.packed, xq.block_scale, *(t for q in wqs for t in (q.packed, q.block_scale))]
 
 

@@ -30,7 +30,8 @@ class Recorder:
         self._orig = nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands
         nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._quantize, self._quantize_operands
 
-    def _quantize_operands(self, pairs, operand=True):
+    def _quantize_operands(self, pairs, operand=True, op_scales=None):
+        assert not any(op_scales or []), "CPU GEMMs take unscaled operands"
         return [self._quantize(x, s, operand) for x, s in pairs]
 
     def _quantize(self, x, s, operand=True):

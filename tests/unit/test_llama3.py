@@ -121,7 +121,8 @@ def test_meta_build_prepare_materialize_and_fused_groups(monkeypatch):
     assert {p.weight.shape[0] for p in wq.amax_peers} == {128}  # wk, wv
     calls = []  # tensors per quantize_operands call: q/k/v and gate/up quantize their input once
     quantize = nvfp4.qat.quantize_operands
-    monkeypatch.setattr(nvfp4.qat, "quantize_operands", lambda pairs: calls.append(len(pairs)) or quantize(pairs))
+    monkeypatch.setattr(nvfp4.qat, "quantize_operands",
+                        lambda pairs, **kw: calls.append(len(pairs)) or quantize(pairs, **kw))
     loss = model(torch.randint(0, 8192, (2, 32))).float().logsumexp(-1).mean()
     assert calls == [4, 2, 3, 2] * 2  # per layer: x + wq/wk/wv, x + wo, x + w1/w3, x + w2
     loss.backward()

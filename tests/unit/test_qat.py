@@ -145,7 +145,8 @@ class QuantizeCounter:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[int] = []
         orig = nvfp4.qat.quantize_operands
-        monkeypatch.setattr(nvfp4.qat, "quantize_operands", lambda pairs: self.calls.append(len(pairs)) or orig(pairs))
+        monkeypatch.setattr(nvfp4.qat, "quantize_operands",
+                            lambda pairs, **kw: self.calls.append(len(pairs)) or orig(pairs, **kw))
 
 
 def _fwd_bwd(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
