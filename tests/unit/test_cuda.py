@@ -167,6 +167,12 @@ def test_operands_two_per_launch_equal_reference(dtypes):
     scales = [nvfp4.tensor_scale(nvfp4.abs_max(x)) for x in xs]
     ref = quantize_operands(list(zip(xs, scales)))
     got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])
+    factors = [None if i % 2 else s * 2.0**-7 for i, s in enumerate(scales)]  # operand scales, every other tensor
+    ref_scaled = quantize_operands(list(zip(xs, scales)), op_scales=factors)
+    got_scaled = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)],
+                                   op_scales=[None if f is None else f.cuda() for f in factors])
+    for (_, rop), (_, gop) in zip(ref_scaled, got_scaled):
+        assert gop.dtype == torch.bfloat16 and torch.equal(gop.cpu(), rop.to(torch.bfloat16))
     for (rq, rop), (gq, gop) in zip(ref, got):
         assert torch.equal(gq.packed.cpu(), rq.packed)
         assert torch.equal(gq.block_scale.cpu().view(torch.uint8), rq.block_scale.view(torch.uint8))
@@ -182,3 +188,42 @@ def test_kernel_marks_non_finite_blocks_nan():
     fq = nvfp4.fake_quantize(x, amax=torch.tensor(3.0, device="cuda"))
     assert torch.isnan(fq[1, :16]).all() and torch.isnan(fq[2, 32:48]).all()
     assert torch.isfinite(fq[0]).all() and torch.isfinite(fq[3]).all()
+
+
+@pytest.mark.parametrize("m,k,n", [(8192, 3072, 1024), (4096, 4096, 2048), (333, 96, 48)])
+def test_prescaled_weight_gemm_equals_the_scaled_fp32_accumulator(m, k, n):
+    """pow2 scales inside the weight operand: the bf16 GEMM gives the bits of rounding the
+    fp32 accumulator times the scales (what FP4 tensor cores compute)."""
+    from nvfp4.format import quantize_operands
+    from nvfp4.inference import scaled_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", generator=g) * 3
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    sx, sw = nvfp4.tensor_scale(nvfp4.abs_max(x)), nvfp4.tensor_scale(nvfp4.abs_max(w))
+    (_, a), (_, b), (_, b_scaled) = quantize_operands([(x, sx), (w, sw), (w, sw)], op_scales=[None, None, sx * sw])
+    fp32_acc = scaled_matmul(a, b, sx * sw, None, torch.bfloat16)
+    assert torch.equal(scaled_matmul(a, b_scaled, None, None, torch.bfloat16), fp32_acc)
+
+
+def test_compiled_qat_linear_runs_the_amax_kernel_and_equals_eager(tmp_path, monkeypatch):
+    """Under torch.compile the amax is the Triton kernel (a triton_op in Inductor's code), not
+    Inductor's own reduction; outputs and gradients equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(4)
+    lin = nvfp4.NVFP4QATLinear(512, 256, bias=False).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def fwd_bwd(fn):
+        x.grad = lin.weight.grad = None
+        y = fn(x)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad, lin.weight.grad
+
+    eager = fwd_bwd(lin)
+    compiled, codes = run_and_get_code(fwd_bwd, torch.compile(lin, dynamic=True))
+    assert any("_abs_max_kernel" in code for code in codes)
+    assert not any("aminmax" in code for code in codes)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))

@@ -200,3 +200,17 @@ def test_quantize_operands_equals_one_at_a_time():
         assert torch.equal(q.block_scale.view(torch.uint8), q1.block_scale.view(torch.uint8))
     qs = [q for q, _ in together]
     assert all(torch.equal(a, nvfp4.dequantize(q)) for a, q in zip(dequantize_all(qs), qs))
+
+
+def test_operand_scale_multiplies_the_operand_as_dequantize_applies_a_tensor_scale():
+    from nvfp4.format import NVFP4, dequantize_all, quantize_operands
+
+    torch.manual_seed(11)
+    x, w = torch.randn(6, 64) * 3, torch.randn(5, 64).to(torch.bfloat16)
+    sx, sw = nvfp4.tensor_scale(nvfp4.abs_max(x)), nvfp4.tensor_scale(nvfp4.abs_max(w), "amax")
+    factor = sx * sw
+    (xq, x_op), (wq, w_op) = quantize_operands([(x, sx), (w, sw)], op_scales=[None, factor])
+    (_, x_plain), (wq_plain, w_plain) = quantize_operands([(x, sx), (w, sw)])
+    assert torch.equal(x_op, x_plain) and torch.equal(wq.packed, wq_plain.packed)  # only the operand changes
+    (want,) = dequantize_all([NVFP4(wq.packed, wq.block_scale, factor)], w_op.dtype)
+    assert torch.equal(w_op, want) and not torch.equal(w_op, w_plain)
