@@ -289,7 +289,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _abs_max_buffer(xs: list[torch.Tensor], scale_mode: int) -> torch.Tensor:
+def _abs_max_launch(xs: list[torch.Tensor], scale_mode: int, kernel) -> torch.Tensor:
     """int32 [3]: the bits of max |x| over all xs, a program count, and (scale_mode 0: amax,
     1: pow2; -1: none) the bits of the tensor scale, written by the last program of the last launch."""
     buf = torch.zeros(3, dtype=torch.int32, device=xs[0].device)
@@ -298,21 +298,25 @@ def _abs_max_buffer(xs: list[torch.Tensor], scale_mode: int) -> torch.Tensor:
     cap = AMAX_TILE["per_sm"] * _sm_count(xs[0].device)
     grids = [torch.sym_max(1, torch.sym_min(triton.cdiv(x.numel(), block), cap)) for x in xs]
     for x, grid in zip(xs, grids):
-        wrap_triton(_abs_max_kernel)[(grid,)](x, buf, x.numel(), sum(grids), SCALE=scale_mode >= 0,
-                                              POW2=scale_mode == 1, BLOCK=block, num_warps=AMAX_TILE["num_warps"])
+        kernel[(grid,)](x, buf, x.numel(), sum(grids), SCALE=scale_mode >= 0, POW2=scale_mode == 1, BLOCK=block,
+                        num_warps=AMAX_TILE["num_warps"])
     return buf
 
 
-if HAVE_TRITON:  # under torch.compile: Inductor traces the op and launches the kernel itself
-    _abs_max_op = torch.library.triton_op("nvfp4::abs_max", _abs_max_buffer, mutates_args=())
+if HAVE_TRITON:
+    @torch.library.triton_op("nvfp4::abs_max", mutates_args=())
+    def _abs_max_op(xs: list[torch.Tensor], scale_mode: int) -> torch.Tensor:
+        """``_abs_max_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
+        return _abs_max_launch(xs, scale_mode, wrap_triton(_abs_max_kernel))
 
 
 def _abs_max(xs: tuple[torch.Tensor, ...], pow2: bool | None) -> torch.Tensor:
-    """fp32 view of ``_abs_max_buffer`` (the program count's bits are no float)."""
+    """fp32 view of the amax buffer (the program count's bits are no float)."""
     scale_mode = -1 if pow2 is None else int(pow2)
     if torch.compiler.is_compiling():
         return _abs_max_op(list(xs), scale_mode).view(torch.float32)
-    return _abs_max_buffer(list(xs), scale_mode).view(torch.float32)  # eager: no dispatcher in between
+    # Eager: launched directly (through the op or wrap_triton each launch costs a dispatch).
+    return _abs_max_launch(list(xs), scale_mode, _abs_max_kernel).view(torch.float32)
 
 
 def abs_max(*xs: torch.Tensor) -> torch.Tensor:

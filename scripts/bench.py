@@ -59,15 +59,16 @@ class Projection(torch.nn.Module):
 
 def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False) -> float:
     """Median milliseconds of fn() on the current stream. ``gpu_only``: the GPU first spins
-    ~3 ms while the CPU enqueues fn, so that launch latency is hidden and the time is the
-    kernels' (a model's many layers hide it the same way when the GPU is the bottleneck)."""
+    ~10 ms while the CPU enqueues fn, so that launch latency is hidden and the time is the
+    kernels' (a model's many layers hide it the same way when the GPU is the bottleneck).
+    A QAT projection's fwd+bwd takes up to ~3 ms of CPU to enqueue: a shorter spin let it show."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if gpu_only:
-            torch.cuda._sleep(5_000_000)
+            torch.cuda._sleep(20_000_000)
         a.record()
         fn()
         b.record()
