@@ -48,8 +48,8 @@ def enabled(x: torch.Tensor) -> bool:
 
 def amax_enabled(x: torch.Tensor) -> bool:
     """The amax kernel: as ``enabled``, and under torch.compile too, where it is a ``triton_op``
-    that Inductor launches from its own code (Inductor's reduction of a [8192, 3072] input took
-    2.5x as long on H200)."""
+    that Inductor launches from its own code (on H200 Inductor's own reduction of a [8192, 3072]
+    bf16 input took 73 us; the kernel, 30 us for that input and its weight)."""
     if torch.compiler.is_compiling():
         return _cuda_kernels_on(x) and not is_traceable_wrapper_subclass(x)
     return enabled(x)
