@@ -112,20 +112,20 @@ if HAVE_TRITON:
         return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _code_and_operand(x_bits, r, sb, os, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
+    def _code_and_operand(x_bits, r, sb, op_scale, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
         """Codes of x (fp32 bits) under reciprocal scale r, with the sign in bit 3 (-0 keeps it);
-        and (EMIT_OP) the operand value * sb (* os: OP_SCALED), fp32, signed."""
+        and (EMIT_OP) the operand value * sb (* op_scale: OP_SCALED), fp32, signed."""
         code, s, m = _e2m1(tl.minimum(tl.abs(x_bits.to(tl.float32, bitcast=True) * r), 6.0))
         code = code | ((x_bits >> 28) & 8)
         if EMIT_OP:
             op = (s - m) * sb
             if OP_SCALED:
-                op = op * os
+                op = op * op_scale
             return code, (op.to(tl.int32, bitcast=True) | (x_bits & -2147483648)).to(tl.float32, bitcast=True)
         return code, s
 
     @triton.jit
-    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, os_ptr, pid, n_blocks,
+    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, op_scale_ptr, pid, n_blocks,
                          R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
         blk = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
         bmask = blk < n_blocks
@@ -142,9 +142,9 @@ if HAVE_TRITON:
         s8 = s.to(tl.float8e4nv)
         sb = s8.to(tl.float32)[:, None]
         r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), sb)
-        os = tl.load(os_ptr) if OP_SCALED else 1.0
-        c_lo, v_lo = _code_and_operand(lo, r, sb, os, EMIT_OP, OP_SCALED)
-        c_hi, v_hi = _code_and_operand(hi, r, sb, os, EMIT_OP, OP_SCALED)
+        op_scale = tl.load(op_scale_ptr) if OP_SCALED else 1.0
+        c_lo, v_lo = _code_and_operand(lo, r, sb, op_scale, EMIT_OP, OP_SCALED)
+        c_hi, v_hi = _code_and_operand(hi, r, sb, op_scale, EMIT_OP, OP_SCALED)
         tl.store(packed_ptr + pair, (c_lo | (c_hi << 4)).to(tl.uint8), mask=mask)
         tl.store(scale_ptr + blk, s8.to(tl.uint8, bitcast=True), mask=bmask)
         if EMIT_OP:  # bf16 operand pairs
