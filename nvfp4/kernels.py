@@ -59,17 +59,22 @@ def amax_enabled(x: torch.Tensor) -> bool:
 _KIND = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 if HAVE_TRITON:
+    SIGNS: tl.constexpr = tl.constexpr(-2147450880)  # 0x80008000, the sign bits of a 16-bit pair
+    M_SCALE: tl.constexpr = tl.constexpr(4194411.0)  # 2**22 + 107: 2**E * M_SCALE is _e2m1's m
 
     @triton.jit
     def _unpack_pair(w, KIND: tl.constexpr):
-        """An integer holding two elements -> (even, odd) as fp32, bits unchanged."""
+        """An integer holding two elements -> (even, odd) as fp32, bits unchanged, and an int32
+        holding their sign bits at bits 15 and 31 (where a bf16 or fp16 pair has them)."""
         if KIND == 0:  # bf16: the upper half of an fp32
-            return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+            return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True), w & SIGNS
         elif KIND == 1:
             lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32), w & SIGNS
         else:
-            return w.to(tl.int32).to(tl.float32, bitcast=True), (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            lo, hi = w.to(tl.int32), (w >> 32).to(tl.int32)
+            signs = ((lo >> 16) & 0x8000) | (hi & -2147483648)
+            return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True), signs
 
     @triton.jit
     def _pack_pair(lo, hi, KIND: tl.constexpr):
@@ -87,16 +92,20 @@ if HAVE_TRITON:
             return (lo32 & 0xFFFFFFFF) | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
 
     @triton.jit
-    def _e2m1(a):
-        """fp32 magnitude in [0, 6] -> (code 0-7, a + m, m), a rounded half to even onto the E2M1
-        grid by the FPU: m = 2**(E+22), E >= 0 the exponent of max(a, 1), so a + m has an ulp of
-        2**(E-1), the grid spacing at a (below 1 it is 0.5), and (a + m) - m is the E2M1 value.
-        The sum's bits count the grid steps above m; code = steps + 2E (same parity: a tie goes
-        to the even code). Every fp32 in [0, 6] checked against ``format._e2m1_codes``."""
-        e = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)  # the bits of 2**E
-        m = (e + (22 << 23)).to(tl.float32, bitcast=True)
-        s = a + m
-        return s.to(tl.int32, bitcast=True) - e + (e >> 22) - ((22 << 23) + 254), s, m
+    def _e2m1(x, r):
+        """|x * r| clamped to 6, rounded half to even onto the E2M1 grid by the FPU: s = a + m with
+        m = 2**(E+22) + 214 * 2**(E-1), E >= 0 the exponent of max(a, 1), so s has an ulp of
+        2**(E-1), the grid spacing at a (below 1 it is 0.5). Its mantissa is 214 + k, k <= 4 the
+        grid steps of rounded a above 0 (214 is even: a tie goes to the even k, the even code),
+        and its exponent field 149 + E, so code = k + 2E is the low byte of bits(s) + (bits(s) >> 22)
+        (214 + 2 * 149 = 512).
+        Returns that sum, s and 2**E; s - m is the E2M1 value. Every fp32 in [0, 6] checked
+        against ``format._e2m1_codes`` (benchmarks/results/e2m1_rounding_exhaustive.py)."""
+        a = tl.minimum(tl.abs(x * r), 6.0)
+        e = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        s = tl.fma(e, M_SCALE, a)  # a + m, rounded once (e * M_SCALE is exact)
+        bits = s.to(tl.int32, bitcast=True)
+        return bits + (bits >> 22), s, e
 
     @triton.jit
     def _clamp(v, lo, hi):
@@ -112,17 +121,17 @@ if HAVE_TRITON:
         return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _code_and_operand(x_bits, r, sb, op_scale, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
-        """Codes of x (fp32 bits) under reciprocal scale r, with the sign in bit 3 (-0 keeps it);
-        and (EMIT_OP) the operand value * sb (* op_scale: OP_SCALED), fp32, signed."""
-        code, s, m = _e2m1(tl.minimum(tl.abs(x_bits.to(tl.float32, bitcast=True) * r), 6.0))
-        code = code | ((x_bits >> 28) & 8)
-        if EMIT_OP:
-            op = (s - m) * sb
-            if OP_SCALED:
-                op = op * op_scale
-            return code, (op.to(tl.int32, bitcast=True) | (x_bits & -2147483648)).to(tl.float32, bitcast=True)
-        return code, s
+    def _nan_max(a, b):
+        """max that keeps NaN (as torch's amax)."""
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _operand(s, e, sb, op_scale, OP_SCALED: tl.constexpr):
+        """|E2M1 value| * block scale (* op_scale), fp32; s - m is exact."""
+        op = tl.fma(e, -M_SCALE, s) * sb
+        if OP_SCALED:
+            op = op * op_scale
+        return op
 
     @triton.jit
     def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, op_scale_ptr, pid, n_blocks,
@@ -131,29 +140,27 @@ if HAVE_TRITON:
         bmask = blk < n_blocks
         pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
         mask = bmask[:, None]
-        lo, hi = _unpack_pair(tl.load(x_ptr + pair, mask=mask, other=0), KIND)
-        lo, hi = lo.to(tl.int32, bitcast=True), hi.to(tl.int32, bitcast=True)
-        # Block amax on the bits of |x|: NaN and Inf compare above every finite value.
-        mag = tl.maximum(tl.max(lo & 0x7FFFFFFF, axis=1), tl.max(hi & 0x7FFFFFFF, axis=1))
+        lo, hi, signs = _unpack_pair(tl.load(x_ptr + pair, mask=mask, other=0), KIND)
+        mag = tl.reduce(_nan_max(tl.abs(lo), tl.abs(hi)), 1, _nan_max)  # block amax; NaN wins
         s_t = tl.load(s_ptr)
-        s = tl.math.div_rn(tl.math.div_rn(mag.to(tl.float32, bitcast=True), 6.0), s_t)
-        s = _clamp(s, 0.015625, 448.0)
-        s = tl.where(mag >= 0x7F800000, float("nan"), s)
+        s = tl.math.div_rn(tl.math.div_rn(mag, 6.0), s_t)
+        s = tl.where(mag < float("inf"), _clamp(s, 0.015625, 448.0), float("nan"))
         s8 = s.to(tl.float8e4nv)
         sb = s8.to(tl.float32)[:, None]
         r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), sb)
-        op_scale = tl.load(op_scale_ptr) if OP_SCALED else 1.0
-        c_lo, v_lo = _code_and_operand(lo, r, sb, op_scale, EMIT_OP, OP_SCALED)
-        c_hi, v_hi = _code_and_operand(hi, r, sb, op_scale, EMIT_OP, OP_SCALED)
-        tl.store(packed_ptr + pair, (c_lo | (c_hi << 4)).to(tl.uint8), mask=mask)
+        c_lo, s_lo, e_lo = _e2m1(lo, r)
+        c_hi, s_hi, e_hi = _e2m1(hi, r)
+        # The byte (sign_hi, code_hi, sign_lo, code_lo): the high word of signs * (2**20 + 2**8)
+        # is sign_lo * 8 + sign_hi * 128 in its low byte (and a bit above it); the sums' bits
+        # above their low bytes only carry upward. Only the low byte is stored.
+        byte = tl.umulhi(signs, 0x100100) + (c_lo + (c_hi << 4))
+        tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=mask)
         tl.store(scale_ptr + blk, s8.to(tl.uint8, bitcast=True), mask=bmask)
-        if EMIT_OP:  # bf16 operand pairs
-            if OP_SCALED:
-                op = _pack_pair(v_lo, v_hi, 0)
-            else:  # code * block scale is exact in bf16 (<= 6 significant bits): its fp32 bits' upper half
-                lo_bits, hi_bits = v_lo.to(tl.int32, bitcast=True), v_hi.to(tl.int32, bitcast=True)
-                op = ((lo_bits >> 16) & 0xFFFF) | (hi_bits & -65536)
-            tl.store(op_ptr + pair, op, mask=mask)
+        if EMIT_OP:  # bf16 operand pairs: magnitudes rounded to nearest even (exact unless OP_SCALED), signs
+            op_scale = tl.load(op_scale_ptr) if OP_SCALED else 1.0
+            v_lo = _operand(s_lo, e_lo, sb, op_scale, OP_SCALED)
+            v_hi = _operand(s_hi, e_hi, sb, op_scale, OP_SCALED)
+            tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0) | signs, mask=mask)
 
     @triton.jit
     def _quantize_kernel(xa, sa, pa, ca, oa, osa, na, xb, sb, pb, cb, ob, osb, nb, programs_a, R: tl.constexpr,

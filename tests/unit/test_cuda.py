@@ -101,6 +101,27 @@ def test_kernels_equal_reference_on_random_tensors(shape, dtype):
     assert torch.equal(nvfp4.abs_max(x.cuda()).cpu(), nvfp4.abs_max(x))
 
 
+@pytest.mark.parametrize("mode", ["pow2", "amax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
+    """Every finite bf16/fp16 bit pattern: each run of 256 neighbouring values (one or two
+    binades: subnormals, every tie) as its own tensor, in order and shuffled, and all of them
+    shuffled into one tensor (mixed magnitudes per block); codes, scales and operand bitwise."""
+    from nvfp4.format import quantize_for_gemm
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)].reshape(-1, 256)
+    tensors = [t for row in x for t in (row.reshape(16, 16), row[torch.randperm(256, generator=g)].reshape(16, 16))]
+    for x in tensors + [x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(-1, 256)]:
+        s = nvfp4.tensor_scale(nvfp4.abs_max(x), mode)
+        ref, ref_op = quantize_for_gemm(x, s)
+        got, op = quantize_for_gemm(x.cuda(), s.cuda())
+        assert torch.equal(got.packed.cpu(), ref.packed)
+        assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
+        assert torch.equal(op.cpu().float(), ref_op)
+
+
 def test_abs_max_kernel_equals_reference():
     g = torch.Generator().manual_seed(5)
     big = torch.randn(3000, 4096, generator=g)  # many programs, each grid-striding

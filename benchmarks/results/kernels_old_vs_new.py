@@ -1,19 +1,31 @@
-"""How the old-vs-new tables of quantize_v3_h200_2026-11-29.md were measured (kept as its record).
+"""Old vs new quantize kernel on one GPU, side by side: bitwise on large tensors (three dtypes,
+three magnitudes, both tensor-scale modes, NaN/Inf/-0 blocks), then GB/s; with ``--gemm`` also the
+prescaled GEMM vs the fp32-accumulator path. Kept as the record of the old-vs-new tables of
+quantize_v3_h200_2026-11-29.md (old: ecb3d46, ``--gemm``) and quantize_v4_h200_2026-11-29.md (old: 88143b7).
 
-    mkdir -p .bench/old/nvfp4 && git show ecb3d46:nvfp4/kernels.py > .bench/old/nvfp4/kernels.py
-    python benchmarks/results/kernels_v3_old_vs_new.py
-
-Old (ecb3d46) vs new quantize kernel: bitwise and GB/s side by side; the prescaled GEMM vs the
-fp32-accumulator path.
+    mkdir -p .bench/old/nvfp4 && git show 88143b7:nvfp4/kernels.py > .bench/old/nvfp4/kernels.py
+    python benchmarks/results/kernels_old_vs_new.py [--old .bench/old/nvfp4/kernels.py] [--gemm]
 """
-import importlib.util, os, sys, torch
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
 sys.path.insert(0, os.getcwd())
-spec = importlib.util.spec_from_file_location("kernels_old", ".bench/old/nvfp4/kernels.py")
-old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
-import nvfp4
-from nvfp4 import kernels as new
-from nvfp4.inference import scaled_matmul
-from scripts.bench import timed
+import nvfp4  # noqa: E402
+from nvfp4 import kernels as new  # noqa: E402
+from nvfp4.inference import scaled_matmul  # noqa: E402
+from scripts.bench import timed  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--old", default=".bench/old/nvfp4/kernels.py", help="the old commit's nvfp4/kernels.py")
+p.add_argument("--gemm", action="store_true", help="also the prescaled GEMM check")
+args = p.parse_args()
+spec = importlib.util.spec_from_file_location("kernels_old", args.old)
+old = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old)
 
 print(torch.cuda.get_device_name(), flush=True)
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -60,6 +72,8 @@ for mib in (64, 256, 1024):
     print(f"| {mib} | {copy:.0f} | {gb(qb, t[0]):.0f} | {gb(qb, t[1]):.0f} | {t[0] / t[1]:.2f} | {gb(qb, t[1]) / copy:.2f} "
           f"| {gb(qob, t[2]):.0f} | {gb(qob, t[3]):.0f} | {t[2] / t[3]:.2f} | {gb(qob, t[4]):.0f} |", flush=True)
 
+if not args.gemm:
+    raise SystemExit
 # 3. prescaled weight GEMM (bf16 out) vs the fp32 accumulator path vs the old bf16-GEMM-then-multiply
 print("\nprescaled GEMM == fp32 accumulator * scale -> bf16 (bitwise), and == old bf16 GEMM * scale:")
 for (m, k, n) in ((8192, 3072, 3072), (8192, 3072, 1024), (4096, 4096, 14336), (8192, 8192, 3072), (333, 96, 48), (16384, 4096, 4096)):
