@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nvfp4  # noqa: E402
 from models.llama3.model import shared_input  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
+from training.config import Training  # noqa: E402
+from training.runtime import ScheduledGC  # noqa: E402
 
 LINEAR_FLAVORS = ("1B", "3B", "8B")
 
@@ -179,15 +181,17 @@ def build_step(mode: str, compile: bool, n_layers: int):
 
 def bench_step(rows: list[str], short: bool) -> None:
     rows += [f"## Llama 1B training step (seq {STEP_SEQ}, batch {STEP_BATCH}, bf16 params, FSDP world 1, AdamW)", "",
-             f"Median over repeats of {STEP_CHAIN} steps run back to back (one host sync per {STEP_CHAIN} steps).", "",
+             f"Median over repeats of {STEP_CHAIN} steps run back to back (one host sync per {STEP_CHAIN} steps), "
+             f"garbage collection every training.gc_freq={Training.gc_freq} steps as in training.", "",
              "| mode | compile | tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |", "|---|---|---:|---:|---:|---:|"]
     for compile in ((True,) if short else (False, True)):
         base = None
         for mode in STEP_MODES:
-            step = build_step(mode, compile, 4 if short else 16)
-            torch.cuda.reset_peak_memory_stats()
-            chain = lambda step=step: [step() for _ in range(STEP_CHAIN)]  # noqa: E731
-            ms = timed(chain, warmup=1, repeat=3 if short else 5) / STEP_CHAIN
+            with ScheduledGC(Training.gc_freq) as collector:  # garbage collection as the trainer schedules it
+                step = build_step(mode, compile, 4 if short else 16)
+                torch.cuda.reset_peak_memory_stats()
+                chain = lambda step=step: [(step(), collector.tick()) for _ in range(STEP_CHAIN)]  # noqa: E731
+                ms = timed(chain, warmup=1, repeat=3 if short else 5) / STEP_CHAIN
             tps = STEP_BATCH * STEP_SEQ / ms * 1e3
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)

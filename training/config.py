@@ -71,6 +71,10 @@ class Training:
     """none | selective (recompute MLPs) | full (recompute blocks)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available, else cpu."""
+    gc_freq: int = 50
+    """Python's cyclic garbage collection every gc_freq steps (generation 1) instead of at
+    random allocations, as TorchTitan's training.gc_freq (a collection pauses the host, long
+    after torch.compile); 0: automatic."""
 
 
 @dataclass
@@ -211,6 +215,7 @@ class Config:
             (t.seq_len > 0, "training.seq_len must be > 0"),
             (t.steps > 0, "training.steps must be > 0"),
             (t.max_norm >= 0, "training.max_norm must be >= 0 (0 disables clipping)"),
+            (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
             (self.optimizer.lr > 0, "optimizer.lr must be > 0"),
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),
             (0 <= self.lr_scheduler.warmup_steps <= t.steps,

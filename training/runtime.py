@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -33,6 +34,31 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         store = dist.FileStore(tempfile.mktemp(prefix="nvfp4-titan-store-"), 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1, **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+class ScheduledGC:
+    """Python's cyclic garbage collector on a schedule (TorchTitan's GarbageCollection): inside
+    the ``with``, automatic collection is off and every ``freq``-th ``tick()`` collects
+    generations 0-1; ``freq`` 0 leaves collection automatic. An automatic collection pauses the
+    host at a random step (tens of ms with torch.compile's objects), stalling a host-bound step."""
+
+    def __init__(self, freq: int) -> None:
+        self.freq, self.ticks, self._was_enabled = freq, 0, gc.isenabled()
+
+    def __enter__(self) -> ScheduledGC:
+        if self.freq:
+            gc.collect(1)
+            gc.disable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.freq and self._was_enabled:
+            gc.enable()
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.freq and self.ticks % self.freq == 0:
+            gc.collect(1)
 
 
 def setup_logging(rank: int, log_dir: Path | None = None) -> None:

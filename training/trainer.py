@@ -29,7 +29,7 @@ from training import checkpoint as ckpt
 from training.config import Config, ConfigError, to_toml
 from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
 from training.optim import build_optimizer, lr_at, set_lr
-from training.runtime import init_distributed, pick_device, setup_logging
+from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_word_embeddings")
@@ -171,24 +171,26 @@ class Trainer:
                  f"QAT {'on' if cfg.qat.enable else 'off'}, {t.steps} steps of {self.global_batch} x {t.seq_len} tokens")
         window_tokens, window_start = 0, time.perf_counter()
         try:
-            while self.step < t.steps:
-                self.step += 1
-                self._prepare_qat()
-                loss, grad_norm, lr = self._train_step()
-                window_tokens += self.global_batch * t.seq_len
-                if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
-                    dt = time.perf_counter() - window_start
-                    values = self._metrics(loss, grad_norm, lr, window_tokens / dt, fpt, peak)
-                    self.metrics.log(self.step, values)
-                    window_tokens, window_start = 0, time.perf_counter()
-                if self.val_loader is not None and (self.step % cfg.validation.freq == 0 or self.step == t.steps):
-                    self.metrics.log(self.step, {"validation/loss": self._validate()})
-                if self._should_stop():
-                    self._save()
-                    log.info(f"stopped by signal after step {self.step}; resume by running the same command")
-                    return 0
-                if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == t.steps):
-                    self._save()
+            with ScheduledGC(t.gc_freq) as collector:
+                while self.step < t.steps:
+                    self.step += 1
+                    self._prepare_qat()
+                    loss, grad_norm, lr = self._train_step()
+                    collector.tick()
+                    window_tokens += self.global_batch * t.seq_len
+                    if self.step % cfg.metrics.log_freq == 0 or self.step == t.steps:
+                        dt = time.perf_counter() - window_start
+                        values = self._metrics(loss, grad_norm, lr, window_tokens / dt, fpt, peak)
+                        self.metrics.log(self.step, values)
+                        window_tokens, window_start = 0, time.perf_counter()
+                    if self.val_loader is not None and (self.step % cfg.validation.freq == 0 or self.step == t.steps):
+                        self.metrics.log(self.step, {"validation/loss": self._validate()})
+                    if self._should_stop():
+                        self._save()
+                        log.info(f"stopped by signal after step {self.step}; resume by running the same command")
+                        return 0
+                    if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or self.step == t.steps):
+                        self._save()
         finally:
             self.metrics.close()
         return 0

@@ -58,6 +58,7 @@ def test_unknown_key_suggests_closest(tmp_path):
     ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static', 'none'\]; did you mean 'dynamic'"),
     ("--qat.include=layers", "qat.include must be a list of strings"),
     ("--training.steps=0", "training.steps must be > 0"),
+    ("--training.gc_freq=-1", "training.gc_freq must be >= 0"),
     ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),
     ("--checkpoint.initial_load_in_hf=true", "needs checkpoint.initial_load_path"),
 ])
@@ -77,3 +78,28 @@ def test_help_lists_every_key_with_its_doc():
 def test_nvfp4_all_gather_needs_qat_from_the_start():
     with pytest.raises(ConfigError, match="fsdp_nvfp4_all_gather needs qat.enable = true and qat.start_step = 0"):
         load_config(None, ["--qat.fsdp_nvfp4_all_gather=true", "--qat.start_step=5"])
+
+
+
+def test_scheduled_gc_collects_every_freq_ticks_and_restores_automatic():
+    """Inside: automatic collection off, a generation-1 collection at every freq-th tick;
+    after: automatic again. freq 0 leaves collection automatic."""
+    import gc
+
+    from training.runtime import ScheduledGC
+
+    starts = []
+    callback = lambda phase, info: starts.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(callback)
+    try:
+        with ScheduledGC(2) as collector:
+            assert not gc.isenabled()
+            starts.clear()
+            for _ in range(5):
+                collector.tick()
+            assert starts == [1, 1]
+    finally:
+        gc.callbacks.remove(callback)
+    assert gc.isenabled()
+    with ScheduledGC(0):
+        assert gc.isenabled()
