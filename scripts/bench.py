@@ -59,10 +59,11 @@ class Projection(torch.nn.Module):
         return shared_input(tuple(self.linears), x)
 
 
-def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False) -> float:
-    """Median milliseconds of fn() on the current stream. ``gpu_only``: the GPU first spins
-    ~10 ms while the CPU enqueues fn, so that launch latency is hidden and the time is the
-    kernels' (a model's many layers hide it the same way when the GPU is the bottleneck).
+def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False, samples: list | None = None) -> float:
+    """Median milliseconds of fn() on the current stream; each repeat's appended to ``samples``.
+    ``gpu_only``: the GPU first spins ~10 ms while the CPU enqueues fn, so that launch latency
+    is hidden and the time is the kernels' (a model's many layers hide it the same way when the
+    GPU is the bottleneck).
     A QAT projection's fwd+bwd takes up to ~3 ms of CPU to enqueue: a shorter spin let it show."""
     for _ in range(warmup):
         fn()
@@ -76,6 +77,8 @@ def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False) -> floa
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    if samples is not None:
+        samples += times
     return statistics.median(times)
 
 
@@ -183,7 +186,8 @@ def bench_step(rows: list[str], short: bool) -> None:
     rows += [f"## Llama 1B training step (seq {STEP_SEQ}, batch {STEP_BATCH}, bf16 params, FSDP world 1, AdamW)", "",
              f"Median over repeats of {STEP_CHAIN} steps run back to back (one host sync per {STEP_CHAIN} steps), "
              f"garbage collection every training.gc_freq={Training.gc_freq} steps as in training.", "",
-             "| mode | compile | tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |", "|---|---|---:|---:|---:|---:|"]
+             "| mode | compile | tokens/s | repeats' tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |",
+             "|---|---|---:|---|---:|---:|---:|"]
     for compile in ((True,) if short else (False, True)):
         base = None
         for mode in STEP_MODES:
@@ -191,11 +195,14 @@ def bench_step(rows: list[str], short: bool) -> None:
                 step = build_step(mode, compile, 4 if short else 16)
                 torch.cuda.reset_peak_memory_stats()
                 chain = lambda step=step: [(step(), collector.tick()) for _ in range(STEP_CHAIN)]  # noqa: E731
-                ms = timed(chain, warmup=1, repeat=3 if short else 5) / STEP_CHAIN
+                samples = []
+                ms = timed(chain, warmup=1, repeat=3 if short else 5, samples=samples) / STEP_CHAIN
             tps = STEP_BATCH * STEP_SEQ / ms * 1e3
+            each = " ".join(f"{STEP_BATCH * STEP_SEQ * STEP_CHAIN / s * 1e-3:.1f}k" for s in samples)
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)
-            rows.append(f"| {mode} | {compile} | {tps:,.0f} | {mem:.2f} | {tps / base[0]:.2f} | {mem / base[1]:.2f} |")
+            rows.append(f"| {mode} | {compile} | {tps:,.0f} | {each} | {mem:.2f} | {tps / base[0]:.2f} | "
+                        f"{mem / base[1]:.2f} |")
             del step, chain  # build_step frees them
     rows.append("")
 
