@@ -198,7 +198,7 @@ def bench_step(rows: list[str], short: bool) -> None:
                 samples = []
                 ms = timed(chain, warmup=1, repeat=3 if short else 5, samples=samples) / STEP_CHAIN
             tps = STEP_BATCH * STEP_SEQ / ms * 1e3
-            each = " ".join(f"{STEP_BATCH * STEP_SEQ * STEP_CHAIN / s * 1e-3:.1f}k" for s in samples)
+            each = " ".join(f"{STEP_BATCH * STEP_SEQ * STEP_CHAIN / s:.1f}k" for s in samples)  # tokens/ms
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)
             rows.append(f"| {mode} | {compile} | {tps:,.0f} | {each} | {mem:.2f} | {tps / base[0]:.2f} | "
