@@ -6,7 +6,7 @@
 Compiles each kernel as the runtime does (16-byte aligned pointers) and prints, per variant,
 the instruction count of one branch per element and the most frequent opcodes. The quantize
 kernel was issue-bound on H200 at 22 per element (0.70 of copy bandwidth,
-benchmarks/results/quantize_v3_h200_2026-11-29.md); at 18 it reaches 0.83-0.88 (quantize_v4_h200_2026-11-29.md).
+benchmarks/results/quantize_v3_h200_2026-11-29.md); at 18 it reaches 0.81-0.88 (quantize_v4_h200_2026-11-29.md).
 Counts are static: the divisions' rarely taken slow paths are included.
 """
 
