@@ -3,9 +3,10 @@
 Same fp32 arithmetic in the same order: divisions are correctly rounded (``div_rn``, as the
 CPU and torch's CUDA division by a device tensor), the e4m3 cast rounds to nearest even
 after the same clamp, E2M1 rounding matches the reference's threshold count (half to even,
-by one FPU add: ``_e2m1``), and the sign comes from the sign bit (so -0 keeps code 8). One pass over x gives the packed codes, the block scales
-and, for the emulated GEMM, the bf16 operand ``code * block_scale``. Blocks holding NaN/Inf
-get a NaN scale as in the reference (their codes are unspecified: they dequantize to NaN).
+by one fused multiply-add: ``_e2m1``), and the sign comes from the sign bit (so -0 keeps
+code 8). One pass over x gives the packed codes, the block scales and, for the emulated
+GEMM, the bf16 operand ``code * block_scale``. Blocks holding NaN/Inf get a NaN scale as in
+the reference (their codes are unspecified: they dequantize to NaN).
 
 Layout: a [M, K] tensor is M*K/16 blocks of 8 element pairs. Each pair is loaded and stored
 as one integer (two bf16 in an int32, two fp32 in an int64), so the pair is at hand for

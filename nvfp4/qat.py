@@ -102,7 +102,7 @@ def _backward_impl(grad_ys, saved, w_dtype, has_bias) -> list[torch.Tensor]:
     for gy, w_dq in zip(gys[::-1], w_dqs[::-1]):  # summed as autograd sums separate linears': last first
         grad_x = gy @ w_dq if grad_x is None else grad_x.add_(gy @ w_dq)
     grad_ws = [(gy.t() @ x_dq).to(w_dtype) for gy in gys]
-    grad_b = grad_ys[0].reshape(-1, grad_ys[0].shape[-1]).sum(0) if has_bias else grad_ys[0].new_empty(0)
+    grad_b = gys[0].sum(0) if has_bias else gys[0].new_empty(0)
     return [grad_x.reshape(*x_packed.shape[:-1], -1), grad_b, *grad_ws]
 
 

@@ -43,9 +43,10 @@ class ScheduledGC:
     host at a random step (tens of ms with torch.compile's objects), stalling a host-bound step."""
 
     def __init__(self, freq: int) -> None:
-        self.freq, self.ticks, self._was_enabled = freq, 0, gc.isenabled()
+        self.freq, self.ticks, self._was_enabled = freq, 0, True
 
     def __enter__(self) -> ScheduledGC:
+        self._was_enabled = gc.isenabled()
         if self.freq:
             gc.collect(1)
             gc.disable()
