@@ -80,7 +80,6 @@ def test_nvfp4_all_gather_needs_qat_from_the_start():
         load_config(None, ["--qat.fsdp_nvfp4_all_gather=true", "--qat.start_step=5"])
 
 
-
 def test_scheduled_gc_collects_every_freq_ticks_and_restores_automatic():
     """Inside: automatic collection off, a generation-1 collection at every freq-th tick;
     after: automatic again. freq 0 leaves collection automatic."""

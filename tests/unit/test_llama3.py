@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nvfp4
-import nvfp4.qat
 from models.llama3 import FLAVORS, CheckpointError, ModelArgs, Transformer, flavor, from_hf, to_hf
 from models.llama3 import state_dict_adapter as adapter
+from tests.unit.test_qat import QuantizeCounter
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -119,12 +119,9 @@ def test_meta_build_prepare_materialize_and_fused_groups(monkeypatch):
     assert model.output.weight is model.tok_embeddings.weight
     wq = model.layers[0].attention.wq
     assert {p.weight.shape[0] for p in wq.amax_peers} == {128}  # wk, wv
-    calls = []  # tensors per quantize_operands call: q/k/v and gate/up quantize their input once
-    quantize = nvfp4.qat.quantize_operands
-    monkeypatch.setattr(nvfp4.qat, "quantize_operands",
-                        lambda pairs, **kw: calls.append(len(pairs)) or quantize(pairs, **kw))
+    counter = QuantizeCounter(monkeypatch)  # q/k/v and gate/up quantize their input once
     loss = model(torch.randint(0, 8192, (2, 32))).float().logsumexp(-1).mean()
-    assert calls == [4, 2, 3, 2] * 2  # per layer: x + wq/wk/wv, x + wo, x + w1/w3, x + w2
+    assert counter.calls == [4, 2, 3, 2] * 2  # per layer: x + wq/wk/wv, x + wo, x + w1/w3, x + w2
     loss.backward()
     assert torch.isfinite(loss) and all(m.weight.grad is not None for m in nvfp4.qat_linears(model))
     for group in model.fused_linear_groups():
