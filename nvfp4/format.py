@@ -60,7 +60,7 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 
 def abs_max(*xs: torch.Tensor) -> torch.Tensor:
     """max |x| over all elements of all xs, fp32 0-dim (NaN if one holds a NaN); one pass, no |x| copy."""
-    if all(kernels.amax_enabled(x) for x in xs):
+    if all(kernels.op_enabled(x) for x in xs):
         return kernels.abs_max(*(x.detach() for x in xs))
     amaxes = []
     for x in xs:
@@ -100,7 +100,7 @@ def _check_mode(mode: str) -> None:
 def amax_and_scale(*xs: torch.Tensor, mode: TensorScaleMode = "pow2") -> tuple[torch.Tensor, torch.Tensor]:
     """``abs_max(*xs)`` and its ``tensor_scale``; on CUDA one kernel computes both."""
     _check_mode(mode)
-    if all(kernels.amax_enabled(x) for x in xs):
+    if all(kernels.op_enabled(x) for x in xs):
         return kernels.amax_and_scale(tuple(x.detach() for x in xs), mode == "pow2")
     amax = abs_max(*xs)
     return amax, tensor_scale(amax, mode)
@@ -177,7 +177,7 @@ def quantize_operands(
     op_scales = op_scales or [None] * len(pairs)
     for x, _ in pairs:
         _check_last_dim(x)
-    if all(kernels.enabled(x) for x, _ in pairs):
+    if all(kernels.op_enabled(x) for x, _ in pairs):
         outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], operand, op_scales)
         return [(NVFP4(packed, s_block, s), op) for (packed, s_block, op), (_, s) in zip(outs, pairs)]
     out = []

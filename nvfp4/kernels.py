@@ -14,9 +14,10 @@ packing its two nibbles, every access is contiguous, and no tile is reshaped. Th
 one pass of integer maxima over the bits of |x| (NaN bits exceed Inf's, so NaN wins as in
 the reference), and the per-tensor scale is one scalar kernel instead of a dozen torch ops.
 
-Dispatch: plain CUDA tensors use these kernels outside ``torch.compile`` tracing (where the
-reference's torch ops fuse) unless ``NVFP4_REFERENCE=1``; everything else (and any machine
-without Triton) uses the reference.
+Dispatch: plain CUDA tensors use these kernels unless ``NVFP4_REFERENCE=1``; everything else
+(and any machine without Triton) uses the reference. Under ``torch.compile`` the amax and quantize
+kernels are ``triton_op``s, which Inductor launches from its own code (``op_enabled``); elsewhere
+in compiled code (the per-tensor scale, dequantization) Inductor's torch ops run.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def enabled(x: torch.Tensor) -> bool:
     return _cuda_kernels_on(x) and type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
-def amax_enabled(x: torch.Tensor) -> bool:
-    """The amax kernel: as ``enabled``, and under torch.compile too, where it is a ``triton_op``
-    that Inductor launches from its own code (on H200 Inductor's own reduction of a [8192, 3072]
-    bf16 input took 73 us; the kernel, 30 us for that input and its weight)."""
+def op_enabled(x: torch.Tensor) -> bool:
+    """The amax and quantize kernels: as ``enabled``, and under torch.compile too,
+    where they are ``triton_op``s that Inductor launches from its own code: a few microseconds of
+    CPU per launch instead of tens through Triton's launcher or an opaque custom op's dispatch (on
+    H200 Inductor's own reduction of a [8192, 3072] bf16 input also took 73 us of GPU; the amax
+    kernel, 30 us for that input and its weight)."""
     if torch.compiler.is_compiling():
         return _cuda_kernels_on(x) and not is_traceable_wrapper_subclass(x)
     return enabled(x)
@@ -257,37 +260,58 @@ def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[s
                                  num_warps=TILE["num_warps"], **meta)
 
 
+def _quantize_launch(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], op_scales: list[torch.Tensor | None],
+                     emit_operand: bool, kernel) -> list[torch.Tensor]:
+    """``quantize``'s outputs, flat: packed, e4m3 block scales, bf16 operand (empty without
+    ``emit_operand``) per tensor."""
+    outs, parts = [], []
+    for x, s, o_scale in zip(xs, s_tensors, op_scales):
+        lead, k = x.shape[:-1], x.shape[-1]
+        packed = torch.empty(*lead, k // 2, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(*lead, k // 16, dtype=torch.uint8, device=x.device)
+        op = torch.empty(*lead, k // 2 if emit_operand else 0, dtype=torch.int32, device=x.device)
+        o_scale = s if o_scale is None else o_scale  # unread without OP_SCALED
+        parts.append((_pairs(x), s, packed, scales, op, o_scale))
+        outs += [packed, scales.view(torch.float8_e4m3fn), op.view(torch.bfloat16)]
+    consts = [{"KIND": _KIND[x.dtype][0], "OP_SCALED": emit_operand and o is not None} for x, o in zip(xs, op_scales)]
+    _launch(kernel, parts, [x.numel() // 16 for x in xs], consts, EMIT_OP=emit_operand)
+    return outs
+
+
+if HAVE_TRITON:
+    @torch.library.triton_op("nvfp4::quantize", mutates_args=())
+    def _quantize_op(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], op_scales: list[torch.Tensor | None],
+                     emit_operand: bool) -> list[torch.Tensor]:
+        """``_quantize_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
+        return _quantize_launch(xs, s_tensors, op_scales, emit_operand, wrap_triton(_quantize_kernel))
+
+
 def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False,
              op_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
     like x; two tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
     operand in fp32 before its rounding to bf16."""
-    op_scales = op_scales or [None] * len(xs)
-    outs, parts = [], []
-    for x, s, o_scale in zip(xs, s_tensors, op_scales):
-        packed = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
-        scales = torch.empty(*x.shape[:-1], x.shape[-1] // 16, dtype=torch.uint8, device=x.device)
-        op = torch.empty(x.shape if emit_operand else (0,), dtype=torch.bfloat16, device=x.device)
-        o_scale = s if o_scale is None else o_scale  # unread without OP_SCALED
-        parts.append((_pairs(x), s.reshape(1), packed, scales, op.view(torch.int32), o_scale.reshape(1)))
-        outs.append((packed, scales.view(torch.float8_e4m3fn), op if emit_operand else None))
-    consts = [{"KIND": _KIND[x.dtype][0], "OP_SCALED": emit_operand and o is not None} for x, o in zip(xs, op_scales)]
-    _launch(_quantize_kernel, parts, [x.numel() // 16 for x in xs], consts, EMIT_OP=emit_operand)
-    return outs
+    op_scales = list(op_scales or [None] * len(xs))
+    if torch.compiler.is_compiling():
+        flat = _quantize_op(list(xs), list(s_tensors), op_scales, emit_operand)
+    else:  # launched directly (through the op each launch would cost a dispatch)
+        flat = _quantize_launch(xs, s_tensors, op_scales, emit_operand, _quantize_kernel)
+    return [(p, sc, op if emit_operand else None) for p, sc, op in zip(flat[0::3], flat[1::3], flat[2::3])]
 
 
 def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
     """(packed, block scales, tensor scale or None) -> code * block_scale (* tensor scale) in
     fp32, cast to dtype, shaped [..., K]; two tensors per launch. The tensor scales are all
     given or all None."""
+    kind, pair = _KIND[dtype]
     outs, parts = [], []
     for packed, scales, s_tensor in qs:
-        out = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype, device=packed.device)
-        s = scales.contiguous().view(torch.uint8)
-        s_t = s if s_tensor is None else s_tensor.reshape(1)  # unread without USE_S
-        parts.append((packed.contiguous(), s, s_t, out.view(_KIND[dtype][1])))
-        outs.append(out)
-    _launch(_dequantize_kernel, parts, [o.numel() // 16 for o in outs], [{"KIND": _KIND[dtype][0]}] * len(outs),
+        out = torch.empty(packed.shape, dtype=pair, device=packed.device)  # one integer holds two outputs
+        scales = scales.contiguous().view(torch.uint8)
+        s_t = scales if s_tensor is None else s_tensor  # unread without USE_S
+        parts.append((packed.contiguous(), scales, s_t, out))
+        outs.append(out.view(dtype))
+    _launch(_dequantize_kernel, parts, [p[0].numel() // 8 for p in parts], [{"KIND": kind}] * len(outs),
             USE_S=qs[0][2] is not None)
     return outs
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 from torch.nn.modules import module as _module
 
+from nvfp4 import kernels
 from nvfp4.format import (
     BLOCK_SIZE,
     NVFP4,
@@ -110,40 +111,33 @@ def _save(ctx: Any, x_scale, w_scale, bias, w_dtype, outputs: list, n: int) -> N
     """What backward needs from the forward of ``n`` weights (both autograd paths)."""
     xp, xb, *w_parts = outputs[n:]
     ctx.save_for_backward(xp, xb, x_scale, w_scale, *w_parts)  # packed: 4.5 bits per element
-    ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
     ctx.has_bias, ctx.w_dtype = bias is not None, w_dtype
-    ctx.y_like = [(y.shape, y.dtype, y.device) for y in outputs[:n]]
-
-
-def _grads_of_outputs(ctx: Any, grads: tuple) -> list[torch.Tensor]:
-    """The gradients of the n outputs y_i, zeros for an unused one."""
-    return [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-            for g, (shape, dtype, device) in zip(grads, ctx.y_like)]
 
 
 class _QATLinearFn(torch.autograd.Function):
-    """Eager path: an autograd.Function has less per-call overhead than a custom op.
-    Arguments: x, bias, x_scale, w_scale, pow2_scales, *weights."""
+    """Returns [y_1..y_n]. Eager, and traced by torch.compile where the Triton kernels run: the
+    forward's amax and quantize kernels are triton_ops there, launched by Inductor; the backward
+    is the opaque ``nvfp4::qat_linear_backward`` (Inductor failed to compile the dequantize kernel
+    as a triton_op in some backward graphs, and this way the input gradient's sum keeps eager's
+    rounding). ``forward`` takes ctx itself (no ``setup_context``): ``apply`` would bind the
+    arguments through ``inspect.signature`` on every call."""
 
     @staticmethod
-    def forward(x, bias, x_scale, w_scale, pow2_scales, *weights):  # type: ignore[override]
-        return tuple(_forward(x, weights, bias, x_scale, w_scale, pow2_scales))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, bias, x_scale, w_scale, _, *weights = inputs
-        _save(ctx, x_scale, w_scale, bias, weights[0].dtype, list(output), len(weights))
+    def forward(ctx: Any, x, bias, x_scale, w_scale, pow2_scales, *weights):  # type: ignore[override]
+        outputs = _forward(x, weights, bias, x_scale, w_scale, pow2_scales)
+        _save(ctx, x_scale, w_scale, bias, weights[0].dtype, outputs, len(weights))
+        return tuple(outputs[:len(weights)])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
-        grad_x, grad_b, *grad_ws = _backward_impl(_grads_of_outputs(ctx, grads), ctx.saved_tensors, ctx.w_dtype,
-                                                  ctx.has_bias)
+        backward = _qat_linear_backward if torch.compiler.is_compiling() else _backward_impl
+        grad_x, grad_b, *grad_ws = backward(list(grads), list(ctx.saved_tensors), ctx.w_dtype, ctx.has_bias)
         return grad_x, grad_b if ctx.has_bias else None, None, None, None, *grad_ws
 
 
-# Under torch.compile the QAT GEMM is a custom op with its own autograd: one opaque node
-# (no graph break; Dynamo does not trace the Triton launches inside, which it failed to
-# do on H100 for the autograd.Function).
+# Under torch.compile without the Triton kernels (the reference quantizer), or with a bias, the
+# QAT GEMM is a custom op with its own autograd: one opaque node, so that Inductor can neither
+# reorder the reference's fp32 arithmetic nor contract the scale and the bias into one fma.
 @torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
 def _qat_linear(
     x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, x_scale: torch.Tensor,
@@ -180,12 +174,16 @@ def _(grad_ys, saved, w_dtype, has_bias):
 
 def _op_setup_context(ctx: Any, inputs: tuple, output: list) -> None:
     _, weights, bias, x_scale, w_scale, _ = inputs
-    _save(ctx, x_scale, w_scale, bias, weights[0].dtype, output, len(weights))
+    n = len(weights)
+    _save(ctx, x_scale, w_scale, bias, weights[0].dtype, output, n)
+    ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
+    ctx.y_like = [(y.shape, y.dtype, y.device) for y in output[:n]]
 
 
 def _op_backward(ctx: Any, grads: list) -> tuple:
-    grad_x, grad_b, *grad_ws = _qat_linear_backward(_grads_of_outputs(ctx, grads), list(ctx.saved_tensors),
-                                                    ctx.w_dtype, ctx.has_bias)
+    grad_ys = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g  # an unused y_i's gradient
+               for g, (shape, dtype, device) in zip(grads, ctx.y_like)]
+    grad_x, grad_b, *grad_ws = _qat_linear_backward(grad_ys, list(ctx.saved_tensors), ctx.w_dtype, ctx.has_bias)
     return grad_x, grad_ws, grad_b if ctx.has_bias else None, None, None, None
 
 
@@ -219,10 +217,9 @@ class _StraightThrough(torch.autograd.Function):
 
 def qat_linear(x, weights: list[torch.Tensor], bias, x_scale, w_scale, pow2_scales: bool) -> list[torch.Tensor]:
     """[y_1..y_n] of ``_forward`` with the straight-through backward."""
-    n = len(weights)
-    if torch.compiler.is_compiling():
-        return _qat_linear(x, weights, bias, x_scale, w_scale, pow2_scales)[:n]
-    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, pow2_scales, *weights)[:n])
+    if torch.compiler.is_compiling() and (bias is not None or not kernels.op_enabled(x)):
+        return _qat_linear(x, weights, bias, x_scale, w_scale, pow2_scales)[:len(weights)]
+    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, pow2_scales, *weights))
 
 
 class NVFP4QATLinear(nn.Linear):

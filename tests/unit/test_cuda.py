@@ -227,14 +227,18 @@ def test_prescaled_weight_gemm_equals_the_scaled_fp32_accumulator(m, k, n):
     assert torch.equal(scaled_matmul(a, b_scaled, None, None, torch.bfloat16), fp32_acc)
 
 
-def test_compiled_qat_linear_runs_the_amax_kernel_and_equals_eager(tmp_path, monkeypatch):
-    """Under torch.compile the amax is the Triton kernel (a triton_op in Inductor's code), not
-    Inductor's own reduction; outputs and gradients equal eager's."""
+@pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
+def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp_path, monkeypatch):
+    """Under torch.compile the QAT linear's forward is traced: Inductor launches the amax and
+    quantize kernels (triton_ops) itself, with no reduction of its own and no opaque forward op;
+    the backward is the opaque op. Outputs and gradients equal eager's (pow2: the scales folded
+    into the weight operand; amax: the fp32 accumulator times the scale)."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(4)
-    lin = nvfp4.NVFP4QATLinear(512, 256, bias=False).cuda().to(torch.bfloat16)
+    lin = nvfp4.NVFP4QATLinear(512, 256, bias=False, config=nvfp4.QATConfig(tensor_scale=tensor_scale))
+    lin = lin.cuda().to(torch.bfloat16)
     x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def fwd_bwd(fn):
@@ -245,6 +249,23 @@ def test_compiled_qat_linear_runs_the_amax_kernel_and_equals_eager(tmp_path, mon
 
     eager = fwd_bwd(lin)
     compiled, codes = run_and_get_code(fwd_bwd, torch.compile(lin, dynamic=True))
-    assert any("_abs_max_kernel" in code for code in codes)
-    assert not any("aminmax" in code for code in codes)
+    for name in ("_abs_max_kernel", "_quantize_kernel", "nvfp4.qat_linear_backward.default"):
+        assert any(name in code for code in codes), name
+    assert not any("aminmax" in code or "nvfp4.qat_linear.default" in code for code in codes)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_compiled_shared_input_group_equals_eager(tmp_path, monkeypatch):
+    """q/k/v under torch.compile (forward traced, backward the opaque op): outputs and gradients
+    equal eager's bitwise, the input gradient's sum of three terms included."""
+    from tests.unit.test_qat import QKV, _fwd_bwd
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(6)
+    m = QKV().cuda().to(torch.bfloat16)
+    nvfp4.prepare(m)
+    x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
+    params = [m.wq.weight, m.wk.weight, m.wv.weight]
+    eager, eager_grads = _fwd_bwd(m, x, params)
+    compiled, grads = _fwd_bwd(torch.compile(m), x, params)
+    assert all(torch.equal(a, b) for a, b in zip(compiled + grads, eager + eager_grads))
