@@ -93,7 +93,17 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
             check_local_blocks(name, m.weight)
 
 
+# Dynamo settings for compiled blocks. A selectively checkpointed MLP is traced as one
+# checkpoint region only if forward side effects in it need not be replayed on recompute: QAT
+# linears record their input amax for metrics (recomputation would record the same value), and
+# without this the region falls out of the graph. TorchTitan sets the same for compile + AC
+# (pytorch/torchtitan, torchtitan/experiments/simple_fsdp/llama3/parallelize.py).
+DYNAMO_CONFIG = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
+
+
 def apply_compile(model: Transformer) -> None:
+    for key, value in DYNAMO_CONFIG.items():
+        setattr(torch._dynamo.config, key, value)
     for block in model.layers:
         block.compile()  # in place: parameter names stay layers.N.*
 

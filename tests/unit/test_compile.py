@@ -6,6 +6,7 @@ import torch._dynamo
 import nvfp4
 from models.llama3 import FLAVORS, Transformer
 from models.llama3.model import rope_tables
+from parallel.parallelize import DYNAMO_CONFIG, apply_compile
 
 
 def test_qat_linear_and_block_have_no_graph_breaks():
@@ -18,6 +19,39 @@ def test_qat_linear_and_block_have_no_graph_breaks():
     cos, sin = rope_tables(args, 16, torch.device("cpu"))
     explanation = torch._dynamo.explain(block)(torch.randn(2, 16, args.dim), cos, sin)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_selectively_checkpointed_qat_block_compiles_whole(tmp_path, monkeypatch):
+    """With apply_compile's Dynamo settings the checkpointed MLP of a QAT block stays in the graph
+    (without them the input-amax metric it records broke it out), outputs equal eager's, the
+    compiled gradients equal those of the same block compiled without checkpointing, and the
+    metric is still recorded."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        apply_compile(Transformer(FLAVORS["debug"].with_(n_layers=1)))
+        assert all(getattr(torch._dynamo.config, k) == v for k, v in DYNAMO_CONFIG.items())
+    runs = {}
+    for ac in ("selective", "none"):
+        torch.manual_seed(0)
+        model = Transformer(FLAVORS["debug"].with_(n_layers=1, activation_checkpoint=ac))
+        nvfp4.prepare(model)
+        model.init_weights()
+        block, x = model.layers[0], torch.randn(2, 16, model.args.dim, generator=torch.Generator().manual_seed(1))
+        cos, sin = rope_tables(model.args, 16, x.device)
+        with torch._dynamo.config.patch(DYNAMO_CONFIG):
+            if ac == "selective":
+                explanation = torch._dynamo.explain(block)(x, cos, sin)
+                assert explanation.graph_break_count == 0, explanation.break_reasons
+                for m in nvfp4.qat_linears(block):
+                    m.last_input_amax = None
+            torch._dynamo.reset()
+            x = x.requires_grad_()
+            y = torch.compile(block)(x, cos, sin)
+            y.square().sum().backward()
+        assert torch.equal(y, block(x, cos, sin))
+        assert all(m.last_input_amax is not None for m in nvfp4.qat_linears(block))
+        runs[ac] = (y, x.grad)
+    assert all(torch.equal(a, b) for a, b in zip(runs["selective"], runs["none"]))
 
 
 def test_compiled_qat_linear_equals_eager_forward_and_backward(tmp_path, monkeypatch):
