@@ -1,12 +1,13 @@
 """CPU time to enqueue a QAT projection's work, piece by piece, against bf16 (one CUDA GPU).
 
-    python scripts/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--python]
+    python scripts/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--python] [--trace DIR]
 
 A training step is launch-bound where the CPU needs longer to enqueue a layer than the GPU to
 run it. Each figure is microseconds of CPU per call, with the GPU held busy (``torch.cuda._sleep``)
 so that no launch waits for the device: forward + backward of the Llama block projection (eager
 and compiled, bf16 and QAT) and the pieces a QAT call is made of. ``--python``: cProfile's
-functions with the most own time over the compiled QAT forward + backward.
+functions with the most own and cumulative time over the QAT forward + backward (eager, compiled);
+``--trace DIR``: a torch.profiler CPU trace of each forward + backward row (chrome://tracing).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--python", action="store_true")
     p.add_argument("--trace", type=Path, help="write a Chrome trace (CPU ops) of each fwd+bwd row here")
     a = p.parse_args()
+    if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
+        sys.exit("host_time.py needs a CUDA GPU and Triton")
     x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gys = [torch.randn(a.tokens, n, device="cuda", dtype=torch.bfloat16) for n in a.widths]
     ref, qat = (Projection(a.k, tuple(a.widths), q).to("cuda", torch.bfloat16) for q in (False, True))
@@ -63,13 +66,14 @@ def main() -> None:
     sx = nvfp4.tensor_scale(nvfp4.abs_max(xd))
     sw = nvfp4.tensor_scale(nvfp4.abs_max(*wd))
     args = (xd, None, sx, sw, True, *wd)
-    qs = [(q[0], q[1], None) for q in kernels.quantize([xd, *wd], [sx] * 4)]
+    n, s_all = len(wd), [sx] * (1 + len(wd))
+    qs = [(q[0], q[1], None) for q in kernels.quantize([xd, *wd], s_all)]
     times = {name: enqueue_us(fn) for name, fn in rows.items()}
     pieces = {
         "amax_and_scale(x)": lambda: kernels.amax_and_scale((xd,), True),
-        "quantize x + 3 W (2 launches)": lambda: kernels.quantize([xd, *wd], [sx] * 4, True),
+        f"quantize x + {n} W ({n // 2 + 1} launches)": lambda: kernels.quantize([xd, *wd], s_all, True),
         "quantize x alone (1 launch)": lambda: kernels.quantize([xd], [sx], True),
-        "dequantize x + 3 W (2 launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
+        f"dequantize x + {n} W ({n // 2 + 1} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
         "torch.mm (one GEMM)": lambda: torch.mm(xd, wd[0].t()),
         "torch.empty": lambda: torch.empty(a.tokens, a.k, device="cuda"),
         "qat._forward (the quantize and GEMM glue)": lambda: _forward(xd, wd, None, sx, sw, True),
