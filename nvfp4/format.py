@@ -10,7 +10,7 @@ All arithmetic is fp32 whatever the input dtype, so CPU and CUDA give identical 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 
@@ -99,11 +99,18 @@ def _check_mode(mode: str) -> None:
 
 def amax_and_scale(*xs: torch.Tensor, mode: TensorScaleMode = "pow2") -> tuple[torch.Tensor, torch.Tensor]:
     """``abs_max(*xs)`` and its ``tensor_scale``; on CUDA one kernel computes both."""
+    return amaxes_and_scales([xs], mode)[0]
+
+
+def amaxes_and_scales(
+    groups: Sequence[Sequence[torch.Tensor]], mode: TensorScaleMode = "pow2"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``amax_and_scale`` of each group of tensors (e.g. a linear's input, and its weights); on
+    CUDA one kernel launch for up to four tensors in all."""
     _check_mode(mode)
-    if all(kernels.op_enabled(x) for x in xs):
-        return kernels.amax_and_scale(tuple(x.detach() for x in xs), mode == "pow2")
-    amax = abs_max(*xs)
-    return amax, tensor_scale(amax, mode)
+    if all(kernels.op_enabled(x) for g in groups for x in g):
+        return kernels.amaxes_and_scales([[x.detach() for x in g] for g in groups], mode == "pow2")
+    return [(amax, tensor_scale(amax, mode)) for amax in (abs_max(*g) for g in groups)]
 
 
 def _scale_for(x: torch.Tensor, amax: torch.Tensor | None, mode: TensorScaleMode) -> torch.Tensor:
@@ -171,7 +178,7 @@ def quantize_operands(
     op_scales: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
     """``quantize_for_gemm`` of several (x, tensor scale), e.g. the operands of a GEMM: on CUDA
-    two per launch. ``op_scales``: per tensor an fp32 0-dim factor of its operand (applied in
+    four per launch. ``op_scales``: per tensor an fp32 0-dim factor of its operand (applied in
     fp32 before the cast, as ``dequantize`` applies a tensor scale), or None."""
     pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
     op_scales = op_scales or [None] * len(pairs)
@@ -246,7 +253,7 @@ def dequantize(q: NVFP4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def dequantize_all(qs: list[NVFP4], dtype: torch.dtype = torch.float32, scaled: bool = True) -> list[torch.Tensor]:
-    """``dequantize`` of several tensors (on CUDA two per launch); ``scaled=False``:
+    """``dequantize`` of several tensors (on CUDA four per launch); ``scaled=False``:
     ``dequantize_unscaled``."""
     return _dequantize(qs, dtype, scaled)
 

@@ -23,6 +23,7 @@ in compiled code (the per-tensor scale, dequantization) Inductor's torch ops run
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -167,15 +168,24 @@ if HAVE_TRITON:
             tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0) | signs, mask=mask)
 
     @triton.jit
-    def _quantize_kernel(xa, sa, pa, ca, oa, osa, na, xb, sb, pb, cb, ob, osb, nb, programs_a, R: tl.constexpr,
-                         KIND_A: tl.constexpr, KIND_B: tl.constexpr, OP_SCALED_A: tl.constexpr,
-                         OP_SCALED_B: tl.constexpr, EMIT_OP: tl.constexpr):
-        """Tensor a on the first ``programs_a`` programs, tensor b (if launched) on the rest."""
+    def _quantize_kernel(xa, sa, pa, ca, oa, osa, na, xb, sb, pb, cb, ob, osb, nb,
+                         xc, sc, pc, cc, oc, osc, nc, xd, sd, pd, cd, od, osd, nd, end_a, end_b, end_c, N: tl.constexpr,
+                         R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
+                         KIND_D: tl.constexpr, OP_SCALED_A: tl.constexpr, OP_SCALED_B: tl.constexpr,
+                         OP_SCALED_C: tl.constexpr, OP_SCALED_D: tl.constexpr, EMIT_OP: tl.constexpr):
+        """The first N of tensors a to d, on consecutive ranges of programs (``_slot_ends``)."""
         pid = tl.program_id(0)
-        if pid < programs_a:
+        if pid < end_a:
             _quantize_blocks(xa, sa, pa, ca, oa, osa, pid, na, R, KIND_A, EMIT_OP, OP_SCALED_A)
-        else:
-            _quantize_blocks(xb, sb, pb, cb, ob, osb, pid - programs_a, nb, R, KIND_B, EMIT_OP, OP_SCALED_B)
+        if N > 1:
+            if (pid >= end_a) & (pid < end_b):
+                _quantize_blocks(xb, sb, pb, cb, ob, osb, pid - end_a, nb, R, KIND_B, EMIT_OP, OP_SCALED_B)
+        if N > 2:
+            if (pid >= end_b) & (pid < end_c):
+                _quantize_blocks(xc, sc, pc, cc, oc, osc, pid - end_b, nc, R, KIND_C, EMIT_OP, OP_SCALED_C)
+        if N > 3:
+            if pid >= end_c:
+                _quantize_blocks(xd, sd, pd, cd, od, osd, pid - end_c, nd, R, KIND_D, EMIT_OP, OP_SCALED_D)
 
     @triton.jit
     def _dequantize_blocks(packed_ptr, scale_ptr, s_ptr, out_ptr, pid, n_blocks,
@@ -194,13 +204,21 @@ if HAVE_TRITON:
         tl.store(out_ptr + pair, _pack_pair(lo, hi, KIND), mask=mask)
 
     @triton.jit
-    def _dequantize_kernel(pa, ca, sa, oa, na, pb, cb, sb, ob, nb, programs_a,
-                           R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, USE_S: tl.constexpr):
+    def _dequantize_kernel(pa, ca, sa, oa, na, pb, cb, sb, ob, nb, pc, cc, sc, oc, nc, pd, cd, sd, od, nd,
+                           end_a, end_b, end_c, N: tl.constexpr, R: tl.constexpr, KIND_A: tl.constexpr,
+                           KIND_B: tl.constexpr, KIND_C: tl.constexpr, KIND_D: tl.constexpr, USE_S: tl.constexpr):
         pid = tl.program_id(0)
-        if pid < programs_a:
+        if pid < end_a:
             _dequantize_blocks(pa, ca, sa, oa, pid, na, R, KIND_A, USE_S)
-        else:
-            _dequantize_blocks(pb, cb, sb, ob, pid - programs_a, nb, R, KIND_B, USE_S)
+        if N > 1:
+            if (pid >= end_a) & (pid < end_b):
+                _dequantize_blocks(pb, cb, sb, ob, pid - end_a, nb, R, KIND_B, USE_S)
+        if N > 2:
+            if (pid >= end_b) & (pid < end_c):
+                _dequantize_blocks(pc, cc, sc, oc, pid - end_b, nc, R, KIND_C, USE_S)
+        if N > 3:
+            if pid >= end_c:
+                _dequantize_blocks(pd, cd, sd, od, pid - end_c, nd, R, KIND_D, USE_S)
 
     @triton.jit
     def _scale_of(a, POW2: tl.constexpr):
@@ -214,11 +232,13 @@ if HAVE_TRITON:
         return tl.where(a == 0.0, 1.0, s)
 
     @triton.jit
-    def _abs_max_kernel(x_ptr, buf_ptr, n, programs, SCALE: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
-        """buf[0] (int32 bits, >= 0) = max(buf[0], bits of max |x|) over a grid-strided slice of x.
-        SCALE: buf[1] counts finished programs; the last of ``programs`` writes the scale to buf[2]."""
+    def _abs_max_slot(x_ptr, n, pid, grid, buf_ptr, programs, SCALE: tl.constexpr, POW2: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """buf[0] (int32 bits, >= 0) = max(buf[0], bits of max |x|) over program pid's grid-strided
+        slice of x. SCALE: buf[1] counts finished programs; the last of ``programs`` writes the
+        scale to buf[2]."""
         acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        for start in range(pid * BLOCK, n, grid * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
@@ -227,6 +247,24 @@ if HAVE_TRITON:
             if tl.atomic_add(buf_ptr + 1, 1) == programs - 1:  # acq_rel: every max is visible
                 a = tl.atomic_max(buf_ptr, 0).to(tl.float32, bitcast=True)
                 tl.store(buf_ptr + 2, _scale_of(a, POW2).to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _abs_max_kernel(xa, na, ga, pa, xb, nb, gb, pb, xc, nc, gc, pc, xd, nd, gd, pd, end_a, end_b, end_c, buf_ptr,
+                        N: tl.constexpr, SCALE: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
+        """The first N of tensors a to d, on consecutive ranges of programs (``_slot_ends``); tensor
+        a's group has its three int32 at buf + ga and pa programs in all, and so on."""
+        pid = tl.program_id(0)
+        if pid < end_a:
+            _abs_max_slot(xa, na, pid, end_a, buf_ptr + ga, pa, SCALE, POW2, BLOCK)
+        if N > 1:
+            if (pid >= end_a) & (pid < end_b):
+                _abs_max_slot(xb, nb, pid - end_a, end_b - end_a, buf_ptr + gb, pb, SCALE, POW2, BLOCK)
+        if N > 2:
+            if (pid >= end_b) & (pid < end_c):
+                _abs_max_slot(xc, nc, pid - end_b, end_c - end_b, buf_ptr + gc, pc, SCALE, POW2, BLOCK)
+        if N > 3:
+            if pid >= end_c:
+                _abs_max_slot(xd, nd, pid - end_c, tl.num_programs(0) - end_c, buf_ptr + gd, pd, SCALE, POW2, BLOCK)
 
     @triton.jit
     def _tensor_scale_kernel(amax_ptr, out_ptr, POW2: tl.constexpr):
@@ -247,16 +285,40 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
     return t.view(_KIND[t.dtype][1])
 
 
+SLOTS = 4  # tensors per launch: the kernels' arguments a to d
+
+
+def _slots(n: int):
+    """The indices of n tensors, ``SLOTS`` per launch."""
+    for i in range(0, n, SLOTS):
+        yield list(range(i, min(i + SLOTS, n)))
+
+
+def _slot_args(per_tensor: list[tuple], chunk: list[int]) -> list:
+    """Slots a to d's arguments: those of the chunk's tensors, then None for each unused slot (the
+    kernels compile only the first N slots). No tensor is passed twice: under torch.compile each
+    argument a kernel writes is functionalized on its own, and a repeat's copy would win."""
+    unused = [None] * len(per_tensor[chunk[0]]) * (SLOTS - len(chunk))
+    return [a for j in chunk for a in per_tensor[j]] + unused
+
+
+def _slot_ends(programs: list) -> list:
+    """end_a, end_b, end_c: where the programs of slots a, b and c end (slot d's run to the grid's)."""
+    ends = list(itertools.accumulate(programs))
+    return (ends + ends[-1:] * SLOTS)[:SLOTS - 1]
+
+
 def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[str, int]], **meta) -> None:
-    """Launch over the blocks of ``parts`` (each tensor's arguments), two tensors per launch;
-    ``consts``: each tensor's constexprs, passed as NAME_A / NAME_B."""
-    for i in range(0, len(parts), 2):
-        programs = [triton.cdiv(n, TILE["R"]) for n in n_blocks[i:i + 2]]
+    """Launch over the blocks of ``parts`` (each tensor's arguments), ``SLOTS`` tensors per launch;
+    ``consts``: each tensor's constexprs, passed as NAME_A to NAME_D (an unused slot repeats the last)."""
+    for chunk in _slots(len(parts)):
+        programs = [triton.cdiv(n_blocks[j], TILE["R"]) for j in chunk]
         if sum(programs) == 0:  # empty tensors: nothing to launch
             continue
-        j = min(i + 1, len(parts) - 1)  # a tensor alone is its own pair: the second branch never runs
-        slots = {f"{k}_{slot}": v for slot, t in (("A", i), ("B", j)) for k, v in consts[t].items()}
-        kernel[(sum(programs),)](*parts[i], n_blocks[i], *parts[j], n_blocks[j], programs[0], **slots, R=TILE["R"],
+        args = _slot_args([(*part, n) for part, n in zip(parts, n_blocks)], chunk)
+        slots = chunk + chunk[-1:] * (SLOTS - len(chunk))
+        named = {f"{k}_{slot}": v for slot, j in zip("ABCD", slots) for k, v in consts[j].items()}
+        kernel[(sum(programs),)](*args, *_slot_ends(programs), N=len(chunk), **named, R=TILE["R"],
                                  num_warps=TILE["num_warps"], **meta)
 
 
@@ -289,7 +351,7 @@ if HAVE_TRITON:
 def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False,
              op_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
-    like x; two tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
+    like x; four tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
     operand in fp32 before its rounding to bf16."""
     op_scales = list(op_scales or [None] * len(xs))
     if torch.compiler.is_compiling():
@@ -301,7 +363,7 @@ def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand
 
 def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
     """(packed, block scales, tensor scale or None) -> code * block_scale (* tensor scale) in
-    fp32, cast to dtype, shaped [..., K]; two tensors per launch. The tensor scales are all
+    fp32, cast to dtype, shaped [..., K]; four tensors per launch. The tensor scales are all
     given or all None."""
     kind, pair = _KIND[dtype]
     outs, parts = [], []
@@ -321,45 +383,52 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _abs_max_launch(xs: list[torch.Tensor], scale_mode: int, kernel) -> torch.Tensor:
-    """int32 [3]: the bits of max |x| over all xs, a program count, and (scale_mode 0: amax,
-    1: pow2; -1: none) the bits of the tensor scale, written by the last program of the last launch."""
-    buf = torch.zeros(3, dtype=torch.int32, device=xs[0].device)
+def _abs_max_launch(xs: list[torch.Tensor], sizes: list[int], scale_mode: int, kernel) -> torch.Tensor:
+    """int32 [3 * len(sizes)]: for each group of xs (``sizes[g]`` tensors, in order) the bits of
+    max |x| over the group, a program count, and (scale_mode 0: amax, 1: pow2; -1: none) the bits of
+    the tensor scale, written by the group's last program to finish."""
+    buf = torch.zeros(3 * len(sizes), dtype=torch.int32, device=xs[0].device)
     xs = [x.contiguous() for x in xs]
     block = AMAX_TILE["BLOCK"]
     cap = AMAX_TILE["per_sm"] * _sm_count(xs[0].device)
     grids = [torch.sym_max(1, torch.sym_min(triton.cdiv(x.numel(), block), cap)) for x in xs]
-    for x, grid in zip(xs, grids):
-        kernel[(grid,)](x, buf, x.numel(), sum(grids), SCALE=scale_mode >= 0, POW2=scale_mode == 1, BLOCK=block,
-                        num_warps=AMAX_TILE["num_warps"])
+    group = [g for g, size in enumerate(sizes) for _ in range(size)]
+    totals = [sum(p for p, g in zip(grids, group) if g == h) for h in range(len(sizes))]
+    per_tensor = [(x, x.numel(), 3 * g, totals[g]) for x, g in zip(xs, group)]
+    for chunk in _slots(len(xs)):
+        kernel[(sum(grids[j] for j in chunk),)](*_slot_args(per_tensor, chunk), *_slot_ends([grids[j] for j in chunk]),
+                                                buf, N=len(chunk), SCALE=scale_mode >= 0, POW2=scale_mode == 1,
+                                                BLOCK=block, num_warps=AMAX_TILE["num_warps"])
     return buf
 
 
 if HAVE_TRITON:
     @torch.library.triton_op("nvfp4::abs_max", mutates_args=())
-    def _abs_max_op(xs: list[torch.Tensor], scale_mode: int) -> torch.Tensor:
+    def _abs_max_op(xs: list[torch.Tensor], sizes: list[int], scale_mode: int) -> torch.Tensor:
         """``_abs_max_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
-        return _abs_max_launch(xs, scale_mode, wrap_triton(_abs_max_kernel))
+        return _abs_max_launch(xs, sizes, scale_mode, wrap_triton(_abs_max_kernel))
 
 
-def _abs_max(xs: tuple[torch.Tensor, ...], pow2: bool | None) -> torch.Tensor:
-    """fp32 view of the amax buffer (the program count's bits are no float)."""
+def _abs_max(groups: list[list[torch.Tensor]], pow2: bool | None) -> torch.Tensor:
+    """fp32 view of the amax buffer (the program counts' bits are no floats)."""
     scale_mode = -1 if pow2 is None else int(pow2)
+    xs, sizes = [x for g in groups for x in g], [len(g) for g in groups]
     if torch.compiler.is_compiling():
-        return _abs_max_op(list(xs), scale_mode).view(torch.float32)
+        return _abs_max_op(xs, sizes, scale_mode).view(torch.float32)
     # Eager: launched directly (through the op or wrap_triton each launch costs a dispatch).
-    return _abs_max_launch(list(xs), scale_mode, _abs_max_kernel).view(torch.float32)
+    return _abs_max_launch(xs, sizes, scale_mode, _abs_max_kernel).view(torch.float32)
 
 
 def abs_max(*xs: torch.Tensor) -> torch.Tensor:
     """max |x| over all elements of all xs (CUDA, same device), fp32 0-dim; NaN if any is NaN."""
-    return _abs_max(xs, None)[0]
+    return _abs_max([list(xs)], None)[0]
 
 
-def amax_and_scale(xs: tuple[torch.Tensor, ...], pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``abs_max(*xs)`` and its ``format.tensor_scale``, without a launch for the scale."""
-    buf = _abs_max(xs, pow2)
-    return buf[0], buf[2]
+def amaxes_and_scales(groups: list[list[torch.Tensor]], pow2: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``abs_max(*group)`` and its ``format.tensor_scale`` for each group of tensors (e.g. a linear's
+    input, and its weights), in one buffer; one launch for up to four tensors, none for the scales."""
+    buf = _abs_max(groups, pow2)
+    return [(buf[3 * g], buf[3 * g + 2]) for g in range(len(groups))]
 
 
 def tensor_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:

@@ -34,7 +34,7 @@ from nvfp4.format import (
 )
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.inference import NVFP4Linear, prescales_weight, scaled_matmul, weight_operands
-from nvfp4.sharded import global_abs_max, global_amax_and_scale, local, output_placement
+from nvfp4.sharded import global_abs_max, global_amax_and_scale, global_amaxes_and_scales, local, output_placement
 
 ACTIVATION_SCALES = ("dynamic", "static", "none")
 _UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
@@ -83,7 +83,7 @@ def _forward(x, weights, bias, x_scale, w_scale, pow2_scales) -> list[torch.Tens
         ((xq, x_op),) = quantize_operands([(x, x_scale)])
         wqs = [w.nvfp4 for w in weights]
         w_ops = weight_operands(wqs, scale, prescaled, operand_dtype(x.device))
-    else:  # the input and the weights, two per launch on CUDA
+    else:  # the input and the weights, four per launch on CUDA
         op_scales = [None] + [scale if prescaled else None] * len(weights)
         (xq, x_op), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights], op_scales=op_scales)
         wqs, w_ops = [q for q, _ in w_pairs], [op for _, op in w_pairs]
@@ -329,16 +329,27 @@ class NVFP4QATLinear(nn.Linear):
         w = local(self.weight)
         return w.nvfp4.tensor_scale if isinstance(w, NVFP4GatheredWeight) else self.weight_scale()
 
+    def _scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's and the weight's tensor scales for the GEMM; a dynamic input's amax and the
+        weights' come from one kernel launch where nothing is sharded."""
+        if (self.config.activation_scale != "dynamic" or self.calibrating
+                or isinstance(local(self.weight), NVFP4GatheredWeight)):
+            return self._input_scale(x), self._gemm_weight_scale()
+        weights = (self.weight, *(p.weight for p in self.amax_peers))
+        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales([(x,), weights], mode=self.config.tensor_scale)
+        self.last_input_amax = amax
+        return x_scale, w_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return nn.functional.linear(x, self.weight, self.bias)
-        w, w_scale = self.weight, self._gemm_weight_scale()
+        w = self.weight
         if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
-            w_fq = _StraightThrough.apply(local(w), w_scale)
+            w_fq = _StraightThrough.apply(local(w), self._gemm_weight_scale())
             if isinstance(w, DTensor):
                 w_fq = DTensor.from_local(w_fq, w.device_mesh, w.placements, run_check=False)
             return nn.functional.linear(x, w_fq, self.bias)
-        x_scale = self._input_scale(x)
+        x_scale, w_scale = self._scales(x)
         if not isinstance(w, DTensor):
             return qat_linear(x, [w], self.bias, x_scale, w_scale, self._pow2)[0]
         # Tensor parallel: quantize and multiply the local shards (global scales above),
@@ -361,11 +372,10 @@ class NVFP4QATLinear(nn.Linear):
         if not _shares_input(linears):
             return [m(x) for m in linears]
         first = linears[0]
-        x_scale = first._input_scale(x)
+        x_scale, w_scale = first._scales(x)
         for m in linears[1:]:
             m.last_input_amax = first.last_input_amax
-        weights = [m.weight for m in linears]
-        return qat_linear(x, weights, None, x_scale, first._gemm_weight_scale(), first._pow2)
+        return qat_linear(x, [m.weight for m in linears], None, x_scale, w_scale, first._pow2)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from nvfp4.format import BLOCK_SIZE, TensorScaleMode, abs_max, amax_and_scale, tensor_scale
+from nvfp4.format import BLOCK_SIZE, TensorScaleMode, abs_max, amax_and_scale, amaxes_and_scales, tensor_scale
 
 
 def sharded_dims(t: DTensor) -> list[int]:
@@ -56,6 +56,16 @@ def global_amax_and_scale(*tensors: torch.Tensor, mode: TensorScaleMode) -> tupl
         return amax_and_scale(*tensors, mode=mode)
     amax = global_abs_max(*tensors)
     return amax, tensor_scale(amax, mode)
+
+
+def global_amaxes_and_scales(
+    groups: list[tuple[torch.Tensor, ...]], mode: TensorScaleMode
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``global_amax_and_scale`` of each group (e.g. a linear's input, and its weights): one
+    kernel launch for them all when nothing is sharded."""
+    if not any(isinstance(g[0], DTensor) for g in groups):
+        return amaxes_and_scales(groups, mode=mode)
+    return [global_amax_and_scale(*g, mode=mode) for g in groups]
 
 
 def check_local_blocks(name: str, t: torch.Tensor) -> None:

@@ -3,11 +3,13 @@
     pip install triton==3.6.0   # its bundled ptxas and cuobjdump do the work
     python scripts/kernel_sass.py [--dtype bf16] [--tile 128 2]
 
-Compiles each kernel as the runtime does (16-byte aligned pointers) and prints, per variant,
-the instruction count of one branch per element and the most frequent opcodes. The quantize
-kernel was issue-bound on H200 at 22 per element (0.70 of copy bandwidth,
-benchmarks/results/quantize_v3_h200_2026-11-29.md); at 18 it reaches 0.81-0.88 (quantize_v4_h200_2026-11-29.md).
-Counts are static: the divisions' rarely taken slow paths are included.
+Compiles each kernel as the runtime does for one tensor per launch (N=1; 16-byte aligned
+pointers) and prints its instruction count per element and the most frequent opcodes. The
+quantize kernel was issue-bound on H200 at 22 per element (0.70 of copy bandwidth,
+benchmarks/results/quantize_v3_h200_2026-11-29.md); at 18 it reaches 0.81-0.88
+(quantize_v4_h200_2026-11-29.md). Those records halved a two-tensor kernel, whose halves share
+code; the same kernel counts 20 for one tensor here. Counts are static: the divisions' rarely
+taken slow paths are included.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 def sass(kernel, per_tensor: list[str], constexprs: dict[str, int], num_warps: int) -> list[str]:
-    """Opcodes of ``kernel`` (arguments: ``per_tensor`` types for tensor a, the same for b, the
-    program split, then constexprs) compiled for sm_90, pointers 16-byte aligned as at run time."""
-    names = kernel.arg_names
-    types = per_tensor * 2 + ["i32"]
-    sig = {n: "constexpr" if n in constexprs else types[i] for i, n in enumerate(names)}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    """Opcodes of ``kernel`` for one tensor (N=1: slot a, whose arguments have the ``per_tensor``
+    types; slots b to d None, then the slot ends, then constexprs) compiled for sm_90, pointers
+    16-byte aligned as at run time."""
+    names, n = kernel.arg_names, len(per_tensor)
+    constexprs = {**constexprs, "N": 1, **{name: None for name in names[n:kernels.SLOTS * n]}}
+    types = per_tensor + ["constexpr"] * (kernels.SLOTS - 1) * n + ["i32"] * (kernels.SLOTS - 1)
+    sig = {name: "constexpr" if name in constexprs else types[i] for i, name in enumerate(names)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
     compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -53,6 +57,11 @@ def sass(kernel, per_tensor: list[str], constexprs: dict[str, int], num_warps: i
     return [ln.split()[0].split(".")[0].rstrip(";") for ln in lines if ln.strip()]
 
 
+def _slotted(name: str) -> list[str]:
+    """A per-tensor constexpr's names for slots a to d."""
+    return [f"{name}_{slot}" for slot in "ABCD"[:kernels.SLOTS]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=KINDS, default="bf16", help="input element type")
@@ -62,22 +71,22 @@ def main() -> None:
     r, warps = a.tile
     kind = KINDS[a.dtype]
     pair = "*i64" if a.dtype == "fp32" else "*i32"  # two elements per integer
-    elements = r * 16 // (warps * 32)  # per thread, one branch
+    elements = r * 16 // (warps * 32)  # per thread
     quantize = kernels._quantize_kernel, ["pair", "*fp32", "*u8", "*u8", "*i32", "*fp32", "i32"]
     dequantize = kernels._dequantize_kernel, ["*u8", "*u8", "*fp32", "pair", "i32"]
     variants = {
-        "quantize": (*quantize, dict(EMIT_OP=False, OP_SCALED_A=False, OP_SCALED_B=False)),
-        "quantize + operand": (*quantize, dict(EMIT_OP=True, OP_SCALED_A=False, OP_SCALED_B=False)),
-        "quantize + scaled operand": (*quantize, dict(EMIT_OP=True, OP_SCALED_A=True, OP_SCALED_B=True)),
+        "quantize": (*quantize, dict(EMIT_OP=False, **dict.fromkeys(_slotted("OP_SCALED"), False))),
+        "quantize + operand": (*quantize, dict(EMIT_OP=True, **dict.fromkeys(_slotted("OP_SCALED"), False))),
+        "quantize + scaled operand": (*quantize, dict(EMIT_OP=True, **dict.fromkeys(_slotted("OP_SCALED"), True))),
         "dequantize (tensor scale)": (*dequantize, dict(USE_S=True)),
     }
-    print(f"sm_90, {a.dtype}, R={r}, {warps} warps: {elements} elements per thread and branch")
-    print("| kernel | SASS per branch | per element | most frequent |\n|---|---:|---:|---|")
+    print(f"sm_90, {a.dtype}, R={r}, {warps} warps: {elements} elements per thread")
+    print("| kernel | SASS | per element | most frequent |\n|---|---:|---:|---|")
     for name, (kernel, types, flags) in variants.items():
         types = [pair if t == "pair" else t for t in types]
-        ops = sass(kernel, types, dict(R=r, KIND_A=kind, KIND_B=kind, **flags), warps)
-        common = ", ".join(f"{op} {n // 2}" for op, n in collections.Counter(ops).most_common(8))
-        print(f"| {name} | {len(ops) // 2} | {len(ops) / 2 / elements:.1f} | {common} |")
+        ops = sass(kernel, types, dict(R=r, **dict.fromkeys(_slotted("KIND"), kind), **flags), warps)
+        common = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(8))
+        print(f"| {name} | {len(ops)} | {len(ops) / elements:.1f} | {common} |")
 
 
 if __name__ == "__main__":
