@@ -2,6 +2,7 @@
 
 import torch
 import torch._dynamo
+from torch._inductor.utils import run_and_get_code
 
 import nvfp4
 from models.llama3 import FLAVORS, Transformer
@@ -21,22 +22,19 @@ def test_qat_linear_and_block_have_no_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_selectively_checkpointed_qat_block_compiles_whole(tmp_path, monkeypatch):
-    """With apply_compile's Dynamo settings the checkpointed MLP of a QAT block stays in the graph
-    (without them the input-amax metric it records broke it out), outputs equal eager's, the
-    compiled gradients equal those of the same block compiled without checkpointing, and the
-    metric is still recorded."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
-        apply_compile(Transformer(FLAVORS["debug"].with_(n_layers=1)))
-        assert all(getattr(torch._dynamo.config, k) == v for k, v in DYNAMO_CONFIG.items())
+def compile_block_with_and_without_checkpointing(device: str, dtype: torch.dtype) -> dict[str, tuple]:
+    """A one-block QAT model compiled with selective and with no activation checkpointing under
+    apply_compile's Dynamo settings: {ac: (compiled output, input gradient, eager output, Inductor's
+    code of forward and backward)}.
+    Asserts that the checkpointed block has no graph break and that the metric is recorded."""
     runs = {}
     for ac in ("selective", "none"):
         torch.manual_seed(0)
         model = Transformer(FLAVORS["debug"].with_(n_layers=1, activation_checkpoint=ac))
         nvfp4.prepare(model)
         model.init_weights()
-        block, x = model.layers[0], torch.randn(2, 16, model.args.dim, generator=torch.Generator().manual_seed(1))
+        block = model.layers[0].to(device, dtype)
+        x = torch.randn(2, 16, model.args.dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         cos, sin = rope_tables(model.args, 16, x.device)
         with torch._dynamo.config.patch(DYNAMO_CONFIG):
             if ac == "selective":
@@ -46,12 +44,30 @@ def test_selectively_checkpointed_qat_block_compiles_whole(tmp_path, monkeypatch
                     m.last_input_amax = None
             torch._dynamo.reset()
             x = x.requires_grad_()
-            y = torch.compile(block)(x, cos, sin)
-            y.square().sum().backward()
-        assert torch.equal(y, block(x, cos, sin))
+
+            def fwd_bwd():
+                y = torch.compile(block)(x, cos, sin)
+                y.float().square().sum().backward()
+                return y
+
+            y, codes = run_and_get_code(fwd_bwd)
         assert all(m.last_input_amax is not None for m in nvfp4.qat_linears(block))
-        runs[ac] = (y, x.grad)
-    assert all(torch.equal(a, b) for a, b in zip(runs["selective"], runs["none"]))
+        runs[ac] = (y, x.grad, block(x, cos, sin), codes)
+    return runs
+
+
+def test_selectively_checkpointed_qat_block_compiles_whole(tmp_path, monkeypatch):
+    """With apply_compile's Dynamo settings the checkpointed MLP of a QAT block stays in the graph
+    (without them the input-amax metric it records broke it out), outputs equal eager's, the
+    compiled gradients equal those of the same block compiled without checkpointing, and the
+    metric is still recorded."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        apply_compile(Transformer(FLAVORS["debug"].with_(n_layers=1)))
+        assert all(getattr(torch._dynamo.config, k) == v for k, v in DYNAMO_CONFIG.items())
+    runs = compile_block_with_and_without_checkpointing("cpu", torch.float32)
+    assert all(torch.equal(y, eager) for y, _, eager, _ in runs.values())
+    assert all(torch.equal(a, b) for a, b in zip(runs["selective"][:2], runs["none"][:2]))
 
 
 def test_compiled_qat_linear_equals_eager_forward_and_backward(tmp_path, monkeypatch):

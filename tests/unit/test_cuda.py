@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nvfp4
+from models.llama3.model import shared_input
 from tests.edge_cases import edge_tensors
 
 pytestmark = pytest.mark.cuda
@@ -154,6 +155,27 @@ def test_amax_and_scale_kernel_equals_reference(mode):
         assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want_bf16))
 
 
+@pytest.mark.parametrize("mode", ["pow2", "amax"])
+def test_amaxes_and_scales_of_groups_equal_reference(mode):
+    """Groups of mixed dtypes share launches (four tensors each) and one buffer: each group's amax
+    and scale equal the reference's of that group alone, a group spread over two launches included,
+    and a NaN in one group stays there."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 1024, generator=g) * 50
+    ws = [torch.randn(n, 1024, generator=g) * (i + 1) for i, n in enumerate((2048, 512, 512, 16, 1000))]
+    groups = [[x.to(torch.bfloat16)], [w.to(dt) for w, dt in zip(ws, (torch.bfloat16, torch.float32) * 3)],
+              [torch.randn(16, 16, generator=g).half()]]
+    for nan in (False, True):
+        if nan:
+            groups[1][4][999, 5] = float("nan")  # in the second launch
+        want = [nvfp4.amax_and_scale(*grp, mode=mode) for grp in groups]
+        assert torch.isnan(want[1][0]) == nan
+        for _ in range(20):
+            got = nvfp4.amaxes_and_scales([[t.cuda() for t in grp] for grp in groups], mode=mode)
+            for u, v in zip((t.cpu() for pair in got for t in pair), (t for pair in want for t in pair)):
+                assert torch.equal(u, v) or bool(u.isnan() and v.isnan())
+
+
 AMAXES = [0.0, -0.0, 1e-45, 1e-40, 2.0**-126, 1e-30, 2688.0 * 2.0**-121, 0.3, 1.0, 2688.0, 2689.0, 123.456,
           3.0e38, float("inf"), float("nan")]
 
@@ -255,17 +277,47 @@ def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
-def test_compiled_shared_input_group_equals_eager(tmp_path, monkeypatch):
-    """q/k/v under torch.compile (forward traced, backward the opaque op): outputs and gradients
-    equal eager's bitwise, the input gradient's sum of three terms included."""
-    from tests.unit.test_qat import QKV, _fwd_bwd
+class SharedInput(nn.Module):
+    """Bias-free linears of one input and one fused group, called as the Llama model calls q/k/v."""
+
+    def __init__(self, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(64, n, bias=False) for n in widths)
+
+    def fused_linear_groups(self) -> list[list[str]]:
+        return [[f"linears.{i}" for i in range(len(self.linears))]]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return shared_input(tuple(self.linears), x)
+
+
+@pytest.mark.parametrize("widths", [(96, 96), (64, 32, 32), (64, 32, 32, 48)], ids=["gate-up", "qkv", "four"])
+def test_compiled_shared_input_group_equals_eager(widths, tmp_path, monkeypatch):
+    """A fused group under torch.compile (forward traced, backward the opaque op): outputs and
+    gradients equal eager's bitwise, the input gradient's sum included. The input and 2-4 weights
+    take one launch or, with four weights, two (the second with one tensor)."""
+    from tests.unit.test_qat import _fwd_bwd
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(6)
-    m = QKV().cuda().to(torch.bfloat16)
+    m = SharedInput(widths).cuda().to(torch.bfloat16)
     nvfp4.prepare(m)
     x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
-    params = [m.wq.weight, m.wk.weight, m.wv.weight]
+    params = [lin.weight for lin in m.linears]
     eager, eager_grads = _fwd_bwd(m, x, params)
     compiled, grads = _fwd_bwd(torch.compile(m), x, params)
     assert all(torch.equal(a, b) for a, b in zip(compiled + grads, eager + eager_grads))
+
+
+def test_selectively_checkpointed_qat_block_compiles_whole_on_cuda(tmp_path, monkeypatch):
+    """The 1B/3B recipes' compile + selective checkpointing on the Triton path: the checkpointed
+    MLP stays in the block's graph (no break), Inductor launches the amax and quantize kernels, and
+    output and input gradient match the block compiled without checkpointing (closely, not
+    bitwise: Inductor fuses the two graphs' bf16 element-wise work differently)."""
+    from tests.unit.test_compile import compile_block_with_and_without_checkpointing
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    runs = compile_block_with_and_without_checkpointing("cuda", torch.bfloat16)
+    assert all(any(name in code for code in runs["selective"][3]) for name in ("_abs_max_kernel", "_quantize_kernel"))
+    for a, b in zip(runs["selective"][:2], runs["none"][:2]):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
