@@ -1,6 +1,6 @@
 """CPU time to enqueue a QAT projection's work, piece by piece, against bf16 (one CUDA GPU).
 
-    python scripts/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--python] [--trace DIR]
+    python scripts/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--eager] [--python] [--trace DIR]
 
 A training step is launch-bound where the CPU needs longer to enqueue a layer than the GPU to
 run it. Each figure is microseconds of CPU per call, with the GPU held busy (``torch.cuda._sleep``)
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--widths", type=int, nargs="+", default=[2048, 512, 512])
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--eager", action="store_true", help="skip the compiled rows")
     p.add_argument("--python", action="store_true")
     p.add_argument("--trace", type=Path, help="write a Chrome trace (CPU ops) of each fwd+bwd row here")
     a = p.parse_args()
@@ -59,8 +60,10 @@ def main() -> None:
     gys = [torch.randn(a.tokens, n, device="cuda", dtype=torch.bfloat16) for n in a.widths]
     ref, qat = (Projection(a.k, tuple(a.widths), q).to("cuda", torch.bfloat16) for q in (False, True))
     fwd_bwd = lambda m: lambda: torch.autograd.backward(m(x), gys)  # noqa: E731
-    rows = {"bf16 eager fwd+bwd": fwd_bwd(ref), "QAT eager fwd+bwd": fwd_bwd(qat),
-            "bf16 compiled fwd+bwd": fwd_bwd(torch.compile(ref)), "QAT compiled fwd+bwd": fwd_bwd(torch.compile(qat))}
+    rows = {"bf16 eager fwd+bwd": fwd_bwd(ref), "QAT eager fwd+bwd": fwd_bwd(qat)}
+    if not a.eager:
+        rows |= {"bf16 compiled fwd+bwd": fwd_bwd(torch.compile(ref)),
+                 "QAT compiled fwd+bwd": fwd_bwd(torch.compile(qat))}
     ws = [m.weight for m in qat.linears]
     xd, wd = x.detach(), [w.detach() for w in ws]
     sx = nvfp4.tensor_scale(nvfp4.abs_max(xd))
@@ -69,11 +72,14 @@ def main() -> None:
     n, s_all = len(wd), [sx] * (1 + len(wd))
     qs = [(q[0], q[1], None) for q in kernels.quantize([xd, *wd], s_all)]
     times = {name: enqueue_us(fn) for name, fn in rows.items()}
+    launches = -(-(n + 1) // kernels.SLOTS)
     pieces = {
-        "amax_and_scale(x)": lambda: kernels.amax_and_scale((xd,), True),
-        f"quantize x + {n} W ({n // 2 + 1} launches)": lambda: kernels.quantize([xd, *wd], s_all, True),
+        "amax and scale of x (1 launch)": lambda: kernels.amaxes_and_scales([[xd]], True),
+        f"amaxes and scales of x and of the {n} W ({launches} launches)":
+            lambda: kernels.amaxes_and_scales([[xd], wd], True),
+        f"quantize x + {n} W ({launches} launches)": lambda: kernels.quantize([xd, *wd], s_all, True),
         "quantize x alone (1 launch)": lambda: kernels.quantize([xd], [sx], True),
-        f"dequantize x + {n} W ({n // 2 + 1} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
+        f"dequantize x + {n} W ({launches} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
         "torch.mm (one GEMM)": lambda: torch.mm(xd, wd[0].t()),
         "torch.empty": lambda: torch.empty(a.tokens, a.k, device="cuda"),
         "qat._forward (the quantize and GEMM glue)": lambda: _forward(xd, wd, None, sx, sw, True),
@@ -95,7 +101,7 @@ def main() -> None:
                     fn()
             torch.cuda.synchronize()
             prof.export_chrome_trace(str(a.trace / (name.replace(" ", "_").replace("+", "") + ".json")))
-    for name in ("QAT eager fwd+bwd", "QAT compiled fwd+bwd") if a.python else ():
+    for name in [r for r in rows if r.startswith("QAT")] if a.python else ():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(20):
