@@ -311,11 +311,12 @@ def _slot_ends(programs: list) -> list:
 def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[str, int]], **meta) -> None:
     """Launch over the blocks of ``parts`` (each tensor's arguments), ``SLOTS`` tensors per launch;
     ``consts``: each tensor's constexprs, passed as NAME_A to NAME_D (an unused slot repeats the last)."""
+    per_tensor = [(*part, n) for part, n in zip(parts, n_blocks)]
     for chunk in _slots(len(parts)):
         programs = [triton.cdiv(n_blocks[j], TILE["R"]) for j in chunk]
         if sum(programs) == 0:  # empty tensors: nothing to launch
             continue
-        args = _slot_args([(*part, n) for part, n in zip(parts, n_blocks)], chunk)
+        args = _slot_args(per_tensor, chunk)
         slots = chunk + chunk[-1:] * (SLOTS - len(chunk))
         named = {f"{k}_{slot}": v for slot, j in zip("ABCD", slots) for k, v in consts[j].items()}
         kernel[(sum(programs),)](*args, *_slot_ends(programs), N=len(chunk), **named, R=TILE["R"],

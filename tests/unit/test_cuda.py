@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import nvfp4
-from models.llama3.model import shared_input
 from tests.edge_cases import edge_tensors
 
 pytestmark = pytest.mark.cuda
@@ -277,31 +276,17 @@ def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
-class SharedInput(nn.Module):
-    """Bias-free linears of one input and one fused group, called as the Llama model calls q/k/v."""
-
-    def __init__(self, widths: tuple[int, ...]) -> None:
-        super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(64, n, bias=False) for n in widths)
-
-    def fused_linear_groups(self) -> list[list[str]]:
-        return [[f"linears.{i}" for i in range(len(self.linears))]]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return shared_input(tuple(self.linears), x)
-
-
 @pytest.mark.parametrize("widths", [(96, 96), (64, 32, 32), (64, 32, 32, 48)], ids=["gate-up", "qkv", "four"])
 def test_compiled_shared_input_group_equals_eager(widths, tmp_path, monkeypatch):
     """A fused group under torch.compile (forward traced, backward the opaque op): outputs and
     gradients equal eager's bitwise, the input gradient's sum included. The input and 2-4 weights
     take one launch or, with four weights, two (the second with one tensor)."""
+    from scripts.bench import Projection
     from tests.unit.test_qat import _fwd_bwd
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(6)
-    m = SharedInput(widths).cuda().to(torch.bfloat16)
-    nvfp4.prepare(m)
+    m = Projection(64, widths, qat=True).cuda().to(torch.bfloat16)
     x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
     params = [lin.weight for lin in m.linears]
     eager, eager_grads = _fwd_bwd(m, x, params)
