@@ -34,7 +34,14 @@ from nvfp4.format import (
 )
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.inference import NVFP4Linear, prescales_weight, scaled_matmul, weight_operands
-from nvfp4.sharded import global_abs_max, global_amax_and_scale, global_amaxes_and_scales, local, output_placement
+from nvfp4.sharded import (
+    global_abs_max,
+    global_amax_and_scale,
+    global_amaxes_and_scales,
+    input_grad_placement,
+    local,
+    output_placement,
+)
 
 ACTIVATION_SCALES = ("dynamic", "static", "none")
 _UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
@@ -360,7 +367,8 @@ class NVFP4QATLinear(nn.Linear):
         if self.bias is not None and isinstance(placements[0], Partial):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
-        y = qat_linear(x.to_local(), [w.to_local()], bias, x_scale, w_scale, self._pow2)[0]
+        x_local = x.to_local(grad_placements=input_grad_placement(x, w))
+        y = qat_linear(x_local, [w.to_local()], bias, x_scale, w_scale, self._pow2)[0]
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     @staticmethod

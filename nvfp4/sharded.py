@@ -89,3 +89,17 @@ def output_placement(x: DTensor, w: DTensor) -> list:
     if isinstance(wp, Replicate) and isinstance(xp, Replicate):
         return [Replicate()]
     raise NotImplementedError(f"NVFP4 QAT linear: input {x.placements} with weight {w.placements}")
+
+
+def input_grad_placement(x: DTensor, w: DTensor) -> list:
+    """Placements of the input gradient grad_x = grad_y @ w computed shard by shard.
+
+    Colwise (weight ``Shard(0)``, input ``Replicate``): each rank multiplies its slice of
+    grad_y by its rows of w, a partial sum over the output features, which the TP plan's input
+    hook reduces only if ``to_local`` declares it ``Partial`` (a ``Replicate`` default would drop
+    the other ranks' terms). Rowwise: each rank's K slice of grad_x is complete, as x's.
+    """
+    (wp,) = w.placements
+    if isinstance(wp, Shard) and wp.dim == 0:
+        return [Partial()]
+    return list(x.placements)

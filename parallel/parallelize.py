@@ -91,6 +91,11 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     for name, m in model.named_modules():
         if isinstance(m, NVFP4QATLinear):
             check_local_blocks(name, m.weight)
+            # parallelize_module makes every buffer a Replicate DTensor. The calibrated input
+            # amax is one number, equal on every rank (calibrate all-reduces it over the world):
+            # kept plain as under FSDP, so that calibration's all-reduce (no DTensor sharding
+            # rule for c10d ops) and checkpoints are the same on every mesh.
+            m.input_amax = local(m.input_amax)
 
 
 # Dynamo settings for compiled blocks. A selectively checkpointed MLP is traced as one
