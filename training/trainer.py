@@ -127,7 +127,7 @@ class Trainer:
     def _materialize(self) -> None:
         torch.manual_seed(self.cfg.training.seed)
         self.model.to_empty(device=self.device)
-        self.model.init_weights()
+        self.model.init_weights(self.cfg.training.seed)
         for m in nvfp4.qat_linears(self.model):
             m.reset_calibration()
 

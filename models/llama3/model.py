@@ -8,11 +8,14 @@ The model has no buffers: RoPE tables are computed per forward.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.llama3.args import ModelArgs
@@ -23,6 +26,12 @@ def shared_input(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.
     quantize it once) say so with a ``forward_shared`` static method."""
     shared = getattr(type(linears[0]), "forward_shared", None)
     return shared(linears, x) if shared else [m(x) for m in linears]
+
+
+def _param_seed(seed: int, name: str) -> int:
+    """A parameter's own seed, independent of the order and the set of parameters drawn; 32 bits,
+    as the CPU generator (mt19937) ignores the rest of a seed."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=4).digest(), "little")
 
 
 def rope_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +75,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class Attention(nn.Module):
@@ -124,16 +130,6 @@ class TransformerBlock(nn.Module):
             return h + checkpoint(self._mlp, h, use_reentrant=False)
         return h + self._mlp(h)
 
-    def init_weights(self, n_layers_before: int) -> None:
-        # TorchTitan's depth init: output projections shrink with depth.
-        out_std = 0.02 / math.sqrt(2 * (n_layers_before + 1))
-        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
-        for lin in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
-            nn.init.trunc_normal_(lin.weight, std=out_std)
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -160,16 +156,40 @@ class Transformer(nn.Module):
         return groups
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialize every parameter in place (after ``to_empty`` from the meta device)."""
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter in place (after ``to_empty`` from the meta device).
+
+        Each parameter is drawn whole on its device from a generator seeded by ``seed`` and its
+        name, and a sharded parameter (DTensor: FSDP2, TP) keeps its shard of that draw. So the
+        initial model is bitwise the same for 1 process and every FSDP/TP layout of one device
+        type (CPU and CUDA draw differently). Drawing per shard would not be: DTensor's RNG
+        tracker offsets CUDA streams by shard, not as one process draws, and has none on CPU.
+        Costs each rank one full draw of the model, one parameter at a time.
+        """
         self.tie_weights()
-        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
-        for layer in self.layers:
-            layer.init_weights(layer.layer_id)
-        self.norm.reset_parameters()
-        if not self.args.tie_word_embeddings:
+        for name, p in self.named_parameters():
+            shard = p.to_local() if isinstance(p, DTensor) else p
+            whole = torch.empty(p.shape, dtype=p.dtype, device=shard.device)
+            gen = torch.Generator(shard.device).manual_seed(_param_seed(seed, name))
+            self._init_rule(name)(whole, gen)
+            if isinstance(p, DTensor):  # this rank's piece, without communication
+                whole = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            shard.copy_(whole)
+
+    def _init_rule(self, name: str) -> Callable[[torch.Tensor, torch.Generator], object]:
+        """How parameter ``name`` is drawn: TorchTitan's Llama init, whose output projections
+        (wo, w2, w3) shrink with depth."""
+        if name.endswith("norm.weight"):
+            return lambda t, g: nn.init.ones_(t)
+        if name == "tok_embeddings.weight":
+            return lambda t, g: nn.init.normal_(t, std=0.02, generator=g)
+        if name == "output.weight":
             std = self.args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+            return lambda t, g: nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=g)
+        layer = int(name.split(".")[1])  # layers.N.<module>.weight
+        shrinks = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"))
+        std = 0.02 / math.sqrt(2 * (layer + 1)) if shrinks else 0.02
+        return lambda t, g: nn.init.trunc_normal_(t, std=std, generator=g)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] int64 -> logits [B, S, vocab]."""

@@ -1,6 +1,7 @@
 """Llama 3: logits parity with transformers, HF round trip, flavors, bad checkpoints."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,26 @@ def test_to_hf_refuses_non_empty_dir(tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         to_hf(Transformer(FLAVORS["debug"].with_(n_layers=1)), tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_init_weights_draws_each_parameter_from_its_own_seed():
+    args = FLAVORS["debug"].with_(n_layers=3, tie_word_embeddings=False)
+    a, b, c = Transformer(args), Transformer(args), Transformer(args)
+    a.init_weights(seed=5)
+    b.init_weights(seed=5)
+    c.init_weights(seed=6)
+    p, q, r = dict(a.named_parameters()), dict(b.named_parameters()), dict(c.named_parameters())
+    assert all(torch.equal(p[n], q[n]) for n in p)  # same seed: the same model
+    assert not any(torch.equal(p[n], r[n]) for n in p if not n.endswith("norm.weight"))
+    assert not torch.equal(p["layers.0.attention.wk.weight"], p["layers.0.attention.wv.weight"])  # same shape
+    assert all(torch.equal(t, torch.ones_like(t)) for n, t in p.items() if n.endswith("norm.weight"))
+    # TorchTitan's Llama init: std 0.02, output projections (wo, w2, w3) 0.02 / sqrt(2 (layer + 1)),
+    # the untied head dim^-0.5 truncated at 3 std.
+    std = {n: float(t.detach().std()) for n, t in p.items()}
+    assert abs(std["tok_embeddings.weight"] - 0.02) < 0.0005 and abs(std["layers.2.attention.wq.weight"] - 0.02) < 0.001
+    for layer in range(3):
+        want = 0.02 / math.sqrt(2 * (layer + 1))
+        for name in ("attention.wo", "feed_forward.w2", "feed_forward.w3"):
+            assert abs(std[f"layers.{layer}.{name}.weight"] / want - 1) < 0.05, (layer, name)
+    head = p["output.weight"]
+    assert abs(std["output.weight"] * args.dim**0.5 - 0.986) < 0.02 and float(head.abs().max()) <= 3 * args.dim**-0.5
