@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 import nvfp4
 from nvfp4.fsdp import precompute_weight_scales
@@ -28,7 +27,7 @@ from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, to_toml
 from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
@@ -223,9 +222,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.training.max_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
         lr = lr_at(self.step, self.cfg.optimizer.lr, self.cfg.training.steps, self.cfg.lr_scheduler)
         set_lr(self.optimizer, lr)
         dist.all_reduce(loss_sum)  # every rank of a TP group holds the same loss: mean over all
