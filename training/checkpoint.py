@@ -7,6 +7,7 @@ function of the step, so the step restores it.
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from pathlib import Path
@@ -85,6 +86,14 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: 
     _dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return {k: state[k] for k in extra}
+
+
+def load_extra(path: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Only the entries of ``extra`` (e.g. ``{"dataloader": loader.state_dict()}``, as a
+    template) from a ``step-N`` folder; needs no model, so it runs before any work."""
+    state = copy.deepcopy(extra)
+    _dcp_load(state, path)
+    return state
 
 
 def load_model(path: Path, model: nn.Module) -> None:

@@ -84,6 +84,7 @@ class Trainer:
         self.resume_from = ckpt.latest(self.ckpt_folder) if cfg.checkpoint.enable else None
         if self.resume_from is None and cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
             ckpt.check_model_shapes(Path(cfg.checkpoint.initial_load_path), self._param_shapes())
+        self._check_data_order(dims.dp_shard)
         self._make_run_folder()
         self._materialize()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -103,6 +104,32 @@ class Trainer:
         if self.cfg.validation.freq and len(windows.validation) >= t.local_batch_size * dp:
             self.val_loader = GlobalBatchLoader(
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
+
+    def _check_data_order(self, dp: int) -> None:
+        """A run that continues a checkpoint's data position must draw the same global batches:
+        the same seed and global batch size (the data-parallel degree may change)."""
+        c, t = self.cfg.checkpoint, self.cfg.training
+        full_load = c.initial_load_path and not (c.initial_load_in_hf or c.initial_load_model_only)
+        path = self.resume_from or (Path(c.initial_load_path) if full_load else None)
+        if path is None:
+            return
+        saved = ckpt.load_extra(path, {"dataloader": self.loader.state_dict()})["dataloader"]
+        changed, fix = [], []
+        if saved["seed"] != t.seed:
+            changed.append(f"training.seed={saved['seed']} (this run: {t.seed})")
+            fix.append(f"--training.seed={saved['seed']}")
+        if saved["global_batch"] != self.global_batch:
+            now = f"{self.global_batch}" + (
+                f", from global_batch_size=-1: local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
+                if t.global_batch_size == -1 else "")
+            changed.append(f"a global batch of {saved['global_batch']} sequences (this run: {now})")
+            fix.append(f"--training.global_batch_size={saved['global_batch']}")
+        if changed:
+            raise ConfigError(
+                f"{path} was trained with {' and '.join(changed)}: resuming would change which data "
+                f"the remaining steps see. Resume with {' '.join(fix)} (a global batch must be a multiple "
+                f"of local_batch_size x data-parallel degree), or start a new run in another job.dump_folder"
+            )
 
     def _build_model(self) -> None:
         with torch.device("meta"):
