@@ -1,5 +1,5 @@
-"""Run a function on N gloo ranks in spawned processes (failures come back with their traceback),
-and helpers to join NVFP4 shards across ranks."""
+"""Run a function on N ranks in spawned processes (failures come back with their traceback): gloo
+on the CPU, or NCCL with one GPU per rank; and helpers to join NVFP4 shards across ranks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -19,11 +20,16 @@ import nvfp4
 ROWWISE = ("attention.wo", "feed_forward.w2")  # the TP plan's rowwise linears: weights split along K
 
 
-def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, args: tuple, backend: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     code = 0
     try:
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kwargs)
         fn(rank, world, *args)
         dist.barrier()
     except BaseException:
@@ -38,12 +44,13 @@ def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, a
     os._exit(code)
 
 
-def run_ranks(fn: Callable, world: int, *args, timeout: float = 300) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` processes; raise with the first failure."""
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 300, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` processes; raise with the first failure.
+    ``backend="nccl"``: rank r runs on GPU r."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, tmp, args)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, tmp, args, backend)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -64,7 +71,24 @@ def cat_nvfp4(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
 
 
 def gather_nvfp4(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
-    """all_gather_object of an NVFP4 (float8 storages do not pickle: send the bytes)."""
+    """all_gather_object of an NVFP4, on the CPU (float8 storages do not pickle: send the bytes)."""
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (q.packed, q.block_scale.view(torch.uint8), q.tensor_scale), group=group)
+    mine = (q.packed.cpu(), q.block_scale.view(torch.uint8).cpu(), q.tensor_scale.cpu())
+    dist.all_gather_object(parts, mine, group=group)
     return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]
+
+
+# GPU variants of the distributed tests: NCCL, one GPU per rank, run by `.ci/gpu multi`.
+MULTI_GPU = [pytest.mark.multigpu,
+             pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs: run by .ci/gpu multi")]
+DEVICES = ["cpu", pytest.param("cuda", marks=MULTI_GPU)]
+
+
+def backend(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def skip_unless_ranks(device_type: str, world: int) -> None:
+    """Skip a GPU case that needs more GPUs than this machine has (CPU ranks are processes)."""
+    if device_type == "cuda" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs, {torch.cuda.device_count()} visible")

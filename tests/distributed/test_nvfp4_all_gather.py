@@ -5,43 +5,36 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 import nvfp4
-from models.llama3 import FLAVORS, Transformer
+from models.llama3 import Transformer
 from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
 from nvfp4.sharded import local
-from parallel import ParallelDims, build_mesh, parallelize_llama
 from scripts.fsdp_all_gather_bytes import step_bytes
-from tests.distributed.harness import ROWWISE, cat_nvfp4, gather_nvfp4, run_ranks
+from tests.distributed.harness import (
+    DEVICES,
+    ROWWISE,
+    backend,
+    cat_nvfp4,
+    gather_nvfp4,
+    run_ranks,
+    skip_unless_ranks,
+)
+from tests.distributed.parity import ARGS, reference, sharded
 from training.config import Optimizer
 from training.optim import build_optimizer
 
-ARGS = FLAVORS["debug"].with_(n_layers=2)
+
+def _sharded(ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool,
+             device: torch.device = torch.device("cpu")) -> Transformer:
+    return sharded(ref, dp, tp, device, all_gather, param_dtype)[0]
 
 
-def _sharded(ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(ARGS)
-    nvfp4.prepare(model, nvfp4.qat_linears(ref)[0].config)
-    parallelize_llama(model, build_mesh(ParallelDims(dp, tp), "cpu"), param_dtype, "float32",
-                      compile=False, nvfp4_all_gather=all_gather)
-    model.to_empty(device="cpu")
-    params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
-    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
-    for m in nvfp4.qat_linears(model):
-        m.reset_calibration()
-    return model
-
-
-def _reference(mode: str = "pow2") -> tuple[Transformer, torch.Tensor]:
+def _reference(mode: str = "pow2", device: torch.device = torch.device("cpu")) -> tuple[Transformer, torch.Tensor]:
     """The unsharded QAT model; ``mode`` amax makes every amax bit matter (pow2 rounds)."""
-    torch.manual_seed(0)
-    ref = Transformer(ARGS)
-    ref.init_weights()
-    nvfp4.prepare(ref, nvfp4.QATConfig(tensor_scale=mode))
-    return ref, torch.randint(0, ARGS.vocab_size, (2, 32))
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    return reference(nvfp4.QATConfig(tensor_scale=mode), device), tokens.to(device)
 
 
 def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:
@@ -59,9 +52,10 @@ def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:
     return seen
 
 
-def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:
-    ref, tokens = _reference(mode)
-    model = _sharded(ref, dp, tp, "float32", all_gather=True)
+def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, device_type: str = "cpu") -> None:
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    ref, tokens = _reference(mode, device)
+    model = _sharded(ref, dp, tp, "float32", all_gather=True, device=device)
     seen = _gathered_weights(model)
     precompute_weight_scales(model)
     model(tokens)
@@ -77,10 +71,12 @@ def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:
         assert torch.equal(got.tensor_scale, want.tensor_scale), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dp,tp,mode", [(1, 1, "pow2"), (2, 1, "pow2"), (2, 1, "amax"), (1, 2, "amax"), (2, 2, "amax")],
                          ids=["fsdp1", "fsdp2", "fsdp2-amax", "tp2-amax", "fsdp2xtp2-amax"])
-def test_gathered_codes_equal_unsharded(dp, tp, mode):
-    run_ranks(_codes_worker, dp * tp, dp, tp, mode)
+def test_gathered_codes_equal_unsharded(dp, tp, mode, device):
+    skip_unless_ranks(device, dp * tp)
+    run_ranks(_codes_worker, dp * tp, dp, tp, mode, device, backend=backend(device))
 
 
 def _training_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:

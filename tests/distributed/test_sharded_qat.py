@@ -13,7 +13,16 @@ import nvfp4.qat
 import nvfp4.sharded
 from models.llama3 import FLAVORS, Transformer
 from parallel import ParallelDims, build_mesh, parallelize_llama
-from tests.distributed.harness import ROWWISE, cat_nvfp4, gather_nvfp4, run_ranks
+from tests.distributed.harness import (
+    DEVICES,
+    ROWWISE,
+    backend,
+    cat_nvfp4,
+    gather_nvfp4,
+    run_ranks,
+    skip_unless_ranks,
+)
+
 
 class Recorder:
     """Records every quantize call of the QAT forward: {layer: {"x": (input, q), "w": (weight, q)}}."""
@@ -31,15 +40,20 @@ class Recorder:
         nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._quantize, self._quantize_operands
 
     def _quantize_operands(self, pairs, operand=True, op_scales=None):
-        assert not any(op_scales or []), "CPU GEMMs take unscaled operands"
-        return [self._quantize(x, s, operand) for x, s in pairs]
+        out = self._orig[1](pairs, operand, op_scales)
+        for (x, _), (q, _) in zip(pairs, out):
+            self._record(x, q)
+        return out
 
     def _quantize(self, x, s, operand=True):
         q, op = self._orig[0](x, s, operand)
+        self._record(x, q)
+        return q, op
+
+    def _record(self, x: torch.Tensor, q: nvfp4.NVFP4) -> None:
         name = self.current[-1]
         entry = self.calls.setdefault(name, {})
         entry["w" if "x" in entry or name in self.weight_only else "x"] = (x.detach().clone(), q)
-        return q, op
 
     def close(self) -> None:
         nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._orig
@@ -50,28 +64,37 @@ def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:
             and torch.equal(a.tensor_scale, b.tensor_scale))
 
 
-def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool, act: str = "dynamic") -> None:
+def codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool, act: str = "dynamic",
+                 device_type: str = "cpu") -> None:
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
     torch.manual_seed(0)
     config = nvfp4.QATConfig(tensor_scale=mode, activation_scale=act)
     args = FLAVORS["debug"].with_(n_layers=2)
     ref = Transformer(args)
     ref.init_weights()
     nvfp4.prepare(ref, config)
-    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    ref.to(device)
+    tokens = torch.randint(0, args.vocab_size, (2, 32)).to(device)
+    if act == "static":
+        nvfp4.calibrate(ref, [tokens])
     rec_ref = Recorder(ref)
     ref(tokens)
     rec_ref.close()
 
     if not reduce_amax:  # negative control: each shard uses its own amax
         nvfp4.sharded.reduce_amax = lambda a, like: a
-    mesh = build_mesh(ParallelDims(dp, tp), "cpu")
+    mesh = build_mesh(ParallelDims(dp, tp), device.type)
     with torch.device("meta"):
         model = Transformer(args)
     nvfp4.prepare(model, config)
     parallelize_llama(model, mesh, "float32", "float32", compile=False)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
     set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    if act == "static":
+        for m in nvfp4.qat_linears(model):
+            m.reset_calibration()
+        nvfp4.calibrate(model, [tokens])
     rec = Recorder(model)
     model(tokens)
     rec.close()
@@ -86,10 +109,10 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
         w = cat_nvfp4(gather_nvfp4(got["w"][1], tp_group), 1 if rowwise else 0) if tp > 1 else got["w"][1]
         if not _equal(w, want["w"][1]):
             mismatches.append(f"{name}.weight")
-        if rowwise and tp > 1 and act != "none":  # sharded K input: compare with quantizing the whole
+        if rowwise and tp > 1 and act == "dynamic":  # sharded K input: compare with quantizing the whole
             xs = [None] * tp
-            dist.all_gather_object(xs, got["x"][0], group=tp_group)
-            whole = nvfp4.quantize(torch.cat(xs, -1), mode=mode)
+            dist.all_gather_object(xs, got["x"][0].cpu(), group=tp_group)
+            whole = nvfp4.quantize(torch.cat(xs, -1).to(device), mode=mode)
             if not _equal(cat_nvfp4(gather_nvfp4(got["x"][1], tp_group), -1), whole):
                 mismatches.append(f"{name}.input")
     if reduce_amax:
@@ -98,15 +121,19 @@ def _worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: boo
         assert mismatches, "local amaxes gave the same codes: the check cannot fail"
 
 
-@pytest.mark.parametrize("dp,tp,mode", [(2, 1, "pow2"), (1, 2, "pow2"), (2, 2, "pow2"), (1, 2, "amax")],
-                         ids=["fsdp2", "tp2", "fsdp2xtp2", "tp2-amax-scale"])
-def test_sharded_codes_equal_unsharded(dp, tp, mode):
-    run_ranks(_worker, dp * tp, dp, tp, mode, True)
+CASES = {  # (FSDP, TP, tensor scale, activation scale)
+    "fsdp2": (2, 1, "pow2", "dynamic"), "tp2": (1, 2, "pow2", "dynamic"), "fsdp2xtp2": (2, 2, "pow2", "dynamic"),
+    "tp2-amax-scale": (1, 2, "amax", "dynamic"), "tp2-weight-only": (1, 2, "pow2", "none"),
+    "tp2-static": (1, 2, "amax", "static"), "fsdp2-static": (2, 1, "amax", "static"),
+}
 
 
-def test_weight_only_tp_codes_equal_unsharded():
-    run_ranks(_worker, 2, 1, 2, "pow2", True, "none")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dp,tp,mode,act", CASES.values(), ids=CASES.keys())
+def test_sharded_codes_equal_unsharded(dp, tp, mode, act, device):
+    skip_unless_ranks(device, dp * tp)
+    run_ranks(codes_worker, dp * tp, dp, tp, mode, True, act, device, backend=backend(device))
 
 
 def test_negative_control_local_amax_gives_different_codes():
-    run_ranks(_worker, 2, 1, 2, "amax", False)
+    run_ranks(codes_worker, 2, 1, 2, "amax", False)

@@ -1,0 +1,155 @@
+"""Workers that compare a sharded QAT model with the 1-process one, shared by the gloo (CPU)
+and NCCL (GPU) suites: each runs on every rank of ``run_ranks``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+import nvfp4
+from models.llama3 import FLAVORS, Transformer
+from nvfp4.fsdp import precompute_weight_scales
+from parallel import ParallelDims, build_mesh, parallelize_llama
+
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (FSDP, TP)
+ARGS = FLAVORS["debug"].with_(n_layers=2)
+BATCH, SEQ = 4, 32
+
+# Gradient bound. TP sums partial GEMMs in another order than one GEMM does (fp32, ~1e-7
+# relative per element), and that noise flows through every later layer; a QAT input can then
+# round to a neighbouring FP4 code now and then. Over a whole parameter the relative L2 error
+# of such noise stays below 1e-4, where the bugs this guards against (a missing TP reduction
+# of the input gradient) put whole gradients 15-80% off.
+GRAD_RTOL = 1e-4
+
+
+def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(0, ARGS.vocab_size, (BATCH, SEQ + 1), generator=g)
+    return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+
+
+def reference(config: nvfp4.QATConfig, device: torch.device) -> Transformer:
+    """The unsharded QAT model from seed 0 (initialized on the CPU, then moved)."""
+    torch.manual_seed(0)
+    ref = Transformer(ARGS)
+    ref.init_weights()
+    nvfp4.prepare(ref, config)
+    return ref.to(device)
+
+
+def sharded(ref: Transformer, dp: int, tp: int, device: torch.device, all_gather: bool = False,
+            param_dtype: str = "float32"):
+    """The same model on a (dp, tp) mesh with ``ref``'s weights; returns (model, mesh)."""
+    mesh = build_mesh(ParallelDims(dp, tp), device.type)
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    nvfp4.prepare(model, nvfp4.qat_linears(ref)[0].config)
+    parallelize_llama(model, mesh, param_dtype, "float32", compile=False, nvfp4_all_gather=all_gather)
+    model.to_empty(device=device)
+    params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
+    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    for m in nvfp4.qat_linears(model):
+        m.reset_calibration()
+    return model, mesh
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gradient_parity_worker(rank: int, world: int, dp: int, tp: int, cases: list[tuple[str, str, bool]],
+                           device_type: str) -> None:
+    """``gradient_parity`` of each (activation scale, tensor scale, NVFP4 all-gather) case, in one
+    process group (a group costs seconds to start); the error names every failing case."""
+    failures = []
+    for case in cases:
+        try:
+            gradient_parity(dp, tp, *case, torch.device(device_type, rank if device_type == "cuda" else 0))
+        except AssertionError as e:
+            failures.append(f"{case}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+def gradient_parity(dp: int, tp: int, act: str, mode: str, all_gather: bool, device: torch.device) -> None:
+    """One step's gradients (and static input amaxes) of the (dp, tp) layout equal the 1-process
+    run's; ``mode`` amax makes every bit of every amax matter."""
+    ref = reference(nvfp4.QATConfig(tensor_scale=mode, activation_scale=act), device)
+    # The 1-process run of the same recipe: the global batch in micro-batches of the local batch
+    # size, gradients accumulated. A dynamic input scale comes from the micro-batch's amax, so DP
+    # rank r must run exactly micro-batch r (the data loader's split).
+    micro = list(zip(*(t.chunk(dp) for t in _batch(device))))
+    if act == "static":
+        nvfp4.calibrate(ref, [x for x, _ in micro])
+    for x, y in micro:
+        (_loss(ref, x, y) / dp).backward()
+
+    model, mesh = sharded(ref, dp, tp, device, all_gather)
+    xl, yl = micro[mesh["dp_shard"].get_local_rank()]
+    if all_gather:  # as the trainer: the weights' scales before any forward
+        precompute_weight_scales(model)
+    if act == "static":
+        nvfp4.calibrate(model, [xl])
+        _check_input_amaxes(ref, model, tp)
+    _loss(model, xl, yl).backward()
+
+    want = dict(ref.named_parameters())
+    errors = {}
+    for name, p in model.named_parameters():
+        g, g_ref = full(p.grad), want[name].grad
+        errors[name] = float((g - g_ref).norm() / g_ref.norm())
+    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= GRAD_RTOL}
+    assert not bad, f"gradients off by more than {GRAD_RTOL} (relative L2): {bad}"
+    norm = torch.stack([full(p.grad).norm() for p in model.parameters()]).norm()
+    norm_ref = torch.stack([p.grad.norm() for p in ref.parameters()]).norm()
+    assert abs(norm - norm_ref) <= GRAD_RTOL * norm_ref, (float(norm), float(norm_ref))
+
+
+def _check_input_amaxes(ref: Transformer, model: Transformer, tp: int) -> None:
+    """Calibrated input amaxes: bitwise where the sharded run computes the linear's input
+    exactly as one process does (everything under FSDP; up to layer 0's attention output under
+    TP, before the first rowwise partial sum), else to fp32 reduction noise."""
+    want = {n: m.input_amax for n, m in ref.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
+    for name, m in model.named_modules():
+        if not isinstance(m, nvfp4.NVFP4QATLinear):
+            continue
+        got = full(m.input_amax)
+        exact = tp == 1 or name.startswith("layers.0.attention.")
+        if exact:
+            assert torch.equal(got, want[name]), (name, float(got), float(want[name]))
+        else:
+            assert torch.allclose(got, want[name], rtol=1e-5, atol=0), (name, float(got), float(want[name]))
+    dist.barrier()
+
+
+def init_parity_worker(rank: int, world: int, dp: int, tp: int, all_gather: bool, device_type: str) -> None:
+    """``init_weights(seed)`` of the (dp, tp) layout gives the 1-process initial model bitwise."""
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    with torch.device(device):
+        ref = Transformer(ARGS)
+    ref.init_weights(seed=7)
+    mesh = build_mesh(ParallelDims(dp, tp), device.type)
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    nvfp4.prepare(model)
+    parallelize_llama(model, mesh, "float32", "float32", compile=False, nvfp4_all_gather=all_gather)
+    model.to_empty(device=device)
+    model.init_weights(seed=7)
+    want = dict(ref.named_parameters())
+    got = {name: full(p.detach()) for name, p in model.named_parameters()}
+    assert got.keys() == want.keys()
+    differ = [name for name, t in got.items() if not torch.equal(_plain(t), want[name])]
+    assert not differ, f"initial weights differ from the 1-process init: {differ}"
+    assert model.output.weight is model.tok_embeddings.weight  # still tied
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The high-precision tensor inside an NVFP4 all-gather wrapper (nvfp4/fsdp.py)."""
+    return getattr(t, "_tensor", t)
