@@ -112,9 +112,15 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm attention + SwiGLU MLP. Activation checkpointing happens inside ``forward``, so a
+    compiled block traces the checkpoint as a region of its own graph (TorchTitan wraps blocks
+    before compiling them). A checkpoint called around a compiled block recomputes through
+    another graph than the forward's: backward stopped with CheckpointError on CUDA (8B recipe)."""
+
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.full_ac = args.activation_checkpoint == "full"
         self.selective_ac = args.activation_checkpoint == "selective"
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
@@ -125,6 +131,11 @@ class TransformerBlock(nn.Module):
         return self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.full_ac and torch.is_grad_enabled():
+            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
+        return self._block(x, cos, sin)
+
+    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         if self.selective_ac and torch.is_grad_enabled():
             return h + checkpoint(self._mlp, h, use_reentrant=False)
@@ -199,8 +210,5 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, seq, tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            if self.args.activation_checkpoint == "full" and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin)
+            h = layer(h, cos, sin)
         return self.output(self.norm(h))

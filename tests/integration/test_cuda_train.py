@@ -29,3 +29,20 @@ def test_nvfp4_all_gather_changes_no_loss_on_gpu(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[flag] = losses(tmp_path / flag)
     assert runs["false"] == runs["true"] and len(runs["false"]) == 6
+
+
+@pytest.mark.parametrize("qat", ["true", "false"])
+def test_compiled_training_with_every_activation_checkpointing(tmp_path, qat):
+    """compile + activation_checkpoint none / selective / full (the 8B recipe's) train, QAT on and
+    off, in bf16 with FSDP2: full checkpointing around compiled blocks stopped at the first backward
+    with CheckpointError. Checkpointing recomputes; it changes the losses at most by Inductor's
+    different fusion of the recomputed bf16 work."""
+    args = [*FAST, "--training.device=cuda", "--training.steps=3", "--metrics.log_freq=1", "--training.compile=true",
+            "--checkpoint.enable=false", "--training.mixed_precision_param=bfloat16", f"--qat.enable={qat}"]
+    runs = {}
+    for ac in ("none", "selective", "full"):
+        r = train(tmp_path / ac, *args, f"--training.activation_checkpoint={ac}")
+        assert r.returncode == 0, (ac, r.stderr[-3000:])
+        runs[ac] = losses(tmp_path / ac)
+    for ac in ("selective", "full"):
+        assert sorted(runs[ac]) == [1, 2, 3] and all(abs(runs[ac][s] - runs["none"][s]) < 1e-2 for s in runs[ac]), runs
