@@ -270,7 +270,10 @@ class Trainer:
                   "tokens_per_s_per_device": tps / self.world, "epoch": self.loader.epoch}
         if peak is not None:
             values["mfu"] = fpt * tps / self.world / peak
+            # Peak of this logging window, as TorchTitan reports it: since the start, the first
+            # window's compilation and Triton autotuning would hide what training itself needs.
             values["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.cfg.qat.enable and self.step > self.cfg.qat.start_step:
             values.update(qat_health(self.model))
         return values
