@@ -71,11 +71,13 @@ def cat_nvfp4(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
 
 
 def gather_nvfp4(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
-    """all_gather_object of an NVFP4, on the CPU (float8 storages do not pickle: send the bytes)."""
+    """all_gather_object of an NVFP4, sent through the CPU (float8 storages do not pickle: send the
+    bytes); the parts come back on ``q``'s device."""
     parts = [None] * dist.get_world_size(group)
     mine = (q.packed.cpu(), q.block_scale.view(torch.uint8).cpu(), q.tensor_scale.cpu())
     dist.all_gather_object(parts, mine, group=group)
-    return [nvfp4.NVFP4(p, s.view(torch.float8_e4m3fn), t) for p, s, t in parts]
+    dev = q.packed.device
+    return [nvfp4.NVFP4(p.to(dev), s.view(torch.float8_e4m3fn).to(dev), t.to(dev)) for p, s, t in parts]
 
 
 # GPU variants of the distributed tests: NCCL, one GPU per rank, run by `.ci/gpu multi`.
