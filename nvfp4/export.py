@@ -21,8 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from nvfp4.format import BLOCK_SIZE, NVFP4, e2m1_values, scale_blocks
+from nvfp4.qat import QATConfig
 
 FORMATS = ("modelopt", "compressed-tensors")
 
@@ -95,3 +97,37 @@ def decode(fmt: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return scale_blocks(values, s / (1.0 / tensors["weight_scale_2"].float()))
     values, s = e2m1_values(tensors["weight_packed"]), tensors["weight_scale"].float()
     return scale_blocks(values, s / tensors["weight_global_scale"].float().reshape(()))
+
+
+def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
+    """Why checkpoints of ``model`` trained with ``config`` could not be decoded by inference
+    engines exactly as trained (an empty list: they can). ``model`` may be on the meta device and
+    names its fused groups with ``fused_linear_groups()`` as for ``prepare``.
+
+    Engines fuse q/k/v and gate/up into one GEMM of one precision with one weight tensor scale
+    (vLLM's ModelOptNvFp4LinearMethod keeps the max ``weight_scale_2`` of a fused layer and
+    refuses fused layers of mixed precision), and tie ``lm_head`` to the float embedding when
+    ``tie_word_embeddings`` is set. The trainer checks this before any work, the converter again.
+    """
+    problems = []
+    for group in getattr(model, "fused_linear_groups", list)():
+        chosen = [n for n in group if config.selects(n)]
+        if chosen and len(chosen) < len(group):
+            left = sorted(set(group) - set(chosen))
+            problems.append(
+                f"{', '.join(left)} excluded from QAT but not the rest of its fused group {group}: engines fuse "
+                f"the group into one layer of one precision; include or exclude the whole group")
+        elif len(chosen) > 1 and not config.share_fused_amax:
+            problems.append(
+                f"share_fused_amax=false gives the fused group {group} separate weight tensor scales; engines "
+                f"keep one per fused layer (vLLM: the max), so the others would decode 2-4x off")
+            break  # one line says it for every group
+    uses: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name.removesuffix(".weight"))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and config.selects(name) and len(shared := uses[id(m.weight)]) > 1:
+            problems.append(
+                f"{name} shares its weight with {', '.join(s for s in shared if s != name)} (tied embeddings): a "
+                f"quantized tied head cannot be exported; keep '{name}' in the QAT exclude patterns")
+    return problems

@@ -70,7 +70,8 @@ ABLATIONS = {
     "weight_only": Ablation("weight-only W4A16 QAT; PTQ baseline weight-only",
                             qat=("--qat.activation_scale=none",), ptq=nvfp4.QATConfig(activation_scale="none")),
     "separate_qkv_amax": Ablation("q/k/v and gate/up keep separate weight amaxes",
-                                  qat=("--qat.share_fused_amax=false",), ptq=nvfp4.QATConfig(share_fused_amax=False)),
+                                  qat=("--qat.share_fused_amax=false", "--qat.allow_unexportable=true"),
+                                  ptq=nvfp4.QATConfig(share_fused_amax=False)),
 }
 
 

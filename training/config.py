@@ -133,6 +133,10 @@ class QAT:
     fsdp_nvfp4_all_gather: bool = False
     """FSDP2 all-gathers QAT weights as NVFP4 (4.5 bits/element instead of 16), quantized
     before the gather with one batched amax all-reduce per step; same numerics. Eager only."""
+    allow_unexportable: bool = False
+    """Accept settings whose checkpoints engines cannot decode as trained (share_fused_amax =
+    false, part of a fused q/k/v or gate/up group excluded, a quantized tied head): for
+    experiments only; the converter refuses to export such checkpoints as NVFP4."""
 
     def nvfp4_config(self) -> nvfp4.QATConfig:
         """The ``nvfp4.QATConfig`` these keys describe (training, conversion, evaluation)."""

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import nvfp4
+from nvfp4.export import export_problems
 from nvfp4.fsdp import precompute_weight_scales
 from data.dataset import build_windows, load_documents
 from data.loader import GlobalBatchLoader
@@ -134,8 +135,14 @@ class Trainer:
     def _build_model(self) -> None:
         with torch.device("meta"):
             self.model = Transformer(self.args)
-        if self.cfg.qat.enable:
-            nvfp4.prepare(self.model, self.cfg.qat.nvfp4_config())
+        q = self.cfg.qat
+        if q.enable and not q.allow_unexportable and (problems := export_problems(self.model, q.nvfp4_config())):
+            raise ConfigError(
+                f"these QAT settings train a model that inference engines cannot run as trained: "
+                f"{'; '.join(problems)}. Change them, or set qat.allow_unexportable = true for an "
+                f"experiment whose checkpoints will not be exported")
+        if q.enable:
+            nvfp4.prepare(self.model, q.nvfp4_config())
         t = self.cfg.training
         parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile,
                           nvfp4_all_gather=self.cfg.qat.fsdp_nvfp4_all_gather)
