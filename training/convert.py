@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import nvfp4
-from nvfp4.export import FORMATS, decode, hf_quant_config, layer_tensors, quantization_config
+from nvfp4.export import FORMATS, decode, export_problems, hf_quant_config, layer_tensors, quantization_config
 from models.llama3 import ModelArgs, Transformer, CheckpointError
 from models.llama3 import state_dict_adapter as adapter
 from models.llama3.args import model_args_from_json
@@ -54,8 +58,9 @@ class Source:
     read: Callable[[str], torch.Tensor]  # our tensor name -> tensor
     names: list[str]
     config: Config | None = None
-    tokenizer_dir: Path | None = None
+    tokenizer: Path | None = None  # the tokenizer file or folder the run names (HF: the folder)
     input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    method: str = "PTQ of a Hugging Face checkpoint"  # what the export is, for its metadata
 
 
 def _dcp_step(path: Path) -> Path | None:
@@ -95,13 +100,24 @@ def _dcp_source(step: Path) -> Source:
         return t
 
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.") and not k.endswith("input_amax")]
-    tok = Path(cfg.model.tokenizer_path)
     src = Source(step, args, cfg.qat.nvfp4_config(), DTYPES[cfg.training.mixed_precision_param], read, names, cfg,
-                 tok if tok.is_dir() else tok.parent)
+                 Path(cfg.model.tokenizer_path), method=_method(step, cfg))
     if cfg.qat.activation_scale == "static":
         src.input_amax = {k.removeprefix("model.").removesuffix(".input_amax"): read(k.removeprefix("model."))
                           for k in meta if k.endswith("input_amax")}
     return src
+
+
+def _method(step: Path, cfg: Config) -> str:
+    """QAT or PTQ, truthfully: a float run, or a step saved before QAT started, is exported by
+    post-training quantization of its weights."""
+    q = cfg.qat
+    if not q.enable:
+        return "PTQ: trained in float (qat.enable = false), quantized by the converter"
+    m = re.fullmatch(r"step-(\d+)", step.name)
+    if m and int(m[1]) <= q.start_step:
+        return f"PTQ: saved at {step.name}, before QAT started (qat.start_step = {q.start_step})"
+    return f"QAT ({q.activation_scale} activation scales) from step {q.start_step + 1}"
 
 
 def _hf_source(path: Path) -> Source:
@@ -167,7 +183,7 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) ->
     cfg = src.config
     if data is None and cfg is None:
         raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
-    tok = load_tokenizer(cfg.model.tokenizer_path if cfg and data is None else src.tokenizer_dir)
+    tok = load_tokenizer(_tokenizer_dir(src) if src.config is None else src.tokenizer)
     docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
     w = build_windows(docs, tok, seq, cfg.dataset.validation_fraction if cfg else 0.05, cfg.training.seed if cfg else 0)
@@ -208,13 +224,26 @@ def _ignored(src: Source, quantized: set[str]) -> list[str]:
                   if isinstance(m, torch.nn.Linear) and n not in quantized)
 
 
-def _copy_tokenizer(src: Source, out: Path) -> None:
-    if src.config is not None and Path(src.config.model.tokenizer_path).is_file():
-        shutil.copy2(src.config.model.tokenizer_path, out / Path(src.config.model.tokenizer_path).name)
-    elif src.tokenizer_dir is not None:
-        for n in TOKENIZER_FILES:
-            if (src.tokenizer_dir / n).is_file():
-                shutil.copy2(src.tokenizer_dir / n, out / n)
+def _tokenizer_dir(src: Source) -> Path | None:
+    if src.tokenizer is None:
+        return None
+    return src.tokenizer if src.tokenizer.is_dir() else src.tokenizer.parent
+
+
+def _copy_tokenizer(src: Source, out: Path) -> list[str]:
+    """Copy the tokenizer files (by their known names only) from where the run says; a run whose
+    tokenizer cannot be found is an error, since engines cannot serve the export without it."""
+    folder = _tokenizer_dir(src)
+    names = [n for n in TOKENIZER_FILES if folder is not None and (folder / n).is_file()]
+    if src.tokenizer is not None and src.tokenizer.is_file() and src.tokenizer.name not in TOKENIZER_FILES:
+        names = []  # not a tokenizer file: copy nothing from beside it
+    if not names and src.config is not None:
+        raise ConvertError(
+            f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) at {src.tokenizer}, the run's "
+            f"model.tokenizer_path (relative paths are taken from the current directory); pass --tokenizer PATH")
+    for n in names:
+        shutil.copy2(folder / n, out / n)
+    return names
 
 
 @dataclass
@@ -226,6 +255,7 @@ class Options:
     calibration_data: Path | None = None
     calibration_seq_len: int | None = None
     max_shard_bytes: int = 5 * 2**30
+    tokenizer: Path | None = None  # instead of the run's model.tokenizer_path
 
 
 def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str]:
@@ -241,6 +271,25 @@ def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str
     return amax, f"calibrated by the converter over {o.calibration_batches} batches of {data}"
 
 
+def check_exportable(src: Source) -> None:
+    """Refuse, naming the checkpoint, what engines could not decode as trained: the QAT settings
+    ``export_problems`` lists, and static input scales not calibrated or not finite."""
+    with torch.device("meta"):
+        model = Transformer(src.args)
+    if problems := export_problems(model, src.qat):
+        raise ConvertError(f"{src.path}: cannot be exported as NVFP4 that engines decode as trained: "
+                           f"{'; '.join(problems)}. Export it in float with --format hf")
+    if src.qat.activation_scale != "static":
+        return
+    for name, amax in src.input_amax.items():
+        if not torch.isfinite(amax):
+            raise ConvertError(f"{src.path}: the calibrated input amax of {name} is {float(amax)}; "
+                               "refusing to export a non-finite input_scale")
+        if amax < 0:
+            raise ConvertError(f"{src.path}: its static activation scales were never calibrated ({name}); "
+                               f"{src.method.removeprefix('PTQ: ')}. Convert a step saved after QAT started")
+
+
 def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], None]) -> None:
     """Write the converted checkpoint into the empty folder ``out``."""
     out_dtype = o.dtype or src.cast
@@ -248,6 +297,8 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
     quantized: set[str] = set()
     extra = {}
     if o.fmt != "hf":
+        check_exportable(src)
+        log(f"method: {src.method}")
         amaxes, how = _input_amaxes(src, o)
         log(f"input scales: {how}")
         groups = qat_groups(src)
@@ -258,8 +309,8 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
                 writer.add(f"{adapter.to_hf_module(module)}.{suffix}", t)
             quantized.add(module)
             log(f"[{len(quantized)}/{total}] {module}")
-        extra = {"activation_scale": src.qat.activation_scale, "tensor_scale": src.qat.tensor_scale,
-                 "input_scale": how, "source": str(src.path)}
+        extra = {"method": src.method, "activation_scale": src.qat.activation_scale,
+                 "tensor_scale": src.qat.tensor_scale, "input_scale": how, "source": str(src.path)}
     for name in src.names:
         if name.removesuffix(".weight") in quantized or (src.args.tie_word_embeddings and name == "output.weight"):
             continue
@@ -268,7 +319,12 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
             raise ConvertError(f"{src.path}: tensor {name} holds NaN or Inf; refusing to export it")
         writer.add(adapter.to_hf(name), _cast(t, out_dtype))
     writer.close()
-    cfg = hf_config_from_args(src.args, out_dtype or torch.bfloat16)
+    # Engines and transformers run NVFP4 checkpoints in 16 bits (compressed-tensors' forward fails
+    # on fp32 activations): an fp32 run keeps its float tensors, and config.json says bfloat16.
+    run_dtype = out_dtype or torch.bfloat16
+    if o.fmt != "hf" and run_dtype not in (torch.bfloat16, torch.float16):
+        run_dtype = torch.bfloat16
+    cfg = hf_config_from_args(src.args, run_dtype)
     if o.fmt != "hf":
         ignore = _ignored(src, quantized)
         weight_only = src.qat.activation_scale == "none"
@@ -276,8 +332,20 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
         if o.fmt == "modelopt":
             hq = hf_quant_config(ignore, "nvfp4-titan", weight_only)
             (out / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _copy_tokenizer(src, out)
+    cfg.update(_special_token_ids(src))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _special_token_ids(src: Source) -> dict[str, int]:
+    """bos/eos/pad ids for config.json: a Hugging Face source's own; a run's EOS (documents are
+    trained with EOS appended and no BOS, so no BOS is claimed)."""
+    if src.config is None:
+        hf = read_config(src.path)
+        return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    from data.tokenizer import load_tokenizer
+
+    return {"eos_token_id": load_tokenizer(src.tokenizer).eos_id}
 
 
 def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
@@ -285,19 +353,71 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
     """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
     if o.fmt not in (*FORMATS, "hf"):
         raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")
+    _check_output(source, output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
     src = resolve_source(source)
+    if o.tokenizer is not None:
+        src.tokenizer = o.tokenizer
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    _remove_stale_temporaries(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
         write_checkpoint(src, tmp, o, log)
+        _umask_permissions(tmp)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return src
+
+
+def _check_output(source: Path, output: Path) -> None:
+    """Refuse an output that is, holds or lies inside the source: --overwrite would delete the
+    checkpoint (or the whole run), and keep_latest_k deletes a step with what lies inside it."""
+    src, out = source.resolve(), output.resolve()
+    if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+        raise ConvertError(f"output {output} {'is' if out == src else 'holds' if src.is_relative_to(out) else 'lies inside'} "
+                           f"the checkpoint {source}; write the NVFP4 checkpoint to a folder outside it")
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary folders of conversions to ``output`` whose process is gone (SIGKILL, power loss)."""
+    for tmp in output.parent.glob(f".{output.name}.convert-*-*"):
+        pid = tmp.name.removeprefix(f".{output.name}.convert-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through convert's cleanup
+
+
+def _umask_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders: give the output the permissions the user's umask gives."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
 
 
 def verify(output: Path, src: Source, fmt: str, log: Callable[[str], None] = print) -> int:
@@ -364,13 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-batch-size", type=int, default=4)
     p.add_argument("--calibration-data", type=Path, help="corpus for calibration (default: the recipe's dataset)")
     p.add_argument("--calibration-seq-len", type=int)
+    p.add_argument("--tokenizer", type=Path, help="tokenizer file or folder to copy (default: the run's model.tokenizer_path)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument("--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     o = Options(a.format, DTYPES[a.dtype] if a.dtype else None, a.calibration_batches, a.calibration_batch_size,
-                a.calibration_data, a.calibration_seq_len)
+                a.calibration_data, a.calibration_seq_len, tokenizer=a.tokenizer)
     try:
         src = convert(a.checkpoint, a.output, o, a.overwrite, log)
         print(f"wrote {a.output} ({a.format})")

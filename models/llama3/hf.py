@@ -26,6 +26,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",
+    "chat_template.jinja",  # an Instruct model's chat template (transformers >= 4.45 saves it apart)
 )
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints stored this buffer
 

@@ -175,5 +175,6 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731 (float8 and NaN-safe)
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # float8- and NaN-safe

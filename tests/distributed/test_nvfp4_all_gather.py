@@ -26,12 +26,15 @@ from training.config import Optimizer
 from training.optim import build_optimizer
 
 
+CPU = torch.device("cpu")
+
+
 def _sharded(ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool,
-             device: torch.device = torch.device("cpu")) -> Transformer:
+             device: torch.device = CPU) -> Transformer:
     return sharded(ref, dp, tp, device, all_gather, param_dtype)[0]
 
 
-def _reference(mode: str = "pow2", device: torch.device = torch.device("cpu")) -> tuple[Transformer, torch.Tensor]:
+def _reference(mode: str = "pow2", device: torch.device = CPU) -> tuple[Transformer, torch.Tensor]:
     """The unsharded QAT model; ``mode`` amax makes every amax bit matter (pow2 rounds)."""
     tokens = torch.randint(0, ARGS.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     return reference(nvfp4.QATConfig(tensor_scale=mode), device), tokens.to(device)

@@ -1,0 +1,165 @@
+"""The export contract: what the converter writes, engines decode as trained, or it refuses with a
+reason; its metadata says truthfully what the export is; it never destroys or leaks anything;
+a compressed-tensors export loads and runs in transformers with default arguments."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from tests.integration.helpers import FAST, ROOT, train
+from training.convert import ConvertError, Options, check_exportable, convert, resolve_source
+
+EOS = Tokenizer.from_file(str(ROOT / "data" / "assets" / "tokenizer.json")).token_to_id("<|end_of_text|>")
+COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--lr_scheduler.warmup_steps=0",
+          "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    made = {
+        "qat": [],
+        "float": ["--qat.enable=false"],
+        "separate_amax": ["--qat.share_fused_amax=false", "--qat.allow_unexportable=true"],
+        "static_late": ["--qat.activation_scale=static", "--qat.start_step=3", "--training.steps=4",
+                        "--qat.calibration_batches=1"],
+    }
+    for name, extra in made.items():
+        r = train(tmp / name, *COMMON, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return {name: tmp / name for name in made}
+
+
+def _metadata(out) -> dict:
+    return json.loads((out / "config.json").read_text())["quantization_config"]["nvfp4_titan"]
+
+
+def test_unexportable_settings_train_only_when_asked_and_are_refused_for_export(runs, tmp_path):
+    with pytest.raises(ConvertError, match="share_fused_amax=false .* --format hf"):
+        convert(runs["separate_amax"], tmp_path / "out", Options(calibration_batches=1))
+    assert not (tmp_path / "out").exists()
+    convert(runs["separate_amax"], tmp_path / "float", Options(fmt="hf"))  # the float model exports
+
+
+def test_static_scales_of_a_step_before_qat_are_refused(runs, tmp_path):
+    step2, step4 = (runs["static_late"] / "checkpoint" / f"step-{n}" for n in (2, 4))
+    with pytest.raises(ConvertError, match=r"never calibrated .*saved at step-2, before QAT started \(qat.start_step = 3\)"):
+        convert(step2, tmp_path / "early", Options())
+    convert(step4, tmp_path / "late", Options())
+    assert _metadata(tmp_path / "late")["input_scale"].startswith("static: calibrated during training")
+    assert _metadata(tmp_path / "late")["method"] == "QAT (static activation scales) from step 4"
+
+
+def test_non_finite_static_input_amax_is_refused(runs):
+    src = resolve_source(runs["static_late"])
+    check_exportable(src)
+    src.input_amax["layers.1.feed_forward.w2"] = torch.tensor(float("nan"))
+    with pytest.raises(ConvertError, match="input amax of layers.1.feed_forward.w2 is nan"):
+        check_exportable(src)
+
+
+def test_metadata_says_qat_or_ptq(runs, tmp_path):
+    convert(runs["float"], tmp_path / "float", Options(calibration_batches=1))
+    convert(runs["qat"], tmp_path / "qat", Options(calibration_batches=1))
+    assert _metadata(tmp_path / "float")["method"].startswith("PTQ: trained in float (qat.enable = false)")
+    assert _metadata(tmp_path / "qat")["method"] == "QAT (dynamic activation scales) from step 1"
+
+
+def _tree(path) -> dict:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+def test_output_equal_to_holding_or_inside_the_source_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["qat"], run)
+    step = run / "checkpoint" / "step-2"
+    before = _tree(run)
+    for source, output in ((step, step), (run, run), (step, run), (step, step / "nvfp4"), (run, step)):
+        with pytest.raises(ConvertError, match="write the NVFP4 checkpoint to a folder outside it"):
+            convert(source, output, Options(calibration_batches=1), overwrite=True)
+    assert _tree(run) == before
+
+
+def _with_tokenizer_path(runs, tmp_path, tokenizer_path: str):
+    run = tmp_path / "run"
+    shutil.copytree(runs["qat"], run)
+    toml = run / "checkpoint" / "step-2" / "config.toml"
+    text = toml.read_text().replace('tokenizer_path = "data/assets/tokenizer.json"', f'tokenizer_path = "{tokenizer_path}"')
+    toml.write_text(text)
+    return run
+
+
+@pytest.mark.parametrize("named", ["/etc/hostname", "beside_a_tokenizer"])
+def test_only_tokenizer_files_are_copied(runs, tmp_path, named):
+    if named == "beside_a_tokenizer":  # a config naming another file of a folder that holds one
+        (tmp_path / "tok").mkdir()
+        shutil.copy(ROOT / "data" / "assets" / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+        (tmp_path / "tok" / "secret.txt").write_text("not for the export")
+        named = str(tmp_path / "tok" / "secret.txt")
+    run = _with_tokenizer_path(runs, tmp_path, named)
+    with pytest.raises(ConvertError, match=f"no tokenizer files .* at {named}.*--tokenizer"):
+        convert(run, tmp_path / "out", Options(calibration_batches=0))
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_tokenizer_path_from_another_directory(runs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(runs["qat"], run)
+    monkeypatch.chdir(tmp_path)  # the run's tokenizer_path is relative to the repository root
+    with pytest.raises(ConvertError, match="data/assets/tokenizer.json.*pass --tokenizer"):
+        convert(run, tmp_path / "out", Options(calibration_batches=0))
+    tok = ROOT / "data" / "assets" / "tokenizer.json"
+    convert(run, tmp_path / "out", Options(calibration_batches=0, tokenizer=tok))
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tok.read_bytes()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == EOS
+
+
+def test_output_permissions_follow_the_umask_and_stale_temporaries_go(runs, tmp_path):
+    stale = tmp_path / ".out.convert-999999999-abc"  # a conversion killed by SIGKILL (no such pid)
+    stale.mkdir()
+    old = os.umask(0o022)
+    try:
+        convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in (tmp_path / "out").iterdir())
+    assert not stale.exists()
+
+
+def test_sigterm_mid_conversion_leaves_nothing(runs, tmp_path):
+    out = tmp_path / "out"
+    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["qat"]), str(out), "--calibration-batches=64"]
+    p = subprocess.Popen(cli, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.convert-*")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "finished before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_compressed_tensors_export_of_an_fp32_run_runs_in_transformers(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    shutil.copy(ROOT / "data" / "assets" / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = tmp_path / "ct"
+    convert(runs["qat"], out, Options(fmt="compressed-tensors", calibration_batches=1, tokenizer=tmp_path / "tokenizer.json"))
+    assert (out / "chat_template.jinja").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["eos_token_id"] == EOS
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)  # default arguments
+    with torch.no_grad():
+        logits = model(torch.randint(0, 8192, (1, 16))).logits
+    assert logits.shape == (1, 16, 8192) and torch.isfinite(logits).all()
