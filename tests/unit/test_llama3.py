@@ -224,5 +224,5 @@ def test_init_weights_draws_each_parameter_from_its_own_seed():
         want = 0.02 / math.sqrt(2 * (layer + 1))
         for name in ("attention.wo", "feed_forward.w2", "feed_forward.w3"):
             assert abs(std[f"layers.{layer}.{name}.weight"] / want - 1) < 0.05, (layer, name)
-    head = p["output.weight"]
+    head = p["output.weight"].detach()
     assert abs(std["output.weight"] * args.dim**0.5 - 0.986) < 0.02 and float(head.abs().max()) <= 3 * args.dim**-0.5
