@@ -18,6 +18,7 @@ With the default power-of-two tensor scale, both decodings give our bits exactly
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -109,19 +110,23 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
     refuses fused layers of mixed precision), and tie ``lm_head`` to the float embedding when
     ``tie_word_embeddings`` is set. The trainer checks this before any work, the converter again.
     """
-    problems = []
+    problems, split, separate = [], {}, []
     for group in getattr(model, "fused_linear_groups", list)():
         chosen = [n for n in group if config.selects(n)]
-        if chosen and len(chosen) < len(group):
-            left = sorted(set(group) - set(chosen))
-            problems.append(
-                f"{', '.join(left)} excluded from QAT but not the rest of its fused group {group}: engines fuse "
-                f"the group into one layer of one precision; include or exclude the whole group")
+        if chosen and len(chosen) < len(group):  # one line per kind of split, not per layer
+            left = tuple(_any_layer(n) for n in group if n not in chosen)
+            split.setdefault((left, tuple(map(_any_layer, group))), []).append(group[0])
         elif len(chosen) > 1 and not config.share_fused_amax:
-            problems.append(
-                f"share_fused_amax=false gives the fused group {group} separate weight tensor scales; engines "
-                f"keep one per fused layer (vLLM: the max), so the others would decode 2-4x off")
-            break  # one line says it for every group
+            separate.append(group)
+    for (left, group), firsts in split.items():
+        problems.append(
+            f"{', '.join(left)} excluded from QAT but not the rest of its fused group {list(group)} ({len(firsts)} "
+            f"group(s)): engines fuse the group into one layer of one precision; include or exclude the whole group")
+    if separate:
+        problems.append(
+            f"share_fused_amax=false gives the {len(separate)} fused groups (q/k/v, gate/up; e.g. {separate[0]}) "
+            f"separate weight tensor scales; engines keep one per fused layer (vLLM: the max), so the others "
+            f"would decode 2-4x off")
     uses: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         uses.setdefault(id(p), []).append(name.removesuffix(".weight"))
@@ -131,3 +136,8 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
                 f"{name} shares its weight with {', '.join(s for s in shared if s != name)} (tied embeddings): a "
                 f"quantized tied head cannot be exported; keep '{name}' in the QAT exclude patterns")
     return problems
+
+
+def _any_layer(name: str) -> str:
+    """``layers.3.attention.wk`` -> ``layers.*.attention.wk``: one name for a layer's role."""
+    return re.sub(r"\.\d+\.", ".*.", name)

@@ -48,9 +48,10 @@ CASES = {
                               "tensor_parallel_degree=2 does not divide the world size 1"),
     # Settings whose checkpoints engines could not decode as trained (the export contract).
     "separate_fused_amax": (lambda tmp: ["--qat.share_fused_amax=false"],
-                            r"share_fused_amax=false gives the fused group .* qat.allow_unexportable"),
+                            r"share_fused_amax=false gives the 8 fused groups .* qat.allow_unexportable"),
     "fused_group_in_part": (lambda tmp: ['--qat.exclude=["output", "*.wk"]'],
-                            r"layers.0.attention.wk excluded from QAT but not the rest of its fused group"),
+                            r"layers.\*.attention.wk excluded from QAT but not the rest of its fused group \[.*\] \(4 group"),
+    "qat_selects_nothing": (lambda tmp: ['--qat.exclude=["*"]'], r"selects? no linear layer"),
     "quantized_tied_head": (lambda tmp: ["--qat.exclude=[]"],
                             r"output shares its weight with tok_embeddings \(tied embeddings\)"),
 }
