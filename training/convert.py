@@ -121,7 +121,11 @@ def _method(step: Path, cfg: Config) -> str:
 
 
 def _hf_source(path: Path) -> Source:
-    args = args_from_hf_config(read_config(path), str(path / "config.json"))
+    config = read_config(path)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ConvertError(f"{path} is already quantized ({method}); convert the float checkpoint or the training run")
+    args = args_from_hf_config(config, str(path / "config.json"))
     reader = TensorReader(path)
 
     def read(name: str) -> torch.Tensor:
@@ -177,14 +181,21 @@ def quantized_groups(src: Source):
 
 
 def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) -> torch.Tensor:
-    from data.dataset import build_windows, load_documents
-    from data.tokenizer import load_tokenizer
+    from data.dataset import DataError, build_windows, load_documents
+    from data.tokenizer import TokenizerError, load_tokenizer
 
     cfg = src.config
     if data is None and cfg is None:
         raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
-    tok = load_tokenizer(_tokenizer_dir(src) if src.config is None else src.tokenizer)
-    docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
+    try:  # the loaders' messages name recipe keys; the converter's options are the fix here
+        tok = load_tokenizer(_tokenizer_dir(src) if src.config is None else src.tokenizer)
+        docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
+    except TokenizerError as e:
+        raise ConvertError(f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "
+                           "(relative paths in the run's config are taken from the current directory)") from None
+    except DataError as e:
+        raise ConvertError(f"calibration: {str(e).split('; set dataset.path')[0]}; pass --calibration-data PATH, "
+                           "or --calibration-batches 0 to export no input_scale") from None
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
     w = build_windows(docs, tok, seq, cfg.dataset.validation_fraction if cfg else 0.05, cfg.training.seed if cfg else 0)
     return w.validation if len(w.validation) else w.train
@@ -276,6 +287,9 @@ def check_exportable(src: Source) -> None:
     ``export_problems`` lists, and static input scales not calibrated or not finite."""
     with torch.device("meta"):
         model = Transformer(src.args)
+    if not any(isinstance(m, torch.nn.Linear) and src.qat.selects(n) for n, m in model.named_modules()):
+        raise ConvertError(f"{src.path}: its QAT config (include {list(src.qat.include)}, exclude "
+                           f"{list(src.qat.exclude)}) selects no linear layer: there is nothing to quantize")
     if problems := export_problems(model, src.qat):
         raise ConvertError(f"{src.path}: cannot be exported as NVFP4 that engines decode as trained: "
                            f"{'; '.join(problems)}. Export it in float with --format hf")
@@ -353,18 +367,18 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
     """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
     if o.fmt not in (*FORMATS, "hf"):
         raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")
-    _check_output(source, output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    _check_output(source, output, overwrite)
     src = resolve_source(source)
     if o.tokenizer is not None:
         src.tokenizer = o.tokenizer
     output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output)
+    _remove_stale_temporaries(output, source)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
+    (tmp / _TMP_MARK).touch()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
         write_checkpoint(src, tmp, o, log)
+        (tmp / _TMP_MARK).unlink()
         _umask_permissions(tmp)
         if output.exists():
             shutil.rmtree(output)
@@ -376,20 +390,36 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
     return src
 
 
-def _check_output(source: Path, output: Path) -> None:
-    """Refuse an output that is, holds or lies inside the source: --overwrite would delete the
-    checkpoint (or the whole run), and keep_latest_k deletes a step with what lies inside it."""
+_TMP_MARK = ".nvfp4-convert-temporary"  # in every temporary folder: only those are ever removed
+
+
+def _check_output(source: Path, output: Path, overwrite: bool) -> None:
+    """Refuse an output that is, holds or lies inside the source (--overwrite would delete the
+    checkpoint or the whole run; keep_latest_k deletes a step with what lies inside it), that is
+    a link or a file, or that --overwrite would replace though it is no converted checkpoint."""
     src, out = source.resolve(), output.resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
         raise ConvertError(f"output {output} {'is' if out == src else 'holds' if src.is_relative_to(out) else 'lies inside'} "
                            f"the checkpoint {source}; write the NVFP4 checkpoint to a folder outside it")
+    if output.is_symlink():
+        raise ConvertError(f"output {output} is a symbolic link; name a real folder")
+    for p in (output, *output.parents):
+        if p.exists() and not p.is_dir():
+            raise ConvertError(f"output {output}: {p} is a file, not a folder; name a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
+        if not (output / "config.json").is_file():
+            raise ConvertError(f"{output} holds no config.json: it is not a converted checkpoint, and --overwrite "
+                               "replaces only those; choose a new or empty folder")
 
 
-def _remove_stale_temporaries(output: Path) -> None:
-    """Temporary folders of conversions to ``output`` whose process is gone (SIGKILL, power loss)."""
+def _remove_stale_temporaries(output: Path, source: Path) -> None:
+    """Our temporary folders for ``output`` whose process is gone (SIGKILL, power loss)."""
     for tmp in output.parent.glob(f".{output.name}.convert-*-*"):
         pid = tmp.name.removeprefix(f".{output.name}.convert-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        ours = (tmp / _TMP_MARK).is_file() and not source.resolve().is_relative_to(tmp.resolve())
+        if ours and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -473,17 +503,25 @@ def load_nvfp4_model(path: Path) -> Transformer:
     return model
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {low}")
+        return int(text)
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="DCP step folder, training run folder, or HF directory")
     p.add_argument("output", type=Path, help="new (or empty) output directory")
     p.add_argument("--format", default="modelopt", choices=(*FORMATS, "hf"))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of unquantized tensors (default: the training param dtype)")
-    p.add_argument("--calibration-batches", type=int, default=8,
+    p.add_argument("--calibration-batches", type=_at_least(0), default=8,
                    help="dynamic-mode checkpoints: batches that calibrate the exported input_scale (0: none)")
-    p.add_argument("--calibration-batch-size", type=int, default=4)
+    p.add_argument("--calibration-batch-size", type=_at_least(1), default=4)
     p.add_argument("--calibration-data", type=Path, help="corpus for calibration (default: the recipe's dataset)")
-    p.add_argument("--calibration-seq-len", type=int)
+    p.add_argument("--calibration-seq-len", type=_at_least(1))
     p.add_argument("--tokenizer", type=Path, help="tokenizer file or folder to copy (default: the run's model.tokenizer_path)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument("--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch")

@@ -89,6 +89,53 @@ def test_output_equal_to_holding_or_inside_the_source_is_refused(runs, tmp_path)
     assert _tree(run) == before
 
 
+def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_path):
+    data = tmp_path / "assets"  # e.g. the run's own tokenizer and corpus folder
+    data.mkdir()
+    (data / "corpus.jsonl").write_text('{"text": "keep me"}\n')
+    (tmp_path / "a_file").write_text("keep me")
+    (tmp_path / "link").symlink_to(data)
+    for output, message in ((data, "holds no config.json: it is not a converted checkpoint"),
+                            (tmp_path / "a_file", "is a file, not a folder"),
+                            (tmp_path / "a_file" / "sub", "is a file, not a folder"),
+                            (tmp_path / "link", "is a symbolic link")):
+        with pytest.raises(ConvertError, match=message):
+            convert(runs["qat"], output, Options(calibration_batches=0), overwrite=True)
+    assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (tmp_path / "a_file").read_text() == "keep me"
+    convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
+    convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True)  # a converted one: replaced
+
+
+def test_a_source_named_like_a_temporary_folder_survives(runs, tmp_path):
+    source = tmp_path / ".victim.convert-999999999-abc"  # the name of a dead conversion's temporary
+    shutil.copytree(runs["qat"], source)
+    convert(source, tmp_path / "victim", Options(calibration_batches=0))
+    assert (source / "checkpoint" / "step-2" / ".metadata").is_file()
+
+
+def test_an_nvfp4_export_is_no_source(runs, tmp_path):
+    convert(runs["qat"], tmp_path / "once", Options(calibration_batches=0))
+    with pytest.raises(ConvertError, match="is already quantized \\(modelopt\\)"):
+        convert(tmp_path / "once", tmp_path / "twice", Options(calibration_batches=0))
+
+
+def test_a_config_that_quantizes_nothing_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["qat"], run)
+    toml = run / "checkpoint" / "step-2" / "config.toml"
+    toml.write_text(toml.read_text().replace('exclude = ["output"]', 'exclude = ["*"]'))
+    with pytest.raises(ConvertError, match="selects no linear layer: there is nothing to quantize"):
+        convert(run, tmp_path / "out", Options(calibration_batches=0))
+
+
+@pytest.mark.parametrize("option", ["--calibration-batch-size=0", "--calibration-batches=-1", "--calibration-seq-len=0"])
+def test_calibration_options_out_of_range(runs, tmp_path, option):
+    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["qat"]), str(tmp_path / "out"), option]
+    r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "give a whole number >=" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _with_tokenizer_path(runs, tmp_path, tokenizer_path: str):
     run = tmp_path / "run"
     shutil.copytree(runs["qat"], run)
@@ -115,8 +162,9 @@ def test_relative_tokenizer_path_from_another_directory(runs, tmp_path, monkeypa
     run = tmp_path / "run"
     shutil.copytree(runs["qat"], run)
     monkeypatch.chdir(tmp_path)  # the run's tokenizer_path is relative to the repository root
-    with pytest.raises(ConvertError, match="data/assets/tokenizer.json.*pass --tokenizer"):
-        convert(run, tmp_path / "out", Options(calibration_batches=0))
+    for batches in (0, 1):  # copying the tokenizer, and calibrating with it
+        with pytest.raises(ConvertError, match="data/assets/tokenizer.json.*pass --tokenizer"):
+            convert(run, tmp_path / "out", Options(calibration_batches=batches))
     tok = ROOT / "data" / "assets" / "tokenizer.json"
     convert(run, tmp_path / "out", Options(calibration_batches=0, tokenizer=tok))
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tok.read_bytes()
@@ -126,6 +174,7 @@ def test_relative_tokenizer_path_from_another_directory(runs, tmp_path, monkeypa
 def test_output_permissions_follow_the_umask_and_stale_temporaries_go(runs, tmp_path):
     stale = tmp_path / ".out.convert-999999999-abc"  # a conversion killed by SIGKILL (no such pid)
     stale.mkdir()
+    (stale / ".nvfp4-convert-temporary").touch()  # the converter's mark in its temporaries
     old = os.umask(0o022)
     try:
         convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
