@@ -351,13 +351,13 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     return config
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -367,7 +367,7 @@ def to_toml(config: Config) -> str:
     for section in fields(config):
         lines.append(f"[{section.name}]")
         obj = getattr(config, section.name)
-        lines += [f"{f.name} = {_toml_value(getattr(obj, f.name))}" for f in fields(obj)]
+        lines += [f"{f.name} = {toml_value(getattr(obj, f.name))}" for f in fields(obj)]
         lines.append("")
     return "\n".join(lines)
 
@@ -382,7 +382,7 @@ def help_text() -> str:
         out.append(f"[{section.name}]")
         for f in fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            out.append(f"  {f.name} = {_toml_value(default)}")
+            out.append(f"  {f.name} = {toml_value(default)}")
             out += [f"      {line}" for line in docs.get(f.name, "").splitlines()]
         out.append("")
     return "\n".join(out)

@@ -26,7 +26,7 @@ from models.llama3.args import model_args_json
 from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
 from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
-from training.config import Config, ConfigError, to_toml
+from training.config import Config, ConfigError, load_config, to_toml, toml_value
 from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
 from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
@@ -85,7 +85,7 @@ class Trainer:
         self.resume_from = ckpt.latest(self.ckpt_folder) if cfg.checkpoint.enable else None
         if self.resume_from is None and cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
             ckpt.check_model_shapes(Path(cfg.checkpoint.initial_load_path), self._param_shapes())
-        self._check_data_order(dims.dp_shard)
+        self._check_resume(dims.dp_shard)
         self._make_run_folder()
         self._materialize()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -106,31 +106,41 @@ class Trainer:
             self.val_loader = GlobalBatchLoader(
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
 
-    def _check_data_order(self, dp: int) -> None:
-        """A run that continues a checkpoint's data position must draw the same global batches:
-        the same seed and global batch size (the data-parallel degree may change)."""
+    # Keys a resumed run must share with its checkpoint: they fix which windows the data order
+    # draws and what the model computes; the data-parallel degree may change.
+    _RESUME_KEYS = ("training.seq_len", "qat.enable", "qat.activation_scale", "qat.tensor_scale", "qat.include",
+                    "qat.exclude", "qat.share_fused_amax", "qat.start_step")
+
+    def _check_resume(self, dp: int) -> None:
+        """Refuse, before any write, to continue a checkpoint with another seed, global batch,
+        sequence length or QAT setting: one message naming each key and the flag that restores it."""
         c, t = self.cfg.checkpoint, self.cfg.training
         full_load = c.initial_load_path and not (c.initial_load_in_hf or c.initial_load_model_only)
         path = self.resume_from or (Path(c.initial_load_path) if full_load else None)
         if path is None:
             return
         saved = ckpt.load_extra(path, {"dataloader": self.loader.state_dict()})["dataloader"]
-        changed, fix = [], []
+        changed = {}  # key: (saved value, this run's value as said)
         if saved["seed"] != t.seed:
-            changed.append(f"training.seed={saved['seed']} (this run: {t.seed})")
-            fix.append(f"--training.seed={saved['seed']}")
+            changed["training.seed"] = (saved["seed"], t.seed)
         if saved["global_batch"] != self.global_batch:
-            now = f"{self.global_batch}" + (
-                f", from global_batch_size=-1: local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
-                if t.global_batch_size == -1 else "")
-            changed.append(f"a global batch of {saved['global_batch']} sequences (this run: {now})")
-            fix.append(f"--training.global_batch_size={saved['global_batch']}")
+            now = f"{self.global_batch}" + (f" = local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
+                                            if t.global_batch_size == -1 else "")
+            changed["training.global_batch_size"] = (saved["global_batch"], now)
+        if self.resume_from is not None and (path / "config.toml").is_file():
+            before = load_config(path / "config.toml")
+            for key in self._RESUME_KEYS:
+                section, name = key.split(".")
+                old, new = getattr(getattr(before, section), name), getattr(getattr(self.cfg, section), name)
+                if old != new:
+                    changed[key] = (old, new)
         if changed:
+            what = "; ".join(f"{k}={v[0]!r} (this run: {v[1]})" for k, v in changed.items())
+            fix = " ".join(f"--{k}={toml_value(v[0])}" for k, v in changed.items())
             raise ConfigError(
-                f"{path} was trained with {' and '.join(changed)}: resuming would change which data "
-                f"the remaining steps see. Resume with {' '.join(fix)} (a global batch must be a multiple "
-                f"of local_batch_size x data-parallel degree), or start a new run in another job.dump_folder"
-            )
+                f"{path} was trained with {what}: continuing it would change which data the remaining steps "
+                f"see or what the model computes. Resume with {fix}, or start a new run (another "
+                f"job.dump_folder) with checkpoint.initial_load_path={path}")
 
     def _build_model(self) -> None:
         with torch.device("meta"):

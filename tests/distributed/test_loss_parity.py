@@ -96,9 +96,9 @@ def test_losses_match_across_layouts_and_qat_matters(tmp_path, device):
     if "fsdp2xtp2" in runs:
         assert runs["fsdp2xtp2-nvfp4-ag"] == runs["fsdp2xtp2"]  # the all-gather format changes no bit
 
-    float_run = tmp_path / "float"
-    _resume_from(base, float_run)
-    _run(float_run, device, 1, "--qat.enable=false")
+    float_run = tmp_path / "float"  # the same step-2 state, continued without QAT (a new run from it)
+    _run(float_run, device, 1, "--qat.enable=false", f"--checkpoint.initial_load_path={base / 'checkpoint' / 'step-2'}",
+         "--checkpoint.initial_load_model_only=false")
     # QAT changes the forward by far more than any sharding layout does.
     qat_effect = abs(losses(float_run)[3] - ref[3][0])
     layout_noise = max(abs(got[3][0] - ref[3][0]) for got in runs.values())

@@ -78,3 +78,21 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
               "--training.max_norm=0", "--checkpoint.interval=1", "--qat.enable=false")
     assert r.returncode == 1
     assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):
+    """A changed sequence length redraws the data windows, a changed QAT setting changes what the
+    model computes: resuming either way is one clear error naming the key and the flag."""
+    dump = tmp_path / "run"
+    common = [*FAST, "--training.steps=4", "--checkpoint.interval=2", "--lr_scheduler.warmup_steps=0"]
+    assert train(dump, *common, "--training.steps=2").returncode == 0
+    before = sorted(p.name for p in dump.rglob("*"))
+    for change, fix in (("--training.seq_len=32", "--training.seq_len=64"),
+                        ("--qat.enable=false", "--qat.enable=true"),
+                        ("--qat.activation_scale=static", '--qat.activation_scale="dynamic"'),
+                        ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]')):
+        r = train(dump, *common, change)
+        assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, (change, r.stderr[-2000:])
+        assert sorted(p.name for p in dump.rglob("*")) == before
+    r = train(dump, *common)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
