@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # convert's cleanup already ran: nothing was written
+        print(f"interrupted: {a.output} was not written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
