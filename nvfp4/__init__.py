@@ -26,6 +26,7 @@ from nvfp4.qat import (
     needs_calibration,
     prepare,
     qat_linears,
+    selected_linears,
     set_enabled,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "qat_linears",
     "quantize",
     "quantize_with_scale",
+    "selected_linears",
     "set_enabled",
     "tensor_scale",
     "unpack_codes",

@@ -418,6 +418,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def selected_linears(model: nn.Module, config: QATConfig) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules of ``model`` that ``config`` quantizes (what
+    ``prepare`` swaps); works on the meta device."""
+    return [name for name, mod in model.named_modules() if type(mod) is nn.Linear and config.selects(name)]
+
+
 def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     """Swap the selected ``nn.Linear``s of ``model`` for ``NVFP4QATLinear``s, in place.
 
@@ -426,9 +432,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     """
     config = config or QATConfig()
     swapped: dict[str, NVFP4QATLinear] = {}
-    for name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear or not config.selects(name):
-            continue
+    for name in selected_linears(model, config):
+        mod = model.get_submodule(name)
         if mod.in_features % BLOCK_SIZE:
             raise ValueError(
                 f"{name}: in_features={mod.in_features} is not a multiple of {BLOCK_SIZE}; "

@@ -33,14 +33,20 @@ class CheckpointLoadError(ValueError):
     """A checkpoint that does not fit this run; the message names it."""
 
 
+def step_number(path: Path) -> int | None:
+    """N of a ``step-N`` folder, None for any other name."""
+    m = _STEP.fullmatch(path.name)
+    return int(m[1]) if m else None
+
+
 def complete_steps(folder: Path) -> list[tuple[int, Path]]:
     """(step, path) of complete checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
-        if (m := _STEP.fullmatch(p.name)) and (p / ".metadata").is_file():
-            found.append((int(m[1]), p))
+        if (n := step_number(p)) is not None and (p / ".metadata").is_file():
+            found.append((n, p))
     return sorted(found)
 
 

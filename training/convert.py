@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -37,7 +36,7 @@ from models.llama3.hf import (
     SafetensorsWriter, TOKENIZER_FILES, TensorReader, _cast, args_from_hf_config, hf_config_from_args,
     read_config,
 )
-from training.checkpoint import latest
+from training.checkpoint import latest, step_number
 from training.config import Config, ConfigError, load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,8 +113,8 @@ def _method(step: Path, cfg: Config) -> str:
     q = cfg.qat
     if not q.enable:
         return "PTQ: trained in float (qat.enable = false), quantized by the converter"
-    m = re.fullmatch(r"step-(\d+)", step.name)
-    if m and int(m[1]) <= q.start_step:
+    n = step_number(step)
+    if n is not None and n <= q.start_step:
         return f"PTQ: saved at {step.name}, before QAT started (qat.start_step = {q.start_step})"
     return f"QAT ({q.activation_scale} activation scales) from step {q.start_step + 1}"
 
@@ -287,7 +286,7 @@ def check_exportable(src: Source) -> None:
     ``export_problems`` lists, and static input scales not calibrated or not finite."""
     with torch.device("meta"):
         model = Transformer(src.args)
-    if not any(isinstance(m, torch.nn.Linear) and src.qat.selects(n) for n, m in model.named_modules()):
+    if not nvfp4.selected_linears(model, src.qat):
         raise ConvertError(f"{src.path}: its QAT config (include {list(src.qat.include)}, exclude "
                            f"{list(src.qat.exclude)}) selects no linear layer: there is nothing to quantize")
     if problems := export_problems(model, src.qat):

@@ -146,8 +146,7 @@ class Trainer:
         with torch.device("meta"):
             self.model = Transformer(self.args)
         q = self.cfg.qat
-        if q.enable and not any(q.nvfp4_config().selects(n) for n, m in self.model.named_modules()
-                                if isinstance(m, torch.nn.Linear)):
+        if q.enable and not nvfp4.selected_linears(self.model, q.nvfp4_config()):
             raise ConfigError(f"qat.enable = true but qat.include {q.include} and qat.exclude {q.exclude} select "
                               "no linear layer (names like layers.0.attention.wq); fix the patterns or set qat.enable = false")
         if q.enable and not q.allow_unexportable and (problems := export_problems(self.model, q.nvfp4_config())):
