@@ -107,10 +107,17 @@ DYNAMO_CONFIG = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
 def apply_compile(model: Transformer) -> None:
+    """Compile each block in place (parameter names stay layers.N.*). QAT linears inside a block's
+    activation-checkpointed region are marked ``recomputed``: they then trace as one op that the
+    checkpoint recomputes, so checkpointing frees their saved operands (nvfp4.qat.qat_linear)."""
     for key, value in DYNAMO_CONFIG.items():
         setattr(torch._dynamo.config, key, value)
     for block in model.layers:
-        block.compile()  # in place: parameter names stay layers.N.*
+        for region in block.checkpointed_modules():
+            for m in region.modules():
+                if isinstance(m, NVFP4QATLinear):
+                    m.recomputed = True
+        block.compile()
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:

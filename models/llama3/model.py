@@ -127,6 +127,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
+    def checkpointed_modules(self) -> list[nn.Module]:
+        """The submodules whose forward activation checkpointing runs again in backward."""
+        return [self] if self.full_ac else [self.feed_forward, self.ffn_norm] if self.selective_ac else []
+
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.ffn_norm(h))
 
