@@ -74,7 +74,8 @@ def run_recipe(recipe: str, layout: str, gpus: int, qat: bool, ac: str, steps: i
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     rows = [r for r in rows if "tokens_per_s" in r]
     if rc != 0 or not rows:
-        print(f"  {recipe} {layout} qat={qat} ac={ac}: failed (rc {rc}); see {log}", flush=True)
+        tail = "\n    ".join(log.read_text(errors="replace").splitlines()[-15:])
+        print(f"  {recipe} {layout} qat={qat} ac={ac}: failed (rc {rc}); the log ends:\n    {tail}", flush=True)
         return None
     last = rows[-1]
     return {"tokens_per_s": last["tokens_per_s"], "peak_mem_gib": last.get("mem_peak_gib"), "mfu": last.get("mfu")}
