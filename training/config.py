@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
-import sys
+import math
+import tomllib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
@@ -17,11 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nvfp4
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from models.llama3.args import FLAVORS
 
 
 class ConfigError(ValueError):
@@ -212,6 +209,11 @@ class Config:
 
     def validate(self) -> None:
         """Cross-key rules; each failure names the key and the fix."""
+        for section in fields(self):
+            for f in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section.name}.{f.name} = {value}: must be a finite number")
         t = self.training
         checks = [
             (t.local_batch_size > 0, "training.local_batch_size must be > 0"),
@@ -221,6 +223,8 @@ class Config:
             (t.max_norm >= 0, "training.max_norm must be >= 0 (0 disables clipping)"),
             (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
             (self.optimizer.lr > 0, "optimizer.lr must be > 0"),
+            (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
+            (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),
             (0 <= self.lr_scheduler.warmup_steps <= t.steps,
              f"lr_scheduler.warmup_steps must be in [0, training.steps={t.steps}]"),
@@ -242,6 +246,7 @@ class Config:
              "checkpoint.initial_load_in_hf needs checkpoint.initial_load_path"),
             (self.metrics.log_freq > 0, "metrics.log_freq must be > 0"),
             (self.model.name == "llama3", f"model.name={self.model.name!r}: only 'llama3' exists"),
+            (self.model.flavor in FLAVORS, f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -342,7 +347,9 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: malformed TOML: {e}") from None
         _apply(config, data, str(path))

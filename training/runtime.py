@@ -6,23 +6,26 @@ import gc
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from training.config import ConfigError
+
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device=cuda but no CUDA device is visible")
+            raise ConfigError("training.device=cuda but no CUDA device is visible: set training.device=cpu "
+                              "(or auto), or run where a GPU is")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Under torchrun: env://; alone: a one-rank group on a file store."""
+    """(rank, world size). Under torchrun: env://; alone: a one-rank group on an in-memory store
+    (a file store left one /tmp file per run)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
     if device.type == "cuda":
@@ -31,8 +34,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, **kwargs)
     else:
-        store = dist.FileStore(tempfile.mktemp(prefix="nvfp4-titan-store-"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1, **kwargs)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -62,6 +62,16 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
     return args
 
 
+def _check_folder_path(path: Path, key: str) -> None:
+    """Refuse a folder path that is, or lies under, an existing file (mkdir would fail later)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under the file {p}"
+                raise ConfigError(f"{key}={path} {where}: name a folder (created if missing)")
+            return
+
+
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.cfg = config
@@ -71,6 +81,7 @@ class Trainer:
     # ---- setup: everything that can fail on bad input happens before any file is written
     def setup(self) -> None:
         cfg = self.cfg
+        _check_folder_path(Path(cfg.job.dump_folder), "job.dump_folder")
         self.device = pick_device(cfg.training.device)
         self.rank, self.world = init_distributed(self.device)
         setup_logging(self.rank)

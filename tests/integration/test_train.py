@@ -10,10 +10,12 @@ from tests.integration.helpers import FAST, ROOT, losses, metrics, train
 
 
 def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
-    dump = tmp_path / "run"
+    dump, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
     r = train(dump, "--training.steps=16", "--metrics.log_freq=1", "--validation.freq=8",
-              "--checkpoint.interval=8", "--training.seq_len=64")
+              "--checkpoint.interval=8", "--training.seq_len=64", env={"TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stderr
+    assert not list(tmp.glob("nvfp4-titan-store-*"))  # no process-group store file left behind
     loss = losses(dump)
     assert sorted(loss) == list(range(1, 17))
     assert loss[16] < loss[1] - 1.0  # it learns

@@ -54,11 +54,27 @@ CASES = {
     "qat_selects_nothing": (lambda tmp: ['--qat.exclude=["*"]'], r"selects? no linear layer"),
     "quantized_tied_head": (lambda tmp: ["--qat.exclude=[]"],
                             r"output shares its weight with tok_embeddings \(tied embeddings\)"),
+    "recipe_not_utf8": (lambda tmp: ["--recipe", str(_write_bytes(tmp / "latin1.toml", b"[job]\ndescription = \"caf\xe9\"\n"))],
+                        r"latin1.toml is not UTF-8 text \(byte 24\)"),
+    "unknown_flavor": (lambda tmp: ["--model.flavor=foo"], r"model.flavor='foo': choose one of \['1B'"),
+    "cuda_without_gpu": (lambda tmp: ["--training.device=cuda"], "training.device=cuda but no CUDA device is visible"),
+    "negative_eps": (lambda tmp: ["--optimizer.eps=-1.0"], "optimizer.eps must be > 0"),
+    "negative_weight_decay": (lambda tmp: ["--optimizer.weight_decay=-100.0"], "optimizer.weight_decay must be >= 0"),
+    "infinite_lr": (lambda tmp: ["--optimizer.lr=inf"], r"optimizer.lr = inf: must be a finite number"),
+    "nan_max_norm": (lambda tmp: ["--training.max_norm=nan"], r"training.max_norm = nan: must be a finite number"),
+    "dump_folder_is_a_file": (lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x')}"], r"taken is a file"),
+    "dump_folder_under_a_file": (lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x') / 'run'}"],
+                                 r"run lies under the file .*taken"),
 }
 
 
 def _write(path, text):
     path.write_text(text)
+    return path
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
     return path
 
 
