@@ -55,6 +55,23 @@ def _read_plain(builder: str, files: list[str], text_field: str, path: Path) -> 
 
 
 def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """The corpus's documents: strings, without empty or whitespace-only ones.
+
+    Raises DataError for a file that is not UTF-8, a text field that holds no strings, or any
+    file ``datasets`` cannot read (named with the reason)."""
+    try:
+        docs = _load(path, text_field)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start} of a line or file): "
+                        "re-encode it as UTF-8") from None
+    bad = next((d for d in docs if not isinstance(d, str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: field {text_field!r} holds {type(bad).__name__} values such as {bad!r}, "
+                        "not text; set dataset.text_field to the field that holds the text")
+    return [d for d in docs if d.strip()]
+
+
+def _load(path: str | Path, text_field: str) -> list:
     """Read documents with ``datasets``, offline, caching in a temporary folder."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +80,7 @@ def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
         import datasets
     except ImportError:
         log.warning("datasets is not installed: reading %s with the plain jsonl/txt reader", path)
-        return [t for t in _read_plain(builder, files, text_field, Path(path)) if t]
+        return _read_plain(builder, files, text_field, Path(path))
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -76,7 +93,7 @@ def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
             raise DataError(f"{path}: datasets could not read it as {builder} ({e})") from None
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")
-        return [t for t in ds[text_field] if t]
+        return [t for t in ds[text_field] if t is not None]
 
 
 @dataclass

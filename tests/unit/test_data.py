@@ -89,6 +89,17 @@ def test_bad_data_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .* files"):
         load_documents(tmp_path / "empty")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="latin1.jsonl is not UTF-8 text.*re-encode it as UTF-8"):
+        load_documents(tmp_path / "latin1.jsonl")
+    (tmp_path / "numbers.jsonl").write_text('{"text": 12345}\n{"text": 7}\n')
+    with pytest.raises(DataError, match=r"field 'text' holds int values such as 12345, not text"):
+        load_documents(tmp_path / "numbers.jsonl")
+
+
+def test_whitespace_only_documents_are_dropped(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": " \\n\\t "}\n{"text": ""}\n{"text": "kept"}\n')
+    assert load_documents(tmp_path / "d.jsonl") == ["kept"]
 
 
 def test_bad_tokenizers(tmp_path):
