@@ -1,6 +1,6 @@
 """NVFP4: the format and its plain-torch reference quantizer.
 
-Two-level scaling (DESIGN.md, "NVFP4 numerics"): FP4 E2M1 codes, one FP8 E4M3 scale per 16
+Two-level scaling (docs/numerics.md, "Quantization"): FP4 E2M1 codes, one FP8 E4M3 scale per 16
 contiguous elements of the last (reduction) dim, one fp32 per-tensor scale from the amax.
 Codes and block scales equal torchao 0.18's ``nvfp4_quantize`` (prototype/mx_formats/
 nvfp4_tensor.py) given the same per-tensor scale; the tests check it bit for bit.

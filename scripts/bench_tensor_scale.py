@@ -1,9 +1,10 @@
 """Quantization error of the pow2 (default) vs amax per-tensor scale, as a table.
 
 The pow2 scale gives up at most one binade of E4M3 block-scale headroom so that every
-engine decodes identical bits (DESIGN.md). This measures what that costs on weight- and
-activation-like tensors: SQNR (dB, higher is better) of fake_quantize, and the share of
-blocks whose E4M3 scale clamps at its minimum (2**-6, precision lost in tiny blocks).
+engine decodes identical bits (docs/numerics.md, "Tensor scale: pow2 vs amax"). This
+measures what that costs on weight- and activation-like tensors: SQNR (dB, higher is better)
+of fake_quantize, and the share of blocks whose E4M3 scale clamps at its minimum (2**-6,
+precision lost in tiny blocks).
 
 No real checkpoint is downloaded here: the tensors are synthetic with the statistics of
 trained Llama weights (row-wise scale spread, heavy tails) and activations (channel outliers).

@@ -83,7 +83,8 @@ def setup_logging(rank: int, log_dir: Path | None = None) -> None:
 
 
 def teardown_and_exit(code: int) -> None:
-    """Leave without the gloo exit crash (DESIGN.md): barrier, destroy, flush, os._exit."""
+    """Leave without the gloo exit crash (docs/distributed.md, "Gloo exit crash"): barrier, destroy,
+    flush, os._exit."""
     if dist.is_initialized():
         try:
             if code == 0:

@@ -35,7 +35,8 @@ def _entry(fn: Callable, rank: int, world: int, store_path: str, err_dir: str, a
     except BaseException:
         Path(err_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
         code = 1
-    # The gloo exit crash (DESIGN.md): destroy the group and leave with os._exit.
+    # The gloo exit crash (docs/distributed.md, "Gloo exit crash"): destroy the group and
+    # leave with os._exit.
     try:
         dist.destroy_process_group()
     except Exception:
