@@ -8,6 +8,7 @@ function of the step, so the step restores it.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 _STEP = re.compile(r"step-(\d+)")
+log = logging.getLogger("nvfp4_titan")
 
 
 class CheckpointLoadError(ValueError):
@@ -39,20 +41,48 @@ def step_number(path: Path) -> int | None:
     return int(m[1]) if m else None
 
 
-def complete_steps(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints in ``folder``, oldest first."""
+def damage(path: Path) -> str | None:
+    """Why the ``step-N`` folder ``path`` cannot be loaded (a missing or unreadable ``.metadata``,
+    a data file that it names missing or shorter than the bytes it indexes), or None when every
+    file is there whole. Reads only the metadata and file sizes."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        return "it has no .metadata (an interrupted save or deletion)"
+    except Exception as e:  # a truncated or corrupt pickle
+        return f"its .metadata is unreadable ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if (have := f.stat().st_size) < size:
+            return f"{name} is truncated ({have} of {size} bytes)"
+    return None
+
+
+def step_folders(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``step-N`` folder in ``folder``, complete or not, oldest first."""
     if not folder.is_dir():
         return []
-    found = []
-    for p in folder.iterdir():
-        if (n := step_number(p)) is not None and (p / ".metadata").is_file():
-            found.append((n, p))
-    return sorted(found)
+    return sorted((n, p) for p in folder.iterdir() if (n := step_number(p)) is not None and p.is_dir())
+
+
+def complete_steps(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``folder`` whose every file is there whole, oldest first."""
+    return [(n, p) for n, p in step_folders(folder) if damage(p) is None]
 
 
 def latest(folder: Path) -> Path | None:
-    steps = complete_steps(folder)
-    return steps[-1][1] if steps else None
+    """The newest complete checkpoint in ``folder``. Newer damaged ones are named in a warning
+    and left in place (for inspection; nothing is deleted)."""
+    for _, p in reversed(step_folders(folder)):
+        if (why := damage(p)) is None:
+            return p
+        log.warning(f"checkpoint {p} cannot be loaded: {why}; using an older one (it stays on disk)")
+    return None
 
 
 def _barrier() -> None:
@@ -76,6 +106,8 @@ def save(
     if rank == 0:
         for name, text in files.items():  # the converter reads the recipe and model args here
             (tmp / name).write_text(text)
+        if final.exists() and damage(final) is not None:  # kept aside, never deleted
+            final.rename(_free_name(final.with_name(f"{final.name}.damaged")))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep_latest_k:
@@ -83,6 +115,15 @@ def save(
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... whichever does not exist yet."""
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:

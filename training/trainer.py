@@ -94,7 +94,9 @@ class Trainer:
         self.folder = Path(cfg.job.dump_folder)
         self.ckpt_folder = self.folder / cfg.checkpoint.folder
         self.resume_from = ckpt.latest(self.ckpt_folder) if cfg.checkpoint.enable else None
-        if self.resume_from is None and cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
+        if self.resume_from is not None:
+            ckpt.check_model_shapes(self.resume_from, self._param_shapes())
+        elif cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
             ckpt.check_model_shapes(Path(cfg.checkpoint.initial_load_path), self._param_shapes())
         self._check_resume(dims.dp_shard)
         self._make_run_folder()

@@ -1,10 +1,13 @@
 """train.py end to end on CPU: learning, metrics, checkpoints, exact resume, signals."""
 
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.integration.helpers import FAST, ROOT, losses, metrics, train
 
@@ -53,6 +56,49 @@ def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "step-2 at step 2" in r.stdout
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-6"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # what a full disk, a killed copy or a keep_latest_k deletion cut short leaves
+    "truncated_data": (lambda step: _truncate(step / "__0_0.distcp"), r"__0_0.distcp is truncated \(\d+ of \d+ bytes\)"),
+    "deleted_data": (lambda step: (step / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
+    "truncated_metadata": (lambda step: _truncate(step / ".metadata"), r"its .metadata is unreadable \(\w+\)"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_newest_checkpoint_resumes_from_the_newest_whole_one(tmp_path, damage):
+    """The newest step's files damaged: the warning names the file, the run resumes from the
+    older whole step with the losses of an uninterrupted run, and the damaged step is kept aside."""
+    dump = tmp_path / "run"
+    common = [*FAST, "--training.steps=4", "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0",
+              "--metrics.log_freq=1"]
+    assert train(dump, *common).returncode == 0
+    uninterrupted = losses(dump)
+    ck = dump / "checkpoint"
+    damage_fn, message = DAMAGES[damage]
+    damage_fn(ck / "step-4")
+    (dump / "metrics.jsonl").unlink()
+    r = train(dump, *common)
+    assert r.returncode == 0, r.stderr
+    assert re.search(f"checkpoint .*step-4 cannot be loaded: {message}; using an older one", r.stdout), r.stdout
+    assert "step-2 at step 2" in r.stdout
+    resumed = losses(dump)
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == uninterrupted[s] for s in resumed)
+    assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-4.damaged"]
+
+
+def test_resume_with_another_model_shape_is_refused_before_any_write(tmp_path):
+    dump = tmp_path / "run"
+    assert train(dump, *FAST, "--training.steps=2").returncode == 0
+    config = (dump / "config.toml").read_text()
+    r = train(dump, *FAST, "--training.steps=4", "--model.flavor=1B")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"step-2: model\.\S+ has shape .* this model needs", r.stderr), r.stderr
+    assert (dump / "config.toml").read_text() == config
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
