@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from models.llama3 import CheckpointError
-from training.checkpoint import CheckpointLoadError
+from training.checkpoint import CheckpointLoadError, CheckpointSaveError
 from training.config import ConfigError, help_text, load_config
 from training.runtime import teardown_and_exit
 
@@ -27,13 +27,14 @@ def main(argv: list[str]) -> int:
     from parallel.mesh import ParallelConfigError
     from training.trainer import Trainer, TrainingError
 
-    user_errors = USER_ERRORS + (DataError, TokenizerError, ParallelConfigError, TrainingError)
+    stopped = (TrainingError, CheckpointSaveError)  # the run started, then could not go on: exit 1
+    user_errors = USER_ERRORS + (DataError, TokenizerError, ParallelConfigError) + stopped
     try:
         config = load_config(args.recipe, overrides)
         return Trainer(config).run()
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingError) else 1
+        return 1 if isinstance(e, stopped) else 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ class CheckpointLoadError(ValueError):
     """A checkpoint that does not fit this run; the message names it."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be written (e.g. a full disk); the partial folder is removed and the
+    previous checkpoints are untouched."""
+
+
 def step_number(path: Path) -> int | None:
     """N of a ``step-N`` folder, None for any other name."""
     m = _STEP.fullmatch(path.name)
@@ -101,11 +106,22 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd, **extra}, checkpoint_id=str(tmp))
-    _barrier()
+    try:
+        dcp.save({"model": model_sd, "optimizer": optim_sd, **extra}, checkpoint_id=str(tmp))
+        _barrier()
+        if rank == 0:
+            for name, text in files.items():  # the converter reads the recipe and model args here
+                (tmp / name).write_text(text)
+    except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save would only hold the space
+        free = shutil.disk_usage(folder).free / 2**30
+        previous = latest(folder)
+        raise CheckpointSaveError(
+            f"could not save checkpoint {final} ({_cause(e)}); {free:.2f} GiB free on its disk. The partial "
+            f"save was removed; the latest checkpoint is {previous or 'none'}. Free space (or set "
+            f"checkpoint.keep_latest_k) and run the same command to resume") from None
     if rank == 0:
-        for name, text in files.items():  # the converter reads the recipe and model args here
-            (tmp / name).write_text(text)
         if final.exists() and damage(final) is not None:  # kept aside, never deleted
             final.rename(_free_name(final.with_name(f"{final.name}.damaged")))
         shutil.rmtree(final, ignore_errors=True)
@@ -154,12 +170,19 @@ def load_model(path: Path, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
 
 
+def _cause(e: BaseException) -> str:
+    """The first line of the error behind ``e``: DCP wraps each rank's in a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointLoadError(f"{path}: cannot load this checkpoint into this run ({first})") from None
+        raise CheckpointLoadError(f"{path}: cannot load this checkpoint into this run ({_cause(e)})") from None
 
 
 def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:

@@ -115,7 +115,11 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.global_batch = global_batch
         self.val_loader = None
-        if self.cfg.validation.freq and len(windows.validation) >= t.local_batch_size * dp:
+        if self.cfg.validation.freq and len(windows.validation) < t.local_batch_size * dp:
+            log.warning(f"validation is off: the held-out split has {len(windows.validation)} windows of "
+                        f"{t.seq_len + 1} tokens, fewer than one batch ({t.local_batch_size} x {dp} ranks); raise "
+                        "dataset.validation_fraction, or set validation.freq = 0 to silence this")
+        elif self.cfg.validation.freq:
             self.val_loader = GlobalBatchLoader(
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
 

@@ -101,6 +101,35 @@ def test_resume_with_another_model_shape_is_refused_before_any_write(tmp_path):
     assert (dump / "config.toml").read_text() == config
 
 
+def test_full_disk_during_save_says_so_and_leaves_no_partial_save(tmp_path):
+    """A write that fails mid-save (here: a file-size limit, as a full disk fails it): one error
+    naming the save, the free space and the latest intact checkpoint; no step-N.tmp left holding
+    the space; exit 1 without a traceback."""
+    import resource
+
+    def limit_file_size():  # 4 MiB per file: the logs fit, a checkpoint (~60 MB) does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    dump = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",
+           *FAST, "--training.steps=2", "--checkpoint.interval=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"error: could not save checkpoint .*step-2 \(.*\); [\d.]+ GiB free on its disk\. The partial "
+                     r"save was removed; the latest checkpoint is none", r.stderr), r.stderr
+    assert list((dump / "checkpoint").iterdir()) == []
+
+
+def test_validation_split_smaller_than_a_batch_is_announced(tmp_path):
+    r = train(tmp_path / "run", *FAST, "--training.steps=1", "--validation.freq=1", "--training.seq_len=2048",
+              "--training.local_batch_size=16", "--dataset.validation_fraction=0.001", "--checkpoint.enable=false")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"validation is off: the held-out split has \d+ windows of 2049 tokens, fewer than one "
+                     r"batch \(16 x 1 ranks\)", r.stdout), r.stdout
+
+
 def test_sigterm_saves_and_resume_continues(tmp_path):
     dump = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",
