@@ -50,11 +50,6 @@ def layer_tensors(fmt: str, q: NVFP4, input_scale: torch.Tensor | None) -> dict[
     raise ValueError(f"unknown NVFP4 export format {fmt!r}; use one of {FORMATS}")
 
 
-def quantized_suffixes(fmt: str) -> tuple[str, ...]:
-    return ("weight", "weight_scale", "weight_scale_2", "input_scale") if fmt == "modelopt" else (
-        "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
-
-
 def quant_algo(weight_only: bool) -> str:
     """ModelOpt's name: NVFP4 (W4A4) or W4A16_NVFP4 (weight-only); both in vLLM's QUANT_ALGOS."""
     return "W4A16_NVFP4" if weight_only else "NVFP4"

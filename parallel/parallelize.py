@@ -25,7 +25,7 @@ from nvfp4.qat import NVFP4QATLinear
 from nvfp4.sharded import check_local_blocks, local
 from parallel.mesh import ParallelConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
 
 
 def check_tp(model: Transformer, tp: int) -> None:

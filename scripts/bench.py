@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +27,7 @@ import nvfp4  # noqa: E402
 from models.llama3.model import shared_input  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
 from training.config import Training  # noqa: E402
+from training.loss import cross_entropy  # noqa: E402
 from training.runtime import ScheduledGC  # noqa: E402
 
 LINEAR_FLAVORS = ("1B", "3B", "8B")
@@ -172,7 +172,7 @@ def build_step(mode: str, compile: bool, n_layers: int):
 
     def step():
         logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        cross_entropy(logits, tokens[:, 1:], reduction="mean").backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +26,7 @@ import nvfp4  # noqa: E402
 from data.dataset import load_documents, validation_ids  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.llama3 import Transformer, from_hf  # noqa: E402
+from training.loss import cross_entropy  # noqa: E402
 from training.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def perplexity(model: Transformer, ids: torch.Tensor, n_words: int, seq_len: int
             x = torch.stack([w[0] for w in group])
             y = torch.stack([w[1] for w in group])
             mask = torch.stack([torch.arange(len(w[1])) >= w[2] for w in group])
-            losses = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
+            losses = cross_entropy(model(x), y, reduction="none")
             nll += losses[mask.flatten()].double().sum().item()
             count += int(mask.sum())
         if progress:

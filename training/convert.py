@@ -33,13 +33,12 @@ from models.llama3 import ModelArgs, Transformer, CheckpointError
 from models.llama3 import state_dict_adapter as adapter
 from models.llama3.args import model_args_from_json
 from models.llama3.hf import (
-    SafetensorsWriter, TOKENIZER_FILES, TensorReader, _cast, args_from_hf_config, hf_config_from_args,
-    read_config,
+    SafetensorsWriter, TOKENIZER_FILES, TensorReader, _cast, args_from_hf_config, copy_tokenizer_files,
+    hf_config_from_args, read_config,
 )
+from parallel.parallelize import DTYPES
 from training.checkpoint import latest, step_number
 from training.config import Config, ConfigError, load_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConvertError(ValueError):
@@ -244,16 +243,14 @@ def _copy_tokenizer(src: Source, out: Path) -> list[str]:
     """Copy the tokenizer files (by their known names only) from where the run says; a run whose
     tokenizer cannot be found is an error, since engines cannot serve the export without it."""
     folder = _tokenizer_dir(src)
-    names = [n for n in TOKENIZER_FILES if folder is not None and (folder / n).is_file()]
     if src.tokenizer is not None and src.tokenizer.is_file() and src.tokenizer.name not in TOKENIZER_FILES:
-        names = []  # not a tokenizer file: copy nothing from beside it
-    if not names and src.config is not None:
+        folder = None  # not a tokenizer file: copy nothing from beside it
+    has_files = folder is not None and any((folder / n).is_file() for n in TOKENIZER_FILES)
+    if not has_files and src.config is not None:
         raise ConvertError(
             f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) at {src.tokenizer}, the run's "
             f"model.tokenizer_path (relative paths are taken from the current directory); pass --tokenizer PATH")
-    for n in names:
-        shutil.copy2(folder / n, out / n)
-    return names
+    return copy_tokenizer_files(folder, out)
 
 
 @dataclass

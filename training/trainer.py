@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import nvfp4
 from nvfp4.export import export_problems
@@ -27,6 +26,7 @@ from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
 from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, load_config, to_toml, toml_value
+from training.loss import cross_entropy
 from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
 from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
@@ -131,9 +131,8 @@ class Trainer:
     def _check_resume(self, dp: int) -> None:
         """Refuse, before any write, to continue a checkpoint with another seed, global batch,
         sequence length or QAT setting: one message naming each key and the flag that restores it."""
-        c, t = self.cfg.checkpoint, self.cfg.training
-        full_load = c.initial_load_path and not (c.initial_load_in_hf or c.initial_load_model_only)
-        path = self.resume_from or (Path(c.initial_load_path) if full_load else None)
+        t = self.cfg.training
+        path = self._full_load_path()
         if path is None:
             return
         saved = ckpt.load_extra(path, {"dataloader": self.loader.state_dict()})["dataloader"]
@@ -158,6 +157,16 @@ class Trainer:
                 f"{path} was trained with {what}: continuing it would change which data the remaining steps "
                 f"see or what the model computes. Resume with {fix}, or start a new run (another "
                 f"job.dump_folder) with checkpoint.initial_load_path={path}")
+
+    def _full_load_path(self) -> Path | None:
+        """Where model, optimizer, data order and step come from: the checkpoint resumed, or an
+        initial DCP load that is not weights-only; None for a fresh start or a weights-only load."""
+        c = self.cfg.checkpoint
+        if self.resume_from is not None:
+            return self.resume_from
+        if c.initial_load_path and not (c.initial_load_in_hf or c.initial_load_model_only):
+            return Path(c.initial_load_path)
+        return None
 
     def _build_model(self) -> None:
         with torch.device("meta"):
@@ -199,27 +208,21 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         c = self.cfg.checkpoint
-        if self.resume_from is not None:
-            extra = ckpt.load(self.resume_from, self.model, self.optimizer, self._extra_state())
+        if (path := self._full_load_path()) is not None:
+            extra = ckpt.load(path, self.model, self.optimizer, self._extra_state())
             self.loader.load_state_dict(extra["dataloader"])
             self.step = int(extra["train_state"]["step"])
-            torch.set_rng_state(extra["train_state"]["rng"])
-            log.info(f"resumed from {self.resume_from} at step {self.step}")
+            if path == self.resume_from:  # an initial load starts its own random stream
+                torch.set_rng_state(extra["train_state"]["rng"])
+                log.info(f"resumed from {path} at step {self.step}")
+            else:
+                log.info(f"loaded initial weights from {path}")
         elif c.initial_load_path and c.initial_load_in_hf:
             ckpt.load_full_tensors(self.model, iter_hf_tensors(Path(c.initial_load_path), self.args, self._param_shapes()))
             log.info(f"loaded Hugging Face weights from {c.initial_load_path}")
         elif c.initial_load_path:
-            path = Path(c.initial_load_path)
-            if c.initial_load_model_only:
-                ckpt.load_model(path, self.model)
-            else:
-                self._load_full(path)
-            log.info(f"loaded initial weights from {path}")
-
-    def _load_full(self, path: Path) -> None:
-        extra = ckpt.load(path, self.model, self.optimizer, self._extra_state())
-        self.loader.load_state_dict(extra["dataloader"])
-        self.step = int(extra["train_state"]["step"])
+            ckpt.load_model(Path(c.initial_load_path), self.model)
+            log.info(f"loaded initial weights from {c.initial_load_path}")
 
     # ---- the loop
     def run(self) -> int:
@@ -282,7 +285,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for x, y in micro:
             logits = self.model(x.to(self.device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum") / tokens
+            loss = cross_entropy(logits, y.to(self.device)) / tokens
             loss.backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.training.max_norm or math.inf
@@ -323,7 +326,7 @@ class Trainer:
         for b in range(self.cfg.validation.steps):
             for x, y in self.val_loader.batch(b % self.val_loader.batches_per_epoch):
                 logits = self.model(x.to(self.device))
-                total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum")
+                total += cross_entropy(logits, y.to(self.device))
                 count += y.numel()
         dist.all_reduce(total)
         return total.item() / (count * self.world)

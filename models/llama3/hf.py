@@ -269,6 +269,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def copy_tokenizer_files(src: Path | None, out: Path) -> list[str]:
+    """Copy the tokenizer files (``TOKENIZER_FILES``, by name only) that folder ``src`` holds into
+    ``out``; their names. None or a folder without them copies nothing."""
     if src is None:
         return []
     copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
