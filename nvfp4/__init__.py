@@ -17,10 +17,9 @@ from nvfp4.format import (
     tensor_scale,
     unpack_codes,
 )
-from nvfp4.inference import NVFP4Linear, nvfp4_matmul
-from nvfp4.qat import (
-    NVFP4QATLinear,
-    QATConfig,
+from nvfp4.gemm import nvfp4_matmul
+from nvfp4.inference import NVFP4Linear
+from nvfp4.qat.api import (
     calibrate,
     convert,
     needs_calibration,
@@ -29,6 +28,8 @@ from nvfp4.qat import (
     selected_linears,
     set_enabled,
 )
+from nvfp4.qat.config import QATConfig
+from nvfp4.qat.linear import NVFP4QATLinear
 
 __all__ = [
     "BLOCK_SIZE",

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nvfp4.format import BLOCK_SIZE, NVFP4, e2m1_values, scale_blocks
-from nvfp4.qat import QATConfig
+from nvfp4.qat.config import QATConfig
 
 FORMATS = ("modelopt", "compressed-tensors")
 

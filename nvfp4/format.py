@@ -10,7 +10,7 @@ All arithmetic is fp32 whatever the input dtype, so CPU and CUDA give identical 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import torch
 
@@ -35,7 +35,7 @@ _STRICT = (0.25, 1.25, 2.5, 5.0)
 _INCLUSIVE = (0.75, 1.75, 3.5)
 
 TensorScaleMode = Literal["pow2", "amax"]
-TENSOR_SCALE_MODES: tuple[str, ...] = ("pow2", "amax")
+TENSOR_SCALE_MODES: tuple[str, ...] = get_args(TensorScaleMode)
 
 
 class NVFP4(NamedTuple):

@@ -29,7 +29,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nvfp4.format import abs_max, tensor_scale
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
-from nvfp4.qat import NVFP4QATLinear, qat_linears
+from nvfp4.qat.api import qat_linears
+from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import reduce_amax, sharded_dims
 
 __all__ = ["NVFP4GatheredWeight", "NVFP4TrainingWeight", "enable_nvfp4_all_gather", "precompute_weight_scales"]

@@ -15,7 +15,6 @@ The pattern is torchao's float8 all-gather (torchao/float8/fsdp_utils.py,
 
 from __future__ import annotations
 
-
 import torch
 import torch.utils._pytree as pytree
 from torch.distributed.tensor import DTensor

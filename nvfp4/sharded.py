@@ -11,7 +11,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from nvfp4.format import BLOCK_SIZE, TensorScaleMode, abs_max, amax_and_scale, amaxes_and_scales, tensor_scale
+from nvfp4.format import (
+    BLOCK_SIZE,
+    TensorScaleMode,
+    abs_max,
+    amax_and_scale,
+    amaxes_and_scales,
+    tensor_scale,
+)
 
 
 def sharded_dims(t: DTensor) -> list[int]:

@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import (
 
 from models.llama3 import Transformer
 from nvfp4.fsdp import enable_nvfp4_all_gather
-from nvfp4.qat import NVFP4QATLinear
+from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import check_local_blocks, local
 from parallel.mesh import ParallelConfigError
 
@@ -109,7 +109,7 @@ DYNAMO_CONFIG = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 def apply_compile(model: Transformer) -> None:
     """Compile each block in place (parameter names stay layers.N.*). QAT linears inside a block's
     activation-checkpointed region are marked ``recomputed``: they then trace as one op that the
-    checkpoint recomputes, so checkpointing frees their saved operands (nvfp4.qat.qat_linear)."""
+    checkpoint recomputes, so checkpointing frees their saved operands (nvfp4.qat.autograd.qat_linear)."""
     for key, value in DYNAMO_CONFIG.items():
         setattr(torch._dynamo.config, key, value)
     for block in model.layers:

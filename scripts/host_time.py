@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
-from nvfp4.qat import _forward, _QATLinearFn, _qat_linear  # noqa: E402
+from nvfp4.qat.autograd import _forward, _QATLinearFn, _qat_linear  # noqa: E402
 from scripts.bench import Projection  # noqa: E402
 
 

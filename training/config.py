@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nvfp4
+from nvfp4.format import TensorScaleMode
+from nvfp4.qat.config import ActivationScale
 from models.llama3.args import FLAVORS
 
 
@@ -116,10 +118,10 @@ class QAT:
     """fnmatch patterns of linear names to quantize (layers.0.attention.wq)."""
     exclude: list[str] = field(default_factory=lambda: ["output"])
     """Patterns kept in high precision: by default the output head."""
-    activation_scale: Literal["dynamic", "static", "none"] = "dynamic"
+    activation_scale: ActivationScale = "dynamic"
     """dynamic: each input's own amax; static: calibrated over calibration_batches, frozen;
     none: weight-only QAT (W4A16), inputs stay in high precision."""
-    tensor_scale: Literal["pow2", "amax"] = "pow2"
+    tensor_scale: TensorScaleMode = "pow2"
     """pow2: per-tensor scale rounded up to 2**k (every engine decodes the same bits); amax: amax/2688."""
     share_fused_amax: bool = True
     """One weight amax for q/k/v and for gate/up, as inference engines fuse them."""

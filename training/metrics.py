@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import nvfp4
-from nvfp4.qat import NVFP4QATLinear
+from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import local
 from training.config import Metrics
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import nvfp4
-import nvfp4.qat
+import nvfp4.qat.autograd
 import nvfp4.sharded
 from models.llama3 import FLAVORS, Transformer
 from parallel import ParallelDims, build_mesh, parallelize_llama
@@ -36,8 +36,8 @@ class Recorder:
                 m.register_forward_pre_hook(lambda mod, args, name=name: self.current.append(name))
                 if m.config.activation_scale == "none":
                     self.weight_only.add(name)
-        self._orig = nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands
-        nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._quantize, self._quantize_operands
+        self._orig = nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands
+        nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands = self._quantize, self._quantize_operands
 
     def _quantize_operands(self, pairs, operand=True, op_scales=None):
         out = self._orig[1](pairs, operand, op_scales)
@@ -56,7 +56,7 @@ class Recorder:
         entry["w" if "x" in entry or name in self.weight_only else "x"] = (x.detach().clone(), q)
 
     def close(self) -> None:
-        nvfp4.qat.quantize_for_gemm, nvfp4.qat.quantize_operands = self._orig
+        nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands = self._orig
 
 
 def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:

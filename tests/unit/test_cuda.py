@@ -237,7 +237,7 @@ def test_prescaled_weight_gemm_equals_the_scaled_fp32_accumulator(m, k, n):
     """pow2 scales inside the weight operand: the bf16 GEMM gives the bits of rounding the
     fp32 accumulator times the scales (what FP4 tensor cores compute)."""
     from nvfp4.format import quantize_operands
-    from nvfp4.inference import scaled_matmul
+    from nvfp4.gemm import scaled_matmul
 
     g = torch.Generator(device="cuda").manual_seed(m + n)
     x = torch.randn(m, k, device="cuda", generator=g) * 3

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nvfp4
-import nvfp4.qat
+import nvfp4.qat.autograd
 from models.llama3.model import shared_input
 from nvfp4 import NVFP4Linear, NVFP4QATLinear, QATConfig
 
@@ -144,8 +144,8 @@ class QuantizeCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[int] = []
-        orig = nvfp4.qat.quantize_operands
-        monkeypatch.setattr(nvfp4.qat, "quantize_operands",
+        orig = nvfp4.qat.autograd.quantize_operands
+        monkeypatch.setattr(nvfp4.qat.autograd, "quantize_operands",
                             lambda pairs, **kw: self.calls.append(len(pairs)) or orig(pairs, **kw))
 
 

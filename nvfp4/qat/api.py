@@ -1,0 +1,134 @@
+"""Model-level QAT: ``prepare`` (swap linears), ``calibrate`` (static scales), ``set_enabled``,
+``convert`` (to ``NVFP4Linear``, the deployed layer)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nvfp4.format import (
+    BLOCK_SIZE,
+    tensor_scale,
+)
+from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
+from nvfp4.inference import NVFP4Linear
+from nvfp4.qat.config import QATConfig
+from nvfp4.qat.linear import NVFP4QATLinear
+from nvfp4.sharded import (
+    local,
+)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def selected_linears(model: nn.Module, config: QATConfig) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules of ``model`` that ``config`` quantizes (what
+    ``prepare`` swaps); works on the meta device."""
+    return [name for name, mod in model.named_modules() if type(mod) is nn.Linear and config.selects(name)]
+
+
+def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
+    """Swap the selected ``nn.Linear``s of ``model`` for ``NVFP4QATLinear``s, in place.
+
+    A model may define ``fused_linear_groups() -> list[list[str]]`` naming linears that
+    engines fuse; with ``share_fused_amax`` their weights share one amax.
+    """
+    config = config or QATConfig()
+    swapped: dict[str, NVFP4QATLinear] = {}
+    for name in selected_linears(model, config):
+        mod = model.get_submodule(name)
+        if mod.in_features % BLOCK_SIZE:
+            raise ValueError(
+                f"{name}: in_features={mod.in_features} is not a multiple of {BLOCK_SIZE}; "
+                f"NVFP4 blocks run along it. Exclude the layer with QATConfig.exclude"
+            )
+        swapped[name] = NVFP4QATLinear.from_linear(mod, config)
+        _swap(model, name, swapped[name])
+    groups = getattr(model, "fused_linear_groups", lambda: [])()
+    if config.share_fused_amax:
+        for group in groups:
+            members = [swapped[n] for n in group if n in swapped]
+            for m in members:
+                m.amax_peers = tuple(p for p in members if p is not m)
+    return model
+
+
+def qat_linears(model: nn.Module) -> list[NVFP4QATLinear]:
+    return [m for m in model.modules() if isinstance(m, NVFP4QATLinear)]
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quantization on or off in every QAT linear (parameters are unchanged)."""
+    for m in qat_linears(model):
+        if not enabled and isinstance(local(m.weight), (NVFP4TrainingWeight, NVFP4GatheredWeight)):
+            raise ValueError("QAT cannot be switched off while weights are all-gathered as NVFP4")
+        m.enabled = enabled
+
+
+def needs_calibration(model: nn.Module) -> bool:
+    """True if a static-mode QAT linear has no calibrated input amax yet (one host sync)."""
+    static = [m.input_amax for m in qat_linears(model) if m.config.activation_scale == "static"]
+    return bool(static) and bool((torch.stack([local(a) for a in static]) < 0).any())
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup | None = None
+) -> int:
+    """Set the static input amax of every QAT linear to the max over ``batches``.
+
+    Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also
+    the max over all ranks of ``group`` (default: the world). Returns the batch count.
+    """
+    layers = [m for m in qat_linears(model) if m.config.activation_scale == "static"]
+    for m in layers:
+        m.input_amax.zero_()
+        m.calibrating = True
+    n = 0
+    try:
+        for batch in batches:
+            model(batch)
+            n += 1
+    finally:
+        for m in layers:
+            m.calibrating = False
+    if n == 0:
+        raise ValueError("calibrate got no batches")
+    if layers and dist.is_available() and dist.is_initialized():
+        amaxes = torch.stack([m.input_amax for m in layers])
+        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
+        for m, a in zip(layers, amaxes):
+            m.input_amax.copy_(a)
+    for m in layers:
+        m._calibrated = True
+        m._same_input_amax = None
+        m._peers_share_input_amax()  # now, not in the first (compiled) forward
+    return n
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Swap every ``NVFP4QATLinear`` for an ``NVFP4Linear`` holding its quantized weight."""
+    qat = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4QATLinear)}
+    # Quantize all before swapping anything: fused peers must still see each other's weights.
+    converted = {}
+    for name, m in qat.items():
+        static = m.config.activation_scale == "static"
+        if static and float(m.input_amax) < 0:
+            raise RuntimeError(f"{name}: static activation scale is not calibrated; run calibrate")
+        converted[name] = NVFP4Linear(
+            m.quantized_weight(),
+            bias=None if m.bias is None else m.bias.detach().clone(),
+            input_scale=tensor_scale(m.input_amax, m.config.tensor_scale) if static else None,
+            tensor_scale_mode=m.config.tensor_scale,
+            weight_only=m.config.activation_scale == "none",
+        )
+    for name, new in converted.items():
+        _swap(model, name, new)
+    return model

@@ -1,0 +1,48 @@
+"""``QATConfig``: what to quantize and how; one config drives prepare, convert and export."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from nvfp4.format import (
+    TENSOR_SCALE_MODES,
+    TensorScaleMode,
+)
+
+ActivationScale = Literal["dynamic", "static", "none"]
+ACTIVATION_SCALES: tuple[str, ...] = get_args(ActivationScale)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """What to quantize and how. One config drives prepare, convert and export."""
+
+    include: tuple[str, ...] = ("*",)
+    """fnmatch patterns of module names (``layers.0.attention.wq``) of nn.Linears to quantize."""
+    exclude: tuple[str, ...] = ("output", "lm_head", "*.output", "*.lm_head")
+    """Patterns kept in high precision even if included (default: the output head)."""
+    activation_scale: ActivationScale = "dynamic"
+    """dynamic: input tensor scale from each input's amax. static: from an amax calibrated
+    over batches (``calibrate``), frozen, and exported as ``input_scale``. none: weight-only
+    (W4A16): inputs stay in high precision."""
+    tensor_scale: TensorScaleMode = "pow2"
+    """pow2: per-tensor scale rounded up to a power of two (decodes identically in every
+    engine). amax: amax / 2688, as torchao and ModelOpt PTQ."""
+    share_fused_amax: bool = True
+    """Give the linears that engines fuse (q/k/v, gate/up) one weight amax, as engines assume."""
+
+    def __post_init__(self) -> None:
+        if self.activation_scale not in ACTIVATION_SCALES:
+            raise ValueError(
+                f"activation_scale={self.activation_scale!r}: use one of {ACTIVATION_SCALES}"
+            )
+        if self.tensor_scale not in TENSOR_SCALE_MODES:
+            raise ValueError(f"tensor_scale={self.tensor_scale!r}: use one of {TENSOR_SCALE_MODES}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def selects(self, name: str) -> bool:
+        match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
+        return match(self.include) and not match(self.exclude)

@@ -1,0 +1,214 @@
+"""``NVFP4QATLinear``: the nn.Linear that fake-quantizes its weight and input on every forward."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial
+from torch.nn.modules import module as _module
+
+from nvfp4.format import (
+    NVFP4,
+    quantize_with_scale,
+    tensor_scale,
+)
+from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
+from nvfp4.qat.autograd import _StraightThrough, qat_linear
+from nvfp4.qat.config import QATConfig
+from nvfp4.sharded import (
+    global_abs_max,
+    global_amax_and_scale,
+    global_amaxes_and_scales,
+    input_grad_placement,
+    local,
+    output_placement,
+)
+
+_UNCALIBRATED = -1.0  # input_amax before calibration; real amaxes are >= 0
+
+
+class NVFP4QATLinear(nn.Linear):
+    """nn.Linear that fake-quantizes its weight and input to NVFP4 on every forward.
+
+    ``input_amax`` (fp32 buffer, checkpointed) holds the calibrated activation amax in
+    static mode; -1 until calibrated. Members of a fused group (q/k/v, gate/up) share one
+    weight amax: the max over the group.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        config: QATConfig | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.config = config or QATConfig()
+        self.register_buffer(
+            "input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device)
+        )
+        self.amax_peers: tuple[NVFP4QATLinear, ...] = ()  # other members of the fused group
+        self.last_input_amax: torch.Tensor | None = None  # dynamic mode, for metrics
+        self.enabled = True  # False: a plain linear (training in float before QAT starts)
+        self.calibrating = False
+        self._calibrated = False
+        self._same_input_amax: bool | None = None  # static: as the fused group's peers (forward_shared)
+        self.recomputed = False  # in an activation-checkpointed region (see qat_linear)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> NVFP4QATLinear:
+        """Wrap ``linear``'s own parameters (no copy; works on the meta device)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            config=config,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.input_amax = torch.full((), _UNCALIBRATED, device=linear.weight.device)
+        return new
+
+    def reset_calibration(self) -> None:
+        """Forget the calibrated input amax (also needed after materializing from meta)."""
+        self.input_amax.fill_(_UNCALIBRATED)
+        self._calibrated = False
+        self._same_input_amax = None
+
+    def weight_amax(self) -> torch.Tensor:
+        """max |W| over this weight and its fused-group peers, over all their shards."""
+        return global_abs_max(self.weight, *(p.weight for p in self.amax_peers))
+
+    def weight_scale(self) -> torch.Tensor:
+        """The per-tensor scale of ``weight_amax``."""
+        peers = (p.weight for p in self.amax_peers)
+        return global_amax_and_scale(self.weight, *peers, mode=self.config.tensor_scale)[1]
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.config.tensor_scale
+        if self.config.activation_scale == "dynamic" or self.calibrating:
+            a, s = global_amax_and_scale(x, mode=mode)
+            self.last_input_amax = a
+            if self.calibrating:
+                self.input_amax.copy_(torch.maximum(self.input_amax, a))
+            return s
+        if not self._calibrated:
+            if float(self.input_amax) < 0:  # one host sync per module lifetime
+                raise RuntimeError(
+                    "static activation scale used before calibration: run "
+                    "nvfp4.calibrate(model, batches) or load a calibrated checkpoint"
+                )
+            self._calibrated = True
+        return tensor_scale(self.input_amax, mode)
+
+    @property
+    def _pow2(self) -> bool:
+        return self.config.tensor_scale == "pow2"
+
+    def observed_input_amax(self) -> float:
+        """The calibrated amax (static) or the last input's (dynamic); 0 before any forward
+        or in weight-only mode."""
+        if self.config.activation_scale == "static":
+            return max(float(self.input_amax), 0.0)
+        return 0.0 if self.last_input_amax is None else float(self.last_input_amax)
+
+    def quantized_weight(self) -> NVFP4:
+        """The weight (this rank's shard of it) exactly as the forward quantizes it."""
+        w = local(self.weight.detach())
+        if isinstance(w, NVFP4TrainingWeight):  # NVFP4 all-gather: its high-precision shard
+            w = w._tensor
+        return quantize_with_scale(w, self.weight_scale())
+
+    def _peers_share_input_amax(self) -> bool:
+        """Static mode: whether the fused group's peers hold this calibrated input amax (then
+        they share one quantized input). One host sync per calibration."""
+        if self._same_input_amax is None:
+            self._same_input_amax = all(torch.equal(p.input_amax, self.input_amax) for p in self.amax_peers)
+        return self._same_input_amax
+
+    def _gemm_weight_scale(self) -> torch.Tensor:
+        """The weight's tensor scale as the forward uses it (the NVFP4 all-gather's, if any)."""
+        w = local(self.weight)
+        return w.nvfp4.tensor_scale if isinstance(w, NVFP4GatheredWeight) else self.weight_scale()
+
+    def _scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's and the weight's tensor scales for the GEMM; a dynamic input's amax and the
+        weights' come from one kernel launch where nothing is sharded."""
+        if (self.config.activation_scale != "dynamic" or self.calibrating
+                or isinstance(local(self.weight), NVFP4GatheredWeight)):
+            return self._input_scale(x), self._gemm_weight_scale()
+        weights = (self.weight, *(p.weight for p in self.amax_peers))
+        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales([(x,), weights], mode=self.config.tensor_scale)
+        self.last_input_amax = amax
+        return x_scale, w_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return nn.functional.linear(x, self.weight, self.bias)
+        w = self.weight
+        if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
+            w_fq = _StraightThrough.apply(local(w), self._gemm_weight_scale())
+            if isinstance(w, DTensor):
+                w_fq = DTensor.from_local(w_fq, w.device_mesh, w.placements, run_check=False)
+            return nn.functional.linear(x, w_fq, self.bias)
+        x_scale, w_scale = self._scales(x)
+        if not isinstance(w, DTensor):
+            return qat_linear(x, [w], self.bias, x_scale, w_scale, self._pow2, self.recomputed)[0]
+        # Tensor parallel: quantize and multiply the local shards (global scales above),
+        # then say how the local outputs combine.
+        if not isinstance(x, DTensor):
+            raise TypeError("tensor-parallel NVFP4 linear expects a DTensor input (apply a TP plan)")
+        placements = output_placement(x, w)
+        if self.bias is not None and isinstance(placements[0], Partial):
+            raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
+        bias = None if self.bias is None else local(self.bias)
+        x_local = x.to_local(grad_placements=input_grad_placement(x, w))
+        y = qat_linear(x_local, [w.to_local()], bias, x_scale, w_scale, self._pow2, self.recomputed)[0]
+        return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
+
+    @staticmethod
+    def forward_shared(linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+        """``[m(x) for m in linears]``, bit for bit; when the linears form one fused group
+        (q/k/v, gate/up: shared weight amax, see ``prepare``) x is quantized once and the
+        group's weight scale computed once. Anything else (module hooks such as a TP plan's,
+        biases, DTensor weights, calibration) takes the per-module path."""
+        if not _shares_input(linears):
+            return [m(x) for m in linears]
+        first = linears[0]
+        x_scale, w_scale = first._scales(x)
+        for m in linears[1:]:
+            m.last_input_amax = first.last_input_amax
+        return qat_linear(x, [m.weight for m in linears], None, x_scale, w_scale, first._pow2, first.recomputed)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs hooks (nn.Module.__call__'s own test): forward or backward,
+    the module's or global ones. Bypassing __call__ would skip them."""
+    return bool(m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
+                or _module._global_backward_pre_hooks or _module._global_backward_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def _shares_input(linears: Sequence[nn.Module]) -> bool:
+    """Whether ``forward_shared`` may quantize the input once for all of ``linears``."""
+    first = linears[0]
+    if not (len(linears) > 1 and all(type(m) is NVFP4QATLinear for m in linears)
+            and len(first.amax_peers) == len(linears) - 1
+            and all(p is m for p, m in zip(first.amax_peers, linears[1:]))):
+        return False
+    for m in linears:
+        if (not m.enabled or m.calibrating or m.bias is not None or m.config != first.config
+                or isinstance(m.weight, DTensor) or _has_hooks(m)):
+            return False
+    act = first.config.activation_scale
+    return act == "dynamic" or (act == "static" and first._peers_share_input_amax())  # "none": F.linear each
