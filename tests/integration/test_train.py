@@ -1,11 +1,13 @@
 """train.py end to end on CPU: learning, metrics, checkpoints, exact resume, signals."""
 
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +149,27 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     r = train(dump, *FAST, f"--training.steps={n + 2}", "--metrics.log_freq=1", "--checkpoint.interval=1000")
     assert r.returncode == 0, r.stderr
     assert max(losses(dump)) == n + 2 and f"at step {n}" in r.stdout
+
+
+def test_sigterm_to_torchrun_workers_saves_and_torchrun_exits_0(tmp_path):
+    """The README's way to stop a torchrun job: SIGTERM to torchrun's children (the workers). Both
+    ranks stop after the same step, save one checkpoint, and torchrun exits 0."""
+    dump = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}", *FAST, "--training.steps=500",
+           "--metrics.log_freq=1", "--checkpoint.interval=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((dump / "metrics.jsonl").exists() and len(metrics(dump)) >= 2):
+        time.sleep(0.2)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    for pid in children:
+        os.kill(int(pid), signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [p.name for p in (dump / "checkpoint").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-") and "stopped by signal" in out
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
