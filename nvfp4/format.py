@@ -10,7 +10,8 @@ All arithmetic is fp32 whatever the input dtype, so CPU and CUDA give identical 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence, get_args
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, get_args
 
 import torch
 

@@ -105,7 +105,7 @@ if HAVE_TRITON:
         and its exponent field 149 + E, so code = k + 2E is the low byte of bits(s) + (bits(s) >> 22)
         (214 + 2 * 149 = 512).
         Returns that sum, s and 2**E; s - m is the E2M1 value. Every fp32 in [0, 6] checked
-        against ``format._e2m1_codes`` (benchmarks/results/e2m1_rounding_exhaustive.py)."""
+        against ``format._e2m1_codes`` (tests/unit/test_e2m1_exhaustive.py)."""
         a = tl.minimum(tl.abs(x * r), 6.0)
         e = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
         s = tl.fma(e, M_SCALE, a)  # a + m, rounded once (e * M_SCALE is exact)
@@ -271,7 +271,7 @@ if HAVE_TRITON:
         tl.store(out_ptr, _scale_of(tl.load(amax_ptr), POW2))
 
     # 16-element blocks per program and warps; elements per amax iteration, programs per SM and
-    # warps. scripts/tune_kernels.py measures others: these are the best or within 1% of it for
+    # warps. benchmarks/tune_kernels.py measures others: these are the best or within 1% of it for
     # each kernel on both H100 and H200 (benchmarks/results/shared_input_h200_2026-11-29.md).
     TILE = {"R": 128, "num_warps": 2}
     AMAX_TILE = {"BLOCK": 4096, "per_sm": 4, "num_warps": 16}

@@ -26,8 +26,8 @@ import nvfp4  # noqa: E402
 from data.dataset import load_documents, validation_ids  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.llama3 import Transformer, from_hf  # noqa: E402
-from training.loss import cross_entropy  # noqa: E402
 from training.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source  # noqa: E402
+from training.loss import cross_entropy  # noqa: E402
 
 
 def load_model(path: Path) -> tuple[Transformer, Source | None]:

@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,7 +139,7 @@ def build(sources: dict[str, tuple[Path, str]], out: Path, seed: int = 0, min_ch
     """Extract, deduplicate and write corpus.jsonl and SOURCES.md; returns documents per source."""
     seen: set[str] = set()
     docs, counts = [], {}
-    for name, (root, origin) in sources.items():
+    for name, (root, _origin) in sources.items():
         counts[name] = 0
         for text in EXTRACT[name](root):
             k = _key(text)

@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import nvfp4  # noqa: E402
 import torch  # noqa: E402
+
+import nvfp4  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from training.convert import Options, convert  # noqa: E402
 

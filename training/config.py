@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nvfp4
+from models.llama3.args import FLAVORS
 from nvfp4.format import TensorScaleMode
 from nvfp4.qat.config import ActivationScale
-from models.llama3.args import FLAVORS
 
 
 class ConfigError(ValueError):

@@ -19,22 +19,35 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import nvfp4
-from nvfp4.export import FORMATS, decode, export_problems, hf_quant_config, layer_tensors, quantization_config
-from models.llama3 import ModelArgs, Transformer, CheckpointError
+from models.llama3 import CheckpointError, ModelArgs, Transformer
 from models.llama3 import state_dict_adapter as adapter
 from models.llama3.args import model_args_from_json
 from models.llama3.hf import (
-    SafetensorsWriter, TOKENIZER_FILES, TensorReader, _cast, args_from_hf_config, copy_tokenizer_files,
-    hf_config_from_args, read_config,
+    TOKENIZER_FILES,
+    SafetensorsWriter,
+    TensorReader,
+    _cast,
+    args_from_hf_config,
+    copy_tokenizer_files,
+    hf_config_from_args,
+    read_config,
+)
+from nvfp4.export import (
+    FORMATS,
+    decode,
+    export_problems,
+    hf_quant_config,
+    layer_tensors,
+    quantization_config,
 )
 from parallel.parallelize import DTYPES
 from training.checkpoint import latest, step_number

@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 
 import nvfp4
-from nvfp4.export import export_problems
-from nvfp4.fsdp import precompute_weight_scales
 from data.dataset import build_windows, load_documents
 from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
 from models.llama3 import ModelArgs, Transformer, flavor
 from models.llama3.args import model_args_json
 from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
+from nvfp4.export import export_problems
+from nvfp4.fsdp import precompute_weight_scales
 from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, load_config, to_toml, toml_value

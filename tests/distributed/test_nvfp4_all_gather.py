@@ -8,10 +8,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import nvfp4
+from benchmarks.fsdp_all_gather_bytes import step_bytes
 from models.llama3 import Transformer
 from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
 from nvfp4.sharded import local
-from scripts.fsdp_all_gather_bytes import step_bytes
 from tests.distributed.harness import (
     DEVICES,
     ROWWISE,
@@ -24,7 +24,6 @@ from tests.distributed.harness import (
 from tests.distributed.parity import ARGS, reference, sharded
 from training.config import Optimizer
 from training.optim import build_optimizer
-
 
 CPU = torch.device("cpu")
 

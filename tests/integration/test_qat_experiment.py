@@ -1,9 +1,9 @@
 """scripts/qat_experiment.py runs end to end at toy size on the CPU and reports a table."""
 
 import json
-from xml.etree import ElementTree
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 from tests.integration.helpers import FAST, ROOT
 

@@ -113,10 +113,10 @@ def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     x = x[torch.isfinite(x)].reshape(-1, 256)
     tensors = [t for row in x for t in (row.reshape(16, 16), row[torch.randperm(256, generator=g)].reshape(16, 16))]
-    for x in tensors + [x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(-1, 256)]:
-        s = nvfp4.tensor_scale(nvfp4.abs_max(x), mode)
-        ref, ref_op = quantize_for_gemm(x, s)
-        got, op = quantize_for_gemm(x.cuda(), s.cuda())
+    for t in tensors + [x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(-1, 256)]:
+        s = nvfp4.tensor_scale(nvfp4.abs_max(t), mode)
+        ref, ref_op = quantize_for_gemm(t, s)
+        got, op = quantize_for_gemm(t.cuda(), s.cuda())
         assert torch.equal(got.packed.cpu(), ref.packed)
         assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
         assert torch.equal(op.cpu().float(), ref_op)
@@ -281,7 +281,7 @@ def test_compiled_shared_input_group_equals_eager(widths, tmp_path, monkeypatch)
     """A fused group under torch.compile (forward traced, backward the opaque op): outputs and
     gradients equal eager's bitwise, the input gradient's sum included. The input and 2-4 weights
     take one launch or, with four weights, two (the second with one tensor)."""
-    from scripts.bench import Projection
+    from benchmarks.utils import Projection
     from tests.unit.test_qat import _fwd_bwd
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))

@@ -8,7 +8,7 @@ precision lost in tiny blocks).
 
 No real checkpoint is downloaded here: the tensors are synthetic with the statistics of
 trained Llama weights (row-wise scale spread, heavy tails) and activations (channel outliers).
-    python scripts/bench_tensor_scale.py [--rows 2048 --cols 2048 --seed 0]
+    python benchmarks/bench_tensor_scale.py [--rows 2048 --cols 2048 --seed 0]
 """
 
 from __future__ import annotations

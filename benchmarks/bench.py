@@ -1,6 +1,6 @@
 """QAT vs bf16 on one CUDA GPU: quantize bandwidth, linear fwd+bwd, full 1B training step.
 
-    python scripts/bench.py [--short] [--out benchmarks/results/bench_<card>.md]
+    python benchmarks/bench.py [--short] [--out benchmarks/results/bench_<card>.md]
 
 Every row is measured side by side in this process (CUDA events, median of repeats after
 warm-up); ratios are bf16 time / QAT time (>1: QAT faster). Compile warm-up is excluded.
@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gc
 import os
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,62 +21,21 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
-from models.llama3.model import shared_input  # noqa: E402
+from benchmarks.utils import (  # noqa: E402
+    STEP_BATCH,
+    STEP_MODES,
+    STEP_SEQ,
+    Projection,
+    block_projections,
+    build_step,
+    require_cuda,
+    timed,
+)
 from nvfp4 import kernels  # noqa: E402
 from training.config import Training  # noqa: E402
-from training.loss import cross_entropy  # noqa: E402
 from training.runtime import ScheduledGC  # noqa: E402
 
 LINEAR_FLAVORS = ("1B", "3B", "8B")
-
-
-def block_projections(flavor: str) -> list[tuple[str, int, tuple[int, ...]]]:
-    """The projections one Llama block runs: (name, K, output widths of the linears sharing x)."""
-    from models.llama3 import FLAVORS
-
-    a = FLAVORS[flavor]
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    return [("q/k/v", a.dim, (q, kv, kv)), ("o", q, (a.dim,)), ("gate/up", a.dim, (a.ffn_dim, a.ffn_dim)),
-            ("down", a.ffn_dim, (a.dim,))]
-
-
-class Projection(torch.nn.Module):
-    """Bias-free linears of one input, called as the Llama block calls them (one fused group)."""
-
-    def __init__(self, k: int, widths: tuple[int, ...], qat: bool) -> None:
-        super().__init__()
-        self.linears = torch.nn.ModuleList(torch.nn.Linear(k, n, bias=False) for n in widths)
-        if qat:
-            nvfp4.prepare(self)
-
-    def fused_linear_groups(self) -> list[list[str]]:
-        return [[f"linears.{i}" for i in range(len(self.linears))]]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return shared_input(tuple(self.linears), x)
-
-
-def timed(fn, warmup: int = 3, repeat: int = 10, gpu_only: bool = False, samples: list | None = None) -> float:
-    """Median milliseconds of fn() on the current stream; each repeat's appended to ``samples``.
-    ``gpu_only``: the GPU first spins ~10 ms while the CPU enqueues fn, so that launch latency
-    is hidden and the time is the kernels' (a model's many layers hide it the same way when the
-    GPU is the bottleneck).
-    A QAT projection's fwd+bwd takes up to ~3 ms of CPU to enqueue: a shorter spin let it show."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if gpu_only:
-            torch.cuda._sleep(20_000_000)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    if samples is not None:
-        samples += times
-    return statistics.median(times)
 
 
 def bench_bandwidth(rows: list[str], short: bool) -> None:
@@ -137,49 +93,7 @@ def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEA
     rows.append("")
 
 
-STEP_SEQ, STEP_BATCH = 2048, 4
-STEP_MODES = ("bf16", "qat-dynamic", "qat-static")
 STEP_CHAIN = 10  # steps timed back to back, as training runs them (one host sync per 10 steps)
-
-
-def build_step(mode: str, compile: bool, n_layers: int):
-    """One training step of the Llama 1B flavor (``n_layers``) under FSDP world 1, as a closure."""
-    from models.llama3 import FLAVORS, Transformer
-    from parallel import ParallelDims, build_mesh, parallelize_llama
-
-    # Free the previous step's model first: FSDP's hooks hold it in reference cycles, and left
-    # to the cyclic collector its parameters and optimizer state would count in this peak.
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(FLAVORS["1B"].with_(n_layers=n_layers, activation_checkpoint="none"))
-    if mode != "bf16":
-        nvfp4.prepare(model, nvfp4.QATConfig(activation_scale=mode.split("-")[1]))
-    parallelize_llama(model, build_mesh(ParallelDims(1, 1), "cuda"), "bfloat16", "float32", compile)
-    model.to_empty(device="cuda")
-    model.init_weights()
-    for m in nvfp4.qat_linears(model):
-        m.reset_calibration()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    tokens = torch.randint(0, 128256, (STEP_BATCH, STEP_SEQ + 1), device="cuda")
-    if mode == "qat-static":
-        nvfp4.calibrate(model, [tokens[:, :-1]])
-
-    def step():
-        logits = model(tokens[:, :-1])
-        cross_entropy(logits, tokens[:, 1:], reduction="mean").backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    return step
 
 
 def bench_step(rows: list[str], short: bool) -> None:
@@ -215,8 +129,7 @@ def main() -> None:
     p.add_argument("--flavors", nargs="+", choices=LINEAR_FLAVORS, default=LINEAR_FLAVORS,
                    help="the block projections of these flavors in the linear table")
     a = p.parse_args()
-    if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
-        sys.exit("bench.py needs a CUDA GPU and Triton")
+    require_cuda("bench.py")
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     rows = [f"# QAT vs bf16 on {name}", "", f"{datetime.date.today()}, torch {torch.__version__}"

@@ -5,7 +5,7 @@ ranks (CPU; bf16 parameters, the recipes' mixed precision), counting the output 
 every all-gather collective. A step gathers each block twice (forward, and again in backward
 after resharding). Bytes do not depend on batch or sequence length, so a tiny batch is used.
 
-    python scripts/fsdp_all_gather_bytes.py [--flavors debug 80M 1B] [--ranks 2] [--out FILE]
+    python benchmarks/fsdp_all_gather_bytes.py [--flavors debug 80M 1B] [--ranks 2] [--out FILE]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a QAT training step's extra time goes: torch.profiler over the Llama 1B step of bench.py.
 
-    python scripts/profile_step.py [--layers 4] [--eager] [--steps 3] [--python | --timeline N]
+    python benchmarks/profile_step.py [--layers 4] [--eager] [--steps 3] [--python | --timeline N]
 
 Per mode (bf16, QAT dynamic, QAT static): wall ms per step, GPU-busy ms (sum of kernel times),
 kernels per step, and the kernels with the most GPU time, so that the QAT-only kernels and the
@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.bench import STEP_MODES, build_step  # noqa: E402
+from benchmarks.utils import STEP_MODES, build_step, profiled, require_cuda  # noqa: E402
 from training.config import Training  # noqa: E402
 from training.runtime import ScheduledGC  # noqa: E402
-from scripts.profile_linear import profiled  # noqa: E402
 
 
 def python_profile(step, steps: int, rows: int, mode: str) -> None:
@@ -76,6 +75,7 @@ def main() -> None:
     p.add_argument("--python", action="store_true", help="cProfile the Python functions instead")
     p.add_argument("--timeline", type=int, metavar="N", help="time N steps without the profiler (see above)")
     a = p.parse_args()
+    require_cuda("profile_step.py")
     print(f"{torch.cuda.get_device_name()}: Llama 1B ({a.layers} layers) step, compile={not a.eager}")
     if a.timeline:
         print("\n| mode | CPU ms median | CPU ms max | GPU ms median | GPU ms min | GPU ms max | GPU ms per step |\n"

@@ -1,6 +1,6 @@
 """Where a QAT linear's time goes: torch.profiler over fwd+bwd of one NVFP4QATLinear vs nn.Linear.
 
-    python scripts/profile_linear.py [--k 3072 --n 1024 --tokens 8192 --iters 10]
+    python benchmarks/profile_linear.py [--k 3072 --n 1024 --tokens 8192 --iters 10]
 
 Prints per iteration: the CPU time to enqueue fwd+bwd (no profiler, no sync), wall ms, GPU-busy ms
 (sum of kernel times), kernel launches, and the ops with the most CPU time, so that launch-bound
@@ -15,23 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
-
-
-def profiled(fn, iters: int) -> tuple[profile, float, float, float]:
-    """Run fn iters times under torch.profiler: (profile, wall ms, GPU-busy ms, kernels) per call."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / iters * 1e3
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return prof, wall, sum(e.device_time for e in events) / iters / 1e3, len(events) / iters
+from benchmarks.utils import profiled, require_cuda  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +29,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--iters", type=int, default=10)
     a = p.parse_args()
+    require_cuda("profile_linear.py")
     x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(a.tokens, a.n, device="cuda", dtype=torch.bfloat16)
     layers = {"bf16": torch.nn.Linear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16),

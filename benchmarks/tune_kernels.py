@@ -1,7 +1,7 @@
 """Tile sweep of the Triton NVFP4 kernels on this GPU: GB/s per (16-element blocks per program,
 warps), checked bit-identical to the current tile's output. Prints a table, best first.
 
-    python scripts/tune_kernels.py [--mib 256]
+    python benchmarks/tune_kernels.py [--mib 256]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
+from benchmarks.utils import require_cuda, timed  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
-from scripts.bench import timed  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--amax-blocks", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--amax-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
     a = p.parse_args()
+    require_cuda("tune_kernels.py")
     x = torch.randn(a.mib * 2**19 // 4096, 4096, device="cuda", dtype=torch.bfloat16)
     s = nvfp4.tensor_scale(nvfp4.abs_max(x))
     y = torch.empty_like(x)

@@ -1,7 +1,7 @@
 """Static SASS of the NVFP4 quantize/dequantize kernels for Hopper (sm_90), without a GPU.
 
     pip install triton==3.6.0   # its bundled ptxas and cuobjdump do the work
-    python scripts/kernel_sass.py [--dtype bf16] [--tile 128 2]
+    python benchmarks/kernel_sass.py [--dtype bf16] [--tile 128 2]
 
 Compiles each kernel as the runtime does for one tensor per launch (N=1; 16-byte aligned
 pointers) and prints its instruction count per element and the most frequent opcodes. The

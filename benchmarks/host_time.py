@@ -1,6 +1,6 @@
 """CPU time to enqueue a QAT projection's work, piece by piece, against bf16 (one CUDA GPU).
 
-    python scripts/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--eager] [--python] [--trace DIR]
+    python benchmarks/host_time.py [--k 2048 --widths 2048 512 512 --tokens 8192] [--eager] [--python] [--trace DIR]
 
 A training step is launch-bound where the CPU needs longer to enqueue a layer than the GPU to
 run it. Each figure is microseconds of CPU per call, with the GPU held busy (``torch.cuda._sleep``)
@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
+from benchmarks.utils import Projection, require_cuda  # noqa: E402
 from nvfp4 import kernels  # noqa: E402
-from nvfp4.qat.autograd import _forward, _QATLinearFn, _qat_linear  # noqa: E402
-from scripts.bench import Projection  # noqa: E402
+from nvfp4.qat.autograd import _forward, _qat_linear, _QATLinearFn  # noqa: E402
 
 
 def enqueue_us(fn, calls: int = 20, repeat: int = 5) -> float:
@@ -54,8 +54,7 @@ def main() -> None:
     p.add_argument("--python", action="store_true")
     p.add_argument("--trace", type=Path, help="write a Chrome trace (CPU ops) of each fwd+bwd row here")
     a = p.parse_args()
-    if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
-        sys.exit("host_time.py needs a CUDA GPU and Triton")
+    require_cuda("host_time.py")
     x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gys = [torch.randn(a.tokens, n, device="cuda", dtype=torch.bfloat16) for n in a.widths]
     ref, qat = (Projection(a.k, tuple(a.widths), q).to("cuda", torch.bfloat16) for q in (False, True))
