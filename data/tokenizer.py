@@ -17,6 +17,7 @@ LLAMA3_NUM_SPECIAL = 256
 
 
 class Tokenizer(Protocol):
+    path: Path  # the tokenizer file (its bytes identify token caches)
     vocab_size: int
     eos_id: int
 
@@ -29,6 +30,7 @@ class TokenizerError(ValueError):
 
 class HFTokenizer:
     def __init__(self, path: Path) -> None:
+        self.path = path
         from tokenizers import Tokenizer as _Tok
 
         try:
@@ -50,6 +52,7 @@ class TiktokenTokenizer:
     """Llama 3 ``tokenizer.model``: base64 BPE ranks plus 256 special tokens after them."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         try:
             import tiktoken
         except ImportError:

@@ -152,6 +152,9 @@ class Dataset:
     """Field holding the document text (jsonl/json/parquet)."""
     validation_fraction: float = 0.05
     """Share of documents held out for validation (split by document, seeded)."""
+    cache_dir: str = ""
+    """Where the corpus is tokenized once and memory-mapped by every rank and later run (keyed by
+    corpus files and tokenizer); empty: $XDG_CACHE_HOME/nvfp4-titan or ~/.cache/nvfp4-titan."""
 
 
 @dataclass

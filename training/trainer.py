@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -15,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 import nvfp4
-from data.dataset import build_windows, load_documents
+from data.dataset import DataError
 from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
+from data.tokens import TokenFile, cached_tokens, windows_from_tokens
 from models.llama3 import ModelArgs, Transformer, flavor
 from models.llama3.args import model_args_json
 from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
@@ -105,9 +107,8 @@ class Trainer:
         self._load_initial_state()
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
-        t = self.cfg.training
-        docs = load_documents(self.cfg.dataset.path, self.cfg.dataset.text_field)
-        windows = build_windows(docs, tokenizer, t.seq_len, self.cfg.dataset.validation_fraction, t.seed)
+        t, d = self.cfg.training, self.cfg.dataset
+        windows = windows_from_tokens(self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed)
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
             self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
@@ -122,6 +123,23 @@ class Trainer:
         elif self.cfg.validation.freq:
             self.val_loader = GlobalBatchLoader(
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
+
+    def _tokens(self, tokenizer) -> TokenFile:
+        """The corpus's token file: the first rank of each node tokenizes it into the cache when
+        needed (node-local or shared caches alike), every rank maps it."""
+        d = self.cfg.dataset
+        cache = d.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvfp4-titan"
+        error = None
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                cached_tokens(d.path, d.text_field, tokenizer, cache)
+            except DataError as e:  # every rank stops with the builder's message
+                error = str(e)
+        errors: list[str | None] = [None] * self.world
+        dist.all_gather_object(errors, error)
+        if first := next((e for e in errors if e is not None), None):
+            raise DataError(first)
+        return cached_tokens(d.path, d.text_field, tokenizer, cache, build=False)
 
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
     # draws and what the model computes; the data-parallel degree may change.

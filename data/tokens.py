@@ -1,0 +1,177 @@
+"""Tokenize a corpus once into a memory-mapped token file; read training windows from it.
+
+On disk (a folder, written whole or not at all): ``tokens.bin`` (uint32, every document's tokens
+followed by EOS, documents in corpus order), ``offsets.npy`` (int64 [n_docs + 1]: where each
+document starts in ``tokens.bin``) and ``manifest.json`` (format, tokenizer hash, corpus files
+with sizes and mtimes, counts). ``token_cache`` keys the folder by (corpus files, text field,
+tokenizer), so a changed corpus or tokenizer gets a new one and a stale one is never read.
+
+``PackedWindows`` gives the windows that ``data.dataset.build_windows`` packs (the same tokens,
+bit for bit) without holding the corpus in memory: a batch reads its windows from the map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.dataset import DataError, TokenWindows, _files, load_documents, validation_ids
+from data.tokenizer import Tokenizer
+
+FORMAT = 1
+_BATCH = 1024  # documents per encode_batch call (the tokenizer runs its own threads)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
+    """What a token cache is built from: the corpus files (path, size, mtime), the text field, the
+    tokenizer file's sha256 and the format. Raises DataError as ``data.dataset`` does."""
+    _, files = _files(Path(path))
+    stats = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return {"format": FORMAT, "files": stats, "text_field": text_field,
+            "tokenizer_sha256": _sha256(Path(tokenizer.path)), "eos_id": tokenizer.eos_id}
+
+
+def token_cache(cache_dir: str | Path, key: dict) -> Path:
+    """The folder of ``key``'s tokens under ``cache_dir``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"tokens-{digest}"
+
+
+def _documents(path: str | Path, text_field: str) -> Iterator[list[str]]:
+    """The corpus's documents in batches, in corpus order, as ``load_documents`` keeps them."""
+    docs = load_documents(path, text_field)
+    for i in range(0, len(docs), _BATCH):
+        yield docs[i:i + _BATCH]
+
+
+def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path,
+                    progress: bool = True) -> Path:
+    """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring); returns
+    ``out``. Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
+    run leaves no folder that looks complete (``open_tokens`` rejects partial ones), and a
+    concurrent run that finished first is kept. Raises DataError for unreadable corpora."""
+    from tqdm import tqdm
+
+    key = corpus_key(path, text_field, tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        offsets, n = [0], 0
+        with open(tmp / "tokens.bin", "wb") as f, tqdm(desc=f"tokenizing {path}", unit=" docs",
+                                                       disable=not progress) as bar:
+            for docs in _documents(path, text_field):
+                for ids in tokenizer.encode_batch(docs):
+                    arr = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32)
+                    f.write(arr.tobytes())
+                    n += arr.size
+                    offsets.append(n)
+                bar.update(len(docs))
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        manifest = {**key, "n_docs": len(offsets) - 1, "n_tokens": n, "created": time.time()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            tmp.rename(out)
+        except OSError:
+            if open_tokens(out, key) is None:  # not a finished twin: refuse to guess
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class TokenFile:
+    """A tokenized corpus, memory-mapped: ``tokens`` uint32 [n_tokens], ``offsets`` int64
+    [n_docs + 1] (document d is ``tokens[offsets[d]:offsets[d + 1]]``, its EOS last)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.offsets = np.load(folder / "offsets.npy")
+        self.tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r") if self.offsets[-1] else \
+            np.zeros(0, dtype=np.uint32)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+
+def open_tokens(folder: Path, key: dict) -> TokenFile | None:
+    """The token file in ``folder`` if it is whole and was built from ``key``, else None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if {k: manifest.get(k) for k in key} != json.loads(json.dumps(key)):
+            return None
+        tf = TokenFile(folder)
+        whole = ((folder / "tokens.bin").stat().st_size == 4 * manifest["n_tokens"]
+                 and tf.n_docs == manifest["n_docs"] and int(tf.offsets[-1]) == manifest["n_tokens"]
+                 and bool(np.all(np.diff(tf.offsets) > 0)))
+        return tf if whole else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class PackedWindows:
+    """Windows of ``seq_len + 1`` tokens over the concatenation of documents ``doc_ids`` (in that
+    order) of a ``TokenFile``, the tail that does not fill a window dropped: ``data.dataset``'s
+    ``_pack``, read from the map on demand. ``windows[idx]`` -> int64 [len(idx), seq_len + 1]."""
+
+    def __init__(self, tf: TokenFile, doc_ids: np.ndarray, seq_len: int) -> None:
+        self.tf, self.width = tf, seq_len + 1
+        self.starts = tf.offsets[doc_ids]
+        self.cum = np.concatenate([[0], np.cumsum(tf.offsets[doc_ids + 1] - self.starts)])
+        self.n = int(self.cum[-1]) // self.width
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"window index out of range [0, {self.n})")
+        pos = idx[:, None] * self.width + np.arange(self.width)  # positions in the packed stream
+        doc = np.searchsorted(self.cum, pos, side="right") - 1
+        return torch.from_numpy(self.tf.tokens[self.starts[doc] + (pos - self.cum[doc])].astype(np.int64))
+
+
+def windows_from_tokens(tf: TokenFile, seq_len: int, validation_fraction: float, seed: int) -> TokenWindows:
+    """``build_windows``'s train and validation windows (same split, same tokens) over ``tf``."""
+    val = validation_ids(tf.n_docs, validation_fraction, seed)
+    is_val = np.zeros(tf.n_docs, dtype=bool)
+    is_val[list(val)] = True
+    ids = np.arange(tf.n_docs)
+    return TokenWindows(PackedWindows(tf, ids[~is_val], seq_len), PackedWindows(tf, ids[is_val], seq_len))
+
+
+def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache_dir: str | Path,
+                  build: bool = True, progress: bool = True) -> TokenFile:
+    """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
+    (``build``; else DataError). Never reads a cache of another corpus or tokenizer."""
+    key = corpus_key(path, text_field, tokenizer)
+    folder = token_cache(cache_dir, key)
+    tf = open_tokens(folder, key)
+    if tf is None and build:
+        if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
+            folder.rename(folder.with_name(f"{folder.name}.damaged-{int(time.time())}"))
+        tokenize_corpus(path, text_field, tokenizer, folder, progress)
+        tf = open_tokens(folder, key)
+    if tf is None:
+        raise DataError(f"no whole token cache of {path} in {folder}")
+    if tf.n_docs == 0:
+        raise DataError(f"{path}: no documents with text")
+    return tf

@@ -1,0 +1,84 @@
+"""The token cache: windows read from the memory map equal build_windows' bit for bit; a stale,
+damaged or interrupted cache is never read."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from data.dataset import DataError, build_windows, load_documents
+from data.tokenizer import load_tokenizer
+from data.tokens import cached_tokens, corpus_key, open_tokens, token_cache, windows_from_tokens
+
+CORPUS = "data/assets/shakespeare.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("data/assets/tokenizer.json")
+
+
+@pytest.mark.parametrize("seq_len,fraction,seed", [(64, 0.05, 0), (2048, 0.2, 3), (7, 0.0, 1)])
+def test_mapped_windows_equal_packed_windows(tmp_path, tokenizer, seq_len, fraction, seed):
+    old = build_windows(load_documents(CORPUS), tokenizer, seq_len, fraction, seed)
+    new = windows_from_tokens(cached_tokens(CORPUS, "text", tokenizer, tmp_path), seq_len, fraction, seed)
+    for a, b in ((old.train, new.train), (old.validation, new.validation)):
+        assert len(a) == len(b)
+        assert torch.equal(a, b[torch.arange(len(b))])
+    idx = torch.tensor([len(new.train) - 1, 0, 5, 5])  # any order, repeats, as a loader asks
+    assert torch.equal(new.train[idx], old.train[idx])
+    with pytest.raises(IndexError):
+        new.train[torch.tensor([len(new.train)])]
+
+
+def _corpus(tmp_path, docs):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_stale_cache_is_rebuilt_when_the_corpus_or_tokenizer_changes(tmp_path, tokenizer):
+    path, cache = _corpus(tmp_path, ["one two", "three"]), tmp_path / "cache"
+    first = cached_tokens(path, "text", tokenizer, cache)
+    assert first.n_docs == 2
+    path.write_text(path.read_text() + json.dumps({"text": "four"}) + "\n")  # the corpus grew
+    again = cached_tokens(path, "text", tokenizer, cache)
+    assert again.n_docs == 3 and again.folder != first.folder
+    other = tmp_path / "tok.json"
+    shutil.copy("data/assets/tokenizer.json", other)
+    other.write_text(other.read_text().replace('"unk_token"', '"unk_token" ', 1))  # other bytes
+    assert token_cache(cache, corpus_key(path, "text", load_tokenizer(other))) != again.folder
+
+
+@pytest.mark.parametrize("damage", ["truncated_tokens", "no_manifest", "bad_offsets"])
+def test_damaged_cache_is_never_read_and_is_rebuilt(tmp_path, tokenizer, damage):
+    path, cache = _corpus(tmp_path, ["alpha beta gamma", "delta"]), tmp_path / "cache"
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    want = tf.tokens.copy()
+    folder, key = tf.folder, corpus_key(path, "text", tokenizer)
+    del tf
+    if damage == "truncated_tokens":
+        b = (folder / "tokens.bin").read_bytes()
+        (folder / "tokens.bin").write_bytes(b[:-4])
+    elif damage == "no_manifest":  # what a tokenization killed before its end would leave
+        (folder / "manifest.json").unlink()
+    else:
+        np.save(folder / "offsets.npy", np.array([0, 5, 3], dtype=np.int64))
+    assert open_tokens(folder, key) is None
+    with pytest.raises(DataError, match="no whole token cache"):
+        cached_tokens(path, "text", tokenizer, cache, build=False)
+    rebuilt = cached_tokens(path, "text", tokenizer, cache)
+    assert np.array_equal(rebuilt.tokens, want)
+    assert [p.name.startswith(f"{folder.name}.damaged-") for p in cache.iterdir()].count(True) == 1
+
+
+def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        cached_tokens(tmp_path / "nope.jsonl", "text", tokenizer, tmp_path / "cache")
+    (tmp_path / "n.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match="holds int values"):
+        cached_tokens(tmp_path / "n.jsonl", "text", tokenizer, tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache") == []  # the interrupted build left nothing behind
