@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,24 +56,32 @@ def _read_plain(builder: str, files: list[str], text_field: str, path: Path) -> 
 
 
 def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """The corpus's documents: strings, without empty or whitespace-only ones.
+    """The corpus's documents (``iter_documents``) in one list."""
+    return [d for batch in iter_documents(path, text_field) for d in batch]
+
+
+def iter_documents(path: str | Path, text_field: str = "text", batch_size: int = 1024) -> Iterator[list[str]]:
+    """The corpus's documents in corpus order, ``batch_size`` at a time: strings, without empty or
+    whitespace-only ones. With ``datasets`` the text stays in an on-disk Arrow cache (a temporary
+    folder) and only one batch is in memory.
 
     Raises DataError for a file that is not UTF-8, a text field that holds no strings, or any
     file ``datasets`` cannot read (named with the reason)."""
     try:
-        docs = _load(path, text_field)
+        for batch in _batches(path, text_field, batch_size):
+            bad = next((d for d in batch if d is not None and not isinstance(d, str)), None)
+            if bad is not None:
+                raise DataError(f"{path}: field {text_field!r} holds {type(bad).__name__} values such as {bad!r}, "
+                                "not text; set dataset.text_field to the field that holds the text")
+            if docs := [d for d in batch if d is not None and d.strip()]:
+                yield docs
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start} of a line or file): "
                         "re-encode it as UTF-8") from None
-    bad = next((d for d in docs if not isinstance(d, str)), None)
-    if bad is not None:
-        raise DataError(f"{path}: field {text_field!r} holds {type(bad).__name__} values such as {bad!r}, "
-                        "not text; set dataset.text_field to the field that holds the text")
-    return [d for d in docs if d.strip()]
 
 
-def _load(path: str | Path, text_field: str) -> list:
-    """Read documents with ``datasets``, offline, caching in a temporary folder."""
+def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[list]:
+    """The text field's values in batches, read with ``datasets`` offline (or the plain reader)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     builder, files = _files(Path(path))
@@ -80,20 +89,26 @@ def _load(path: str | Path, text_field: str) -> list:
         import datasets
     except ImportError:
         log.warning("datasets is not installed: reading %s with the plain jsonl/txt reader", path)
-        return _read_plain(builder, files, text_field, Path(path))
+        docs = _read_plain(builder, files, text_field, Path(path))
+        for i in range(0, len(docs), batch_size):
+            yield docs[i:i + batch_size]
+        return
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache,
-                                       keep_in_memory=True, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
+        except UnicodeDecodeError:
+            raise
         except Exception as e:
             raise DataError(f"{path}: datasets could not read it as {builder} ({e})") from None
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")
-        return [t for t in ds[text_field] if t is not None]
+        for batch in ds.select_columns([text_field]).iter(batch_size=batch_size):
+            yield batch[text_field]
+        del ds  # the Arrow files are memory-mapped: unmapped before the folder goes
 
 
 @dataclass

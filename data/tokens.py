@@ -18,17 +18,16 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.dataset import DataError, TokenWindows, _files, load_documents, validation_ids
+from data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
 from data.tokenizer import Tokenizer
 
 FORMAT = 1
-_BATCH = 1024  # documents per encode_batch call (the tokenizer runs its own threads)
+_BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
 
 
 def _sha256(path: Path) -> str:
@@ -54,13 +53,6 @@ def token_cache(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"tokens-{digest}"
 
 
-def _documents(path: str | Path, text_field: str) -> Iterator[list[str]]:
-    """The corpus's documents in batches, in corpus order, as ``load_documents`` keeps them."""
-    docs = load_documents(path, text_field)
-    for i in range(0, len(docs), _BATCH):
-        yield docs[i:i + _BATCH]
-
-
 def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path,
                     progress: bool = True) -> Path:
     """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring); returns
@@ -76,7 +68,7 @@ def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out
         offsets, n = [0], 0
         with open(tmp / "tokens.bin", "wb") as f, tqdm(desc=f"tokenizing {path}", unit=" docs",
                                                        disable=not progress) as bar:
-            for docs in _documents(path, text_field):
+            for docs in iter_documents(path, text_field, _BATCH):
                 for ids in tokenizer.encode_batch(docs):
                     arr = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32)
                     f.write(arr.tobytes())
