@@ -47,6 +47,11 @@ def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
             "tokenizer_sha256": _sha256(Path(tokenizer.path)), "eos_id": tokenizer.eos_id}
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/nvfp4-titan``, or ``~/.cache/nvfp4-titan`` (``dataset.cache_dir`` unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvfp4-titan"
+
+
 def token_cache(cache_dir: str | Path, key: dict) -> Path:
     """The folder of ``key``'s tokens under ``cache_dir``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

@@ -19,7 +19,7 @@ import nvfp4
 from data.dataset import DataError
 from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
-from data.tokens import TokenFile, cached_tokens, windows_from_tokens
+from data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
 from models.llama3 import ModelArgs, Transformer, flavor
 from models.llama3.args import model_args_json
 from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
@@ -128,7 +128,7 @@ class Trainer:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
         needed (node-local or shared caches alike), every rank maps it."""
         d = self.cfg.dataset
-        cache = d.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvfp4-titan"
+        cache = d.cache_dir or default_cache_dir()
         error = None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:

@@ -132,6 +132,17 @@ def test_validation_split_smaller_than_a_batch_is_announced(tmp_path):
                      r"batch \(16 x 1 ranks\)", r.stdout), r.stdout
 
 
+def test_tokenize_script_builds_the_cache_that_train_reads(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "scripts/tokenize_corpus.py", "--recipe", "recipes/debug_cpu.toml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **env}, check=False)
+    assert r.returncode == 0 and re.search(r"tokens-\w+: 278 documents, \d+ tokens", r.stdout), r.stderr
+    assert "tokenizing" in r.stderr  # built here, with a progress bar
+    t = train(tmp_path / "run", *FAST, "--training.steps=2", env=env)
+    assert t.returncode == 0, t.stderr
+    assert "tokenizing" not in t.stderr  # train.py mapped the script's cache
+
+
 def test_sigterm_saves_and_resume_continues(tmp_path):
     dump = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",

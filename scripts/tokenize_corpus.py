@@ -1,0 +1,42 @@
+"""Tokenize a corpus into the token cache that train.py memory-maps, ahead of training.
+
+    python scripts/tokenize_corpus.py --dataset.path=CORPUS [--recipe R] [--model.tokenizer_path=T]
+        [--dataset.text_field=text] [--dataset.cache_dir=DIR]
+
+Takes the recipe and overrides as train.py does and builds exactly the cache a run of them reads
+(keyed by the corpus files, the text field and the tokenizer), so the first run starts at once
+and a multi-node job can share one built cache. Prints the cache folder and its counts; a cache
+that is already whole is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.dataset import DataError  # noqa: E402
+from data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from data.tokens import cached_tokens, default_cache_dir  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="TOML recipe (its [dataset] and model.tokenizer_path are used)")
+    args, overrides = p.parse_known_args(argv)
+    try:
+        cfg = load_config(args.recipe, overrides)
+        d = cfg.dataset
+        tf = cached_tokens(d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), d.cache_dir or default_cache_dir())
+    except (ConfigError, DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{tf.folder}: {tf.n_docs} documents, {int(tf.offsets[-1])} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
