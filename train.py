@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, stopped) else 2
+    except KeyboardInterrupt:  # before the loop's handlers (e.g. while tokenizing): nothing half-written
+        print("error: interrupted before training started; run the same command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

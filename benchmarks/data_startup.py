@@ -38,7 +38,8 @@ def _measure(mode: str, corpus: str, cache: str, seq_len: int) -> None:
     if mode == "old":
         w = build_windows(load_documents(corpus), tok, seq_len, 0.05, 0)
     else:
-        w = windows_from_tokens(cached_tokens(corpus, "text", tok, cache, progress=False), seq_len, 0.05, 0)
+        w = windows_from_tokens(cached_tokens(corpus, "text", tok, cache, progress=False), seq_len, 0.05, 0,
+                                tok.vocab_size)
     w.train[list(range(8))]  # one batch read
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_gib": rss, "windows": len(w.train)}))

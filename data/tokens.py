@@ -30,6 +30,12 @@ FORMAT = 1
 _BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -39,10 +45,11 @@ def _sha256(path: Path) -> str:
 
 
 def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
-    """What a token cache is built from: the corpus files (path, size, mtime), the text field, the
-    tokenizer file's sha256 and the format. Raises DataError as ``data.dataset`` does."""
+    """What a token cache is built from: the corpus files (path, size, mtime, ctime: any write or
+    copy of a file changes its ctime, which no tool sets back), the text field, the tokenizer
+    file's sha256 and the format. Raises DataError as ``data.dataset`` does."""
     _, files = _files(Path(path))
-    stats = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stats = [(str(Path(f).resolve()), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files]
     return {"format": FORMAT, "files": stats, "text_field": text_field,
             "tokenizer_sha256": _sha256(Path(tokenizer.path)), "eos_id": tokenizer.eos_id}
 
@@ -69,6 +76,7 @@ def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out
     key = corpus_key(path, text_field, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
         offsets, n = [0], 0
         with open(tmp / "tokens.bin", "wb") as f, tqdm(desc=f"tokenizing {path}", unit=" docs",
@@ -119,7 +127,7 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
                  and tf.n_docs == manifest["n_docs"] and int(tf.offsets[-1]) == manifest["n_tokens"]
                  and bool(np.all(np.diff(tf.offsets) > 0)))
         return tf if whole else None
-    except (OSError, ValueError, KeyError):
+    except Exception:  # any unreadable or inconsistent file: not a cache to trust
         return None
 
 
@@ -128,8 +136,8 @@ class PackedWindows:
     order) of a ``TokenFile``, the tail that does not fill a window dropped: ``data.dataset``'s
     ``_pack``, read from the map on demand. ``windows[idx]`` -> int64 [len(idx), seq_len + 1]."""
 
-    def __init__(self, tf: TokenFile, doc_ids: np.ndarray, seq_len: int) -> None:
-        self.tf, self.width = tf, seq_len + 1
+    def __init__(self, tf: TokenFile, doc_ids: np.ndarray, seq_len: int, vocab_size: int) -> None:
+        self.tf, self.width, self.vocab_size = tf, seq_len + 1, vocab_size
         self.starts = tf.offsets[doc_ids]
         self.cum = np.concatenate([[0], np.cumsum(tf.offsets[doc_ids + 1] - self.starts)])
         self.n = int(self.cum[-1]) // self.width
@@ -143,16 +151,22 @@ class PackedWindows:
             raise IndexError(f"window index out of range [0, {self.n})")
         pos = idx[:, None] * self.width + np.arange(self.width)  # positions in the packed stream
         doc = np.searchsorted(self.cum, pos, side="right") - 1
-        return torch.from_numpy(self.tf.tokens[self.starts[doc] + (pos - self.cum[doc])].astype(np.int64))
+        w = self.tf.tokens[self.starts[doc] + (pos - self.cum[doc])].astype(np.int64)
+        if w.size and int(w.max()) >= self.vocab_size:  # bytes changed on disk since the build
+            raise DataError(f"the token cache {self.tf.folder} holds ids outside the tokenizer's "
+                            f"{self.vocab_size} tokens: it is damaged; delete it and it is rebuilt")
+        return torch.from_numpy(w)
 
 
-def windows_from_tokens(tf: TokenFile, seq_len: int, validation_fraction: float, seed: int) -> TokenWindows:
+def windows_from_tokens(tf: TokenFile, seq_len: int, validation_fraction: float, seed: int,
+                        vocab_size: int) -> TokenWindows:
     """``build_windows``'s train and validation windows (same split, same tokens) over ``tf``."""
     val = validation_ids(tf.n_docs, validation_fraction, seed)
     is_val = np.zeros(tf.n_docs, dtype=bool)
     is_val[list(val)] = True
     ids = np.arange(tf.n_docs)
-    return TokenWindows(PackedWindows(tf, ids[~is_val], seq_len), PackedWindows(tf, ids[is_val], seq_len))
+    return TokenWindows(PackedWindows(tf, ids[~is_val], seq_len, vocab_size),
+                        PackedWindows(tf, ids[is_val], seq_len, vocab_size))
 
 
 def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache_dir: str | Path,
@@ -163,9 +177,13 @@ def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache
     folder = token_cache(cache_dir, key)
     tf = open_tokens(folder, key)
     if tf is None and build:
-        if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
-            folder.rename(folder.with_name(f"{folder.name}.damaged-{int(time.time())}"))
-        tokenize_corpus(path, text_field, tokenizer, folder, progress)
+        try:
+            if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
+                folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
+            tokenize_corpus(path, text_field, tokenizer, folder, progress)
+        except OSError as e:
+            raise DataError(f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "
+                            "set dataset.cache_dir to a writable folder with free space") from None
         tf = open_tokens(folder, key)
     if tf is None:
         raise DataError(f"no whole token cache of {path} in {folder}")

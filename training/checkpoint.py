@@ -81,12 +81,23 @@ def complete_steps(folder: Path) -> list[tuple[int, Path]]:
 
 
 def latest(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder``. Newer damaged ones are named in a warning
-    and left in place (for inspection; nothing is deleted)."""
+    """The newest complete checkpoint in ``folder``, None when there is no ``step-N`` folder.
+    Newer damaged ones are named in a warning and left in place (nothing is deleted).
+
+    Raises CheckpointLoadError when every ``step-N`` folder is damaged: starting over would
+    silently drop the run's training."""
+    damaged = []
     for _, p in reversed(step_folders(folder)):
         if (why := damage(p)) is None:
+            for bad, reason in damaged:
+                log.warning(f"checkpoint {bad} cannot be loaded: {reason}; using {p.name} (it stays on disk)")
             return p
-        log.warning(f"checkpoint {p} cannot be loaded: {why}; using an older one (it stays on disk)")
+        damaged.append((p, why))
+    if damaged:
+        what = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise CheckpointLoadError(
+            f"every checkpoint in {folder} is damaged ({what}); restore them, move them away to start "
+            f"over, or use another job.dump_folder")
     return None
 
 
@@ -115,10 +126,16 @@ def save(
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial save would only hold the space
-        free = shutil.disk_usage(folder).free / 2**30
-        previous = latest(folder)
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+        except OSError:
+            free = "unknown space"
+        try:
+            previous = latest(folder)
+        except CheckpointLoadError:
+            previous = None
         raise CheckpointSaveError(
-            f"could not save checkpoint {final} ({_cause(e)}); {free:.2f} GiB free on its disk. The partial "
+            f"could not save checkpoint {final} ({_cause(e)}); {free} free on its disk. The partial "
             f"save was removed; the latest checkpoint is {previous or 'none'}. Free space (or set "
             f"checkpoint.keep_latest_k) and run the same command to resume") from None
     if rank == 0:

@@ -227,6 +227,8 @@ class Config:
             (t.steps > 0, "training.steps must be > 0"),
             (t.max_norm >= 0, "training.max_norm must be >= 0 (0 disables clipping)"),
             (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
+            (0 <= t.seed < 2**32, "training.seed must be in [0, 2**32)"),
+            (self.job.dump_folder.strip() != "", "job.dump_folder must name a folder (empty: the current directory)"),
             (self.optimizer.lr > 0, "optimizer.lr must be > 0"),
             (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
             (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),

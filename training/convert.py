@@ -50,7 +50,7 @@ from nvfp4.export import (
     quantization_config,
 )
 from parallel.parallelize import DTYPES
-from training.checkpoint import latest, step_number
+from training.checkpoint import CheckpointLoadError, damage, latest, step_number
 from training.config import Config, ConfigError, load_config
 
 
@@ -76,9 +76,15 @@ class Source:
 
 def _dcp_step(path: Path) -> Path | None:
     if (path / ".metadata").is_file():
+        if (why := damage(path)) is not None:
+            raise ConvertError(f"{path} is damaged: {why}; convert another step")
         return path
     for folder in (path / "checkpoint", path):
-        if (step := latest(folder)) is not None:
+        try:
+            step = latest(folder)
+        except CheckpointLoadError as e:
+            raise ConvertError(str(e)) from None
+        if step is not None:
             return step
     return None
 

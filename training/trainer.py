@@ -84,6 +84,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         _check_folder_path(Path(cfg.job.dump_folder), "job.dump_folder")
+        _check_folder_path(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, "checkpoint.folder")
         self.device = pick_device(cfg.training.device)
         self.rank, self.world = init_distributed(self.device)
         setup_logging(self.rank)
@@ -99,7 +100,10 @@ class Trainer:
         if self.resume_from is not None:
             ckpt.check_model_shapes(self.resume_from, self._param_shapes())
         elif cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
-            ckpt.check_model_shapes(Path(cfg.checkpoint.initial_load_path), self._param_shapes())
+            path = Path(cfg.checkpoint.initial_load_path)
+            if (path / ".metadata").exists() and (why := ckpt.damage(path)) is not None:
+                raise ckpt.CheckpointLoadError(f"checkpoint.initial_load_path={path} is damaged: {why}")
+            ckpt.check_model_shapes(path, self._param_shapes())
         self._check_resume(dims.dp_shard)
         self._make_run_folder()
         self._materialize()
@@ -108,7 +112,8 @@ class Trainer:
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
         t, d = self.cfg.training, self.cfg.dataset
-        windows = windows_from_tokens(self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed)
+        windows = windows_from_tokens(self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed,
+                                      tokenizer.vocab_size)
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
             self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
@@ -143,7 +148,8 @@ class Trainer:
 
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
     # draws and what the model computes; the data-parallel degree may change.
-    _RESUME_KEYS = ("training.seq_len", "qat.enable", "qat.activation_scale", "qat.tensor_scale", "qat.include",
+    _RESUME_KEYS = ("training.seq_len", "training.mixed_precision_param", "dataset.path", "dataset.text_field",
+                    "dataset.validation_fraction", "qat.enable", "qat.activation_scale", "qat.tensor_scale", "qat.include",
                     "qat.exclude", "qat.share_fused_amax", "qat.start_step")
 
     def _check_resume(self, dp: int) -> None:

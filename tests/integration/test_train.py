@@ -86,11 +86,29 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_whole_one(tmp_path, d
     (dump / "metrics.jsonl").unlink()
     r = train(dump, *common)
     assert r.returncode == 0, r.stderr
-    assert re.search(f"checkpoint .*step-4 cannot be loaded: {message}; using an older one", r.stdout), r.stdout
+    assert re.search(f"checkpoint .*step-4 cannot be loaded: {message}; using step-2 ", r.stdout), r.stdout
     assert "step-2 at step 2" in r.stdout
     resumed = losses(dump)
     assert sorted(resumed) == [3, 4] and all(resumed[s] == uninterrupted[s] for s in resumed)
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-4.damaged"]
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    """Starting over would drop the run's training without a word: refused, naming each step;
+    a damaged initial_load_path is refused before a run folder is made."""
+    dump = tmp_path / "run"
+    common = [*FAST, "--training.steps=2", "--checkpoint.interval=1", "--checkpoint.keep_latest_k=0"]
+    assert train(dump, *common).returncode == 0
+    for step in ("step-1", "step-2"):
+        _truncate(dump / "checkpoint" / step / "__0_0.distcp")
+    before = sorted((p.name, p.stat().st_size) for p in dump.rglob("*"))
+    r = train(dump, *common, "--training.steps=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"every checkpoint in .* is damaged \(step-2: __0_0.distcp is truncated .*; step-1: ", r.stderr)
+    assert sorted((p.name, p.stat().st_size) for p in dump.rglob("*")) == before
+    r = train(tmp_path / "new", *common, f"--checkpoint.initial_load_path={dump / 'checkpoint' / 'step-2'}")
+    assert r.returncode == 2 and "initial_load_path=" in r.stderr and "is damaged" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_with_another_model_shape_is_refused_before_any_write(tmp_path):
@@ -201,7 +219,9 @@ def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):
     for change, fix in (("--training.seq_len=32", "--training.seq_len=64"),
                         ("--qat.enable=false", "--qat.enable=true"),
                         ("--qat.activation_scale=static", '--qat.activation_scale="dynamic"'),
-                        ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]')):
+                        ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]'),
+                        ("--dataset.validation_fraction=0.1", "--dataset.validation_fraction=0.05"),
+                        ("--training.mixed_precision_param=bfloat16", '--training.mixed_precision_param="float32"')):
         r = train(dump, *common, change)
         assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, (change, r.stderr[-2000:])
         assert sorted(p.name for p in dump.rglob("*")) == before

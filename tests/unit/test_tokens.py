@@ -24,7 +24,8 @@ def tokenizer():
 @pytest.mark.parametrize("seq_len,fraction,seed", [(64, 0.05, 0), (2048, 0.2, 3), (7, 0.0, 1)])
 def test_mapped_windows_equal_packed_windows(tmp_path, tokenizer, seq_len, fraction, seed):
     old = build_windows(load_documents(CORPUS), tokenizer, seq_len, fraction, seed)
-    new = windows_from_tokens(cached_tokens(CORPUS, "text", tokenizer, tmp_path), seq_len, fraction, seed)
+    new = windows_from_tokens(cached_tokens(CORPUS, "text", tokenizer, tmp_path), seq_len, fraction, seed,
+                              tokenizer.vocab_size)
     for a, b in ((old.train, new.train), (old.validation, new.validation)):
         assert len(a) == len(b)
         assert torch.equal(a, b[torch.arange(len(b))])
@@ -73,6 +74,44 @@ def test_damaged_cache_is_never_read_and_is_rebuilt(tmp_path, tokenizer, damage)
     rebuilt = cached_tokens(path, "text", tokenizer, cache)
     assert np.array_equal(rebuilt.tokens, want)
     assert [p.name.startswith(f"{folder.name}.damaged-") for p in cache.iterdir()].count(True) == 1
+
+
+def test_same_size_and_mtime_rewrite_is_still_a_new_cache(tmp_path, tokenizer):
+    """`sed -i` + `touch -r` (or a copy keeping times) leaves size and mtime; the ctime moves."""
+    path, cache = _corpus(tmp_path, ["abc abc", "def"]), tmp_path / "cache"
+    st = path.stat()
+    first = cached_tokens(path, "text", tokenizer, cache)
+    path.write_text(path.read_text().replace("abc", "xyz"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert cached_tokens(path, "text", tokenizer, cache).folder != first.folder
+
+
+def test_ids_outside_the_vocabulary_are_damage(tmp_path, tokenizer):
+    path, cache = _corpus(tmp_path, ["one two three", "four"]), tmp_path / "cache"
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    raw = bytearray((tf.folder / "tokens.bin").read_bytes())
+    raw[0:4] = np.uint32(tokenizer.vocab_size + 7).tobytes()  # same size, another id
+    (tf.folder / "tokens.bin").write_bytes(bytes(raw))
+    w = windows_from_tokens(cached_tokens(path, "text", tokenizer, cache), 2, 0.0, 0, tokenizer.vocab_size)
+    with pytest.raises(DataError, match="holds ids outside the tokenizer's .* it is damaged"):
+        w.train[torch.tensor([0])]
+
+
+@pytest.mark.parametrize("manifest", ["[]", "null", '{"n_tokens": null}'])
+def test_malformed_manifest_is_damage(tmp_path, tokenizer, manifest):
+    path, cache = _corpus(tmp_path, ["alpha", "beta"]), tmp_path / "cache"
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    (tf.folder / "manifest.json").write_text(manifest)
+    assert open_tokens(tf.folder, corpus_key(path, "text", tokenizer)) is None
+    assert cached_tokens(path, "text", tokenizer, cache).n_docs == 2
+
+
+def test_unwritable_cache_dir_is_one_error(tmp_path, tokenizer):
+    path = _corpus(tmp_path, ["alpha"])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"cannot write the token cache in .*afile .*set dataset.cache_dir"):
+        cached_tokens(path, "text", tokenizer, tmp_path / "afile")
 
 
 def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
