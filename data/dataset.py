@@ -100,9 +100,12 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
     with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
-        except UnicodeDecodeError:
-            raise
         except Exception as e:
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, UnicodeDecodeError):
+                cause = cause.__cause__ or cause.__context__  # datasets wraps the decoding error
+            if cause is not None:
+                raise cause from None
             raise DataError(f"{path}: datasets could not read it as {builder} ({e})") from None
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")

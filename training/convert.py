@@ -11,6 +11,7 @@ into place at the end: a failed conversion leaves no OUTPUT_DIR behind.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 import nvfp4
@@ -386,13 +388,21 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
     src = resolve_source(source)
     if o.tokenizer is not None:
         src.tokenizer = o.tokenizer
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(output, source)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
-    (tmp / _TMP_MARK).touch()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output, source)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
+        (tmp / _TMP_MARK).touch()
+    except OSError as e:
+        raise ConvertError(_unwritable(output, e)) from None
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
-        write_checkpoint(src, tmp, o, log)
+        try:
+            write_checkpoint(src, tmp, o, log)
+        except (OSError, SafetensorError) as e:
+            if not _is_write_failure(e):
+                raise
+            raise ConvertError(_unwritable(output, e)) from None
         (tmp / _TMP_MARK).unlink()
         _umask_permissions(tmp)
         if output.exists():
@@ -403,6 +413,19 @@ def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return src
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """A full disk, a quota, a read-only or forbidden output (not a source that cannot be read)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+    return any(s in str(e) for s in ("No space left", "Disk quota", "Read-only file system", "File too large"))
+
+
+def _unwritable(output: Path, e: BaseException) -> str:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    return (f"cannot write {output} ({type(e).__name__}: {reason}); nothing was written. Choose an output "
+            "folder that is writable and has room for the checkpoint")
 
 
 _TMP_MARK = ".nvfp4-convert-temporary"  # in every temporary folder: only those are ever removed

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,7 +99,8 @@ def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_p
     for output, message in ((data, "holds no config.json: it is not a converted checkpoint"),
                             (tmp_path / "a_file", "is a file, not a folder"),
                             (tmp_path / "a_file" / "sub", "is a file, not a folder"),
-                            (tmp_path / "link", "is a symbolic link")):
+                            (tmp_path / "link", "is a symbolic link"),
+                            (Path("/sys/nvfp4-titan-test-out"), r"cannot write /sys/nvfp4-titan-test-out \(\w+Error: .*nothing was written")):
         with pytest.raises(ConvertError, match=message):
             convert(runs["qat"], output, Options(calibration_batches=0), overwrite=True)
     assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (tmp_path / "a_file").read_text() == "keep me"

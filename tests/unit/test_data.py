@@ -92,6 +92,11 @@ def test_bad_data_inputs(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match="latin1.jsonl is not UTF-8 text.*re-encode it as UTF-8"):
         load_documents(tmp_path / "latin1.jsonl")
+    (tmp_path / "txts").mkdir()  # datasets wraps the decoding error of a .txt: still named as such
+    (tmp_path / "txts" / "a.txt").write_text("fine\n")
+    (tmp_path / "txts" / "b.txt").write_bytes(b"bad \xff here\n")
+    with pytest.raises(DataError, match="txts is not UTF-8 text"):
+        load_documents(tmp_path / "txts")
     (tmp_path / "numbers.jsonl").write_text('{"text": 12345}\n{"text": 7}\n')
     with pytest.raises(DataError, match=r"field 'text' holds int values such as 12345, not text"):
         load_documents(tmp_path / "numbers.jsonl")
