@@ -106,7 +106,12 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
                 cause = cause.__cause__ or cause.__context__  # datasets wraps the decoding error
             if cause is not None:
                 raise cause from None
-            raise DataError(f"{path}: datasets could not read it as {builder} ({e})") from None
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise DataError(f"{path} is empty: no documents") from None
+            # "An error occurred while generating the dataset" wraps the reason (e.g. the row)
+            inner = (e.__cause__ or e.__context__ or e) if type(e).__name__ == "DatasetGenerationError" else e
+            why = str(inner).strip() or type(inner).__name__
+            raise DataError(f"{path}: datasets could not read it as {builder} ({why})") from None
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")
         for batch in ds.select_columns([text_field]).iter(batch_size=batch_size):

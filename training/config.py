@@ -229,6 +229,7 @@ class Config:
             (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
             (0 <= t.seed < 2**32, "training.seed must be in [0, 2**32)"),
             (self.job.dump_folder.strip() != "", "job.dump_folder must name a folder (empty: the current directory)"),
+            (self.dataset.path.strip() != "", "dataset.path must name a corpus file or folder"),
             (self.optimizer.lr > 0, "optimizer.lr must be > 0"),
             (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
             (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
@@ -351,10 +352,12 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     config = Config()
     if recipe is not None:
         path = Path(recipe)
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder; name a .toml file (e.g. recipes/debug_cpu.toml)")
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))  # BOM: editors add it
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save the recipe as UTF-8") from None
         except tomllib.TOMLDecodeError as e:

@@ -257,6 +257,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         fpt = flops_per_token(self.args, n_params, t.seq_len)
         peak = peak_flops(self.device)
+        if self.step >= t.steps:
+            log.info(f"nothing to train: the checkpoint is at step {self.step} and training.steps = {t.steps}; "
+                     "raise training.steps to train further")
         log.info(f"{cfg.job.description or 'run'}: {self.args} | {n_params / 1e6:.1f}M parameters, world {self.world}, "
                  f"QAT {'on' if cfg.qat.enable else 'off'}, {t.steps} steps of {self.global_batch} x {t.seq_len} tokens")
         window_tokens, window_start = 0, time.perf_counter()

@@ -227,3 +227,5 @@ def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):
         assert sorted(p.name for p in dump.rglob("*")) == before
     r = train(dump, *common)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    r = train(dump, *common, "--training.steps=3")  # below the checkpoint's step: said, not silent
+    assert r.returncode == 0 and "nothing to train: the checkpoint is at step 4 and training.steps = 3" in r.stdout

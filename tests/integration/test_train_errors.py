@@ -61,6 +61,8 @@ CASES = {
     "negative_eps": (lambda tmp: ["--optimizer.eps=-1.0"], "optimizer.eps must be > 0"),
     "negative_weight_decay": (lambda tmp: ["--optimizer.weight_decay=-100.0"], "optimizer.weight_decay must be >= 0"),
     "infinite_lr": (lambda tmp: ["--optimizer.lr=inf"], r"optimizer.lr = inf: must be a finite number"),
+    "recipe_is_a_folder": (lambda tmp: ["--recipe", str(tmp)], r"recipe .* is a folder; name a .toml file"),
+    "empty_dataset_path": (lambda tmp: ["--dataset.path="], "dataset.path must name a corpus file or folder"),
     "seed_out_of_range": (lambda tmp: ["--training.seed=100000000000000"], r"training.seed must be in \[0, 2\*\*32\)"),
     "nan_max_norm": (lambda tmp: ["--training.max_norm=nan"], r"training.max_norm = nan: must be a finite number"),
     "dump_folder_is_a_file": (lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x')}"], r"taken is a file"),

@@ -102,3 +102,10 @@ def test_scheduled_gc_collects_every_freq_ticks_and_restores_automatic():
     assert gc.isenabled()
     with ScheduledGC(0):
         assert gc.isenabled()
+
+
+def test_recipe_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors save UTF-8 with a BOM; tomllib alone calls it an invalid statement."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")
+    assert load_config(path).training.steps == 7

@@ -97,6 +97,12 @@ def test_bad_data_inputs(tmp_path):
     (tmp_path / "txts" / "b.txt").write_bytes(b"bad \xff here\n")
     with pytest.raises(DataError, match="txts is not UTF-8 text"):
         load_documents(tmp_path / "txts")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl: datasets could not read it as json \(JSON parse error: .* row 1\)"):
+        load_documents(tmp_path / "broken.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl is empty: no documents"):
+        load_documents(tmp_path / "empty.jsonl")
     (tmp_path / "numbers.jsonl").write_text('{"text": 12345}\n{"text": 7}\n')
     with pytest.raises(DataError, match=r"field 'text' holds int values such as 12345, not text"):
         load_documents(tmp_path / "numbers.jsonl")
