@@ -29,7 +29,7 @@ class DataError(ValueError):
 def _files(path: Path) -> tuple[str, list[str]]:
     if not path.exists():
         raise DataError(f"dataset path {path} does not exist; set dataset.path to a local file or folder")
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in BUILDERS)
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in BUILDERS and f.is_file())
     if not files:
         raise DataError(f"{path}: no {'/'.join(BUILDERS)} files in it")
     builders = {BUILDERS.get(f.suffix) for f in files}

@@ -55,8 +55,10 @@ def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/nvfp4-titan``, or ``~/.cache/nvfp4-titan`` (``dataset.cache_dir`` unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvfp4-titan"
+    """``$XDG_CACHE_HOME/nvfp4-titan``, or ``~/.cache/nvfp4-titan`` (``dataset.cache_dir`` unset).
+    A relative XDG_CACHE_HOME is ignored, as the XDG base directory specification says."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nvfp4-titan"
 
 
 def token_cache(cache_dir: str | Path, key: dict) -> Path:
@@ -169,6 +171,21 @@ def windows_from_tokens(tf: TokenFile, seq_len: int, validation_fraction: float,
                         PackedWindows(tf, ids[is_val], seq_len, vocab_size))
 
 
+_ABANDONED_S = 24 * 3600  # a build's temporary folder untouched this long was killed, not running
+
+
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Remove temporary folders of killed builds of ``folder`` (``.tokens-<key>.*``, nothing else)."""
+    now = time.time()
+    for tmp in folder.parent.glob(f".{folder.name}.*"):
+        try:
+            touched = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
+        except OSError:  # not a folder, or finished meanwhile
+            continue
+        if now - touched > _ABANDONED_S:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache_dir: str | Path,
                   build: bool = True, progress: bool = True) -> TokenFile:
     """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
@@ -178,6 +195,7 @@ def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache
     tf = open_tokens(folder, key)
     if tf is None and build:
         try:
+            _remove_abandoned_builds(folder)
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
                 folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
             tokenize_corpus(path, text_field, tokenizer, folder, progress)

@@ -134,8 +134,11 @@ def save(
             previous = latest(folder)
         except CheckpointLoadError:
             previous = None
+        cause = _cause(e)
+        if "enforce fail at inline_container" in cause:  # torch.save's words for a failed write
+            cause += " - a write failed: a full disk, a quota or a file-size limit"
         raise CheckpointSaveError(
-            f"could not save checkpoint {final} ({_cause(e)}); {free} free on its disk. The partial "
+            f"could not save checkpoint {final} ({cause}); {free} free on its disk. The partial "
             f"save was removed; the latest checkpoint is {previous or 'none'}. Free space (or set "
             f"checkpoint.keep_latest_k) and run the same command to resume") from None
     if rank == 0:

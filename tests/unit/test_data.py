@@ -100,6 +100,10 @@ def test_bad_data_inputs(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"broken.jsonl: datasets could not read it as json \(JSON parse error: .* row 1\)"):
         load_documents(tmp_path / "broken.jsonl")
+    (tmp_path / "withdir").mkdir()  # a folder named like a data file is not read as one
+    (tmp_path / "withdir" / "a.jsonl").write_text('{"text": "kept"}\n')
+    (tmp_path / "withdir" / "z.jsonl").mkdir()
+    assert load_documents(tmp_path / "withdir") == ["kept"]
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="empty.jsonl is empty: no documents"):
         load_documents(tmp_path / "empty.jsonl")

@@ -4,6 +4,8 @@ damaged or interrupted cache is never read."""
 import json
 import os
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,14 @@ import torch
 
 from data.dataset import DataError, build_windows, load_documents
 from data.tokenizer import load_tokenizer
-from data.tokens import cached_tokens, corpus_key, open_tokens, token_cache, windows_from_tokens
+from data.tokens import (
+    cached_tokens,
+    corpus_key,
+    default_cache_dir,
+    open_tokens,
+    token_cache,
+    windows_from_tokens,
+)
 
 CORPUS = "data/assets/shakespeare.jsonl"
 
@@ -112,6 +121,27 @@ def test_unwritable_cache_dir_is_one_error(tmp_path, tokenizer):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DataError, match=r"cannot write the token cache in .*afile .*set dataset.cache_dir"):
         cached_tokens(path, "text", tokenizer, tmp_path / "afile")
+
+
+def test_abandoned_builds_are_removed_running_ones_kept(tmp_path, tokenizer):
+    path, cache = _corpus(tmp_path, ["alpha", "beta"]), tmp_path / "cache"
+    folder = token_cache(cache, corpus_key(path, "text", tokenizer))
+    old, fresh, other = (cache / f".{folder.name}.killed"), (cache / f".{folder.name}.running"), cache / "keep"
+    for d in (old, fresh, other):
+        d.mkdir(parents=True)
+        (d / "tokens.bin").write_bytes(b"\0" * 8)
+    day_ago = time.time() - 2 * 24 * 3600
+    for p in (old / "tokens.bin", old, other / "tokens.bin", other):
+        os.utime(p, (day_ago, day_ago))
+    cached_tokens(path, "text", tokenizer, cache)
+    assert not old.exists() and fresh.exists() and other.exists()
+
+
+def test_relative_xdg_cache_home_is_ignored(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert default_cache_dir() == Path.home() / ".cache" / "nvfp4-titan"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/abs/cache")
+    assert default_cache_dir() == Path("/abs/cache/nvfp4-titan")
 
 
 def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
