@@ -179,7 +179,7 @@ def _bad(tmp_path, runs, kind):
     if kind == "corrupt_shard":
         shard = next(step.glob("*.distcp"))
         shard.write_bytes(shard.read_bytes()[:1000])
-        return step, "truncated or corrupt"
+        return step, r"step is damaged: __0_0.distcp is truncated \(1000 of \d+ bytes\); convert another step"
     weights = {"model": _consolidated(runs["single"], tmp_path)}
     weights["model"]["layers.1.feed_forward.w3.weight"][0, 0] = float("nan")
     for f in step.glob("*.distcp"):
