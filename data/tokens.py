@@ -67,15 +67,14 @@ def token_cache(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"tokens-{digest}"
 
 
-def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path,
+def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path, key: dict,
                     progress: bool = True) -> Path:
-    """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring); returns
-    ``out``. Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
+    """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring), recording
+    ``key`` (``corpus_key``, taken once by the caller that named ``out`` after it); returns ``out``. Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
     run leaves no folder that looks complete (``open_tokens`` rejects partial ones), and a
     concurrent run that finished first is kept. Raises DataError for unreadable corpora."""
     from tqdm import tqdm
 
-    key = corpus_key(path, text_field, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
@@ -198,7 +197,7 @@ def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache
             _remove_abandoned_builds(folder)
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
                 folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
-            tokenize_corpus(path, text_field, tokenizer, folder, progress)
+            tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
         except OSError as e:
             raise DataError(f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "
                             "set dataset.cache_dir to a writable folder with free space") from None
