@@ -91,6 +91,16 @@ def _dcp_step(path: Path) -> Path | None:
     return None
 
 
+class _MetadataOnceReader(dcp.FileSystemReader):
+    """Reads ``.metadata`` once: ``dcp.load`` asks for it on every call, and the converter loads
+    tensor by tensor (unpickling it each time cost 23 of 31 s for a 135M-parameter run)."""
+
+    def read_metadata(self):
+        if not hasattr(self, "_metadata"):
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+
 def _dcp_source(step: Path) -> Source:
     for need in ("config.toml", "model_args.json"):
         if not (step / need).is_file():
@@ -100,9 +110,10 @@ def _dcp_source(step: Path) -> Source:
     except ConfigError as e:
         raise ConvertError(f"{step}/config.toml: {e}") from None
     args = model_args_from_json((step / "model_args.json").read_text())
+    reader = _MetadataOnceReader(str(step))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+        meta = reader.read_metadata().state_dict_metadata
 
     def read(name: str) -> torch.Tensor:
         key = f"model.{name}"
@@ -113,7 +124,7 @@ def _dcp_source(step: Path) -> Source:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.load({key: t}, checkpoint_id=str(step), no_dist=True)
+                dcp.load({key: t}, storage_reader=reader, no_dist=True)
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
             raise ConvertError(f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
         return t
