@@ -28,22 +28,30 @@ from parallel.mesh import ParallelConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
 
 
-def check_tp(model: Transformer, tp: int) -> None:
-    """Reject a TP degree that splits heads or NVFP4 blocks, before any work."""
+def _tp_problem(model: Transformer, tp: int) -> str | None:
+    """Why ``tp`` cannot split ``model`` (heads, vocabulary, or NVFP4 blocks of a QAT linear
+    that a rowwise split would cut), or None."""
     a = model.args
     for what, n in (("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads), ("ffn_dim", a.ffn_dim),
                     ("vocab_size", a.vocab_size)):
         if n % tp:
-            raise ParallelConfigError(f"tensor_parallel_degree={tp} does not divide {what}={n}")
+            return f"tensor_parallel_degree={tp} does not divide {what}={n}"
     for name, m in model.named_modules():
         if isinstance(m, NVFP4QATLinear) and name.endswith(("attention.wo", "feed_forward.w2")):
             k = m.in_features // tp
             if k % 16:
-                raise ParallelConfigError(
-                    f"{name}: with tensor_parallel_degree={tp} each rank holds K={k} input "
-                    f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
-                    f"choose a degree dividing {m.in_features // 16} or exclude it from QAT"
-                )
+                return (f"{name}: with tensor_parallel_degree={tp} each rank holds K={k} input "
+                        f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
+                        f"exclude it from QAT or choose another degree")
+    return None
+
+
+def check_tp(model: Transformer, tp: int) -> None:
+    """Reject a TP degree that splits heads or NVFP4 blocks, before any work, naming the degrees
+    that this model allows."""
+    if (problem := _tp_problem(model, tp)) is not None:
+        valid = [t for t in range(1, model.args.n_kv_heads + 1) if _tp_problem(model, t) is None]
+        raise ParallelConfigError(f"{problem}; this model allows tensor_parallel_degree in {valid}")
 
 
 def check_even_rows(model: nn.Module, dp: int) -> None:

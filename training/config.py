@@ -40,7 +40,8 @@ class Model:
     name: str = "llama3"
     """Model family. Only llama3 exists."""
     flavor: str = "debug"
-    """debug | 80M | 1B | 3B | 8B | 70B (models/llama3/args.py)."""
+    """debug | 80M | 1B | 3B | 8B | 70B (models/llama3/args.py), or hf: the shape of the
+    Hugging Face checkpoint at checkpoint.initial_load_path (any Llama-architecture config.json)."""
     tokenizer_path: str = "data/assets/tokenizer.json"
     """A tokenizer.json, a Llama 3 tiktoken tokenizer.model, or a folder holding one."""
 
@@ -254,7 +255,12 @@ class Config:
              "checkpoint.initial_load_in_hf needs checkpoint.initial_load_path"),
             (self.metrics.log_freq > 0, "metrics.log_freq must be > 0"),
             (self.model.name == "llama3", f"model.name={self.model.name!r}: only 'llama3' exists"),
-            (self.model.flavor in FLAVORS, f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}"),
+            (self.model.flavor in FLAVORS or self.model.flavor == "hf",
+             f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}, or 'hf' (the shape of "
+             "the Hugging Face checkpoint at checkpoint.initial_load_path)"),
+            (self.model.flavor != "hf" or self.checkpoint.initial_load_in_hf,
+             "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint: set "
+             "checkpoint.initial_load_path to its folder and checkpoint.initial_load_in_hf = true"),
         ]
         for ok, msg in checks:
             if not ok:

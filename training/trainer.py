@@ -22,7 +22,7 @@ from data.tokenizer import load_tokenizer
 from data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
 from models.llama3 import ModelArgs, Transformer, flavor
 from models.llama3.args import model_args_json
-from models.llama3.hf import args_from_hf_config, iter_hf_tensors, read_config
+from models.llama3.hf import CheckpointError, args_from_hf_config, iter_hf_tensors, read_config
 from nvfp4.export import export_problems
 from nvfp4.fsdp import precompute_weight_scales
 from parallel import build_mesh, parallelize_llama, resolve_dims
@@ -34,7 +34,8 @@ from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_word_embeddings")
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim",
+                 "tie_word_embeddings")
 
 
 class TrainingError(RuntimeError):
@@ -42,18 +43,31 @@ class TrainingError(RuntimeError):
 
 
 def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
-    """The flavor's hyper-parameters; checked against an HF initial checkpoint and the tokenizer."""
-    args = flavor(cfg.model.flavor).with_(activation_checkpoint=cfg.training.activation_checkpoint)
+    """The model's hyper-parameters: the flavor's, or with flavor "hf" the HF initial checkpoint's
+    config.json; a named flavor is checked against an HF initial checkpoint; both against the
+    tokenizer."""
+    hf = None
     if cfg.checkpoint.initial_load_in_hf:
         path = Path(cfg.checkpoint.initial_load_path)
-        hf = args_from_hf_config(read_config(path), str(path / "config.json"))
-        diff = [f"{f}: {getattr(hf, f)} vs {getattr(args, f)}" for f in _SHAPE_FIELDS if getattr(hf, f) != getattr(args, f)]
-        if diff:
-            raise ConfigError(
-                f"{path} is a checkpoint of another model shape than flavor {cfg.model.flavor!r} "
-                f"({'; '.join(diff)}); set model.flavor to match it"
-            )
-        args = args.with_(rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling, norm_eps=hf.norm_eps)
+        try:
+            hf = args_from_hf_config(read_config(path), str(path / "config.json"))
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
+    if cfg.model.flavor == "hf":
+        args = hf
+    else:
+        args = flavor(cfg.model.flavor)
+        if hf is not None:
+            diff = [f"{f}: {getattr(hf, f)} vs {getattr(args, f)}" for f in _SHAPE_FIELDS
+                    if getattr(hf, f) != getattr(args, f)]
+            if diff:
+                raise ConfigError(
+                    f"{path} is a checkpoint of another model shape than flavor {cfg.model.flavor!r} "
+                    f"({'; '.join(diff)}); set model.flavor to match it, or model.flavor = \"hf\" to "
+                    "take the shape from its config.json"
+                )
+            args = args.with_(rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling, norm_eps=hf.norm_eps)
+    args = args.with_(activation_checkpoint=cfg.training.activation_checkpoint)
     if vocab_size > args.vocab_size:
         raise ConfigError(
             f"the tokenizer {cfg.model.tokenizer_path} has {vocab_size} tokens, more than the model's "

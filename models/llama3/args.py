@@ -3,21 +3,60 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 ActivationCheckpoint = Literal["none", "selective", "full"]
 ACTIVATION_CHECKPOINT_MODES = ("none", "selective", "full")
 
 
+RopeType = Literal["linear", "dynamic", "yarn", "longrope", "llama3"]
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1+ frequency scaling of RoPE (HF ``rope_type: llama3``)."""
+    """RoPE frequency scaling, as transformers' Llama computes it (``rope_type`` of HF
+    ``rope_scaling`` / ``rope_parameters``; formulas: transformers 5.24
+    ``modeling_rope_utils.py``, ``ROPE_INIT_FUNCTIONS``). No scaling is ``rope_scaling=None``.
+
+    Fields a type does not use keep their defaults: ``factor`` (all types),
+    ``low/high_freq_factor`` (llama3), ``original_max_position_embeddings`` (llama3, yarn,
+    longrope), ``beta_fast/beta_slow/truncate`` (yarn), ``short_factor/long_factor`` (longrope:
+    one factor per frequency, head_dim / 2 of them), ``attention_factor`` (yarn, longrope: the
+    multiplier of cos and sin, resolved from the HF config when it omits it).
+    """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: RopeType = "llama3"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    def fields_used(self) -> tuple[str, ...]:
+        """The fields that ``rope_type`` reads (the keys of its HF ``rope_scaling``)."""
+        return {"linear": ("factor",), "dynamic": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+                         "attention_factor"),
+                "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor",
+                             "long_factor")}[self.rope_type]
+
+    def __repr__(self) -> str:
+        used = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.fields_used())
+        return f"RopeScaling(rope_type={self.rope_type!r}, {used})"
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: use one of {ROPE_TYPES}")
+        object.__setattr__(self, "short_factor", tuple(self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(self.long_factor))
 
 
 @dataclass(frozen=True)
@@ -38,11 +77,12 @@ class ModelArgs:
     activation_checkpoint: ActivationCheckpoint = "none"
     """none | selective (recompute each MLP: its ffn_dim-wide activations dominate) | full
     (recompute each transformer block)."""
-    head_dim: int = field(init=False)
+    head_dim: int | None = None
+    """Width of one attention head; None: dim / n_heads (HF ``head_dim``)."""
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; give head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
@@ -50,9 +90,15 @@ class ModelArgs:
                 f"activation_checkpoint={self.activation_checkpoint!r}: use one of "
                 f"{ACTIVATION_CHECKPOINT_MODES}"
             )
-        object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd: RoPE rotates pairs of features")
 
     def with_(self, **changes) -> ModelArgs:
+        """A copy with ``changes``; a head_dim derived from dim / n_heads is derived again."""
+        if "head_dim" not in changes and self.head_dim * self.n_heads == self.dim:
+            changes["head_dim"] = None
         return replace(self, **changes)
 
 
@@ -104,4 +150,4 @@ def model_args_from_json(text: str) -> ModelArgs:
     d = json.loads(text)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return ModelArgs(**{f.name: d[f.name] for f in fields(ModelArgs) if f.init})
+    return ModelArgs(**{f.name: d[f.name] for f in fields(ModelArgs) if f.name in d})

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.llama3 import state_dict_adapter as adapter
-from models.llama3.args import ModelArgs, RopeScaling
+from models.llama3.args import ROPE_TYPES, ModelArgs, RopeScaling
 from models.llama3.model import Transformer
 
 TOKENIZER_FILES = (
@@ -45,8 +46,68 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
 
 
+def _rope_scaling(cfg: dict, rope: dict, head_dim: int, source: str) -> RopeScaling | None:
+    """RopeScaling of an HF rope dict, defaults resolved as transformers 5.24 resolves them
+    (``modeling_rope_utils.py``: ``_compute_{linear_scaling,dynamic_ntk,yarn,longrope,llama3}_parameters``)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(
+            f"{source}: rope_type={rope_type!r} is not supported; use one of {('default', *ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported (1.0)")
+
+    def need(key: str):
+        if rope.get(key) is None:
+            raise CheckpointError(f"{source}: rope_type={rope_type!r} needs rope_scaling.{key}")
+        return rope[key]
+
+    max_pos = cfg.get("max_position_embeddings", 131072)
+    original = int(rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                   or max_pos)
+    if rope_type in ("linear", "dynamic"):
+        return RopeScaling(rope_type=rope_type, factor=float(need("factor")))
+    if rope_type == "llama3":
+        return RopeScaling(factor=float(need("factor")), low_freq_factor=float(need("low_freq_factor")),
+                           high_freq_factor=float(need("high_freq_factor")),
+                           original_max_position_embeddings=int(need("original_max_position_embeddings")))
+    if rope_type == "yarn":
+        original = int(need("original_max_position_embeddings"))
+        factor = float(rope.get("factor") or max_pos / original)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = rope.get("attention_factor")
+        if attention is None:
+            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return RopeScaling(rope_type="yarn", factor=factor, original_max_position_embeddings=original,
+                           beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                           truncate=bool(rope.get("truncate", True)), attention_factor=float(attention))
+    factor = float(rope.get("factor") or max_pos / original)  # longrope
+    short, long = need("short_factor"), need("long_factor")
+    for key, fs in (("short_factor", short), ("long_factor", long)):
+        if len(fs) != head_dim // 2:
+            raise CheckpointError(f"{source}: rope_scaling.{key} has {len(fs)} factors, head_dim / 2 = {head_dim // 2}")
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(rope_type="longrope", factor=factor, original_max_position_embeddings=original,
+                       attention_factor=float(attention), short_factor=tuple(map(float, short)),
+                       long_factor=tuple(map(float, long)))
+
+
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
-    """ModelArgs from an HF Llama config (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+    """ModelArgs of any Llama-architecture HF config (``LlamaForCausalLM``): shapes, GQA,
+    head_dim, tied or untied embeddings, rms eps, rope theta and every rope type transformers'
+    Llama accepts (transformers 4.x ``rope_scaling`` + ``rope_theta``, or 5.x ``rope_parameters``).
+
+    Raises:
+        CheckpointError: not a Llama, or a feature this model lacks (attention or MLP bias, an
+            activation other than SiLU, partial rotary); the message names the key.
+    """
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise CheckpointError(
@@ -55,41 +116,47 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         )
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
-            raise CheckpointError(f"{source}: {flag}=true is not supported by this Llama 3 model")
+            raise CheckpointError(f"{source}: {flag}=true is not supported by this Llama model (no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (silu)")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise CheckpointError(f"{source}: missing or non-integer {missing}")
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"{source}: rope_type={rope_type!r} is not supported (default, llama3)")
-    scaling = None
-    if rope_type == "llama3":
-        scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )
     n_heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
-        raise CheckpointError(f"{source}: head_dim != hidden_size / num_attention_heads is not supported")
-    return ModelArgs(
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        vocab_size=cfg["vocab_size"],
-        ffn_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=cfg.get("max_position_embeddings", 131072),
-    )
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    try:
+        return ModelArgs(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            vocab_size=cfg["vocab_size"],
+            ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling(cfg, rope, head_dim, source),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=cfg.get("max_position_embeddings", 131072),
+            head_dim=head_dim,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _rope_scaling_json(rs: RopeScaling) -> dict:
+    """HF ``rope_scaling`` of ``rs``: the keys its type reads."""
+    out = {"rope_type": rs.rope_type}
+    for k in rs.fields_used():
+        v = getattr(rs, k)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     """config.json for ``LlamaForCausalLM`` in the layout published Llama 3 checkpoints use."""
-    cfg = {
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
@@ -101,7 +168,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": None if args.rope_scaling is None else _rope_scaling_json(args.rope_scaling),
         "tie_word_embeddings": args.tie_word_embeddings,
         "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu",
@@ -109,15 +176,6 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if (rs := args.rope_scaling) is not None:
-        cfg["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": rs.factor,
-            "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor,
-            "original_max_position_embeddings": rs.original_max_position_embeddings,
-        }
-    return cfg
 
 
 def weight_files(path: Path) -> dict[str, Path]:

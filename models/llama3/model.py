@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.llama3.args import ModelArgs
+from models.llama3.rope import apply_rope, rope_tables
 
 
 def shared_input(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -32,37 +33,6 @@ def _param_seed(seed: int, name: str) -> int:
     """A parameter's own seed, independent of the order and the set of parameters drawn; 32 bits,
     as the CPU generator (mt19937) ignores the rest of a seed."""
     return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=4).digest(), "little")
-
-
-def rope_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq_len, head_dim] fp32, as HF's LlamaRotaryEmbedding computes them.
-
-    Computed per forward (a few KFLOPs): no buffers to materialize, shard or checkpoint.
-    """
-    d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    if (rs := args.rope_scaling) is not None:
-        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    pos = torch.arange(seq_len, dtype=torch.int64, device=device).float()
-    freqs = torch.outer(pos, inv_freq)  # [S, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; cos, sin [S, D]."""
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -209,7 +179,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] int64 -> logits [B, S, vocab]."""
         seq = tokens.shape[1]
-        if seq > self.args.max_seq_len:
+        rs = self.args.rope_scaling
+        if seq > self.args.max_seq_len and not (rs and rs.rope_type == "dynamic"):  # dynamic NTK extends
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.args.max_seq_len}")
         cos, sin = rope_tables(self.args, seq, tokens.device)
         h = self.tok_embeddings(tokens)

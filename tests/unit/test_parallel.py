@@ -28,11 +28,17 @@ def _meta(args: ModelArgs) -> Transformer:
 def test_tp_must_divide_heads():
     with pytest.raises(ParallelConfigError, match="tensor_parallel_degree=3 does not divide n_heads=8"):
         check_tp(_meta(FLAVORS["debug"]), 3)
+    smollm2 = ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152)
+    with pytest.raises(ParallelConfigError, match=r"does not divide n_heads=9; this model allows "
+                                                  r"tensor_parallel_degree in \[1, 3\]"):
+        check_tp(_meta(smollm2), 2)
+    check_tp(_meta(smollm2), 3)
 
 
 def test_tp_must_keep_nvfp4_blocks_whole():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=96, vocab_size=64)
-    with pytest.raises(ParallelConfigError, match=r"layers.0.feed_forward.w2: with tensor_parallel_degree=4 each rank holds K=24"):
+    with pytest.raises(ParallelConfigError, match=r"layers.0.feed_forward.w2: with tensor_parallel_degree=4 each rank holds K=24.*"
+                                                r"allows tensor_parallel_degree in \[1, 2\]"):
         check_tp(_meta(args), 4)
     check_tp(_meta(args), 2)  # K=48: fine
 
