@@ -21,6 +21,7 @@ import nvfp4
 from models.llama3.args import FLAVORS
 from nvfp4.format import TensorScaleMode
 from nvfp4.qat.config import ActivationScale
+from training.distill import DistillLoss
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,18 @@ class QAT:
     """Accept settings whose checkpoints engines cannot decode as trained (share_fused_amax =
     false, part of a fused q/k/v or gate/up group excluded, a quantized tied head): for
     experiments only; the converter refuses to export such checkpoints as NVFP4."""
+    loss: DistillLoss = "ce"
+    """ce: cross-entropy on the labels (QAT); kl: quantization-aware distillation (QAD), the KL
+    divergence from the frozen float teacher's output distribution; mix: (1 - kl_weight) ce +
+    kl_weight kl (training/distill.py)."""
+    kl_weight: float = 0.5
+    """Weight of the KL term with loss = "mix", in [0, 1]."""
+    temperature: float = 1.0
+    """Softmax temperature of teacher and student in the KL term (scaled by its square)."""
+    teacher_path: str = ""
+    """The teacher of kl/mix: a Hugging Face folder or a DCP step-N folder of this model's shape;
+    empty: checkpoint.initial_load_path (the run's initial weights). Loaded once, frozen, never
+    quantized, sharded like the student; not saved in checkpoints (a resume checks its sha256)."""
 
     def nvfp4_config(self) -> nvfp4.QATConfig:
         """The ``nvfp4.QATConfig`` these keys describe (training, conversion, evaluation)."""
@@ -254,6 +267,11 @@ class Config:
             (not self.checkpoint.initial_load_in_hf or self.checkpoint.initial_load_path,
              "checkpoint.initial_load_in_hf needs checkpoint.initial_load_path"),
             (self.metrics.log_freq > 0, "metrics.log_freq must be > 0"),
+            (0 <= self.qat.kl_weight <= 1, "qat.kl_weight must be in [0, 1]"),
+            (self.qat.temperature > 0, "qat.temperature must be > 0"),
+            (self.qat.loss == "ce" or self.qat.teacher_path or self.checkpoint.initial_load_path,
+             f"qat.loss={self.qat.loss!r} distils from a teacher: set qat.teacher_path, or "
+             "checkpoint.initial_load_path (the default teacher: the run's initial weights)"),
             (self.model.name == "llama3", f"model.name={self.model.name!r}: only 'llama3' exists"),
             (self.model.flavor in FLAVORS or self.model.flavor == "hf",
              f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}, or 'hf' (the shape of "

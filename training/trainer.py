@@ -3,6 +3,7 @@ load -> loop with metrics, validation and DCP checkpoints."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from nvfp4.fsdp import precompute_weight_scales
 from parallel import build_mesh, parallelize_llama, resolve_dims
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, load_config, to_toml, toml_value
+from training.distill import distillation_loss, teacher_fingerprint
 from training.loss import cross_entropy
 from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
 from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -108,6 +110,7 @@ class Trainer:
         self.args = model_args(cfg, tokenizer.vocab_size)
         self._build_data(tokenizer, dims.dp_shard, self.mesh["dp_shard"].get_local_rank())
         self._build_model()
+        self._build_teacher()
         self.folder = Path(cfg.job.dump_folder)
         self.ckpt_folder = self.folder / cfg.checkpoint.folder
         self.resume_from = ckpt.latest(self.ckpt_folder) if cfg.checkpoint.enable else None
@@ -123,6 +126,7 @@ class Trainer:
         self._materialize()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self._load_initial_state()
+        self._load_teacher()
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
         t, d = self.cfg.training, self.cfg.dataset
@@ -164,7 +168,8 @@ class Trainer:
     # draws and what the model computes; the data-parallel degree may change.
     _RESUME_KEYS = ("training.seq_len", "training.mixed_precision_param", "dataset.path", "dataset.text_field",
                     "dataset.validation_fraction", "qat.enable", "qat.activation_scale", "qat.tensor_scale", "qat.include",
-                    "qat.exclude", "qat.share_fused_amax", "qat.start_step")
+                    "qat.exclude", "qat.share_fused_amax", "qat.start_step", "qat.loss", "qat.kl_weight",
+                    "qat.temperature")
 
     def _check_resume(self, dp: int) -> None:
         """Refuse, before any write, to continue a checkpoint with another seed, global batch,
@@ -188,6 +193,13 @@ class Trainer:
                 old, new = getattr(getattr(before, section), name), getattr(getattr(self.cfg, section), name)
                 if old != new:
                     changed[key] = (old, new)
+        if self.resume_from is not None and self.teacher is not None and (path / "teacher.json").is_file():
+            before = json.loads((path / "teacher.json").read_text())
+            if before["sha256"] != self.teacher_sha256:
+                raise ConfigError(
+                    f"{path} was distilled from the teacher {before['path']} (sha256 {before['sha256'][:12]}...); "
+                    f"this run's teacher {self.teacher_path} differs (sha256 {self.teacher_sha256[:12]}...). "
+                    "Resume with the same teacher (qat.teacher_path), or start a new run")
         if changed:
             what = "; ".join(f"{k}={v[0]!r} (this run: {v[1]})" for k, v in changed.items())
             fix = " ".join(f"--{k}={toml_value(v[0])}" for k, v in changed.items())
@@ -223,6 +235,50 @@ class Trainer:
         t = self.cfg.training
         parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile,
                           nvfp4_all_gather=self.cfg.qat.fsdp_nvfp4_all_gather)
+
+    def _build_teacher(self) -> None:
+        """QAD's teacher (qat.loss kl or mix): this model's shape in float, sharded like the
+        student, on the meta device until ``_load_teacher``; its source checked before any write."""
+        q, c, t = self.cfg.qat, self.cfg.checkpoint, self.cfg.training
+        self.teacher = None
+        if q.loss == "ce":
+            return
+        path = Path(q.teacher_path or c.initial_load_path)
+        key = "qat.teacher_path" if q.teacher_path else "checkpoint.initial_load_path (the default teacher)"
+        self.teacher_in_hf = (path / "config.json").is_file() if q.teacher_path else c.initial_load_in_hf
+        if not (self.teacher_in_hf or (path / ".metadata").is_file()):
+            raise ConfigError(f"{key}={path}: the teacher must be a Hugging Face folder (config.json) or a DCP "
+                              "step-N folder (.metadata)")
+        with torch.device("meta"):
+            self.teacher = Transformer(self.args.with_(activation_checkpoint="none"))
+        if self.teacher_in_hf:
+            hf = args_from_hf_config(read_config(path), str(path / "config.json"))
+            if diff := [f"{f}: {getattr(hf, f)} vs {getattr(self.args, f)}" for f in _SHAPE_FIELDS
+                        if getattr(hf, f) != getattr(self.args, f)]:
+                raise ConfigError(f"{key}={path}: the teacher has another shape than the model ({'; '.join(diff)})")
+        else:
+            if (why := ckpt.damage(path)) is not None:
+                raise ckpt.CheckpointLoadError(f"{key}={path} is damaged: {why}")
+            ckpt.check_model_shapes(path, {n: p.shape for n, p in self.teacher.named_parameters()})
+        parallelize_llama(self.teacher, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile)
+        self.teacher.requires_grad_(False)
+        self.teacher_path = path
+        sha = [teacher_fingerprint(path) if self.rank == 0 else None]
+        dist.broadcast_object_list(sha, src=0)
+        self.teacher_sha256 = sha[0]
+
+    def _load_teacher(self) -> None:
+        if self.teacher is None:
+            return
+        self.teacher.to_empty(device=self.device)
+        if self.teacher_in_hf:
+            shapes = {n: p.shape for n, p in self.teacher.named_parameters(remove_duplicate=False)}
+            ckpt.load_full_tensors(self.teacher, iter_hf_tensors(self.teacher_path, self.args, shapes))
+        else:
+            ckpt.load_model(self.teacher_path, self.teacher)
+        self.teacher.eval()
+        log.info(f"teacher of {self.cfg.qat.loss} distillation: {self.teacher_path} "
+                 f"(sha256 {self.teacher_sha256[:12]}...)")
 
     def _param_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.model.named_parameters(remove_duplicate=False)}
@@ -324,11 +380,21 @@ class Trainer:
         micro = self.loader.next()
         tokens = sum(y.numel() for _, y in micro)
         loss_sum = torch.zeros((), device=self.device)
+        q = self.cfg.qat
+        self._parts = {}
         for x, y in micro:
-            logits = self.model(x.to(self.device))
-            loss = cross_entropy(logits, y.to(self.device)) / tokens
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.model(x)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            loss_total, parts = distillation_loss(logits, teacher_logits, y, q.loss, q.kl_weight, q.temperature)
+            loss = loss_total / tokens
             loss.backward()
             loss_sum += loss.detach()
+            for k, v in parts.items():
+                self._parts[k] = self._parts.get(k, 0) + v / tokens
         max_norm = self.cfg.training.max_norm or math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
         lr = lr_at(self.step, self.cfg.optimizer.lr, self.cfg.training.steps, self.cfg.lr_scheduler)
@@ -357,6 +423,12 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.cfg.qat.enable and self.step > self.cfg.qat.start_step:
             values.update(qat_health(self.model))
+        if self.teacher is not None:  # this step's distillation terms, token means over the global batch
+            names = sorted(self._parts)
+            parts = torch.stack([self._parts[k] for k in names])
+            dist.all_reduce(parts)
+            for k, v in zip(names, (parts / self.world).tolist()):
+                values[f"distill/{'top1_agreement' if k == 'top1_agree' else k}"] = v
         return values
 
     @torch.no_grad()
@@ -384,6 +456,8 @@ class Trainer:
         if not self.cfg.checkpoint.enable:
             return
         files = {"config.toml": to_toml(self.cfg), "model_args.json": model_args_json(self.args)}
+        if self.teacher is not None:
+            files["teacher.json"] = json.dumps({"path": str(self.teacher_path), "sha256": self.teacher_sha256})
         path = ckpt.save(self.ckpt_folder, self.step, self.model, self.optimizer, self._extra_state(),
                          self.cfg.checkpoint.keep_latest_k, files, self.rank)
         log.info(f"saved checkpoint {path}")

@@ -13,6 +13,7 @@ import nvfp4
 from models.llama3 import FLAVORS, Transformer
 from nvfp4.fsdp import precompute_weight_scales
 from parallel import ParallelDims, build_mesh, parallelize_llama
+from training.distill import distillation_loss
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (FSDP, TP)
 ARGS = FLAVORS["debug"].with_(n_layers=2)
@@ -100,6 +101,12 @@ def gradient_parity(dp: int, tp: int, act: str, mode: str, all_gather: bool, dev
         _check_input_amaxes(ref, model, tp)
     _loss(model, xl, yl).backward()
 
+    _check_gradients(ref, model)
+
+
+def _check_gradients(ref: Transformer, model: Transformer) -> None:
+    """Every parameter's gradient, and the global gradient norm, equal the 1-process ones to
+    GRAD_RTOL (relative L2)."""
     want = dict(ref.named_parameters())
     errors = {}
     for name, p in model.named_parameters():
@@ -110,6 +117,38 @@ def gradient_parity(dp: int, tp: int, act: str, mode: str, all_gather: bool, dev
     norm = torch.stack([full(p.grad).norm() for p in model.parameters()]).norm()
     norm_ref = torch.stack([p.grad.norm() for p in ref.parameters()]).norm()
     assert abs(norm - norm_ref) <= GRAD_RTOL * norm_ref, (float(norm), float(norm_ref))
+
+
+def distill_parity_worker(rank: int, world: int, dp: int, tp: int, device_type: str) -> None:
+    """One QAD step (loss mix, temperature 2, the teacher = the student's float initial weights,
+    sharded on the same mesh as the trainer shards it) of the (dp, tp) layout gives the
+    1-process gradients."""
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    ref = reference(nvfp4.QATConfig(), device)
+    float_weights = {k: v.clone() for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
+    teacher_ref = Transformer(ARGS).to(device)
+    teacher_ref.load_state_dict(float_weights)
+
+    def step(student, teacher, x, y, divide):
+        with torch.no_grad():
+            t = teacher(x)
+        loss, _ = distillation_loss(student(x), t, y, "mix", kl_weight=0.5, temperature=2.0)
+        (loss / divide).backward()
+
+    micro = list(zip(*(t.chunk(dp) for t in _batch(device))))
+    for x, y in micro:  # the global batch's token mean, accumulated as the trainer does
+        step(ref, teacher_ref, x, y, y.numel() * dp)
+
+    model, mesh = sharded(ref, dp, tp, device)
+    with torch.device("meta"):
+        teacher = Transformer(ARGS)
+    parallelize_llama(teacher, mesh, "float32", "float32", compile=False)
+    teacher.requires_grad_(False)
+    teacher.to_empty(device=device)
+    set_model_state_dict(teacher, float_weights, options=StateDictOptions(full_state_dict=True))
+    xl, yl = micro[mesh["dp_shard"].get_local_rank()]
+    step(model, teacher, xl, yl, yl.numel())
+    _check_gradients(ref, model)
 
 
 def _check_input_amaxes(ref: Transformer, model: Transformer, tp: int) -> None:

@@ -2,14 +2,20 @@
 from the same weights and global batch, every parameter's gradient under FSDP=2, TP=2 and
 FSDP=2 x TP=2 equals the 1-process gradient to fp32 reduction noise, in every activation mode,
 both tensor-scale modes, with and without NVFP4 all-gather; static calibration gives the
-unsharded input amaxes. On gloo (CPU) and, under ``.ci/gpu multi``, NCCL (one GPU per rank)."""
+unsharded input amaxes; a distillation step (QAD) gives the 1-process gradients. On gloo (CPU)
+and, under ``.ci/gpu multi``, NCCL (one GPU per rank)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.distributed.harness import DEVICES, backend, run_ranks, skip_unless_ranks
-from tests.distributed.parity import LAYOUTS, gradient_parity_worker, init_parity_worker
+from tests.distributed.parity import (
+    LAYOUTS,
+    distill_parity_worker,
+    gradient_parity_worker,
+    init_parity_worker,
+)
 
 LAYOUT_IDS = ["fsdp2", "tp2", "fsdp2xtp2"]
 
@@ -36,3 +42,10 @@ def test_gradients_equal_unsharded(dp, tp, device):
                          ids=[*LAYOUT_IDS, "fsdp2xtp2-nvfp4-ag"])
 def test_initial_model_equals_unsharded(dp, tp, all_gather, device):
     _run(init_parity_worker, device, dp, tp, all_gather)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dp,tp", LAYOUTS[:2], ids=LAYOUT_IDS[:2])
+def test_distillation_gradients_equal_unsharded(dp, tp, device):
+    """QAD: the teacher sharded on the student's mesh, its logits replicated under TP."""
+    _run(distill_parity_worker, device, dp, tp)

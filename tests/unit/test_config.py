@@ -61,6 +61,11 @@ def test_unknown_key_suggests_closest(tmp_path):
     ("--training.gc_freq=-1", "training.gc_freq must be >= 0"),
     ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),
     ("--checkpoint.initial_load_in_hf=true", "needs checkpoint.initial_load_path"),
+    ("--model.flavor=hf", "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint"),
+    ("--model.flavor=2B", r"model.flavor='2B': choose one of .*or 'hf'"),
+    ("--qat.loss=kd", r"qat.loss='kd' is not one of \['ce', 'kl', 'mix'\]"),
+    ("--qat.kl_weight=1.5", r"qat.kl_weight must be in \[0, 1\]"),
+    ("--qat.temperature=0", "qat.temperature must be > 0"),
 ])
 def test_bad_values_rejected_naming_key(override, match):
     with pytest.raises(ConfigError, match=match):
