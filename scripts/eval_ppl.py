@@ -3,6 +3,7 @@
     python scripts/eval_ppl.py outputs/debug_cpu                     # QAT model at its latest step
     python scripts/eval_ppl.py outputs/debug_cpu_nvfp4               # the converted NVFP4 checkpoint
     python scripts/eval_ppl.py HF_DIR --data corpus.jsonl --quant nvfp4-ptq
+    python scripts/eval_ppl.py HF_DIR --held-out-of outputs/debug_cpu   # on that run's held-out split
 
 MODEL: a training run / DCP step folder (the model as trained, QAT included), a float Hugging
 Face directory, or an NVFP4 directory written by convert_to_nvfp4.py (read through
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, help="held-out corpus (default: the recipe's validation split)")
+    p.add_argument("--held-out-of", type=Path, metavar="RUN",
+                   help="score the validation split of this run's recipe (compare a float, PTQ or converted "
+                        "model with the run on the same text)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model's or the recipe's)")
     p.add_argument("--quant", choices=("none", "nvfp4-ptq"), default="none",
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             nvfp4.prepare(model, nvfp4.QATConfig())
         tok_path = a.tokenizer or (src.config.model.tokenizer_path if src and src.config else a.model)
         tok = load_tokenizer(tok_path)
-        docs = held_out_text(src, a.data, a.text_field)
+        docs = held_out_text(resolve_source(a.held_out_of) if a.held_out_of else src, a.data, a.text_field)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,3 +19,21 @@ def test_strided_windows_score_every_target_once():
         assert torch.equal(inp + 1, tgt) and len(inp) <= 16
         seen += tgt[first:].tolist()
     assert seen == list(range(1, 100))
+
+
+def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
+    """The converted checkpoint, which carries no recipe, scored on its run's validation split
+    (--held-out-of) gives exactly the run's figure; without it, it asks for --data."""
+    from tests.integration.helpers import FAST, train
+    from training.convert import Options, convert
+
+    run = tmp_path / "run"
+    assert train(run, *FAST, "--training.steps=2", "--checkpoint.interval=2").returncode == 0
+    convert(run, tmp_path / "nvfp4", Options(calibration_batches=1))
+    figures = []
+    for argv in ([str(run)], [str(tmp_path / "nvfp4"), "--held-out-of", str(run)]):
+        assert eval_ppl.main([*argv, "--seq-len=256", "--stride=256", "--batch-size=16"]) == 0
+        figures.append(capsys.readouterr().out.split(":", 1)[1])
+    assert figures[0] == figures[1] and "token_ppl" in figures[0]
+    assert eval_ppl.main([str(tmp_path / "nvfp4")]) == 2
+    assert "give --data" in capsys.readouterr().err
