@@ -3,8 +3,10 @@
     python benchmarks/recipes.py --recipes llama3_1b_qat llama3_3b_qat --layouts fsdp tp \
         [--activation-checkpoint recipe none selective full] [--steps 12] [--kind nvidia-h200-x2]
 
-For every recipe x layout x activation-checkpointing mode, train.py runs the recipe twice, with
-``qat.enable`` true and false (everything else as the recipe says: compile, mixed precision,
+For every recipe x layout x activation-checkpointing mode, train.py runs the recipe once per
+``--modes``: ``qat`` and ``bf16`` (``qat.enable`` true and false), and ``qad`` (QAT with
+``qat.loss = "kl"``: the distillation teacher is a DCP step of the same shape saved by a 1-step
+bf16 run first) (everything else as the recipe says: compile, mixed precision,
 seq_len, local batch), from a random init on the bundled tokenizer and corpus, without
 checkpoints or validation, one micro-batch per data-parallel rank per step. Each run's figures
 are its last logging window (``--steps`` / 3 steps, after compilation and autotuning) from its
@@ -49,8 +51,9 @@ def layout_overrides(layout: str, gpus: int) -> tuple[int, list[str]]:
 
 
 def run_recipe(recipe: str, layout: str, gpus: int, qat: bool, ac: str, steps: int, folder: Path,
-               timeout: float) -> dict | None:
-    """One train.py run; its last logging window's figures, or None (the log says why)."""
+               timeout: float, extra: tuple[str, ...] = ()) -> dict | None:
+    """One train.py run (``extra``: more overrides); its last logging window's figures, or None
+    (the log says why)."""
     procs, overrides = layout_overrides(layout, gpus)
     window = max(1, steps // 3)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
@@ -63,6 +66,7 @@ def run_recipe(recipe: str, layout: str, gpus: int, qat: bool, ac: str, steps: i
            f"--job.dump_folder={folder}"]
     if ac != "recipe":
         cmd.append(f"--training.activation_checkpoint={ac}")
+    cmd += extra
     log = folder.with_suffix(".log")
     with open(log, "w") as out:
         try:
@@ -96,19 +100,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
     def fmt(v: float | None, f: str) -> str:
         return "-" if v is None else format(v, f)
 
-    keys = []
+    keys, qad = [], []
     for r in rows:
         k = (r["recipe"], r["layout"], r["gpus"], r["compile"], r["activation_checkpoint"])
         if k not in keys:
             keys.append(k)
     for k in keys:
-        q, b = ({r["mode"]: r for r in rows if (r["recipe"], r["layout"], r["gpus"], r["compile"],
-                                                 r["activation_checkpoint"]) == k}.get(m, {}) for m in ("qat", "bf16"))
+        q, b, d = ({r["mode"]: r for r in rows if (r["recipe"], r["layout"], r["gpus"], r["compile"],
+                                                    r["activation_checkpoint"]) == k}.get(m, {})
+                   for m in ("qat", "bf16", "qad"))
         ratio = {key: q[key] / b[key] if q.get(key) and b.get(key) else None for key in ("tokens_per_s", "peak_mem_gib")}
         out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {fmt(q.get('tokens_per_s'), ',.0f')} | "
                    f"{fmt(b.get('tokens_per_s'), ',.0f')} | {fmt(ratio['tokens_per_s'], '.3f')} | "
                    f"{fmt(q.get('peak_mem_gib'), '.2f')} | {fmt(b.get('peak_mem_gib'), '.2f')} | "
                    f"{fmt(ratio['peak_mem_gib'], '.3f')} | {fmt(q.get('mfu'), '.3f')} | {fmt(b.get('mfu'), '.3f')} |")
+        if d:
+            qad.append(f"| {k[0]} | {k[1]} | {k[4]} | {fmt(d.get('tokens_per_s'), ',.0f')} | "
+                       f"{fmt(d['tokens_per_s'] / q['tokens_per_s'] if d.get('tokens_per_s') and q.get('tokens_per_s') else None, '.3f')} | "
+                       f"{fmt(d.get('peak_mem_gib'), '.2f')} | "
+                       f"{fmt(d['peak_mem_gib'] / q['peak_mem_gib'] if d.get('peak_mem_gib') and q.get('peak_mem_gib') else None, '.3f')} |")
+    if qad:
+        out += ["", "Distillation (QAD: QAT with `qat.loss = \"kl\"`, the frozen teacher sharded like the student) "
+                "against plain QAT:", "",
+                "| recipe | layout | activation checkpointing | QAD tokens/s | QAD/QAT | QAD peak GiB | memory QAD/QAT |",
+                "|---|---|---|---:|---:|---:|---:|", *qad]
     return "\n".join(out) + "\n"
 
 
@@ -119,6 +134,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=["llama3_1b_qat", "llama3_3b_qat"])
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["fsdp", "tp"])
     p.add_argument("--activation-checkpoint", nargs="+", choices=AC_MODES, default=["recipe"])
+    p.add_argument("--modes", nargs="+", choices=("qat", "bf16", "qad"), default=["qat", "bf16"])
     p.add_argument("--steps", type=int, default=12, help="steps per run (>= 3); the last third is measured")
     p.add_argument("--timeout", type=float, default=600, help="seconds per train.py run")
     p.add_argument("--kind", default=None, help="machine kind for the file name (default: the card's name)")
@@ -150,9 +166,17 @@ def main() -> None:
             for layout in args.layouts:
                 for ac in args.activation_checkpoint:
                     ac_used = cfg.training.activation_checkpoint if ac == "recipe" else ac
-                    for mode in ("qat", "bf16"):
+                    for mode in args.modes:
                         folder = Path(tmp) / f"{recipe}-{layout}-{ac_used}-{mode}"
-                        result = run_recipe(recipe, layout, gpus, mode == "qat", ac, args.steps, folder, args.timeout)
+                        extra = ()
+                        if mode == "qad":
+                            teacher = Path(tmp) / f"{recipe}-{layout}-teacher"
+                            if not (teacher / "checkpoint" / "step-1").is_dir():
+                                run_recipe(recipe, layout, gpus, False, ac, 1, teacher, args.timeout,
+                                           ("--checkpoint.enable=true", "--training.compile=false"))
+                            extra = ("--qat.loss=kl", f"--qat.teacher_path={teacher / 'checkpoint' / 'step-1'}")
+                        result = run_recipe(recipe, layout, gpus, mode != "bf16", ac, args.steps, folder,
+                                            args.timeout, extra)
                         row = {"recipe": recipe, "layout": layout, "gpus": 1 if layout == "1gpu" else gpus,
                                "mode": mode, "compile": cfg.training.compile, "activation_checkpoint": ac_used,
                                **(result or {"tokens_per_s": None, "peak_mem_gib": None, "mfu": None})}
