@@ -8,6 +8,10 @@ Per seed: pre-train in float (QAT off); from that checkpoint fine-tune (a) in fl
 perplexity of the base, PTQ of the base, the float fine-tune, PTQ of it, the QAT model and
 its converted NVFP4 checkpoint on the recipe's held-out split. Recovery =
 (PTQ_ft - QAT) / (PTQ_ft - float_ft). Writes results.md and results.json to --out.
+``--qad`` adds quantization-aware distillation: a QAT fine-tune with ``qat.loss = "kl"`` (teacher:
+the base model), recovery against the teacher, ``(PTQ_base - QAD) / (PTQ_base - base)``.
+``--base HF_DIR`` starts from a pretrained Hugging Face model instead of pre-training (the
+recipe should say ``model.flavor = "hf"``): the fine-tunes load it, QAD distils from it.
 Any train.py override can follow ``--``: it applies to every run. ``--ablations`` adds
 one row per knob (token budget, learning rate, static activation scales, weight-only,
 separate q/k/v amax), each a QAT fine-tune of the first seed's base, compared with a float
@@ -28,6 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,6 +41,7 @@ import torch  # noqa: E402
 
 import nvfp4  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
+from training.config import load_config  # noqa: E402
 from training.convert import Options, convert  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("eval_ppl", ROOT / "scripts" / "eval_ppl.py")
@@ -43,6 +49,7 @@ eval_ppl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(eval_ppl)
 
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
+QAD_ROWS = ("qad", "qad_nvfp4")
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,17 @@ class Experiment:
     def _common(self, seed: int) -> list[str]:
         return [f"--training.seed={seed}", "--checkpoint.keep_latest_k=1", *self.extra]
 
+    def base(self, seed: int) -> Path:
+        """The base model: a pretrained HF folder (--base), or this seed's pre-training checkpoint."""
+        if self.a.base is not None:
+            return self.a.base
+        return self.a.out / f"seed{seed}" / "base" / "checkpoint" / f"step-{self.a.pretrain_steps}"
+
     def pretrain(self, seed: int) -> Future:
+        if self.a.base is not None:
+            done = Future()
+            done.set_result(self.a.base)
+            return done
         steps = self.a.pretrain_steps
         return self.pool.submit(run_train, self.a.recipe, self.a.out / f"seed{seed}" / "base", self.a.nproc,
                                 [*self._common(seed), "--qat.enable=false", f"--training.steps={steps}",
@@ -124,8 +141,9 @@ class Experiment:
                  overrides: tuple[str, ...] = ()) -> Future:
         a = self.a
         steps = max(1, round(a.finetune_steps * steps_factor))
-        base = a.out / f"seed{seed}" / "base" / "checkpoint" / f"step-{a.pretrain_steps}"
-        args = [*self._common(seed), f"--checkpoint.initial_load_path={base}", f"--training.steps={steps}",
+        load = [f"--checkpoint.initial_load_path={self.base(seed)}",
+                *(["--checkpoint.initial_load_in_hf=true"] if a.base is not None else [])]
+        args = [*self._common(seed), *load, f"--training.steps={steps}",
                 f"--checkpoint.interval={steps}", f"--optimizer.lr={a.finetune_lr * lr_factor}",
                 f"--lr_scheduler.warmup_steps={min(steps // 10, 100)}", f"--qat.enable={str(qat).lower()}", *overrides]
         return self.pool.submit(run_train, a.recipe, a.out / f"seed{seed}" / name, a.nproc, args)
@@ -136,16 +154,17 @@ class Experiment:
         a = self.a
         for f in [self.pretrain(s) for s in seeds]:
             f.result()
-        held_out = {s: self._held_out(a.out / f"seed{s}" / "base") for s in seeds}
+        held_out = {s: self._held_out(s) for s in seeds}
         done = Future()
         done.set_result(None)
         evals: dict[tuple, Future] = {}
 
         def evaluation(seed: int, name: str, ptq: nvfp4.QATConfig | None, after: Future) -> Future:
             key = (seed, name, ptq)  # the same model and quantization is evaluated once
+            path = a.base if name == "base" and a.base is not None else a.out / f"seed{seed}" / name
             if key not in evals:
                 evals[key] = self.eval_pool.submit(
-                    lambda: (after.result(), evaluate(a.out / f"seed{seed}" / name, ptq, *held_out[seed], a))[1])
+                    lambda: (after.result(), evaluate(path, ptq, *held_out[seed], a))[1])
             return evals[key]
 
         rows: dict[tuple, dict[str, Future]] = {}
@@ -153,12 +172,18 @@ class Experiment:
         for s in seeds:
             float_ft, qat = self.finetune(s, "float_ft", False), self.finetune(s, "qat", True)
             float_runs[s] = float_ft
-            converted = self.eval_pool.submit(lambda s=s, qat=qat: (qat.result(), self._convert(s))[1])
+            converted = self.eval_pool.submit(lambda s=s, qat=qat: (qat.result(), self._convert(s, "qat"))[1])
+            if a.qad:
+                qad = self.finetune(s, "qad", True, overrides=("--qat.loss=kl",))
+                qad_nvfp4 = self.eval_pool.submit(lambda s=s, qad=qad: (qad.result(), self._convert(s, "qad"))[1])
             rows["seeds", s] = {
                 "base": evaluation(s, "base", None, done), "base_ptq": evaluation(s, "base", nvfp4.QATConfig(), done),
                 "float_ft": evaluation(s, "float_ft", None, float_ft),
                 "float_ft_ptq": evaluation(s, "float_ft", nvfp4.QATConfig(), float_ft),
                 "qat": evaluation(s, "qat", None, qat), "nvfp4": evaluation(s, "nvfp4", None, converted)}
+            if a.qad:
+                rows["seeds", s] |= {"qad": evaluation(s, "qad", None, qad),
+                                     "qad_nvfp4": evaluation(s, "qad_nvfp4", None, qad_nvfp4)}
         for name in ablations:
             ab, s = ABLATIONS[name], seeds[0]
             own_float = (ab.steps, ab.lr) != (1.0, 1.0)
@@ -175,6 +200,8 @@ class Experiment:
                 if key not in results[kind] and all(x.done() for x in futures.values()):
                     r = {k: x.result() for k, x in futures.items()}
                     r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
+                    if "qad" in r:  # against its teacher, the base model
+                        r["qad_recovery"] = recovery(r["base_ptq"], r["qad"], r["base"])
                     results[kind][key] = r
                     print(json.dumps({kind: key, **r}), flush=True)
                     self._save(results)
@@ -185,14 +212,16 @@ class Experiment:
         self._save(results)
         return results
 
-    def _convert(self, seed: int) -> None:
+    def _convert(self, seed: int, run: str) -> None:
         out = self.a.out / f"seed{seed}"
-        convert(out / "qat", out / "nvfp4", Options(calibration_batches=8), overwrite=True)
+        convert(out / run, out / ("nvfp4" if run == "qat" else f"{run}_nvfp4"), Options(calibration_batches=8),
+                overwrite=True)
 
-    def _held_out(self, base: Path) -> tuple[torch.Tensor, int]:
-        src = eval_ppl.resolve_source(base)
-        docs = eval_ppl.held_out_text(src, self.a.eval_data, "text")
-        return eval_ppl.token_ids(load_tokenizer(src.config.model.tokenizer_path), docs)
+    def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
+        """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
+        cfg = load_config(Path(self.a.recipe), self._common(seed))
+        docs = eval_ppl.held_out_text(SimpleNamespace(config=cfg), self.a.eval_data, "text")
+        return eval_ppl.token_ids(load_tokenizer(cfg.model.tokenizer_path), docs)
 
     def _save(self, results: dict) -> None:
         """After every evaluation, so that an interrupted experiment keeps what it measured."""
@@ -208,11 +237,20 @@ def recovery(ptq: float, qat: float, float_: float) -> float:
 def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
     seeds = results["seeds"]
     lines = ["# Float vs PTQ vs QAT (NVFP4), word perplexity on held-out text", "",
-             f"recipe `{a.recipe}`, pre-train {a.pretrain_steps} steps, fine-tune {a.finetune_steps} steps at lr "
+             f"recipe `{a.recipe}`, {f'base {a.base}' if a.base else f'pre-train {a.pretrain_steps} steps'}, fine-tune {a.finetune_steps} steps at lr "
              f"{a.finetune_lr}, overrides `{' '.join(extra) or 'none'}`", "",
              "| seed | " + " | ".join(ROWS) + " | recovery |", "|---" * (len(ROWS) + 2) + "|"]
     for seed, r in seeds.items():
         lines.append(f"| {seed} | " + " | ".join(f"{r[k]:.4f}" for k in ROWS) + f" | {r['recovery']:.1%} |")
+    if any("qad" in r for r in seeds.values()):
+        lines += ["", "QAD (`qat.loss = \"kl\"`, teacher: the base model; recovery against the teacher, "
+                  "(base_ptq - qad) / (base_ptq - base)):", "",
+                  "| seed | base | base_ptq | " + " | ".join(QAD_ROWS) + " | QAD recovery | QAT recovery |",
+                  "|---" * (len(QAD_ROWS) + 5) + "|"]
+        for seed, r in seeds.items():
+            lines.append(f"| {seed} | {r['base']:.4f} | {r['base_ptq']:.4f} | "
+                         + " | ".join(f"{r[k]:.4f}" for k in QAD_ROWS)
+                         + f" | {r['qad_recovery']:.1%} | {r['recovery']:.1%} |")
     if seeds:
         rec = [r["recovery"] for r in seeds.values()]
         spread = f" +- {statistics.stdev(rec):.1%} (std over {len(rec)} seeds)" if len(rec) > 1 else " (one seed: no error bar)"
@@ -247,6 +285,8 @@ def main() -> None:
     p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS),
                    help="ablation rows, run on the first seed (default: none)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (one GPU fits several small ones)")
+    p.add_argument("--qad", action="store_true", help="add a distillation (QAD) fine-tune per seed")
+    p.add_argument("--base", type=Path, help="a pretrained Hugging Face folder: no pre-training")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     a.out.mkdir(parents=True, exist_ok=True)

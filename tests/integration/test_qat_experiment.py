@@ -13,13 +13,15 @@ def test_experiment_runs_at_toy_size(tmp_path):
     cmd = [sys.executable, "scripts/qat_experiment.py", "--recipe", "recipes/debug_cpu.toml", "--out", str(out),
            "--seeds", "0", "--pretrain-steps", "4", "--finetune-steps", "2", "--finetune-lr", "1e-3",
            "--eval-data", "tests/integration/tiny_corpus.jsonl", "--eval-seq-len", "64", "--eval-stride", "32",
-           "--ablations", "tokens_x0.5", "weight_only", "--jobs", "2", "--", *FAST, "--validation.freq=0"]
+           "--ablations", "tokens_x0.5", "weight_only", "--qad", "--jobs", "2", "--", *FAST, "--validation.freq=0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     res = results["seeds"]["0"]
     assert res["nvfp4"] == res["qat"]  # the converted checkpoint is the QAT model
     assert res["base_ptq"] != res["base"]
+    assert res["qad_nvfp4"] == res["qad"] and res["qad"] != res["qat"]  # QAD: its own run, exported exactly
+    assert res["qad_recovery"] == (res["base_ptq"] - res["qad"]) / (res["base_ptq"] - res["base"])
     ab = results["ablations"]
     assert sorted(ab) == ["tokens_x0.5", "weight_only"]
     assert ab["weight_only"]["float_ft"] == res["float_ft"]  # a QAT-only knob reuses the float fine-tune
@@ -27,6 +29,7 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert ab["tokens_x0.5"]["float_ft"] != res["float_ft"]  # a budget knob gets its own float fine-tune
     text = (out / "results.md").read_text()
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
+    assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
 
     r = subprocess.run([sys.executable, "scripts/plot_qat_experiment.py", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
