@@ -128,6 +128,14 @@ def apply_compile(model: Transformer) -> None:
         block.compile()
 
 
+def _plain_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The embedding's output under TP as a plain tensor. Its TP plan returns an
+    AsyncCollectiveTensor (the reduce-scatter's pending result); fed as is to the first compiled
+    block, its gradient comes back as zeros (torch 2.11 and 2.13: the embedding never trained
+    under TP + compile). A copy keeps the autograd history and costs one [B, S / tp, dim] copy."""
+    return output.clone()
+
+
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     for block in model.layers:
@@ -150,6 +158,8 @@ def parallelize_llama(
     if compile:
         if nvfp4_all_gather:
             raise ValueError("NVFP4 all-gather works in eager mode only: turn compile off")
+        if tp > 1:
+            model.tok_embeddings.register_forward_hook(_plain_output)
         apply_compile(model)
     if nvfp4_all_gather:
         check_even_rows(model, mesh["dp_shard"].size())

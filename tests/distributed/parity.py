@@ -47,13 +47,14 @@ def reference(config: nvfp4.QATConfig, device: torch.device) -> Transformer:
 
 
 def sharded(ref: Transformer, dp: int, tp: int, device: torch.device, all_gather: bool = False,
-            param_dtype: str = "float32"):
-    """The same model on a (dp, tp) mesh with ``ref``'s weights; returns (model, mesh)."""
+            param_dtype: str = "float32", compile: bool = False):
+    """The same model on a (dp, tp) mesh with ``ref``'s weights (blocks compiled if asked, as the
+    trainer compiles them); returns (model, mesh)."""
     mesh = build_mesh(ParallelDims(dp, tp), device.type)
     with torch.device("meta"):
         model = Transformer(ARGS)
     nvfp4.prepare(model, nvfp4.qat_linears(ref)[0].config)
-    parallelize_llama(model, mesh, param_dtype, "float32", compile=False, nvfp4_all_gather=all_gather)
+    parallelize_llama(model, mesh, param_dtype, "float32", compile=compile, nvfp4_all_gather=all_gather)
     model.to_empty(device=device)
     params = {k: v for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
     set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -192,3 +193,18 @@ def init_parity_worker(rank: int, world: int, dp: int, tp: int, all_gather: bool
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """The high-precision tensor inside an NVFP4 all-gather wrapper (nvfp4/fsdp.py)."""
     return getattr(t, "_tensor", t)
+
+
+def compiled_parity_worker(rank: int, world: int, dp: int, tp: int, device_type: str) -> None:
+    """One QAT step of the (dp, tp) layout with compiled blocks, as the recipes run, gives the
+    1-process eager gradients, the tied embedding's included (its gradient came back as zeros
+    under TP + compile before ``parallel.parallelize._plain_output``)."""
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    ref = reference(nvfp4.QATConfig(), device)
+    micro = list(zip(*(t.chunk(dp) for t in _batch(device))))
+    for x, y in micro:
+        (_loss(ref, x, y) / dp).backward()
+    model, mesh = sharded(ref, dp, tp, device, compile=True)
+    xl, yl = micro[mesh["dp_shard"].get_local_rank()]
+    _loss(model, xl, yl).backward()
+    _check_gradients(ref, model)

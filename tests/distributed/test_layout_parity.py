@@ -12,6 +12,7 @@ import pytest
 from tests.distributed.harness import DEVICES, backend, run_ranks, skip_unless_ranks
 from tests.distributed.parity import (
     LAYOUTS,
+    compiled_parity_worker,
     distill_parity_worker,
     gradient_parity_worker,
     init_parity_worker,
@@ -49,3 +50,9 @@ def test_initial_model_equals_unsharded(dp, tp, all_gather, device):
 def test_distillation_gradients_equal_unsharded(dp, tp, device):
     """QAD: the teacher sharded on the student's mesh, its logits replicated under TP."""
     _run(distill_parity_worker, device, dp, tp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_tp_gradients_equal_unsharded(device):
+    """The recipes' setting: TP with compiled blocks (Inductor on the CPU too)."""
+    _run(compiled_parity_worker, device, 1, 2)
