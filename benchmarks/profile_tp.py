@@ -35,6 +35,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -146,6 +147,7 @@ def build_trainer(args, qat: bool, ac: str, mesh, device, rank: int, world: int)
                             vocab_size=f.vocab_size)
     tr.args = margs
     tr._build_model()
+    tr._build_teacher()  # none: the recipe's qat.loss is ce
     tr._materialize()
     tr.optimizer = build_optimizer(tr.model, cfg.optimizer)
     seq = args.seq or cfg.training.seq_len
@@ -173,7 +175,6 @@ def enqueue_step(tr: Trainer) -> None:
         loss = cross_entropy(tr.model(x), y) / tokens
         loss.backward()
         loss_sum += loss.detach()
-    import math
     clip_grad_norm_(tr.model.parameters(), tr.cfg.training.max_norm or math.inf)
     set_lr(tr.optimizer, lr_at(tr.step, tr.cfg.optimizer.lr, tr.cfg.training.steps, tr.cfg.lr_scheduler))
     dist.all_reduce(loss_sum)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Sequence
 
 import torch
@@ -176,19 +178,56 @@ class NVFP4QATLinear(nn.Linear):
     def forward_shared(linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         """``[m(x) for m in linears]``, bit for bit; when the linears form one fused group
         (q/k/v, gate/up: shared weight amax, see ``prepare``) x is quantized once and the
-        group's weight scale computed once. Anything else (module hooks such as a TP plan's,
-        biases, DTensor weights, calibration) takes the per-module path."""
+        group's weight scale computed once (one all-reduce under tensor parallelism). Under a TP
+        plan the modules' layout hooks run around the shared forward (``_layout_hooks_only``).
+        Anything else (other module hooks, biases, calibration, weights of different
+        placements) takes the per-module path."""
         if not _shares_input(linears):
             return [m(x) for m in linears]
-        first = linears[0]
-        x_scale, w_scale = first._scales(x)
-        for m in linears[1:]:
-            m.last_input_amax = first.last_input_amax
-        return qat_linear(x, [m.weight for m in linears], None, x_scale, w_scale, first._pow2, first.recomputed)
+        args = [_run_pre_hooks(m, (x,)) for m in linears]  # the TP plan's input layouts (or (x,))
+        x = args[0][0]
+        if all(len(a) == 1 and a[0] is x for a in args) and _shares_operands(linears[0], x):
+            ys = _forward_group(linears, x)
+        else:  # the hooks gave the linears different inputs: each its own forward
+            ys = [m.forward(*a) for m, a in zip(linears, args)]
+        return [_run_post_hooks(m, a, y) for m, a, y in zip(linears, args, ys)]
 
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}"
+
+
+def _forward_group(linears: Sequence[NVFP4QATLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[m.forward(x) for m in linears]`` for a fused group that ``_shares_input`` and
+    ``_shares_operands`` accept: x quantized once, the group's weight scale (and under TP its
+    all-reduce) computed once, one QAT call. Under TP every linear multiplies the same local x by
+    its local weight shard, exactly as ``NVFP4QATLinear.forward`` does for one weight."""
+    first = linears[0]
+    x_scale, w_scale = first._scales(x)
+    for m in linears[1:]:
+        m.last_input_amax = first.last_input_amax
+    weights = [m.weight for m in linears]
+    w = weights[0]
+    if not isinstance(w, DTensor):
+        return qat_linear(x, weights, None, x_scale, w_scale, first._pow2, first.recomputed)
+    placements = output_placement(x, w)
+    x_local = x.to_local(grad_placements=input_grad_placement(x, w))
+    ys = qat_linear(x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first._pow2, first.recomputed)
+    return [DTensor.from_local(y, w.device_mesh, placements, run_check=False) for y in ys]
+
+
+def _layout_hook_codes() -> frozenset:
+    """The code of the forward pre-hooks and forward hooks that torch's ``distribute_module``
+    registers: those of a TP plan (``ColwiseParallel`` ...), which only convert the module's input
+    and output layouts (``_prepare_input_fn``, ``_prepare_output_fn``) and may run in any order
+    relative to other modules' forwards."""
+    from torch.distributed.tensor import distribute_module
+
+    code = inspect.unwrap(distribute_module).__code__
+    return frozenset(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == "<lambda>")
+
+
+_LAYOUT_HOOK_CODES = _layout_hook_codes()
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -199,16 +238,63 @@ def _has_hooks(m: nn.Module) -> bool:
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
+def _layout_hooks_only(m: nn.Module) -> bool:
+    """Whether the only hooks that calling ``m`` runs are a TP plan's layout hooks (plain forward
+    pre-hooks and forward hooks registered by ``distribute_module``; none at all also qualifies),
+    so that ``forward_shared`` may run them itself around a shared forward: ``_run_pre_hooks``,
+    the forward, ``_run_post_hooks`` are then what ``m(x)`` runs. Any other hook (backward,
+    global, with kwargs, always called, or a user's) needs the module's own ``__call__``."""
+    if not _has_hooks(m):
+        return True
+    if (m._backward_hooks or m._backward_pre_hooks or _module._global_backward_pre_hooks
+            or _module._global_backward_hooks or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks or m._forward_pre_hooks_with_kwargs
+            or m._forward_hooks_with_kwargs or m._forward_hooks_always_called):
+        return False
+    hooks = (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+    return all(getattr(h, "__code__", None) in _LAYOUT_HOOK_CODES for h in hooks)
+
+
+def _run_pre_hooks(m: nn.Module, args: tuple) -> tuple:
+    """The forward pre-hooks of ``m`` on ``args``, as ``nn.Module.__call__`` runs them."""
+    for hook in m._forward_pre_hooks.values():
+        result = hook(m, args)
+        if result is not None:
+            args = result if isinstance(result, tuple) else (result,)
+    return args
+
+
+def _run_post_hooks(m: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
+    """The forward hooks of ``m`` on its output ``y``, as ``nn.Module.__call__`` runs them."""
+    for hook in m._forward_hooks.values():
+        result = hook(m, args, y)
+        if result is not None:
+            y = result
+    return y
+
+
 def _shares_input(linears: Sequence[nn.Module]) -> bool:
-    """Whether ``forward_shared`` may quantize the input once for all of ``linears``."""
+    """Whether ``forward_shared`` may quantize the input once for all of ``linears`` (what does not
+    depend on the input; ``_shares_operands`` checks the rest once the hooks have run)."""
     first = linears[0]
     if not (len(linears) > 1 and all(type(m) is NVFP4QATLinear for m in linears)
             and len(first.amax_peers) == len(linears) - 1
             and all(p is m for p, m in zip(first.amax_peers, linears[1:]))):
         return False
+    w = first.weight
     for m in linears:
         if (not m.enabled or m.calibrating or m.bias is not None or m.config != first.config
-                or isinstance(m.weight, DTensor) or _has_hooks(m)):
+                or not _layout_hooks_only(m)):
+            return False
+        v = m.weight
+        if isinstance(v, DTensor) != isinstance(w, DTensor) or (  # one sharding: one GEMM layout, one all-reduce
+                isinstance(w, DTensor) and (v.device_mesh != w.device_mesh or v.placements != w.placements)):
             return False
     act = first.config.activation_scale
     return act == "dynamic" or (act == "static" and first._peers_share_input_amax())  # "none": F.linear each
+
+
+def _shares_operands(first: NVFP4QATLinear, x: torch.Tensor) -> bool:
+    """Whether the group's (hooked) input suits one shared QAT call: a DTensor input for DTensor
+    weights (the per-module path raises the error otherwise)."""
+    return isinstance(x, DTensor) or not isinstance(first.weight, DTensor)

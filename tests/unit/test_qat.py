@@ -199,7 +199,7 @@ def test_shared_input_takes_the_per_module_path_when_it_cannot_share(monkeypatch
     hooked = QKV()
     nvfp4.prepare(hooked)
     seen = []
-    hooked.wk.register_forward_pre_hook(lambda mod, args: seen.append(mod))  # e.g. a TP plan's hooks
+    hooked.wk.register_forward_pre_hook(lambda mod, args: seen.append(mod))  # a user's hook (not a TP plan's)
     counter.calls.clear()
     hooked(x)
     assert counter.calls == [2, 2, 2] and seen == [hooked.wk]
