@@ -131,8 +131,10 @@ def apply_compile(model: Transformer) -> None:
 def _plain_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """The embedding's output under TP as a plain tensor. Its TP plan returns an
     AsyncCollectiveTensor (the reduce-scatter's pending result); fed as is to the first compiled
-    block, its gradient comes back as zeros (torch 2.11 and 2.13: the embedding never trained
-    under TP + compile). A copy keeps the autograd history and costs one [B, S / tp, dim] copy."""
+    block, its gradient comes back as zeros (seen with torch 2.13 on gloo: the embedding never
+    trained under TP + compile; with the copy the TP=2 compiled gradients equal the 1-process
+    ones on gloo and on NCCL with torch 2.11). It keeps the autograd history and costs one
+    [B, S / tp, dim] copy."""
     return output.clone()
 
 
