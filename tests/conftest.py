@@ -31,4 +31,7 @@ def smollm2_hf(tmp_path_factory):
         if os.environ.get("NVFP4_TITAN_REQUIRE_SMOLLM2"):
             raise
         pytest.skip(str(e))
-    return gguf_to_hf(gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M")
+    folder = tmp_path_factory.mktemp("smollm2")
+    (folder / "SmolLM2-135M.tmp").mkdir()  # a user's folder named like a temporary one: kept
+    (folder / "SmolLM2-135M.tmp" / "keep.txt").write_text("mine")
+    return gguf_to_hf(gguf, folder / "SmolLM2-135M")

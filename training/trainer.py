@@ -22,8 +22,14 @@ from data.loader import GlobalBatchLoader
 from data.tokenizer import load_tokenizer
 from data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
 from models.llama3 import ModelArgs, Transformer, flavor
-from models.llama3.args import model_args_json
-from models.llama3.hf import CheckpointError, args_from_hf_config, iter_hf_tensors, read_config
+from models.llama3.args import model_args_from_json, model_args_json
+from models.llama3.hf import (
+    CheckpointError,
+    args_from_hf_config,
+    iter_hf_tensors,
+    read_config,
+    weight_files,
+)
 from nvfp4.export import export_problems
 from nvfp4.fsdp import precompute_weight_scales
 from parallel import build_mesh, parallelize_llama, resolve_dims
@@ -53,6 +59,7 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
         path = Path(cfg.checkpoint.initial_load_path)
         try:
             hf = args_from_hf_config(read_config(path), str(path / "config.json"))
+            weight_files(path)  # the weights are there: checked before the run folder is written
         except CheckpointError as e:
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
     if cfg.model.flavor == "hf":
@@ -249,14 +256,22 @@ class Trainer:
         if not (self.teacher_in_hf or (path / ".metadata").is_file()):
             raise ConfigError(f"{key}={path}: the teacher must be a Hugging Face folder (config.json) or a DCP "
                               "step-N folder (.metadata)")
-        with torch.device("meta"):
-            self.teacher = Transformer(self.args.with_(activation_checkpoint="none"))
+        # The teacher's own hyper-parameters (rope, norm eps): its config, or its step's model_args.json.
+        teacher_args = self.args
         if self.teacher_in_hf:
-            hf = args_from_hf_config(read_config(path), str(path / "config.json"))
-            if diff := [f"{f}: {getattr(hf, f)} vs {getattr(self.args, f)}" for f in _SHAPE_FIELDS
-                        if getattr(hf, f) != getattr(self.args, f)]:
+            try:
+                teacher_args = args_from_hf_config(read_config(path), str(path / "config.json"))
+                weight_files(path)
+            except CheckpointError as e:
+                raise ConfigError(f"{key}: the teacher {e}") from None
+            if diff := [f"{f}: {getattr(teacher_args, f)} vs {getattr(self.args, f)}" for f in _SHAPE_FIELDS
+                        if getattr(teacher_args, f) != getattr(self.args, f)]:
                 raise ConfigError(f"{key}={path}: the teacher has another shape than the model ({'; '.join(diff)})")
-        else:
+        elif (path / "model_args.json").is_file():
+            teacher_args = model_args_from_json((path / "model_args.json").read_text())
+        with torch.device("meta"):
+            self.teacher = Transformer(teacher_args.with_(activation_checkpoint="none"))
+        if not self.teacher_in_hf:
             if (why := ckpt.damage(path)) is not None:
                 raise ckpt.CheckpointLoadError(f"{key}={path} is damaged: {why}")
             ckpt.check_model_shapes(path, {n: p.shape for n, p in self.teacher.named_parameters()})
@@ -273,7 +288,10 @@ class Trainer:
         self.teacher.to_empty(device=self.device)
         if self.teacher_in_hf:
             shapes = {n: p.shape for n, p in self.teacher.named_parameters(remove_duplicate=False)}
-            ckpt.load_full_tensors(self.teacher, iter_hf_tensors(self.teacher_path, self.args, shapes))
+            try:
+                ckpt.load_full_tensors(self.teacher, iter_hf_tensors(self.teacher_path, self.teacher.args, shapes))
+            except CheckpointError as e:
+                raise CheckpointError(f"the teacher (qat.teacher_path or the initial weights): {e}") from None
         else:
             ckpt.load_model(self.teacher_path, self.teacher)
         self.teacher.eval()

@@ -108,6 +108,17 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         CheckpointError: not a Llama, or a feature this model lacks (attention or MLP bias, an
             activation other than SiLU, partial rotary); the message names the key.
     """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    try:
+        return _args_from_hf_config(cfg, source)
+    except CheckpointError:
+        raise
+    except (TypeError, AttributeError, ValueError) as e:  # a value of the wrong type
+        raise CheckpointError(f"{source}: malformed ({type(e).__name__}: {e})") from None
+
+
+def _args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise CheckpointError(
@@ -119,10 +130,12 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             raise CheckpointError(f"{source}: {flag}=true is not supported by this Llama model (no biases)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (silu)")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                           "intermediate_size") if not isinstance(cfg.get(k), int)]
+    ints = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    missing = [k for k in ints if type(cfg.get(k)) is not int or cfg[k] < 1]
+    missing += [k for k in ("num_key_value_heads", "head_dim")
+                if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)]
     if missing:
-        raise CheckpointError(f"{source}: missing or non-integer {missing}")
+        raise CheckpointError(f"{source}: {missing} must be positive integers")
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
@@ -141,6 +154,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings", 131072),
             head_dim=head_dim,
         )
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 

@@ -120,3 +120,20 @@ def test_compressed_tensors_decodes_the_trained_weights_bitwise(converted, layer
             sd = {k.removeprefix(hf + "."): read(k) for k in read.files if k.startswith(hf + ".")}
             dec = NVFP4PackedCompressor.decompress(sd, scheme)["weight"]
             assert torch.equal(dec.float(), nvfp4.fake_quantize(weights[f"{m}.weight"], amax)), m
+
+
+def test_gguf_to_hf_keeps_other_folders_and_names_bad_input(smollm2_hf, tmp_path):
+    from models.llama3.hf import CheckpointError
+    from scripts.gguf_to_hf import gguf_to_hf
+
+    assert (smollm2_hf.parent / "SmolLM2-135M.tmp" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in smollm2_hf.parent.iterdir()) == ["SmolLM2-135M", "SmolLM2-135M.tmp"]
+    assert json.loads((smollm2_hf / "provenance.json").read_text())["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model")
+    with pytest.raises(CheckpointError, match="notes.gguf: not a readable Llama GGUF file"):
+        gguf_to_hf(fake, tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="lies under the file"):
+        gguf_to_hf(fake, tmp_path / "file" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes.gguf"]

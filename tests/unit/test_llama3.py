@@ -129,6 +129,10 @@ def test_written_config_reads_back_and_transformers_agrees(tmp_path, name):
     ({"rope_scaling": {**LONGROPE, "short_factor": [1.0, 2.0]}}, "short_factor has 2 factors"),
     ({"num_attention_heads": 5}, "divisible"),
     ({"intermediate_size": None}, "intermediate_size"),
+    ({"num_key_value_heads": "2"}, "must be positive integers"),
+    ({"num_hidden_layers": True}, "must be positive integers"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": [2]}}, "malformed (TypeError"),
+    ({"rope_scaling": [1, 2]}, "malformed"),
 ])
 def test_unsupported_config_named(tmp_path, change, key):
     path, _ = _hf_dir(tmp_path, "mha_tied_default_rope")
