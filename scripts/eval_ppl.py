@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if not 0 < a.stride <= a.seq_len or a.batch_size < 1:
+        p.error("need 0 < --stride <= --seq-len (a larger stride would leave tokens unscored) and --batch-size >= 1")
+    if a.held_out_of and a.data:
+        p.error("give --data or --held-out-of, not both")
     try:
         model, src = load_model(a.model)
         if a.quant == "nvfp4-ptq":
@@ -121,7 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             nvfp4.prepare(model, nvfp4.QATConfig())
         tok_path = a.tokenizer or (src.config.model.tokenizer_path if src and src.config else a.model)
         tok = load_tokenizer(tok_path)
-        docs = held_out_text(resolve_source(a.held_out_of) if a.held_out_of else src, a.data, a.text_field)
+        if a.held_out_of:
+            try:
+                split_of = resolve_source(a.held_out_of)
+            except ConvertError as e:
+                split_of, why = None, str(e)
+            if split_of is None or split_of.config is None:
+                raise ConvertError(f"--held-out-of {a.held_out_of}: not a training run, so no recipe names a "
+                                   f"held-out split{f' ({why})' if split_of is None else ''}")
+        docs = held_out_text(split_of if a.held_out_of else src, a.data, a.text_field)
+        if a.seq_len > model.args.max_seq_len:
+            raise ConvertError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
+        if tok.vocab_size > model.args.vocab_size:
+            raise ConvertError(f"the tokenizer {tok_path} has {tok.vocab_size} tokens, more than the model's "
+                               f"vocab_size {model.args.vocab_size}: name the model's own with --tokenizer")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

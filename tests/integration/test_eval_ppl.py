@@ -3,6 +3,7 @@ test_qat_experiment.py)."""
 
 import importlib.util
 
+import pytest
 import torch
 
 from tests.integration.helpers import ROOT
@@ -37,3 +38,11 @@ def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
     assert figures[0] == figures[1] and "token_ppl" in figures[0]
     assert eval_ppl.main([str(tmp_path / "nvfp4")]) == 2
     assert "give --data" in capsys.readouterr().err
+    assert eval_ppl.main([str(run), "--held-out-of", str(tmp_path / "nvfp4")]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    assert eval_ppl.main([str(run), "--seq-len=4096"]) == 2
+    assert "exceeds the model's max_seq_len 2048" in capsys.readouterr().err
+    for bad in (["--stride=0"], ["--stride=600", "--seq-len=512"]):
+        with pytest.raises(SystemExit):
+            eval_ppl.main([str(run), *bad])
+        assert "need 0 < --stride <= --seq-len" in capsys.readouterr().err
