@@ -27,6 +27,7 @@ import nvfp4  # noqa: E402
 from data.dataset import load_documents, validation_ids  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from models.llama3 import Transformer, from_hf  # noqa: E402
+from training.config import Config  # noqa: E402
 from training.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source  # noqa: E402
 from training.loss import cross_entropy  # noqa: E402
 
@@ -81,12 +82,14 @@ def _same_length(group):
     return [[w for w in group if len(w[0]) == n] for n in sorted(lengths)]
 
 
-def held_out_text(src: Source | None, data: Path | None, text_field: str) -> list[str]:
+def held_out_text(cfg: Config | None, data: Path | None, text_field: str) -> list[str]:
+    """The documents of ``data``, else the validation split of the recipe ``cfg`` (its seed and
+    fraction)."""
     if data is not None:
         return load_documents(data, text_field)
-    if src is None or src.config is None:
+    if cfg is None:
         raise ConvertError("give --data: this model carries no recipe naming its held-out split")
-    d, t = src.config.dataset, src.config.training
+    d, t = cfg.dataset, cfg.training
     docs = load_documents(d.path, d.text_field)
     return [docs[i] for i in sorted(validation_ids(len(docs), d.validation_fraction, t.seed))]
 
@@ -125,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             nvfp4.prepare(model, nvfp4.QATConfig())
         tok_path = a.tokenizer or (src.config.model.tokenizer_path if src and src.config else a.model)
         tok = load_tokenizer(tok_path)
+        recipe = src.config if src else None
         if a.held_out_of:
             try:
-                split_of = resolve_source(a.held_out_of)
+                recipe = resolve_source(a.held_out_of).config
             except ConvertError as e:
-                split_of, why = None, str(e)
-            if split_of is None or split_of.config is None:
+                raise ConvertError(f"--held-out-of {a.held_out_of}: not a training run ({e})") from None
+            if recipe is None:
                 raise ConvertError(f"--held-out-of {a.held_out_of}: not a training run, so no recipe names a "
-                                   f"held-out split{f' ({why})' if split_of is None else ''}")
-        docs = held_out_text(split_of if a.held_out_of else src, a.data, a.text_field)
+                                   "held-out split")
+        docs = held_out_text(recipe, a.data, a.text_field)
         if a.seq_len > model.args.max_seq_len:
             raise ConvertError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
         if tok.vocab_size > model.args.vocab_size:

@@ -32,7 +32,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -220,7 +219,7 @@ class Experiment:
     def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
         """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
         cfg = load_config(Path(self.a.recipe), self._common(seed))
-        docs = eval_ppl.held_out_text(SimpleNamespace(config=cfg), self.a.eval_data, "text")
+        docs = eval_ppl.held_out_text(cfg, self.a.eval_data, "text")
         return eval_ppl.token_ids(load_tokenizer(cfg.model.tokenizer_path), docs)
 
     def _save(self, results: dict) -> None:

@@ -66,7 +66,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       loss: DistillLoss, kl_weight: float = 0.5, temperature: float = 1.0
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss summed over the B*S positions (0-dim fp32) and its detached parts
-    (sums: ``ce``, ``kl``, ``top1_agree`` = positions whose argmax equals the teacher's).
+    (sums: ``ce``, ``kl``, ``top1_agreement`` = positions whose argmax equals the teacher's).
 
     ``loss``: ce (labels only; ``teacher_logits`` may be None), kl (the teacher only), mix
     (``(1 - kl_weight) * ce + kl_weight * kl``). Logits [B, S, V], labels [B, S] int64.
@@ -77,7 +77,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kl = kl_divergence(student_logits, teacher_logits, temperature).sum()
     with torch.no_grad():
         agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().float()
-    parts = {"ce": ce.detach(), "kl": kl.detach(), "top1_agree": agree}
+    parts = {"ce": ce.detach(), "kl": kl.detach(), "top1_agreement": agree}
     if loss == "kl":
         return kl, parts
     return (1 - kl_weight) * ce + kl_weight * kl, parts

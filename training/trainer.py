@@ -46,6 +46,18 @@ _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_
                  "tie_word_embeddings")
 
 
+def _shape_diff(a: ModelArgs, b: ModelArgs) -> str:
+    """The shape fields in which ``a`` and ``b`` differ ("field: a vs b; ..."), or ""."""
+    return "; ".join(f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in _SHAPE_FIELDS if getattr(a, f) != getattr(b, f))
+
+
+def _check_dcp_source(path: Path, key: str, shapes: dict[str, torch.Size]) -> None:
+    """A DCP step to load weights from: whole (every file its .metadata names) and of these shapes."""
+    if (path / ".metadata").exists() and (why := ckpt.damage(path)) is not None:
+        raise ckpt.CheckpointLoadError(f"{key}={path} is damaged: {why}")
+    ckpt.check_model_shapes(path, shapes)
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message says where it stopped."""
 
@@ -67,12 +79,10 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
     else:
         args = flavor(cfg.model.flavor)
         if hf is not None:
-            diff = [f"{f}: {getattr(hf, f)} vs {getattr(args, f)}" for f in _SHAPE_FIELDS
-                    if getattr(hf, f) != getattr(args, f)]
-            if diff:
+            if diff := _shape_diff(hf, args):
                 raise ConfigError(
                     f"{path} is a checkpoint of another model shape than flavor {cfg.model.flavor!r} "
-                    f"({'; '.join(diff)}); set model.flavor to match it, or model.flavor = \"hf\" to "
+                    f"({diff}); set model.flavor to match it, or model.flavor = \"hf\" to "
                     "take the shape from its config.json"
                 )
             args = args.with_(rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling, norm_eps=hf.norm_eps)
@@ -124,10 +134,8 @@ class Trainer:
         if self.resume_from is not None:
             ckpt.check_model_shapes(self.resume_from, self._param_shapes())
         elif cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
-            path = Path(cfg.checkpoint.initial_load_path)
-            if (path / ".metadata").exists() and (why := ckpt.damage(path)) is not None:
-                raise ckpt.CheckpointLoadError(f"checkpoint.initial_load_path={path} is damaged: {why}")
-            ckpt.check_model_shapes(path, self._param_shapes())
+            _check_dcp_source(Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path",
+                              self._param_shapes())
         self._check_resume(dims.dp_shard)
         self._make_run_folder()
         self._materialize()
@@ -264,17 +272,14 @@ class Trainer:
                 weight_files(path)
             except CheckpointError as e:
                 raise ConfigError(f"{key}: the teacher {e}") from None
-            if diff := [f"{f}: {getattr(teacher_args, f)} vs {getattr(self.args, f)}" for f in _SHAPE_FIELDS
-                        if getattr(teacher_args, f) != getattr(self.args, f)]:
-                raise ConfigError(f"{key}={path}: the teacher has another shape than the model ({'; '.join(diff)})")
+            if diff := _shape_diff(teacher_args, self.args):
+                raise ConfigError(f"{key}={path}: the teacher has another shape than the model ({diff})")
         elif (path / "model_args.json").is_file():
             teacher_args = model_args_from_json((path / "model_args.json").read_text())
         with torch.device("meta"):
             self.teacher = Transformer(teacher_args.with_(activation_checkpoint="none"))
         if not self.teacher_in_hf:
-            if (why := ckpt.damage(path)) is not None:
-                raise ckpt.CheckpointLoadError(f"{key}={path} is damaged: {why}")
-            ckpt.check_model_shapes(path, {n: p.shape for n, p in self.teacher.named_parameters()})
+            _check_dcp_source(path, key, {n: p.shape for n, p in self.teacher.named_parameters()})
         parallelize_llama(self.teacher, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile)
         self.teacher.requires_grad_(False)
         self.teacher_path = path
@@ -446,7 +451,7 @@ class Trainer:
             parts = torch.stack([self._parts[k] for k in names])
             dist.all_reduce(parts)
             for k, v in zip(names, (parts / self.world).tolist()):
-                values[f"distill/{'top1_agreement' if k == 'top1_agree' else k}"] = v
+                values[f"distill/{k}"] = v
         return values
 
     @torch.no_grad()

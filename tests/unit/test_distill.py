@@ -64,7 +64,7 @@ def test_loss_modes_and_parts():
     got_kl, parts = distillation_loss(s, t, y, "kl", temperature=2.0)
     assert torch.equal(got_kl, kl)
     agree = (s.argmax(-1) == t.argmax(-1)).sum()
-    assert parts["top1_agree"] == agree and torch.equal(parts["ce"], ce) and torch.equal(parts["kl"], kl)
+    assert parts["top1_agreement"] == agree and torch.equal(parts["ce"], ce) and torch.equal(parts["kl"], kl)
     got_mix, _ = distillation_loss(s, t, y, "mix", kl_weight=0.25, temperature=2.0)
     assert torch.allclose(got_mix, 0.75 * ce + 0.25 * kl)
 
@@ -87,6 +87,6 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_zero_gradient(loss, kl
         t = teacher(x)
     total, parts = distillation_loss(student(x), t, x, loss, kl_weight=kl_weight, temperature=2.0)
     total.backward()
-    assert total.item() == 0.0 and parts["kl"].item() == 0.0 and parts["top1_agree"].item() == x.numel()
+    assert total.item() == 0.0 and parts["kl"].item() == 0.0 and parts["top1_agreement"].item() == x.numel()
     nonzero = [n for n, p in student.named_parameters() if not torch.equal(p.grad, torch.zeros_like(p))]
     assert not nonzero, f"gradients not exactly zero: {nonzero}"
