@@ -20,10 +20,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.distributed.harness import DEVICES, skip_unless_ranks
-from tests.integration.helpers import FAST, ROOT, losses, metrics, train
+from tests.integration.helpers import FAST, ROOT, losses, metrics, model_weights, train
 from training.convert import Options, convert, verify
 
 COMMON = [*FAST, "--training.global_batch_size=8", "--training.local_batch_size=4", "--training.steps=7",
@@ -164,8 +163,7 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
         out = tmp_path / f"{name}-nvfp4"
         src = convert(tmp_path / name, out, Options(calibration_batches=2))
         assert verify(out, src, "modelopt", log=lambda line: None) == 0, name
-        dcp_to_torch_save(str(tmp_path / name / "checkpoint" / "step-1"), str(tmp_path / f"{name}.pt"))
-        got = {"weights": torch.load(tmp_path / f"{name}.pt", weights_only=False)["model"],
+        got = {"weights": model_weights(tmp_path / name / "checkpoint" / "step-1"),
                "nvfp4": load_file(str(out / "model.safetensors"))}
         for kind, tensors in got.items():
             want.setdefault(kind, tensors)

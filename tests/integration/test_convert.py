@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import nvfp4
 from models.llama3 import FLAVORS, Transformer
 from models.llama3 import state_dict_adapter as adapter
-from tests.integration.helpers import FAST, ROOT, train
+from tests.integration.helpers import FAST, ROOT, model_weights, train
 from training.convert import ConvertError, Options, convert, load_nvfp4_model
 
 COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--training.local_batch_size=4",
@@ -41,9 +40,8 @@ def runs(tmp_path_factory):
     return {"single": single, "static": static, "weight_only": weight_only, "fsdp2xtp2": sharded}
 
 
-def _consolidated(run, tmp_path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(str(run / "checkpoint" / "step-2"), str(tmp_path / "full.pt"))
-    return torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+def _consolidated(run) -> dict[str, torch.Tensor]:
+    return model_weights(run / "checkpoint" / "step-2")
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -67,7 +65,7 @@ TOKENS = torch.randint(0, 8192, (2, 48), generator=torch.Generator().manual_seed
 def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, run, tmp_path):
     out = tmp_path / "out"
     convert(runs[run], out, Options(calibration_batches=2))
-    weights = _consolidated(runs[run], tmp_path)
+    weights = _consolidated(runs[run])
     got = _tensors(out)
     model = Transformer(FLAVORS["debug"])
     for group in model.fused_linear_groups() + [[f"layers.{i}.attention.wo", f"layers.{i}.feed_forward.w2"] for i in range(4)]:
@@ -90,7 +88,7 @@ def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, r
 def test_static_scales_are_exported_and_logits_exact(runs, tmp_path):
     out = tmp_path / "out"
     convert(runs["static"], out, Options())
-    weights = _consolidated(runs["static"], tmp_path)
+    weights = _consolidated(runs["static"])
     got = _tensors(out)
     s = nvfp4.tensor_scale(weights["layers.2.feed_forward.w2.input_amax"])
     assert torch.equal(got["model.layers.2.mlp.down_proj.input_scale"], s)
@@ -114,7 +112,7 @@ def test_weight_only_exports_w4a16_and_logits_exact(runs, tmp_path):
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     qc.pop("nvfp4_titan")
     assert QuantizationConfig.model_validate(qc).config_groups["group_0"].input_activations is None
-    weights = _consolidated(runs["weight_only"], tmp_path)
+    weights = _consolidated(runs["weight_only"])
     with torch.no_grad():
         want = _qat_model(weights, nvfp4.QATConfig(activation_scale="none"))(TOKENS)
         for fmt in ("mo", "ct"):
@@ -125,7 +123,7 @@ def test_independent_readers_decode_identical_weights(runs, tmp_path):
     from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    weights = _consolidated(runs["single"], tmp_path)
+    weights = _consolidated(runs["single"])
     convert(runs["single"], tmp_path / "mo", Options(calibration_batches=1))
     convert(runs["single"], tmp_path / "ct", Options(fmt="compressed-tensors", calibration_batches=1))
     mo, ct = _tensors(tmp_path / "mo"), _tensors(tmp_path / "ct")
@@ -180,7 +178,7 @@ def _bad(tmp_path, runs, kind):
         shard = next(step.glob("*.distcp"))
         shard.write_bytes(shard.read_bytes()[:1000])
         return step, r"step is damaged: __0_0.distcp is truncated \(1000 of \d+ bytes\); convert another step"
-    weights = {"model": _consolidated(runs["single"], tmp_path)}
+    weights = {"model": _consolidated(runs["single"])}
     weights["model"]["layers.1.feed_forward.w3.weight"][0, 0] = float("nan")
     for f in step.glob("*.distcp"):
         f.unlink()

@@ -1,10 +1,8 @@
 """Fine-tuning starts: from a Hugging Face directory and from a DCP step folder; wandb offline."""
 
-import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from models.llama3 import FLAVORS, Transformer, to_hf
-from tests.integration.helpers import FAST, losses, train
+from tests.integration.helpers import FAST, losses, model_weights, train
 
 
 def test_initial_loads_from_hf_and_dcp_start_where_training_left(tmp_path):
@@ -14,8 +12,7 @@ def test_initial_loads_from_hf_and_dcp_start_where_training_left(tmp_path):
     fresh_loss = losses(base)[1]
 
     # The trained weights as a Hugging Face directory.
-    dcp_to_torch_save(str(base / "checkpoint" / "step-12"), str(tmp_path / "full.pt"))
-    full = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    full = model_weights(base / "checkpoint" / "step-12")
     sd = {k: v for k, v in full.items() if not k.endswith("input_amax")}
     model = Transformer(FLAVORS["debug"])
     model.load_state_dict(sd, strict=True)

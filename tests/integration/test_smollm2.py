@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import nvfp4
 from data.tokenizer import load_tokenizer
@@ -16,7 +15,7 @@ from models.llama3 import Transformer, from_hf
 from models.llama3 import state_dict_adapter as adapter
 from models.llama3.args import model_args_from_json
 from models.llama3.hf import TensorReader
-from tests.integration.helpers import metrics, train
+from tests.integration.helpers import metrics, model_weights, train
 from training.convert import Options, convert, load_nvfp4_model
 
 RECIPE = "recipes/smollm2_135m_qat.toml"
@@ -82,9 +81,7 @@ def converted(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_nvfp4")
     convert(run, out / "mo", Options(calibration_batches=1, calibration_batch_size=2))
     convert(run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2))
-    dcp_to_torch_save(str(run / "checkpoint" / f"step-{STEPS}"), str(out / "full.pt"))
-    weights = torch.load(out / "full.pt", weights_only=False)["model"]
-    return out, weights
+    return out, model_weights(run / "checkpoint" / f"step-{STEPS}")
 
 
 def test_converted_checkpoint_runs_bit_for_bit_as_the_qat_model(run, converted, smollm2_hf):
