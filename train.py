@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.llama3 import CheckpointError
-from training.checkpoint import CheckpointLoadError, CheckpointSaveError
-from training.config import ConfigError, help_text, load_config
-from training.runtime import teardown_and_exit
+from nvfp4_titan.models.llama3 import CheckpointError
+from nvfp4_titan.training.checkpoint import CheckpointLoadError, CheckpointSaveError
+from nvfp4_titan.training.config import ConfigError, help_text, load_config
+from nvfp4_titan.training.runtime import teardown_and_exit
 
 USER_ERRORS = (ConfigError, CheckpointError, CheckpointLoadError, FileNotFoundError)
 
@@ -22,10 +22,10 @@ def main(argv: list[str]) -> int:
                                 epilog=help_text(), add_help=True)
     p.add_argument("--recipe", help="TOML recipe; keys not in it keep their defaults")
     args, overrides = p.parse_known_args(argv)
-    from data.dataset import DataError
-    from data.tokenizer import TokenizerError
-    from parallel.mesh import ParallelConfigError
-    from training.trainer import Trainer, TrainingError
+    from nvfp4_titan.data.dataset import DataError
+    from nvfp4_titan.data.tokenizer import TokenizerError
+    from nvfp4_titan.parallel.mesh import ParallelConfigError
+    from nvfp4_titan.training.trainer import Trainer, TrainingError
 
     stopped = (TrainingError, CheckpointSaveError)  # the run started, then could not go on: exit 1
     user_errors = USER_ERRORS + (DataError, TokenizerError, ParallelConfigError) + stopped

@@ -32,8 +32,8 @@ from benchmarks.utils import (  # noqa: E402
     timed,
 )
 from nvfp4 import kernels  # noqa: E402
-from training.config import Training  # noqa: E402
-from training.runtime import ScheduledGC  # noqa: E402
+from nvfp4_titan.training.config import Training  # noqa: E402
+from nvfp4_titan.training.runtime import ScheduledGC  # noqa: E402
 
 LINEAR_FLAVORS = ("1B", "3B", "8B")
 

@@ -29,9 +29,9 @@ TOKENIZER = ROOT / "data/assets/tokenizer.json"
 
 def _measure(mode: str, corpus: str, cache: str, seq_len: int) -> None:
     """Child process: one start-up, printed as JSON (seconds, peak RSS GiB, windows)."""
-    from data.dataset import build_windows, load_documents
-    from data.tokenizer import load_tokenizer
-    from data.tokens import cached_tokens, windows_from_tokens
+    from nvfp4_titan.data.dataset import build_windows, load_documents
+    from nvfp4_titan.data.tokenizer import load_tokenizer
+    from nvfp4_titan.data.tokens import cached_tokens, windows_from_tokens
 
     t0 = time.perf_counter()
     tok = load_tokenizer(TOKENIZER)

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nvfp4
-from models.llama3 import FLAVORS, Transformer
 from nvfp4.fsdp import precompute_weight_scales
-from parallel import ParallelDims, build_mesh, parallelize_llama
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.parallel import ParallelDims, build_mesh, parallelize_llama
 
 
 @contextlib.contextmanager

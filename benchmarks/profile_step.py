@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.utils import STEP_MODES, build_step, profiled, require_cuda  # noqa: E402
-from training.config import Training  # noqa: E402
-from training.runtime import ScheduledGC  # noqa: E402
+from nvfp4_titan.training.config import Training  # noqa: E402
+from nvfp4_titan.training.runtime import ScheduledGC  # noqa: E402
 
 
 def python_profile(step, steps: int, rows: int, mode: str) -> None:

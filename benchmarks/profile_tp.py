@@ -52,13 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nvfp4.sharded  # noqa: E402
-from models.llama3 import FLAVORS  # noqa: E402
-from parallel import build_mesh, resolve_dims  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.loss import cross_entropy  # noqa: E402
-from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr  # noqa: E402
-from training.runtime import ScheduledGC  # noqa: E402
-from training.trainer import Trainer, model_args  # noqa: E402
+from nvfp4_titan.models.llama3 import FLAVORS  # noqa: E402
+from nvfp4_titan.parallel import build_mesh, resolve_dims  # noqa: E402
+from nvfp4_titan.training.config import load_config  # noqa: E402
+from nvfp4_titan.training.loss import cross_entropy  # noqa: E402
+from nvfp4_titan.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr  # noqa: E402
+from nvfp4_titan.training.runtime import ScheduledGC  # noqa: E402
+from nvfp4_titan.training.trainer import Trainer, model_args  # noqa: E402
 
 AC = {"sel": "selective", "none": "none", "full": "full"}
 DEFAULT_CONFIGS = ["bf16-sel", "qat-sel", "qat-sel-noar", "bf16-none", "qat-none", "qat-sel-nowar"]

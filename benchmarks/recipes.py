@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import load_config  # noqa: E402  (after the sys.path insert)
+from nvfp4_titan.training.config import load_config  # noqa: E402  (after the sys.path insert)
 
 LAYOUTS = ("fsdp", "tp", "1gpu")
 AC_MODES = ("recipe", "none", "selective", "full")

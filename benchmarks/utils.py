@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 import nvfp4
-from models.llama3.model import shared_input
 from nvfp4 import kernels
-from training.loss import cross_entropy
+from nvfp4_titan.models.llama3.model import shared_input
+from nvfp4_titan.training.loss import cross_entropy
 
 STEP_SEQ, STEP_BATCH = 2048, 4  # the 1B step of build_step: sequence length, batch
 STEP_MODES = ("bf16", "qat-dynamic", "qat-static")
@@ -34,7 +34,7 @@ def require_cuda(tool: str) -> None:
 
 def block_projections(flavor: str) -> list[tuple[str, int, tuple[int, ...]]]:
     """The projections one Llama block runs: (name, K, output widths of the linears sharing x)."""
-    from models.llama3 import FLAVORS
+    from nvfp4_titan.models.llama3 import FLAVORS
 
     a = FLAVORS[flavor]
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
@@ -96,8 +96,8 @@ def profiled(fn, iters: int) -> tuple[profile, float, float, float]:
 def build_step(mode: str, compile: bool, n_layers: int):
     """One training step of the Llama 1B flavor (``n_layers``) under FSDP world 1, as a closure.
     ``mode``: one of STEP_MODES; batch STEP_BATCH of STEP_SEQ tokens, AdamW, three warm-up steps."""
-    from models.llama3 import FLAVORS, Transformer
-    from parallel import ParallelDims, build_mesh, parallelize_llama
+    from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+    from nvfp4_titan.parallel import ParallelDims, build_mesh, parallelize_llama
 
     # Free the previous step's model first: FSDP's hooks hold it in reference cycles, and left
     # to the cyclic collector its parameters and optimizer state would count in this peak.

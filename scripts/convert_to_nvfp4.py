@@ -3,7 +3,7 @@
     python scripts/convert_to_nvfp4.py outputs/debug_cpu outputs/debug_cpu_nvfp4 --verify
     python scripts/convert_to_nvfp4.py RUN/checkpoint/step-1000 OUT --format compressed-tensors
 
-See ``training/convert.py`` (also installed as the ``nvfp4-convert`` command).
+See ``nvfp4_titan/convert/`` (also installed as the ``nvfp4-convert`` command).
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.convert import main  # noqa: E402
+from nvfp4_titan.convert.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

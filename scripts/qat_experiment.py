@@ -22,7 +22,6 @@ training runs at once. results.json/results.md are rewritten after every evaluat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -39,13 +38,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import nvfp4  # noqa: E402
-from data.tokenizer import load_tokenizer  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.convert import Options, convert  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("eval_ppl", ROOT / "scripts" / "eval_ppl.py")
-eval_ppl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_ppl)
+from nvfp4_titan.convert import Options, convert  # noqa: E402
+from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
+from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
+from nvfp4_titan.training.config import load_config  # noqa: E402
 
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
 QAD_ROWS = ("qad", "qad_nvfp4")
@@ -99,11 +95,11 @@ def run_train(recipe: str, dump: Path, nproc: int, args: list[str]) -> Path:
 
 
 def evaluate(path: Path, ptq: nvfp4.QATConfig | None, ids: torch.Tensor, words: int, a: argparse.Namespace) -> float:
-    model, _ = eval_ppl.load_model(path)
+    model, _ = load_model(path)
     if ptq is not None:
         nvfp4.prepare(model, ptq)
     model.to(a.device).eval()
-    r = eval_ppl.perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size,
+    r = perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size,
                             progress=False)
     return r["word_ppl"]
 
@@ -219,8 +215,8 @@ class Experiment:
     def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
         """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
         cfg = load_config(Path(self.a.recipe), self._common(seed))
-        docs = eval_ppl.held_out_text(cfg, self.a.eval_data, "text")
-        return eval_ppl.token_ids(load_tokenizer(cfg.model.tokenizer_path), docs)
+        docs = held_out_text(cfg, self.a.eval_data, "text")
+        return token_ids(load_tokenizer(cfg.model.tokenizer_path), docs)
 
     def _save(self, results: dict) -> None:
         """After every evaluation, so that an interrupted experiment keeps what it measured."""

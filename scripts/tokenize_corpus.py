@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.dataset import DataError  # noqa: E402
-from data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
-from data.tokens import cached_tokens, default_cache_dir  # noqa: E402
-from training.config import ConfigError, load_config  # noqa: E402
+from nvfp4_titan.data.dataset import DataError  # noqa: E402
+from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
+from nvfp4_titan.data.tokens import cached_tokens, default_cache_dir  # noqa: E402
+from nvfp4_titan.training.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -10,10 +10,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 import nvfp4
-from models.llama3 import FLAVORS, Transformer
 from nvfp4.fsdp import precompute_weight_scales
-from parallel import ParallelDims, build_mesh, parallelize_llama
-from training.distill import distillation_loss
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.parallel import ParallelDims, build_mesh, parallelize_llama
+from nvfp4_titan.training.distill import distillation_loss
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (FSDP, TP)
 ARGS = FLAVORS["debug"].with_(n_layers=2)
@@ -198,7 +198,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 def compiled_parity_worker(rank: int, world: int, dp: int, tp: int, device_type: str) -> None:
     """One QAT step of the (dp, tp) layout with compiled blocks, as the recipes run, gives the
     1-process eager gradients, the tied embedding's included (its gradient came back as zeros
-    under TP + compile before ``parallel.parallelize._plain_output``)."""
+    under TP + compile before ``nvfp4_titan.parallel.parallelize._plain_output``)."""
     device = torch.device(device_type, rank if device_type == "cuda" else 0)
     ref = reference(nvfp4.QATConfig(), device)
     micro = list(zip(*(t.chunk(dp) for t in _batch(device))))

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nvfp4_titan.convert import Options, convert, verify
 from tests.distributed.harness import DEVICES, skip_unless_ranks
 from tests.integration.helpers import FAST, ROOT, losses, metrics, model_weights, train
-from training.convert import Options, convert, verify
 
 COMMON = [*FAST, "--training.global_batch_size=8", "--training.local_batch_size=4", "--training.steps=7",
           "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0", "--metrics.log_freq=1",

@@ -9,9 +9,11 @@ from torch.distributed.tensor import DTensor
 
 import nvfp4
 from benchmarks.fsdp_all_gather_bytes import step_bytes
-from models.llama3 import Transformer
 from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
 from nvfp4.sharded import local
+from nvfp4_titan.models.llama3 import Transformer
+from nvfp4_titan.training.config import Optimizer
+from nvfp4_titan.training.optim import build_optimizer
 from tests.distributed.harness import (
     DEVICES,
     ROWWISE,
@@ -22,8 +24,6 @@ from tests.distributed.harness import (
     skip_unless_ranks,
 )
 from tests.distributed.parity import ARGS, reference, sharded
-from training.config import Optimizer
-from training.optim import build_optimizer
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import nvfp4
 import nvfp4.qat.autograd
 import nvfp4.sharded
-from models.llama3 import FLAVORS, Transformer
-from parallel import ParallelDims, build_mesh, parallelize_llama
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.parallel import ParallelDims, build_mesh, parallelize_llama
 from tests.distributed.harness import (
     DEVICES,
     ROWWISE,

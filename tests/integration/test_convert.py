@@ -12,10 +12,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 import nvfp4
-from models.llama3 import FLAVORS, Transformer
-from models.llama3 import state_dict_adapter as adapter
+from nvfp4_titan.convert import ConvertError, Options, convert, load_nvfp4_model
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from tests.integration.helpers import FAST, ROOT, model_weights, train
-from training.convert import ConvertError, Options, convert, load_nvfp4_model
 
 COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--training.local_batch_size=4",
           "--lr_scheduler.warmup_steps=0", "--checkpoint.interval=2"]

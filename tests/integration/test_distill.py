@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from models.llama3 import FLAVORS, Transformer, to_hf
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, metrics, train
 
 COMMON = [*FAST, "--metrics.log_freq=1", "--training.global_batch_size=8"]  # 2 micro-batches: accumulation

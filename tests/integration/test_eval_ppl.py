@@ -1,22 +1,17 @@
 """eval_ppl: strided windows score every token once (the end-to-end chain runs in
 test_qat_experiment.py)."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.integration.helpers import ROOT
-
-spec = importlib.util.spec_from_file_location("eval_ppl", ROOT / "scripts" / "eval_ppl.py")
-eval_ppl = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_ppl)
+from nvfp4_titan.evaluate import strided_windows
+from scripts import eval_ppl
 
 
 def test_strided_windows_score_every_target_once():
     ids = torch.arange(100)
     seen = []
-    for inp, tgt, first in eval_ppl.strided_windows(ids, seq_len=16, stride=6):
+    for inp, tgt, first in strided_windows(ids, seq_len=16, stride=6):
         assert torch.equal(inp + 1, tgt) and len(inp) <= 16
         seen += tgt[first:].tolist()
     assert seen == list(range(1, 100))
@@ -25,8 +20,8 @@ def test_strided_windows_score_every_target_once():
 def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
     """The converted checkpoint, which carries no recipe, scored on its run's validation split
     (--held-out-of) gives exactly the run's figure; without it, it asks for --data."""
+    from nvfp4_titan.convert import Options, convert
     from tests.integration.helpers import FAST, train
-    from training.convert import Options, convert
 
     run = tmp_path / "run"
     assert train(run, *FAST, "--training.steps=2", "--checkpoint.interval=2").returncode == 0

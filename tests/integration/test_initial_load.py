@@ -1,7 +1,7 @@
 """Fine-tuning starts: from a Hugging Face directory and from a DCP step folder; wandb offline."""
 
 
-from models.llama3 import FLAVORS, Transformer, to_hf
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, losses, model_weights, train
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import nvfp4
-from data.tokenizer import load_tokenizer
-from models.llama3 import Transformer, from_hf
-from models.llama3 import state_dict_adapter as adapter
-from models.llama3.args import model_args_from_json
-from models.llama3.hf import TensorReader
+from nvfp4_titan.convert import Options, convert, load_nvfp4_model
+from nvfp4_titan.data.tokenizer import load_tokenizer
+from nvfp4_titan.models.llama3 import Transformer, from_hf
+from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
+from nvfp4_titan.models.llama3.args import model_args_from_json
+from nvfp4_titan.models.llama3.hf import TensorReader
 from tests.integration.helpers import metrics, model_weights, train
-from training.convert import Options, convert, load_nvfp4_model
 
 RECIPE = "recipes/smollm2_135m_qat.toml"
 TEXT = ["To be, or not to be, that is the question:", "Now is the winter of our discontent\nMade glorious summer."]
@@ -120,7 +120,7 @@ def test_compressed_tensors_decodes_the_trained_weights_bitwise(converted, layer
 
 
 def test_gguf_to_hf_keeps_other_folders_and_names_bad_input(smollm2_hf, tmp_path):
-    from models.llama3.hf import CheckpointError
+    from nvfp4_titan.models.llama3.hf import CheckpointError
     from scripts.gguf_to_hf import gguf_to_hf
 
     assert (smollm2_hf.parent / "SmolLM2-135M.tmp" / "keep.txt").read_text() == "mine"

@@ -7,7 +7,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer, models
 
-from models.llama3 import FLAVORS, Transformer, to_hf
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, train
 
 

@@ -5,9 +5,9 @@ import torch._dynamo
 from torch._inductor.utils import run_and_get_code
 
 import nvfp4
-from models.llama3 import FLAVORS, Transformer
-from models.llama3.model import rope_tables
-from parallel.parallelize import DYNAMO_CONFIG, apply_compile
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.models.llama3.model import rope_tables
+from nvfp4_titan.parallel.parallelize import DYNAMO_CONFIG, apply_compile
 
 
 def test_qat_linear_and_block_have_no_graph_breaks():

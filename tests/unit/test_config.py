@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import Config, ConfigError, help_text, load_config, to_toml
+from nvfp4_titan.training.config import Config, ConfigError, help_text, load_config, to_toml
 
 RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.toml"))
 
@@ -90,7 +90,7 @@ def test_scheduled_gc_collects_every_freq_ticks_and_restores_automatic():
     after: automatic again. freq 0 leaves collection automatic."""
     import gc
 
-    from training.runtime import ScheduledGC
+    from nvfp4_titan.training.runtime import ScheduledGC
 
     starts = []
     callback = lambda phase, info: starts.append(info["generation"]) if phase == "start" else None  # noqa: E731

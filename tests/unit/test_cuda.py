@@ -331,8 +331,8 @@ def test_checkpointing_frees_what_compiled_qat_linears_save(ac, tmp_path, monkey
     without checkpointing. Traced through the autograd.Function, the QAT linears' GEMM outputs
     and packed operands were kept whatever the checkpoint said (1B recipe: 0.42 GiB per layer at
     8k tokens; full checkpointing freed nothing)."""
-    from models.llama3 import FLAVORS, Transformer
-    from parallel.parallelize import apply_compile
+    from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+    from nvfp4_titan.parallel.parallelize import apply_compile
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     tokens = torch.randint(0, 8192, (4, 512), generator=torch.Generator().manual_seed(0)).cuda()

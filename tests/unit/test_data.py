@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from data.dataset import DataError, build_windows, load_documents
-from data.loader import GlobalBatchLoader
-from data.tokenizer import TokenizerError, load_tokenizer
+from nvfp4_titan.data.dataset import DataError, build_windows, load_documents
+from nvfp4_titan.data.loader import GlobalBatchLoader
+from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer
 
 TOKENIZER = "data/assets/tokenizer.json"
 CORPUS = "data/assets/shakespeare.jsonl"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.llama3 import FLAVORS, Transformer
-from training.distill import distillation_loss, kl_divergence
-from training.loss import cross_entropy
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
+from nvfp4_titan.training.distill import distillation_loss, kl_divergence
+from nvfp4_titan.training.loss import cross_entropy
 
 B, S, V = 2, 5, 11
 

@@ -11,8 +11,16 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nvfp4
-from models.llama3 import FLAVORS, CheckpointError, ModelArgs, Transformer, flavor, from_hf, to_hf
-from models.llama3 import state_dict_adapter as adapter
+from nvfp4_titan.models.llama3 import (
+    FLAVORS,
+    CheckpointError,
+    ModelArgs,
+    Transformer,
+    flavor,
+    from_hf,
+    to_hf,
+)
+from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from tests.unit.test_qat import QuantizeCounter
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

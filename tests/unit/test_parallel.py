@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import nvfp4
-from models.llama3 import FLAVORS, ModelArgs, Transformer
-from parallel import resolve_dims
-from parallel.mesh import ParallelConfigError
-from parallel.parallelize import check_even_rows, check_tp
+from nvfp4_titan.models.llama3 import FLAVORS, ModelArgs, Transformer
+from nvfp4_titan.parallel import resolve_dims
+from nvfp4_titan.parallel.mesh import ParallelConfigError
+from nvfp4_titan.parallel.parallelize import check_even_rows, check_tp
 
 
 def test_resolve_dims():

@@ -9,8 +9,8 @@ from torch import nn
 
 import nvfp4
 import nvfp4.qat.autograd
-from models.llama3.model import shared_input
 from nvfp4 import NVFP4Linear, NVFP4QATLinear, QATConfig
+from nvfp4_titan.models.llama3.model import shared_input
 
 DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("dynamic", "static")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.dataset import DataError, build_windows, load_documents
-from data.tokenizer import load_tokenizer
-from data.tokens import (
+from nvfp4_titan.data.dataset import DataError, build_windows, load_documents
+from nvfp4_titan.data.tokenizer import load_tokenizer
+from nvfp4_titan.data.tokens import (
     cached_tokens,
     corpus_key,
     default_cache_dir,

@@ -6,7 +6,7 @@ document starts in ``tokens.bin``) and ``manifest.json`` (format, tokenizer hash
 with sizes and mtimes, counts). ``token_cache`` keys the folder by (corpus files, text field,
 tokenizer), so a changed corpus or tokenizer gets a new one and a stale one is never read.
 
-``PackedWindows`` gives the windows that ``data.dataset.build_windows`` packs (the same tokens,
+``PackedWindows`` gives the windows that ``nvfp4_titan.data.dataset.build_windows`` packs (the same tokens,
 bit for bit) without holding the corpus in memory: a batch reads its windows from the map.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
-from data.tokenizer import Tokenizer
+from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
+from nvfp4_titan.data.tokenizer import Tokenizer
 
 FORMAT = 1
 _BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
@@ -47,7 +47,7 @@ def _sha256(path: Path) -> str:
 def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
     """What a token cache is built from: the corpus files (path, size, mtime, ctime: any write or
     copy of a file changes its ctime, which no tool sets back), the text field, the tokenizer
-    file's sha256 and the format. Raises DataError as ``data.dataset`` does."""
+    file's sha256 and the format. Raises DataError as ``nvfp4_titan.data.dataset`` does."""
     _, files = _files(Path(path))
     stats = [(str(Path(f).resolve()), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files]
     return {"format": FORMAT, "files": stats, "text_field": text_field,
@@ -134,7 +134,7 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
 
 class PackedWindows:
     """Windows of ``seq_len + 1`` tokens over the concatenation of documents ``doc_ids`` (in that
-    order) of a ``TokenFile``, the tail that does not fill a window dropped: ``data.dataset``'s
+    order) of a ``TokenFile``, the tail that does not fill a window dropped: ``nvfp4_titan.data.dataset``'s
     ``_pack``, read from the map on demand. ``windows[idx]`` -> int64 [len(idx), seq_len + 1]."""
 
     def __init__(self, tf: TokenFile, doc_ids: np.ndarray, seq_len: int, vocab_size: int) -> None:

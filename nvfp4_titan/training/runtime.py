@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError
+from nvfp4_titan.training.config import ConfigError
 
 
 def pick_device(choice: str) -> torch.device:

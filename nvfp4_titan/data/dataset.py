@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import Tokenizer
+from nvfp4_titan.data.tokenizer import Tokenizer
 
 log = logging.getLogger("nvfp4_titan")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from training.loss import cross_entropy
+from nvfp4_titan.training.loss import cross_entropy
 
 DistillLoss = Literal["ce", "kl", "mix"]
 

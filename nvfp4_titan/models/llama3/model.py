@@ -18,8 +18,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from models.llama3.args import ModelArgs
-from models.llama3.rope import apply_rope, rope_tables
+from nvfp4_titan.models.llama3.args import ModelArgs
+from nvfp4_titan.models.llama3.rope import apply_rope, rope_tables
 
 
 def shared_input(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:

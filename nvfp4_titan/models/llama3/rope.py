@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from models.llama3.args import ModelArgs, RopeScaling
+from nvfp4_titan.models.llama3.args import ModelArgs, RopeScaling
 
 
 def _powers(theta: float, d: int, device: torch.device) -> torch.Tensor:

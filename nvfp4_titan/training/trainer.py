@@ -17,29 +17,29 @@ import torch
 import torch.distributed as dist
 
 import nvfp4
-from data.dataset import DataError
-from data.loader import GlobalBatchLoader
-from data.tokenizer import load_tokenizer
-from data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
-from models.llama3 import ModelArgs, Transformer, flavor
-from models.llama3.args import model_args_from_json, model_args_json
-from models.llama3.hf import (
+from nvfp4.export import export_problems
+from nvfp4.fsdp import precompute_weight_scales
+from nvfp4_titan.data.dataset import DataError
+from nvfp4_titan.data.loader import GlobalBatchLoader
+from nvfp4_titan.data.tokenizer import load_tokenizer
+from nvfp4_titan.data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
+from nvfp4_titan.models.llama3 import ModelArgs, Transformer, flavor
+from nvfp4_titan.models.llama3.args import model_args_from_json, model_args_json
+from nvfp4_titan.models.llama3.hf import (
     CheckpointError,
     args_from_hf_config,
     iter_hf_tensors,
     read_config,
     weight_files,
 )
-from nvfp4.export import export_problems
-from nvfp4.fsdp import precompute_weight_scales
-from parallel import build_mesh, parallelize_llama, resolve_dims
-from training import checkpoint as ckpt
-from training.config import Config, ConfigError, load_config, to_toml, toml_value
-from training.distill import distillation_loss, teacher_fingerprint
-from training.loss import cross_entropy
-from training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
-from training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
+from nvfp4_titan.parallel import build_mesh, parallelize_llama, resolve_dims
+from nvfp4_titan.training import checkpoint as ckpt
+from nvfp4_titan.training.config import QAT, Config, ConfigError, load_config, to_toml, toml_value
+from nvfp4_titan.training.distill import distillation_loss, teacher_fingerprint
+from nvfp4_titan.training.loss import cross_entropy
+from nvfp4_titan.training.metrics import MetricsLogger, flops_per_token, peak_flops, qat_health
+from nvfp4_titan.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from nvfp4_titan.training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim",
@@ -182,8 +182,8 @@ class Trainer:
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
     # draws and what the model computes; the data-parallel degree may change.
     _RESUME_KEYS = ("training.seq_len", "training.mixed_precision_param", "dataset.path", "dataset.text_field",
-                    "dataset.validation_fraction", "qat.enable", "qat.activation_scale", "qat.tensor_scale", "qat.include",
-                    "qat.exclude", "qat.share_fused_amax", "qat.start_step", "qat.loss", "qat.kl_weight",
+                    "dataset.validation_fraction", "qat.enable", "qat.activation_scale", "qat.tensor_scale",
+                    "qat.share_fused_amax", "qat.start_step", "qat.loss", "qat.kl_weight",
                     "qat.temperature")
 
     def _check_resume(self, dp: int) -> None:
@@ -208,6 +208,12 @@ class Trainer:
                 old, new = getattr(getattr(before, section), name), getattr(getattr(self.cfg, section), name)
                 if old != new:
                     changed[key] = (old, new)
+            # include/exclude by the linears they select: other patterns that select the same
+            # linears (e.g. the default exclude, once ["output"]) change nothing
+            q_old, q_new = (self._quantized(c.qat) for c in (before, self.cfg))
+            if q_old != q_new:
+                for key in ("qat.include", "qat.exclude"):
+                    changed[key] = (getattr(before.qat, key[4:]), getattr(self.cfg.qat, key[4:]))
         if self.resume_from is not None and self.teacher is not None and (path / "teacher.json").is_file():
             before = json.loads((path / "teacher.json").read_text())
             if before["sha256"] != self.teacher_sha256:
@@ -222,6 +228,13 @@ class Trainer:
                 f"{path} was trained with {what}: continuing it would change which data the remaining steps "
                 f"see or what the model computes. Resume with {fix}, or start a new run (another "
                 f"job.dump_folder) with checkpoint.initial_load_path={path}")
+
+    def _quantized(self, qat: QAT) -> list[str]:
+        """The linears ``qat`` fake-quantizes in this model (none when QAT is off)."""
+        if not qat.enable:
+            return []
+        with torch.device("meta"):
+            return nvfp4.selected_linears(Transformer(self.args), qat.nvfp4_config())
 
     def _full_load_path(self) -> Path | None:
         """Where model, optimizer, data order and step come from: the checkpoint resumed, or an

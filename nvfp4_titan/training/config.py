@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nvfp4
-from models.llama3.args import FLAVORS
 from nvfp4.format import TensorScaleMode
 from nvfp4.qat.config import ActivationScale
-from training.distill import DistillLoss
+from nvfp4_titan.models.llama3.args import FLAVORS
+from nvfp4_titan.training.distill import DistillLoss
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class Model:
     name: str = "llama3"
     """Model family. Only llama3 exists."""
     flavor: str = "debug"
-    """debug | 80M | 1B | 3B | 8B | 70B (models/llama3/args.py), or hf: the shape of the
+    """debug | 80M | 1B | 3B | 8B | 70B (nvfp4_titan/models/llama3/args.py), or hf: the shape of the
     Hugging Face checkpoint at checkpoint.initial_load_path (any Llama-architecture config.json)."""
     tokenizer_path: str = "data/assets/tokenizer.json"
     """A tokenizer.json, a Llama 3 tiktoken tokenizer.model, or a folder holding one."""
@@ -118,8 +118,9 @@ class QAT:
     """Fake-quantize the selected linears' weights and inputs to NVFP4."""
     include: list[str] = field(default_factory=lambda: ["*"])
     """fnmatch patterns of linear names to quantize (layers.0.attention.wq)."""
-    exclude: list[str] = field(default_factory=lambda: ["output"])
-    """Patterns kept in high precision: by default the output head."""
+    exclude: list[str] = field(default_factory=lambda: list(nvfp4.QATConfig.exclude))
+    """Patterns kept in high precision even if included: by default the output head (named
+    output here, lm_head in Hugging Face models); nvfp4.QATConfig's default."""
     activation_scale: ActivationScale = "dynamic"
     """dynamic: each input's own amax; static: calibrated over calibration_batches, frozen;
     none: weight-only QAT (W4A16), inputs stay in high precision."""
@@ -141,7 +142,7 @@ class QAT:
     loss: DistillLoss = "ce"
     """ce: cross-entropy on the labels (QAT); kl: quantization-aware distillation (QAD), the KL
     divergence from the frozen float teacher's output distribution; mix: (1 - kl_weight) ce +
-    kl_weight kl (training/distill.py)."""
+    kl_weight kl (nvfp4_titan/training/distill.py)."""
     kl_weight: float = 0.5
     """Weight of the KL term with loss = "mix", in [0, 1]."""
     temperature: float = 1.0

@@ -15,7 +15,7 @@ from torch import nn
 import nvfp4
 from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import local
-from training.config import Metrics
+from nvfp4_titan.training.config import Metrics
 
 log = logging.getLogger("nvfp4_titan")
 

@@ -19,11 +19,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from models.llama3 import Transformer
 from nvfp4.fsdp import enable_nvfp4_all_gather
 from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import check_local_blocks, local
-from parallel.mesh import ParallelConfigError
+from nvfp4_titan.models.llama3 import Transformer
+from nvfp4_titan.parallel.mesh import ParallelConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
 

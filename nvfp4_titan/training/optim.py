@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from training.config import LRScheduler, Optimizer
+from nvfp4_titan.training.config import LRScheduler, Optimizer
 
 
 def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.AdamW:

@@ -17,9 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from models.llama3 import state_dict_adapter as adapter
-from models.llama3.args import ROPE_TYPES, ModelArgs, RopeScaling
-from models.llama3.model import Transformer
+from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
+from nvfp4_titan.models.llama3.args import ROPE_TYPES, ModelArgs, RopeScaling
+from nvfp4_titan.models.llama3.model import Transformer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
