@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from nvfp4_titan.models.llama3 import CheckpointError
-from nvfp4_titan.training.checkpoint import CheckpointLoadError, CheckpointSaveError
+from nvfp4_titan.training.checkpoint import CheckpointSaveError
 from nvfp4_titan.training.config import ConfigError, help_text, load_config
 from nvfp4_titan.training.runtime import teardown_and_exit
 
-USER_ERRORS = (ConfigError, CheckpointError, CheckpointLoadError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: list[str]) -> int:

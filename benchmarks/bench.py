@@ -46,12 +46,12 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
     for mib in ((64,) if short else (64, 256, 1024)):
         n = mib * 2**20 // 2
         x = torch.randn(n // 4096, 4096, device="cuda", dtype=torch.bfloat16)
-        s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+        s = nvfp4.tensor_scale(nvfp4.amax(x))
         y = torch.empty_like(x)
         t_copy = timed(lambda: y.copy_(x), gpu_only=True)
         t_q = timed(lambda: kernels.quantize([x], [s]), gpu_only=True)
-        t_qo = timed(lambda: kernels.quantize([x], [s], emit_operand=True)[0], gpu_only=True)
-        t_amax = timed(lambda: nvfp4.abs_max(x), gpu_only=True)
+        t_qo = timed(lambda: kernels.quantize([x], [s], with_operand=True)[0], gpu_only=True)
+        t_amax = timed(lambda: nvfp4.amax(x), gpu_only=True)
         os.environ["NVFP4_REFERENCE"] = "1"
         t_ref = timed(lambda: nvfp4.quantize_with_scale(x, s), warmup=1, repeat=3)
         os.environ["NVFP4_REFERENCE"] = "0"

@@ -44,7 +44,7 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def min_clamped_share(x: torch.Tensor, mode: str) -> float:
-    return (nvfp4.quantize(x, mode=mode).block_scale.float() == nvfp4.E4M3_MIN_SCALE).float().mean().item()
+    return (nvfp4.quantize(x, tensor_scale_mode=mode).block_scale.float() == nvfp4.E4M3_MIN_SCALE).float().mean().item()
 
 
 def main() -> None:
@@ -59,8 +59,8 @@ def main() -> None:
     print("| tensor | SQNR amax (dB) | SQNR pow2 (dB) | pow2 - amax (dB) | min-clamped blocks amax / pow2 |")
     print("|---|---:|---:|---:|---:|")
     for name, x in tensors(args.rows, args.cols, g).items():
-        s_amax = sqnr_db(x, nvfp4.fake_quantize(x, mode="amax"))
-        s_pow2 = sqnr_db(x, nvfp4.fake_quantize(x, mode="pow2"))
+        s_amax = sqnr_db(x, nvfp4.fake_quantize(x, tensor_scale_mode="amax"))
+        s_pow2 = sqnr_db(x, nvfp4.fake_quantize(x, tensor_scale_mode="pow2"))
         clamp = f"{min_clamped_share(x, 'amax'):.2%} / {min_clamped_share(x, 'pow2'):.2%}"
         print(f"| {name} | {s_amax:.3f} | {s_pow2:.3f} | {s_pow2 - s_amax:+.3f} | {clamp} |")
 

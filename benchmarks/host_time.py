@@ -65,17 +65,17 @@ def main() -> None:
                  "QAT compiled fwd+bwd": fwd_bwd(torch.compile(qat))}
     ws = [m.weight for m in qat.linears]
     xd, wd = x.detach(), [w.detach() for w in ws]
-    sx = nvfp4.tensor_scale(nvfp4.abs_max(xd))
-    sw = nvfp4.tensor_scale(nvfp4.abs_max(*wd))
+    sx = nvfp4.tensor_scale(nvfp4.amax(xd))
+    sw = nvfp4.tensor_scale(nvfp4.amax(*wd))
     args = (xd, None, sx, sw, True, *wd)
     n, s_all = len(wd), [sx] * (1 + len(wd))
     qs = [(q[0], q[1], None) for q in kernels.quantize([xd, *wd], s_all)]
     times = {name: enqueue_us(fn) for name, fn in rows.items()}
     launches = -(-(n + 1) // kernels.SLOTS)
     pieces = {
-        "amax and scale of x (1 launch)": lambda: kernels.amaxes_and_scales([[xd]], True),
+        "amax and scale of x (1 launch)": lambda: kernels.amaxes_and_scales([[xd]], "pow2"),
         f"amaxes and scales of x and of the {n} W ({launches} launches)":
-            lambda: kernels.amaxes_and_scales([[xd], wd], True),
+            lambda: kernels.amaxes_and_scales([[xd], wd], "pow2"),
         f"quantize x + {n} W ({launches} launches)": lambda: kernels.quantize([xd, *wd], s_all, True),
         "quantize x alone (1 launch)": lambda: kernels.quantize([xd], [sx], True),
         f"dequantize x + {n} W ({launches} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
@@ -83,7 +83,7 @@ def main() -> None:
         "torch.empty": lambda: torch.empty(a.tokens, a.k, device="cuda"),
         "qat._forward (the quantize and GEMM glue)": lambda: _forward(xd, wd, None, sx, sw, True),
         "_QATLinearFn.apply, no grad": lambda: _QATLinearFn.apply(*args),
-        "custom op nvfp4::qat_linear, no grad": lambda: _qat_linear(xd, wd, None, sx, sw, True),
+        "custom op nvfp4::qat_linear, no grad": lambda: _qat_linear(xd, wd, None, sx, sw, "pow2"),
     }
     with torch.no_grad():
         times |= {name: enqueue_us(fn) for name, fn in pieces.items()}

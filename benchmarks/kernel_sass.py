@@ -75,10 +75,10 @@ def main() -> None:
     quantize = kernels._quantize_kernel, ["pair", "*fp32", "*u8", "*u8", "*i32", "*fp32", "i32"]
     dequantize = kernels._dequantize_kernel, ["*u8", "*u8", "*fp32", "pair", "i32"]
     variants = {
-        "quantize": (*quantize, dict(EMIT_OP=False, **dict.fromkeys(_slotted("OP_SCALED"), False))),
-        "quantize + operand": (*quantize, dict(EMIT_OP=True, **dict.fromkeys(_slotted("OP_SCALED"), False))),
-        "quantize + scaled operand": (*quantize, dict(EMIT_OP=True, **dict.fromkeys(_slotted("OP_SCALED"), True))),
-        "dequantize (tensor scale)": (*dequantize, dict(USE_S=True)),
+        "quantize": (*quantize, dict(WITH_OPERAND=False, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
+        "quantize + operand": (*quantize, dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
+        "quantize + scaled operand": (*quantize, dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), True))),
+        "dequantize (tensor scale)": (*dequantize, dict(SCALED=True)),
     }
     print(f"sm_90, {a.dtype}, R={r}, {warps} warps: {elements} elements per thread")
     print("| kernel | SASS | per element | most frequent |\n|---|---:|---:|---|")

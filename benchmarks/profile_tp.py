@@ -250,7 +250,7 @@ def profile_steps(tr: Trainer, steps: int, trace: Path | None) -> dict:
     # ("nccl:all_reduce", "Optimizer.step#AdamW.step"): they span kernels and would count twice.
     kern = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
             and not e.name.startswith(("nccl:", "ProfilerStep")) and "#" not in e.name]
-    qat_kern = [e for e in kern if any(k in e.name for k in ("_quantize_kernel", "_abs_max_kernel",
+    qat_kern = [e for e in kern if any(k in e.name for k in ("_quantize_kernel", "_amax_kernel",
                                                               "_dequantize_kernel", "_tensor_scale_kernel"))]
     nccl = [e for e in kern if "nccl" in e.name.lower()]
     compute = [e for e in kern if "nccl" not in e.name.lower()]
@@ -272,7 +272,7 @@ def profile_steps(tr: Trainer, steps: int, trace: Path | None) -> dict:
                           "cudaEventSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel",
                           "cuLaunchKernelEx", "aten::_local_scalar_dense", "_c10d_functional::all_reduce_",
                           "_c10d_functional::all_reduce", "_c10d_functional::wait_tensor", "c10d::allreduce_",
-                          "nvfp4::quantize", "nvfp4::abs_max") else None)
+                          "nvfp4::quantize", "nvfp4::amax") else None)
         if key:
             cpu.setdefault(key, []).append(e.cpu_time_total / 1e3)
     cpu_rows = {k: {"calls": len(v) / steps, "ms": sum(v) / steps} for k, v in sorted(cpu.items())}

@@ -59,10 +59,10 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
-def abs_max(*xs: torch.Tensor) -> torch.Tensor:
+def amax(*xs: torch.Tensor) -> torch.Tensor:
     """max |x| over all elements of all xs, fp32 0-dim (NaN if one holds a NaN); one pass, no |x| copy."""
-    if all(kernels.op_enabled(x) for x in xs):
-        return kernels.abs_max(*(x.detach() for x in xs))
+    if all(kernels.use_triton_op(x) for x in xs):
+        return kernels.amax(*(x.detach() for x in xs))
     amaxes = []
     for x in xs:
         lo, hi = torch.aminmax(x.detach())
@@ -70,7 +70,14 @@ def abs_max(*xs: torch.Tensor) -> torch.Tensor:
     return amaxes[0] if len(amaxes) == 1 else torch.stack(amaxes).amax()
 
 
-def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> torch.Tensor:
+def amaxes(groups: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """``amax`` of each group of tensors; on CUDA one kernel launch for up to four tensors in all."""
+    if all(kernels.use_triton_op(x) for g in groups for x in g):
+        return kernels.amaxes([[x.detach() for x in g] for g in groups])
+    return [amax(*g) for g in groups]
+
+
+def tensor_scale(amax: torch.Tensor | float, tensor_scale_mode: TensorScaleMode = "pow2") -> torch.Tensor:
     """Per-tensor (second-level) scale from an amax, fp32 0-dim.
 
     ``amax`` mode is torchao's ``per_tensor_amax_to_scale``: amax / (448 * 6). ``pow2`` (the
@@ -79,13 +86,13 @@ def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> 
     amax == 0 gives 1.0 (all codes 0); a non-finite amax gives a non-finite scale, so the
     whole tensor dequantizes to NaN instead of hiding the fault.
     """
-    _check_mode(mode)
+    _check_tensor_scale_mode(tensor_scale_mode)
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    if amax.dim() == 0 and kernels.enabled(amax):
-        return kernels.tensor_scale(amax, mode == "pow2")
+    if amax.dim() == 0 and kernels.use_triton(amax):
+        return kernels.tensor_scale(amax, tensor_scale_mode)
     s = amax / _const(E4M3_MAX * FP4_MAX, amax)
     s = torch.where(torch.isfinite(s), s.clamp_min(TENSOR_SCALE_MIN), s)
-    if mode == "pow2":
+    if tensor_scale_mode == "pow2":
         # Round up to 2**k in the bits: add all-ones to the mantissa, carry into the exponent.
         bits = s.view(torch.int32)
         up = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
@@ -93,30 +100,31 @@ def tensor_scale(amax: torch.Tensor | float, mode: TensorScaleMode = "pow2") -> 
     return torch.where(amax == 0, torch.ones_like(s), s)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in TENSOR_SCALE_MODES:
-        raise ValueError(f"tensor scale mode {mode!r} is not one of {TENSOR_SCALE_MODES}")
+def _check_tensor_scale_mode(tensor_scale_mode: str) -> None:
+    if tensor_scale_mode not in TENSOR_SCALE_MODES:
+        raise ValueError(f"tensor scale mode {tensor_scale_mode!r} is not one of {TENSOR_SCALE_MODES}")
 
 
-def amax_and_scale(*xs: torch.Tensor, mode: TensorScaleMode = "pow2") -> tuple[torch.Tensor, torch.Tensor]:
-    """``abs_max(*xs)`` and its ``tensor_scale``; on CUDA one kernel computes both."""
-    return amaxes_and_scales([xs], mode)[0]
+def amax_and_scale(*xs: torch.Tensor, tensor_scale_mode: TensorScaleMode = "pow2") -> tuple[torch.Tensor, torch.Tensor]:
+    """``amax(*xs)`` and its ``tensor_scale``; on CUDA one kernel computes both."""
+    return amaxes_and_scales([xs], tensor_scale_mode)[0]
 
 
 def amaxes_and_scales(
-    groups: Sequence[Sequence[torch.Tensor]], mode: TensorScaleMode = "pow2"
+    groups: Sequence[Sequence[torch.Tensor]], tensor_scale_mode: TensorScaleMode = "pow2"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``amax_and_scale`` of each group of tensors (e.g. a linear's input, and its weights); on
     CUDA one kernel launch for up to four tensors in all."""
-    _check_mode(mode)
-    if all(kernels.op_enabled(x) for g in groups for x in g):
-        return kernels.amaxes_and_scales([[x.detach() for x in g] for g in groups], mode == "pow2")
-    return [(amax, tensor_scale(amax, mode)) for amax in (abs_max(*g) for g in groups)]
+    _check_tensor_scale_mode(tensor_scale_mode)
+    if all(kernels.use_triton_op(x) for g in groups for x in g):
+        return kernels.amaxes_and_scales([[x.detach() for x in g] for g in groups], tensor_scale_mode)
+    amaxes = [amax(*g) for g in groups]
+    return [(a, tensor_scale(a, tensor_scale_mode)) for a in amaxes]
 
 
-def _scale_for(x: torch.Tensor, amax: torch.Tensor | None, mode: TensorScaleMode) -> torch.Tensor:
+def _scale_for(x: torch.Tensor, amax: torch.Tensor | None, tensor_scale_mode: TensorScaleMode) -> torch.Tensor:
     """The tensor scale of x: from the given amax, else from max |x|."""
-    return amax_and_scale(x, mode=mode)[1] if amax is None else tensor_scale(amax, mode)
+    return amax_and_scale(x, tensor_scale_mode=tensor_scale_mode)[1] if amax is None else tensor_scale(amax, tensor_scale_mode)
 
 
 def _check_last_dim(x: torch.Tensor) -> None:
@@ -158,7 +166,7 @@ def _block_codes(
 
 def quantize_with_scale(x: torch.Tensor, s_tensor: torch.Tensor) -> NVFP4:
     """Quantize x [..., K] with a given fp32 per-tensor scale (e.g. a frozen input_scale)."""
-    return quantize_for_gemm(x, s_tensor, operand=False)[0]
+    return quantize_for_gemm(x, s_tensor, with_operand=False)[0]
 
 
 def operand_dtype(device: torch.device) -> torch.dtype:
@@ -167,41 +175,41 @@ def operand_dtype(device: torch.device) -> torch.dtype:
 
 
 def quantize_for_gemm(
-    x: torch.Tensor, s_tensor: torch.Tensor, operand: bool = True
+    x: torch.Tensor, s_tensor: torch.Tensor, with_operand: bool = True
 ) -> tuple[NVFP4, torch.Tensor | None]:
-    """Quantize x [..., K]; with ``operand`` also return ``code * block_scale`` (exact) in
+    """Quantize x [..., K]; ``with_operand``: also return ``code * block_scale`` (exact) in
     ``operand_dtype``: on CUDA one fused pass, so x is read once."""
-    return quantize_operands([(x, s_tensor)], operand)[0]
+    return quantize_operands([(x, s_tensor)], with_operand)[0]
 
 
 def quantize_operands(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], operand: bool = True,
-    op_scales: list[torch.Tensor | None] | None = None,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], with_operand: bool = True,
+    operand_scales: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
     """``quantize_for_gemm`` of several (x, tensor scale), e.g. the operands of a GEMM: on CUDA
-    four per launch. ``op_scales``: per tensor an fp32 0-dim factor of its operand (applied in
+    four per launch. ``operand_scales``: per tensor an fp32 0-dim factor of its operand (applied in
     fp32 before the cast, as ``dequantize`` applies a tensor scale), or None."""
     pairs = [(x, torch.as_tensor(s, dtype=torch.float32, device=x.device)) for x, s in pairs]
-    op_scales = op_scales or [None] * len(pairs)
+    operand_scales = operand_scales or [None] * len(pairs)
     for x, _ in pairs:
         _check_last_dim(x)
-    if all(kernels.op_enabled(x) for x, _ in pairs):
-        outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], operand, op_scales)
-        return [(NVFP4(packed, s_block, s), op) for (packed, s_block, op), (_, s) in zip(outs, pairs)]
+    if all(kernels.use_triton_op(x) for x, _ in pairs):
+        outs = kernels.quantize([x for x, _ in pairs], [s for _, s in pairs], with_operand, operand_scales)
+        return [(NVFP4(packed, s_block, s), operand) for (packed, s_block, operand), (_, s) in zip(outs, pairs)]
     out = []
-    for (x, s), o_scale in zip(pairs, op_scales):
+    for (x, s), operand_scale in zip(pairs, operand_scales):
         codes, s_block = _block_codes(x, s)
         q = NVFP4(codes[..., 0::2] | (codes[..., 1::2] << 4), s_block, s)
-        op = None
-        if operand:
-            op = scale_blocks(_codes_to_values(codes), s_block)
-            op = (op if o_scale is None else op * o_scale).to(operand_dtype(x.device))
-        out.append((q, op))
+        operand = None
+        if with_operand:
+            operand = scale_blocks(_codes_to_values(codes), s_block)
+            operand = (operand if operand_scale is None else operand * operand_scale).to(operand_dtype(x.device))
+        out.append((q, operand))
     return out
 
 
 def quantize(
-    x: torch.Tensor, amax: torch.Tensor | None = None, mode: TensorScaleMode = "pow2"
+    x: torch.Tensor, amax: torch.Tensor | None = None, tensor_scale_mode: TensorScaleMode = "pow2"
 ) -> NVFP4:
     """Quantize x [..., K] to NVFP4.
 
@@ -210,7 +218,7 @@ def quantize(
     device): their blocks, or with a non-finite amax the whole tensor, dequantize to NaN.
     """
     _check_last_dim(x)
-    return quantize_with_scale(x, _scale_for(x, amax, mode))
+    return quantize_with_scale(x, _scale_for(x, amax, tensor_scale_mode))
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -234,7 +242,7 @@ def scale_blocks(values: torch.Tensor, block_scale: torch.Tensor) -> torch.Tenso
 
 
 def _dequantize(qs: list[NVFP4], dtype: torch.dtype, scaled: bool) -> list[torch.Tensor]:
-    if all(kernels.enabled(q.packed) for q in qs):
+    if all(kernels.use_triton(q.packed) for q in qs):
         return kernels.dequantize([(q.packed, q.block_scale, q.tensor_scale if scaled else None) for q in qs], dtype)
     unscaled = [scale_blocks(e2m1_values(q.packed), q.block_scale) for q in qs]
     return [(v * q.tensor_scale if scaled else v).to(dtype) for v, q in zip(unscaled, qs)]
@@ -260,12 +268,12 @@ def dequantize_all(qs: list[NVFP4], dtype: torch.dtype = torch.float32, scaled: 
 
 
 def fake_quantize(
-    x: torch.Tensor, amax: torch.Tensor | None = None, mode: TensorScaleMode = "pow2"
+    x: torch.Tensor, amax: torch.Tensor | None = None, tensor_scale_mode: TensorScaleMode = "pow2"
 ) -> torch.Tensor:
     """dequantize(quantize(x, amax)) in x's dtype, without packing and unpacking the codes."""
     _check_last_dim(x)
-    s_tensor = _scale_for(x, amax, mode).to(x.device)
-    if kernels.enabled(x):
+    s_tensor = _scale_for(x, amax, tensor_scale_mode).to(x.device)
+    if kernels.use_triton(x):
         return dequantize(quantize_with_scale(x, s_tensor), x.dtype)
     codes, s_block = _block_codes(x, s_tensor)
     return (scale_blocks(_codes_to_values(codes), s_block) * s_tensor).to(x.dtype)

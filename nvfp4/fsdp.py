@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from nvfp4.format import abs_max, tensor_scale
+from nvfp4.format import amax, tensor_scale
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.qat.api import qat_linears
 from nvfp4.qat.linear import NVFP4QATLinear
@@ -113,19 +113,19 @@ def precompute_weight_scales(model: nn.Module) -> None:
         w = m.weight
         key = (w.device_mesh, tuple(sharded_dims(w))) if isinstance(w, DTensor) else None
         by_sharding[key].append(i)
-    amax = torch.stack([abs_max(s._tensor) for s in shards])
+    amaxes = torch.stack([amax(s._tensor) for s in shards])
     for idx in by_sharding.values():
-        amax[idx] = reduce_amax(amax[idx], layers[idx[0]].weight)
+        amaxes[idx] = reduce_amax(amaxes[idx], layers[idx[0]].weight)
     # The unsharded path takes the amax of the weight cast to param_dtype; rounding is
     # monotonic, so that is the cast of the fp32 amax. Vector ops, not per-layer ones: this
     # runs every step.
     for dtype in {s.param_dtype for s in shards}:
         idx = [i for i, s in enumerate(shards) if s.param_dtype == dtype]
-        amax[idx] = amax[idx].to(dtype).float()
+        amaxes[idx] = amaxes[idx].to(dtype).float()
     index = {id(m): i for i, m in enumerate(layers)}
     groups = [[i, *(index[id(p)] for p in m.amax_peers if id(p) in index)] for i, m in enumerate(layers)]
     width = max(map(len, groups))  # pad each group with itself: the max is unchanged
-    amax = amax[torch.tensor([g + g[:1] * (width - len(g)) for g in groups], device=amax.device)].amax(dim=1)
-    scales = {mode: tensor_scale(amax, mode) for mode in {m.config.tensor_scale for m in layers}}
+    amaxes = amaxes[torch.tensor([g + g[:1] * (width - len(g)) for g in groups], device=amaxes.device)].amax(dim=1)
+    scales = {mode: tensor_scale(amaxes, mode) for mode in {m.config.tensor_scale for m in layers}}
     for i, (m, s) in enumerate(zip(layers, shards)):
         s.scale = scales[m.config.tensor_scale][i]

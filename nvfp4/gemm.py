@@ -12,6 +12,7 @@ import torch
 
 from nvfp4.format import (
     NVFP4,
+    TensorScaleMode,
     dequantize_all,
     dequantize_unscaled,
     operand_dtype,
@@ -26,13 +27,13 @@ def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def prescales_weight(x: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None, pow2_scales: bool) -> bool:
+def prescales_weight(x: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None, tensor_scale_mode: str) -> bool:
     """Whether the GEMM of input x takes the tensor scales inside its weight operand: on CUDA,
-    with power-of-two tensor scales, a bf16 result and no bias. Multiplying the operand by a
+    with power-of-two tensor scales (``tensor_scale_mode`` pow2), a bf16 result and no bias. Multiplying the operand by a
     power of two is exact and commutes with the fp32 accumulation and the rounding to bf16
     (in the normal range), so the GEMM writes the scaled bf16 result directly: the same bits as
     rounding the scaled fp32 accumulator, without its fp32 passes or a pass over the output."""
-    return pow2_scales and x.is_cuda and out_dtype == torch.bfloat16 and bias is None
+    return tensor_scale_mode == "pow2" and x.is_cuda and out_dtype == torch.bfloat16 and bias is None
 
 
 def weight_operands(wqs: list[NVFP4], scale: torch.Tensor, prescaled: bool, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -60,11 +61,13 @@ def scaled_matmul(
 
 
 def nvfp4_matmul(
-    xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype, pow2_scales: bool = False
+    xq: NVFP4, wq: NVFP4, bias: torch.Tensor | None, out_dtype: torch.dtype, tensor_scale_mode: TensorScaleMode = "amax"
 ) -> torch.Tensor:
-    """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N]."""
+    """y = x @ w.T + bias from NVFP4 operands: x [..., K], w [N, K] -> y [..., N].
+    ``tensor_scale_mode``: how both tensor scales were made; pow2 lets a CUDA bf16 GEMM fold them
+    into the weight operand exactly (``prescales_weight``), amax assumes nothing of them."""
     dt = operand_dtype(xq.packed.device)
     scale = xq.tensor_scale * wq.tensor_scale
-    prescaled = prescales_weight(xq.packed, out_dtype, bias, pow2_scales)
+    prescaled = prescales_weight(xq.packed, out_dtype, bias, tensor_scale_mode)
     a, (b,) = dequantize_unscaled(xq, dt), weight_operands([wq], scale, prescaled, dt)
     return scaled_matmul(a, b, None if prescaled else scale, bias, out_dtype)

@@ -59,11 +59,10 @@ class NVFP4Linear(nn.Module):
         if self.weight_only:
             return nn.functional.linear(x, dequantize(self.quantized_weight(), x.dtype), self.bias)
         if self.input_scale is None:
-            xq = quantize(x, mode=self.tensor_scale_mode)
+            xq = quantize(x, tensor_scale_mode=self.tensor_scale_mode)
         else:
             xq = quantize_with_scale(x, self.input_scale)
-        pow2 = self.tensor_scale_mode == "pow2"
-        return nvfp4_matmul(xq, self.quantized_weight(), self.bias, x.dtype, pow2)
+        return nvfp4_matmul(xq, self.quantized_weight(), self.bias, x.dtype, self.tensor_scale_mode)
 
     def extra_repr(self) -> str:
         return (

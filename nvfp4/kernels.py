@@ -16,7 +16,7 @@ the reference), and the per-tensor scale is one scalar kernel instead of a dozen
 
 Dispatch: plain CUDA tensors use these kernels unless ``NVFP4_REFERENCE=1``; everything else
 (and any machine without Triton) uses the reference. Under ``torch.compile`` the amax and quantize
-kernels are ``triton_op``s, which Inductor launches from its own code (``op_enabled``); elsewhere
+kernels are ``triton_op``s, which Inductor launches from its own code (``use_triton_op``); elsewhere
 in compiled code (the per-tensor scale, dequantization) Inductor's torch ops run.
 """
 
@@ -43,21 +43,21 @@ def _cuda_kernels_on(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda and os.environ.get("NVFP4_REFERENCE", "0") != "1"
 
 
-def enabled(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
     """Triton for plain CUDA tensors in eager code (custom ops run eagerly under compile too);
     tensor subclasses (no storage of their own) take the reference, whose torch ops they dispatch."""
     return _cuda_kernels_on(x) and type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
-def op_enabled(x: torch.Tensor) -> bool:
-    """The amax and quantize kernels: as ``enabled``, and under torch.compile too,
+def use_triton_op(x: torch.Tensor) -> bool:
+    """The amax and quantize kernels: as ``use_triton``, and under torch.compile too,
     where they are ``triton_op``s that Inductor launches from its own code: a few microseconds of
     CPU per launch instead of tens through Triton's launcher or an opaque custom op's dispatch (on
     H200 Inductor's own reduction of a [8192, 3072] bf16 input also took 73 us of GPU; the amax
     kernel, 30 us for that input and its weight)."""
     if torch.compiler.is_compiling():
         return _cuda_kernels_on(x) and not is_traceable_wrapper_subclass(x)
-    return enabled(x)
+    return use_triton(x)
 
 
 # Element dtype -> (Triton kind, integer dtype holding one pair).
@@ -131,140 +131,237 @@ if HAVE_TRITON:
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
-    def _operand(s, e, sb, op_scale, OP_SCALED: tl.constexpr):
-        """|E2M1 value| * block scale (* op_scale), fp32; s - m is exact."""
-        op = tl.fma(e, -M_SCALE, s) * sb
-        if OP_SCALED:
-            op = op * op_scale
-        return op
+    def _operand(rounded, grid_unit, block_scale, operand_scale, OPERAND_SCALED: tl.constexpr):
+        """|E2M1 value| * block scale (* operand_scale), fp32, from ``_e2m1``'s sum and 2**E (the
+        subtraction is exact)."""
+        operand = tl.fma(grid_unit, -M_SCALE, rounded) * block_scale
+        if OPERAND_SCALED:
+            operand = operand * operand_scale
+        return operand
 
     @triton.jit
-    def _quantize_blocks(x_ptr, s_ptr, packed_ptr, scale_ptr, op_ptr, op_scale_ptr, pid, n_blocks,
-                         R: tl.constexpr, KIND: tl.constexpr, EMIT_OP: tl.constexpr, OP_SCALED: tl.constexpr):
-        blk = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
-        bmask = blk < n_blocks
-        pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
-        mask = bmask[:, None]
-        lo, hi, signs = _unpack_pair(tl.load(x_ptr + pair, mask=mask, other=0), KIND)
-        mag = tl.reduce(_nan_max(tl.abs(lo), tl.abs(hi)), 1, _nan_max)  # block amax; NaN wins
-        s_t = tl.load(s_ptr)
-        s = tl.math.div_rn(tl.math.div_rn(mag, 6.0), s_t)
-        s = tl.where(mag < float("inf"), _clamp(s, 0.015625, 448.0), float("nan"))
-        s8 = s.to(tl.float8e4nv)
-        sb = s8.to(tl.float32)[:, None]
-        r = tl.math.div_rn(tl.math.div_rn(1.0, s_t), sb)
-        c_lo, s_lo, e_lo = _e2m1(lo, r)
-        c_hi, s_hi, e_hi = _e2m1(hi, r)
+    def _quantize_blocks(
+        x_ptr,  # [n_blocks * 8] element pairs of the input (_KIND: int32 or int64 per pair)
+        tensor_scale_ptr,  # fp32 [1]: the tensor (second-level) scale
+        packed_ptr,  # uint8 [n_blocks * 8] out: two E2M1 codes a byte, the even element's low
+        block_scale_ptr,  # uint8 [n_blocks] out: the e4m3 block scales' bits
+        operand_ptr,  # int32 [n_blocks * 8] out if WITH_OPERAND: bf16 pairs code * block scale
+        operand_scale_ptr,  # fp32 [1] if OPERAND_SCALED: multiplies the operand before its rounding
+        pid,  # this program's index among the tensor's programs
+        n_blocks,  # 16-element blocks in the tensor
+        R: tl.constexpr,  # blocks per program
+        KIND: tl.constexpr,  # element dtype: 0 bf16, 1 fp16, 2 fp32
+        WITH_OPERAND: tl.constexpr,
+        OPERAND_SCALED: tl.constexpr,
+    ):
+        block = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
+        block_mask = block < n_blocks
+        pair = block[:, None] * 8 + tl.arange(0, 8)[None, :]  # [R, 8] pair index = packed byte index
+        pair_mask = block_mask[:, None]
+        lo, hi, signs = _unpack_pair(tl.load(x_ptr + pair, mask=pair_mask, other=0), KIND)
+        block_amax = tl.reduce(_nan_max(tl.abs(lo), tl.abs(hi)), 1, _nan_max)  # NaN wins
+        tensor_scale = tl.load(tensor_scale_ptr)
+        scale = tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), tensor_scale)
+        scale = tl.where(block_amax < float("inf"), _clamp(scale, 0.015625, 448.0), float("nan"))
+        scale_e4m3 = scale.to(tl.float8e4nv)
+        block_scale = scale_e4m3.to(tl.float32)[:, None]
+        reciprocal = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale)
+        code_lo, rounded_lo, unit_lo = _e2m1(lo, reciprocal)
+        code_hi, rounded_hi, unit_hi = _e2m1(hi, reciprocal)
         # The byte (sign_hi, code_hi, sign_lo, code_lo): the high word of signs * (2**20 + 2**8)
         # is sign_lo * 8 + sign_hi * 128 in its low byte (and a bit above it); the sums' bits
         # above their low bytes only carry upward. Only the low byte is stored.
-        byte = tl.umulhi(signs, 0x100100) + (c_lo + (c_hi << 4))
-        tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=mask)
-        tl.store(scale_ptr + blk, s8.to(tl.uint8, bitcast=True), mask=bmask)
-        if EMIT_OP:  # bf16 operand pairs: magnitudes rounded to nearest even (exact unless OP_SCALED), signs
-            op_scale = tl.load(op_scale_ptr) if OP_SCALED else 1.0
-            v_lo = _operand(s_lo, e_lo, sb, op_scale, OP_SCALED)
-            v_hi = _operand(s_hi, e_hi, sb, op_scale, OP_SCALED)
-            tl.store(op_ptr + pair, _pack_pair(v_lo, v_hi, 0) | signs, mask=mask)
+        byte = tl.umulhi(signs, 0x100100) + (code_lo + (code_hi << 4))
+        tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair_mask)
+        tl.store(block_scale_ptr + block, scale_e4m3.to(tl.uint8, bitcast=True), mask=block_mask)
+        if WITH_OPERAND:  # bf16 pairs: magnitudes rounded to nearest even (exact unless scaled), signs
+            operand_scale = tl.load(operand_scale_ptr) if OPERAND_SCALED else 1.0
+            operand_lo = _operand(rounded_lo, unit_lo, block_scale, operand_scale, OPERAND_SCALED)
+            operand_hi = _operand(rounded_hi, unit_hi, block_scale, operand_scale, OPERAND_SCALED)
+            tl.store(operand_ptr + pair, _pack_pair(operand_lo, operand_hi, 0) | signs, mask=pair_mask)
 
     @triton.jit
-    def _quantize_kernel(xa, sa, pa, ca, oa, osa, na, xb, sb, pb, cb, ob, osb, nb,
-                         xc, sc, pc, cc, oc, osc, nc, xd, sd, pd, cd, od, osd, nd, end_a, end_b, end_c, N: tl.constexpr,
-                         R: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
-                         KIND_D: tl.constexpr, OP_SCALED_A: tl.constexpr, OP_SCALED_B: tl.constexpr,
-                         OP_SCALED_C: tl.constexpr, OP_SCALED_D: tl.constexpr, EMIT_OP: tl.constexpr):
-        """The first N of tensors a to d, on consecutive ranges of programs (``_slot_ends``)."""
+    def _quantize_kernel(
+        # Slots A to D hold one tensor each (only the first N are read); a slot's arguments are
+        # those of _quantize_blocks, in its order:
+        x_a,  # [n_blocks_a * 8] element pairs (int32 or int64)
+        tensor_scale_a,  # fp32 [1]
+        packed_a,  # uint8 [n_blocks_a * 8] out
+        block_scale_a,  # uint8 [n_blocks_a] out
+        operand_a,  # int32 [n_blocks_a * 8] out (WITH_OPERAND)
+        operand_scale_a,  # fp32 [1] (OPERAND_SCALED_A)
+        n_blocks_a,  # int
+        x_b, tensor_scale_b, packed_b, block_scale_b, operand_b, operand_scale_b, n_blocks_b,
+        x_c, tensor_scale_c, packed_c, block_scale_c, operand_c, operand_scale_c, n_blocks_c,
+        x_d, tensor_scale_d, packed_d, block_scale_d, operand_d, operand_scale_d, n_blocks_d,
+        end_a,  # programs [0, end_a) work on slot A
+        end_b,  # [end_a, end_b) on slot B
+        end_c,  # [end_b, end_c) on slot C, the rest on slot D (``_slot_ends``)
+        N: tl.constexpr,  # slots used, 1 to 4
+        R: tl.constexpr,  # blocks per program
+        KIND_A: tl.constexpr,  # each slot's element dtype (``_KIND``)
+        KIND_B: tl.constexpr,
+        KIND_C: tl.constexpr,
+        KIND_D: tl.constexpr,
+        OPERAND_SCALED_A: tl.constexpr,  # each slot's operand scale given
+        OPERAND_SCALED_B: tl.constexpr,
+        OPERAND_SCALED_C: tl.constexpr,
+        OPERAND_SCALED_D: tl.constexpr,
+        WITH_OPERAND: tl.constexpr,  # write the bf16 GEMM operands
+    ):
+        """The first N of the tensors in slots A to D, on consecutive ranges of programs."""
         pid = tl.program_id(0)
         if pid < end_a:
-            _quantize_blocks(xa, sa, pa, ca, oa, osa, pid, na, R, KIND_A, EMIT_OP, OP_SCALED_A)
+            _quantize_blocks(x_a, tensor_scale_a, packed_a, block_scale_a, operand_a, operand_scale_a, pid,
+                             n_blocks_a, R, KIND_A, WITH_OPERAND, OPERAND_SCALED_A)
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
-                _quantize_blocks(xb, sb, pb, cb, ob, osb, pid - end_a, nb, R, KIND_B, EMIT_OP, OP_SCALED_B)
+                _quantize_blocks(x_b, tensor_scale_b, packed_b, block_scale_b, operand_b, operand_scale_b,
+                                 pid - end_a, n_blocks_b, R, KIND_B, WITH_OPERAND, OPERAND_SCALED_B)
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
-                _quantize_blocks(xc, sc, pc, cc, oc, osc, pid - end_b, nc, R, KIND_C, EMIT_OP, OP_SCALED_C)
+                _quantize_blocks(x_c, tensor_scale_c, packed_c, block_scale_c, operand_c, operand_scale_c,
+                                 pid - end_b, n_blocks_c, R, KIND_C, WITH_OPERAND, OPERAND_SCALED_C)
         if N > 3:
             if pid >= end_c:
-                _quantize_blocks(xd, sd, pd, cd, od, osd, pid - end_c, nd, R, KIND_D, EMIT_OP, OP_SCALED_D)
+                _quantize_blocks(x_d, tensor_scale_d, packed_d, block_scale_d, operand_d, operand_scale_d,
+                                 pid - end_c, n_blocks_d, R, KIND_D, WITH_OPERAND, OPERAND_SCALED_D)
 
     @triton.jit
-    def _dequantize_blocks(packed_ptr, scale_ptr, s_ptr, out_ptr, pid, n_blocks,
-                           R: tl.constexpr, KIND: tl.constexpr, USE_S: tl.constexpr):
-        blk = pid.to(tl.int64) * R + tl.arange(0, R)
-        bmask = blk < n_blocks
-        pair = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-        mask = bmask[:, None]
-        p = tl.load(packed_ptr + pair, mask=mask, other=0).to(tl.int32)
-        sb = tl.load(scale_ptr + blk, mask=bmask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)[:, None]
-        lo = _value(p & 15) * sb
-        hi = _value(p >> 4) * sb
-        if USE_S:
-            s = tl.load(s_ptr)
-            lo, hi = lo * s, hi * s
-        tl.store(out_ptr + pair, _pack_pair(lo, hi, KIND), mask=mask)
+    def _dequantize_blocks(
+        packed_ptr,  # uint8 [n_blocks * 8]: two E2M1 codes a byte
+        block_scale_ptr,  # uint8 [n_blocks]: e4m3 bits
+        tensor_scale_ptr,  # fp32 [1] if SCALED
+        out_ptr,  # [n_blocks * 8] out: element pairs of the KIND (int32 or int64)
+        pid,  # this program's index among the tensor's programs
+        n_blocks,  # 16-element blocks in the tensor
+        R: tl.constexpr,  # blocks per program
+        KIND: tl.constexpr,  # output dtype: 0 bf16, 1 fp16, 2 fp32
+        SCALED: tl.constexpr,  # multiply by the tensor scale
+    ):
+        block = pid.to(tl.int64) * R + tl.arange(0, R)
+        block_mask = block < n_blocks
+        pair = block[:, None] * 8 + tl.arange(0, 8)[None, :]
+        pair_mask = block_mask[:, None]
+        codes = tl.load(packed_ptr + pair, mask=pair_mask, other=0).to(tl.int32)
+        scale_bits = tl.load(block_scale_ptr + block, mask=block_mask, other=0)
+        block_scale = scale_bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)[:, None]
+        lo = _value(codes & 15) * block_scale
+        hi = _value(codes >> 4) * block_scale
+        if SCALED:
+            tensor_scale = tl.load(tensor_scale_ptr)
+            lo, hi = lo * tensor_scale, hi * tensor_scale
+        tl.store(out_ptr + pair, _pack_pair(lo, hi, KIND), mask=pair_mask)
 
     @triton.jit
-    def _dequantize_kernel(pa, ca, sa, oa, na, pb, cb, sb, ob, nb, pc, cc, sc, oc, nc, pd, cd, sd, od, nd,
-                           end_a, end_b, end_c, N: tl.constexpr, R: tl.constexpr, KIND_A: tl.constexpr,
-                           KIND_B: tl.constexpr, KIND_C: tl.constexpr, KIND_D: tl.constexpr, USE_S: tl.constexpr):
+    def _dequantize_kernel(
+        # Slots A to D as in _quantize_kernel; a slot's arguments are those of _dequantize_blocks:
+        packed_a,  # uint8 [n_blocks_a * 8]
+        block_scale_a,  # uint8 [n_blocks_a]
+        tensor_scale_a,  # fp32 [1] (SCALED)
+        out_a,  # [n_blocks_a * 8] element pairs out
+        n_blocks_a,  # int
+        packed_b, block_scale_b, tensor_scale_b, out_b, n_blocks_b,
+        packed_c, block_scale_c, tensor_scale_c, out_c, n_blocks_c,
+        packed_d, block_scale_d, tensor_scale_d, out_d, n_blocks_d,
+        end_a,  # programs [0, end_a) work on slot A, [end_a, end_b) on B, [end_b, end_c) on C
+        end_b,
+        end_c,
+        N: tl.constexpr,  # slots used, 1 to 4
+        R: tl.constexpr,  # blocks per program
+        KIND_A: tl.constexpr,  # each slot's output dtype (``_KIND``)
+        KIND_B: tl.constexpr,
+        KIND_C: tl.constexpr,
+        KIND_D: tl.constexpr,
+        SCALED: tl.constexpr,  # multiply by the tensor scales
+    ):
+        """The first N of the tensors in slots A to D, on consecutive ranges of programs."""
         pid = tl.program_id(0)
         if pid < end_a:
-            _dequantize_blocks(pa, ca, sa, oa, pid, na, R, KIND_A, USE_S)
+            _dequantize_blocks(packed_a, block_scale_a, tensor_scale_a, out_a, pid, n_blocks_a, R, KIND_A, SCALED)
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
-                _dequantize_blocks(pb, cb, sb, ob, pid - end_a, nb, R, KIND_B, USE_S)
+                _dequantize_blocks(packed_b, block_scale_b, tensor_scale_b, out_b, pid - end_a, n_blocks_b, R,
+                                   KIND_B, SCALED)
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
-                _dequantize_blocks(pc, cc, sc, oc, pid - end_b, nc, R, KIND_C, USE_S)
+                _dequantize_blocks(packed_c, block_scale_c, tensor_scale_c, out_c, pid - end_b, n_blocks_c, R,
+                                   KIND_C, SCALED)
         if N > 3:
             if pid >= end_c:
-                _dequantize_blocks(pd, cd, sd, od, pid - end_c, nd, R, KIND_D, USE_S)
+                _dequantize_blocks(packed_d, block_scale_d, tensor_scale_d, out_d, pid - end_c, n_blocks_d, R,
+                                   KIND_D, SCALED)
 
     @triton.jit
-    def _scale_of(a, POW2: tl.constexpr):
+    def _scale_of(amax, POW2: tl.constexpr):
         """format.tensor_scale of one fp32 amax."""
-        s = tl.math.div_rn(a, 2688.0)
+        s = tl.math.div_rn(amax, 2688.0)
         finite = (s == s) & (tl.abs(s) != float("inf"))
         s = tl.where(finite, tl.maximum(s, 2.0**-121), s)
         if POW2:
             up = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
             s = tl.where(finite, up, s)
-        return tl.where(a == 0.0, 1.0, s)
+        return tl.where(amax == 0.0, 1.0, s)
 
     @triton.jit
-    def _abs_max_slot(x_ptr, n, pid, grid, buf_ptr, programs, SCALE: tl.constexpr, POW2: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        """buf[0] (int32 bits, >= 0) = max(buf[0], bits of max |x|) over program pid's grid-strided
-        slice of x. SCALE: buf[1] counts finished programs; the last of ``programs`` writes the
-        scale to buf[2]."""
+    def _amax_slot(
+        x_ptr,  # [n] any float dtype
+        n,  # elements of x
+        pid,  # this program's index among x's programs
+        grid,  # x's programs
+        group_ptr,  # int32 [3]: the group's amax bits, finished programs, tensor scale bits
+        programs,  # the programs of all tensors of the group
+        SCALE: tl.constexpr,  # compute the tensor scale too
+        POW2: tl.constexpr,  # the pow2 tensor-scale mode (else amax)
+        BLOCK: tl.constexpr,  # elements per iteration
+    ):
+        """group[0] = max(group[0], bits of max |x|) over program pid's grid-strided slice of x
+        (the bits of |x| as int32 order as the values; NaN's exceed Inf's). SCALE: group[1]
+        counts finished programs; the last of ``programs`` writes the scale to group[2]."""
         acc = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(pid * BLOCK, n, grid * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        tl.atomic_max(buf_ptr, tl.max(acc, axis=0))
+        tl.atomic_max(group_ptr, tl.max(acc, axis=0))
         if SCALE:
-            if tl.atomic_add(buf_ptr + 1, 1) == programs - 1:  # acq_rel: every max is visible
-                a = tl.atomic_max(buf_ptr, 0).to(tl.float32, bitcast=True)
-                tl.store(buf_ptr + 2, _scale_of(a, POW2).to(tl.int32, bitcast=True))
+            if tl.atomic_add(group_ptr + 1, 1) == programs - 1:  # acq_rel: every max is visible
+                amax = tl.atomic_max(group_ptr, 0).to(tl.float32, bitcast=True)
+                tl.store(group_ptr + 2, _scale_of(amax, POW2).to(tl.int32, bitcast=True))
 
     @triton.jit
-    def _abs_max_kernel(xa, na, ga, pa, xb, nb, gb, pb, xc, nc, gc, pc, xd, nd, gd, pd, end_a, end_b, end_c, buf_ptr,
-                        N: tl.constexpr, SCALE: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
-        """The first N of tensors a to d, on consecutive ranges of programs (``_slot_ends``); tensor
-        a's group has its three int32 at buf + ga and pa programs in all, and so on."""
+    def _amax_kernel(
+        # Slots A to D as in _quantize_kernel; a slot's arguments:
+        x_a,  # [n_a] any float dtype
+        n_a,  # elements of x_a
+        group_a,  # int: offset in buf of x_a's group (3 int32 a group)
+        programs_a,  # int: programs of x_a's whole group
+        x_b, n_b, group_b, programs_b,
+        x_c, n_c, group_c, programs_c,
+        x_d, n_d, group_d, programs_d,
+        end_a,  # programs [0, end_a) work on slot A, [end_a, end_b) on B, [end_b, end_c) on C
+        end_b,
+        end_c,
+        buf_ptr,  # int32 [3 * groups], zeroed: per group amax bits, program count, scale bits
+        N: tl.constexpr,  # slots used, 1 to 4
+        SCALE: tl.constexpr,  # compute each group's tensor scale
+        POW2: tl.constexpr,  # the pow2 tensor-scale mode (else amax)
+        BLOCK: tl.constexpr,  # elements per iteration
+    ):
+        """The first N of the tensors in slots A to D, on consecutive ranges of programs."""
         pid = tl.program_id(0)
         if pid < end_a:
-            _abs_max_slot(xa, na, pid, end_a, buf_ptr + ga, pa, SCALE, POW2, BLOCK)
+            _amax_slot(x_a, n_a, pid, end_a, buf_ptr + group_a, programs_a, SCALE, POW2, BLOCK)
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
-                _abs_max_slot(xb, nb, pid - end_a, end_b - end_a, buf_ptr + gb, pb, SCALE, POW2, BLOCK)
+                _amax_slot(x_b, n_b, pid - end_a, end_b - end_a, buf_ptr + group_b, programs_b, SCALE, POW2, BLOCK)
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
-                _abs_max_slot(xc, nc, pid - end_b, end_c - end_b, buf_ptr + gc, pc, SCALE, POW2, BLOCK)
+                _amax_slot(x_c, n_c, pid - end_b, end_c - end_b, buf_ptr + group_c, programs_c, SCALE, POW2, BLOCK)
         if N > 3:
             if pid >= end_c:
-                _abs_max_slot(xd, nd, pid - end_c, tl.num_programs(0) - end_c, buf_ptr + gd, pd, SCALE, POW2, BLOCK)
+                _amax_slot(x_d, n_d, pid - end_c, tl.num_programs(0) - end_c, buf_ptr + group_d, programs_d, SCALE,
+                           POW2, BLOCK)
 
     @triton.jit
     def _tensor_scale_kernel(amax_ptr, out_ptr, POW2: tl.constexpr):
@@ -323,43 +420,43 @@ def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[s
                                  num_warps=TILE["num_warps"], **meta)
 
 
-def _quantize_launch(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], op_scales: list[torch.Tensor | None],
-                     emit_operand: bool, kernel) -> list[torch.Tensor]:
+def _quantize_launch(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], operand_scales: list[torch.Tensor | None],
+                     with_operand: bool, kernel) -> list[torch.Tensor]:
     """``quantize``'s outputs, flat: packed, e4m3 block scales, bf16 operand (empty without
-    ``emit_operand``) per tensor."""
+    ``with_operand``) per tensor."""
     outs, parts = [], []
-    for x, s, o_scale in zip(xs, s_tensors, op_scales):
+    for x, s, operand_scale in zip(xs, s_tensors, operand_scales):
         lead, k = x.shape[:-1], x.shape[-1]
         packed = torch.empty(*lead, k // 2, dtype=torch.uint8, device=x.device)
         scales = torch.empty(*lead, k // 16, dtype=torch.uint8, device=x.device)
-        op = torch.empty(*lead, k // 2 if emit_operand else 0, dtype=torch.int32, device=x.device)
-        o_scale = s if o_scale is None else o_scale  # unread without OP_SCALED
-        parts.append((_pairs(x), s, packed, scales, op, o_scale))
-        outs += [packed, scales.view(torch.float8_e4m3fn), op.view(torch.bfloat16)]
-    consts = [{"KIND": _KIND[x.dtype][0], "OP_SCALED": emit_operand and o is not None} for x, o in zip(xs, op_scales)]
-    _launch(kernel, parts, [x.numel() // 16 for x in xs], consts, EMIT_OP=emit_operand)
+        operand = torch.empty(*lead, k // 2 if with_operand else 0, dtype=torch.int32, device=x.device)
+        operand_scale = s if operand_scale is None else operand_scale  # unread without OPERAND_SCALED
+        parts.append((_pairs(x), s, packed, scales, operand, operand_scale))
+        outs += [packed, scales.view(torch.float8_e4m3fn), operand.view(torch.bfloat16)]
+    consts = [{"KIND": _KIND[x.dtype][0], "OPERAND_SCALED": with_operand and o is not None} for x, o in zip(xs, operand_scales)]
+    _launch(kernel, parts, [x.numel() // 16 for x in xs], consts, WITH_OPERAND=with_operand)
     return outs
 
 
 if HAVE_TRITON:
     @torch.library.triton_op("nvfp4::quantize", mutates_args=())
-    def _quantize_op(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], op_scales: list[torch.Tensor | None],
-                     emit_operand: bool) -> list[torch.Tensor]:
+    def _quantize_op(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], operand_scales: list[torch.Tensor | None],
+                     with_operand: bool) -> list[torch.Tensor]:
         """``_quantize_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
-        return _quantize_launch(xs, s_tensors, op_scales, emit_operand, wrap_triton(_quantize_kernel))
+        return _quantize_launch(xs, s_tensors, operand_scales, with_operand, wrap_triton(_quantize_kernel))
 
 
-def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], emit_operand: bool = False,
-             op_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
+def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], with_operand: bool = False,
+             operand_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
     like x; four tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
     operand in fp32 before its rounding to bf16."""
-    op_scales = list(op_scales or [None] * len(xs))
+    operand_scales = list(operand_scales or [None] * len(xs))
     if torch.compiler.is_compiling():
-        flat = _quantize_op(list(xs), list(s_tensors), op_scales, emit_operand)
+        flat = _quantize_op(list(xs), list(s_tensors), operand_scales, with_operand)
     else:  # launched directly (through the op each launch would cost a dispatch)
-        flat = _quantize_launch(xs, s_tensors, op_scales, emit_operand, _quantize_kernel)
-    return [(p, sc, op if emit_operand else None) for p, sc, op in zip(flat[0::3], flat[1::3], flat[2::3])]
+        flat = _quantize_launch(xs, s_tensors, operand_scales, with_operand, _quantize_kernel)
+    return [(p, sc, operand if with_operand else None) for p, sc, operand in zip(flat[0::3], flat[1::3], flat[2::3])]
 
 
 def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -371,11 +468,11 @@ def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     for packed, scales, s_tensor in qs:
         out = torch.empty(packed.shape, dtype=pair, device=packed.device)  # one integer holds two outputs
         scales = scales.contiguous().view(torch.uint8)
-        s_t = scales if s_tensor is None else s_tensor  # unread without USE_S
+        s_t = scales if s_tensor is None else s_tensor  # unread without SCALED
         parts.append((packed.contiguous(), scales, s_t, out))
         outs.append(out.view(dtype))
     _launch(_dequantize_kernel, parts, [p[0].numel() // 8 for p in parts], [{"KIND": kind}] * len(outs),
-            USE_S=qs[0][2] is not None)
+            SCALED=qs[0][2] is not None)
     return outs
 
 
@@ -384,9 +481,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _abs_max_launch(xs: list[torch.Tensor], sizes: list[int], scale_mode: int, kernel) -> torch.Tensor:
+def _amax_launch(xs: list[torch.Tensor], sizes: list[int], tensor_scale_mode: str | None, kernel) -> torch.Tensor:
     """int32 [3 * len(sizes)]: for each group of xs (``sizes[g]`` tensors, in order) the bits of
-    max |x| over the group, a program count, and (scale_mode 0: amax, 1: pow2; -1: none) the bits of
+    max |x| over the group, a program count, and (unless ``tensor_scale_mode`` is None) the bits of
     the tensor scale, written by the group's last program to finish."""
     buf = torch.zeros(3 * len(sizes), dtype=torch.int32, device=xs[0].device)
     xs = [x.contiguous() for x in xs]
@@ -398,42 +495,48 @@ def _abs_max_launch(xs: list[torch.Tensor], sizes: list[int], scale_mode: int, k
     per_tensor = [(x, x.numel(), 3 * g, totals[g]) for x, g in zip(xs, group)]
     for chunk in _slots(len(xs)):
         kernel[(sum(grids[j] for j in chunk),)](*_slot_args(per_tensor, chunk), *_slot_ends([grids[j] for j in chunk]),
-                                                buf, N=len(chunk), SCALE=scale_mode >= 0, POW2=scale_mode == 1,
-                                                BLOCK=block, num_warps=AMAX_TILE["num_warps"])
+                                                buf, N=len(chunk), SCALE=tensor_scale_mode is not None,
+                                                POW2=tensor_scale_mode == "pow2", BLOCK=block,
+                                                num_warps=AMAX_TILE["num_warps"])
     return buf
 
 
 if HAVE_TRITON:
-    @torch.library.triton_op("nvfp4::abs_max", mutates_args=())
-    def _abs_max_op(xs: list[torch.Tensor], sizes: list[int], scale_mode: int) -> torch.Tensor:
-        """``_abs_max_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
-        return _abs_max_launch(xs, sizes, scale_mode, wrap_triton(_abs_max_kernel))
+    @torch.library.triton_op("nvfp4::amax", mutates_args=())
+    def _amax_op(xs: list[torch.Tensor], sizes: list[int], tensor_scale_mode: str | None) -> torch.Tensor:
+        """``_amax_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
+        return _amax_launch(xs, sizes, tensor_scale_mode, wrap_triton(_amax_kernel))
 
 
-def _abs_max(groups: list[list[torch.Tensor]], pow2: bool | None) -> torch.Tensor:
+def _amax_buffer(groups: list[list[torch.Tensor]], tensor_scale_mode: str | None) -> torch.Tensor:
     """fp32 view of the amax buffer (the program counts' bits are no floats)."""
-    scale_mode = -1 if pow2 is None else int(pow2)
     xs, sizes = [x for g in groups for x in g], [len(g) for g in groups]
     if torch.compiler.is_compiling():
-        return _abs_max_op(xs, sizes, scale_mode).view(torch.float32)
+        return _amax_op(xs, sizes, tensor_scale_mode).view(torch.float32)
     # Eager: launched directly (through the op or wrap_triton each launch costs a dispatch).
-    return _abs_max_launch(xs, sizes, scale_mode, _abs_max_kernel).view(torch.float32)
+    return _amax_launch(xs, sizes, tensor_scale_mode, _amax_kernel).view(torch.float32)
 
 
-def abs_max(*xs: torch.Tensor) -> torch.Tensor:
+def amax(*xs: torch.Tensor) -> torch.Tensor:
     """max |x| over all elements of all xs (CUDA, same device), fp32 0-dim; NaN if any is NaN."""
-    return _abs_max([list(xs)], None)[0]
+    return _amax_buffer([list(xs)], None)[0]
 
 
-def amaxes_and_scales(groups: list[list[torch.Tensor]], pow2: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``abs_max(*group)`` and its ``format.tensor_scale`` for each group of tensors (e.g. a linear's
+def amaxes(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """``amax(*group)`` for each group of tensors, in one buffer; one launch for up to four tensors."""
+    buf = _amax_buffer(groups, None)
+    return [buf[3 * g] for g in range(len(groups))]
+
+
+def amaxes_and_scales(groups: list[list[torch.Tensor]], tensor_scale_mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``amax(*group)`` and its ``format.tensor_scale`` for each group of tensors (e.g. a linear's
     input, and its weights), in one buffer; one launch for up to four tensors, none for the scales."""
-    buf = _abs_max(groups, pow2)
+    buf = _amax_buffer(groups, tensor_scale_mode)
     return [(buf[3 * g], buf[3 * g + 2]) for g in range(len(groups))]
 
 
-def tensor_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+def tensor_scale(amax: torch.Tensor, tensor_scale_mode: str) -> torch.Tensor:
     """``format.tensor_scale`` of a CUDA fp32 0-dim amax, in one launch."""
     out = torch.empty((), dtype=torch.float32, device=amax.device)
-    _tensor_scale_kernel[(1,)](amax, out, POW2=pow2, num_warps=1)
+    _tensor_scale_kernel[(1,)](amax, out, POW2=tensor_scale_mode == "pow2", num_warps=1)
     return out

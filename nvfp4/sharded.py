@@ -14,8 +14,9 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from nvfp4.format import (
     BLOCK_SIZE,
     TensorScaleMode,
-    abs_max,
+    amax,
     amax_and_scale,
+    amaxes,
     amaxes_and_scales,
     tensor_scale,
 )
@@ -49,30 +50,46 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def global_abs_max(*tensors: torch.Tensor) -> torch.Tensor:
+def global_amax(*tensors: torch.Tensor) -> torch.Tensor:
     """max |x| over all pieces of all ``tensors`` (one logical tensor or a fused group).
 
     Members of a group share their sharding, so one collective serves the whole group.
     """
-    return reduce_amax(abs_max(*(local(t) for t in tensors)), tensors[0])
+    return reduce_amax(amax(*(local(t) for t in tensors)), tensors[0])
 
 
-def global_amax_and_scale(*tensors: torch.Tensor, mode: TensorScaleMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """``global_abs_max`` and its tensor scale (one CUDA kernel for both when nothing is sharded)."""
+def global_amax_and_scale(*tensors: torch.Tensor, tensor_scale_mode: TensorScaleMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """``global_amax`` and its tensor scale (one CUDA kernel for both when nothing is sharded)."""
     if not isinstance(tensors[0], DTensor):
-        return amax_and_scale(*tensors, mode=mode)
-    amax = global_abs_max(*tensors)
-    return amax, tensor_scale(amax, mode)
+        return amax_and_scale(*tensors, tensor_scale_mode=tensor_scale_mode)
+    amax = global_amax(*tensors)
+    return amax, tensor_scale(amax, tensor_scale_mode)
 
 
 def global_amaxes_and_scales(
-    groups: list[tuple[torch.Tensor, ...]], mode: TensorScaleMode
+    groups: list[tuple[torch.Tensor, ...]], tensor_scale_mode: TensorScaleMode
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``global_amax_and_scale`` of each group (e.g. a linear's input, and its weights): one
-    kernel launch for them all when nothing is sharded."""
+    """``global_amax_and_scale`` of each group (e.g. a linear's input, and its weights): the local
+    amaxes from one kernel launch, and one all-reduce for all groups sharded alike (a rowwise TP
+    linear's input and weight: one collective instead of two; the max is exact, so the values are
+    those of a reduction per group)."""
     if not any(isinstance(g[0], DTensor) for g in groups):
-        return amaxes_and_scales(groups, mode=mode)
-    return [global_amax_and_scale(*g, mode=mode) for g in groups]
+        return amaxes_and_scales(groups, tensor_scale_mode=tensor_scale_mode)
+    result = amaxes([[local(t) for t in g] for g in groups])
+    pending = [i for i, g in enumerate(groups) if isinstance(g[0], DTensor) and sharded_dims(g[0])]
+    while pending:
+        like = groups[pending[0]][0]
+        alike = [i for i in pending if _sharded_alike(groups[i][0], like)]
+        reduced = reduce_amax(torch.stack([result[i] for i in alike]), like)
+        for j, i in enumerate(alike):
+            result[i] = reduced[j]
+        pending = [i for i in pending if i not in alike]
+    return [(a, tensor_scale(a, tensor_scale_mode)) for a in result]
+
+
+def _sharded_alike(t: torch.Tensor, like: DTensor) -> bool:
+    """Whether one all-reduce serves both: DTensors on the same mesh, sharded on the same dims."""
+    return isinstance(t, DTensor) and t.device_mesh == like.device_mesh and sharded_dims(t) == sharded_dims(like)
 
 
 def check_local_blocks(name: str, t: torch.Tensor) -> None:

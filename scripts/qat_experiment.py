@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import nvfp4  # noqa: E402
-from nvfp4_titan.convert import Options, convert  # noqa: E402
+from nvfp4_titan.convert import Options, convert_checkpoint  # noqa: E402
 from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
 from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
 from nvfp4_titan.training.config import load_config  # noqa: E402
@@ -209,7 +209,7 @@ class Experiment:
 
     def _convert(self, seed: int, run: str) -> None:
         out = self.a.out / f"seed{seed}"
-        convert(out / run, out / ("nvfp4" if run == "qat" else f"{run}_nvfp4"), Options(calibration_batches=8),
+        convert_checkpoint(out / run, out / ("nvfp4" if run == "qat" else f"{run}_nvfp4"), Options(calibration_batches=8),
                 overwrite=True)
 
     def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:

@@ -24,21 +24,21 @@ from nvfp4.fsdp_tensors import NVFP4GatheredWeight
 from nvfp4.gemm import prescales_weight, scaled_matmul, weight_operands
 
 
-def _forward(x, weights, bias, x_scale, w_scale, pow2_scales) -> list[torch.Tensor]:
+def _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode) -> list[torch.Tensor]:
     """y_i = (q(x) @ q(W_i).T) * scales (+ b: one weight only) for weights sharing one input and
     one tensor scale; x is quantized once. Returns [y_1..y_n, x packed, x block scales, then
     each W_i's packed and block scales]: the packed operands are saved for backward."""
     scale = x_scale * w_scale  # the weights share their tensor scale
-    prescaled = prescales_weight(x, x.dtype, bias, pow2_scales)
+    prescaled = prescales_weight(x, x.dtype, bias, tensor_scale_mode)
     if isinstance(weights[0], NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
-        ((xq, x_op),) = quantize_operands([(x, x_scale)])
+        ((xq, x_operand),) = quantize_operands([(x, x_scale)])
         wqs = [w.nvfp4 for w in weights]
-        w_ops = weight_operands(wqs, scale, prescaled, operand_dtype(x.device))
+        w_operands = weight_operands(wqs, scale, prescaled, operand_dtype(x.device))
     else:  # the input and the weights, four per launch on CUDA
-        op_scales = [None] + [scale if prescaled else None] * len(weights)
-        (xq, x_op), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights], op_scales=op_scales)
-        wqs, w_ops = [q for q, _ in w_pairs], [op for _, op in w_pairs]
-    ys = [scaled_matmul(x_op, w_op, None if prescaled else scale, bias, x.dtype) for w_op in w_ops]
+        operand_scales = [None] + [scale if prescaled else None] * len(weights)
+        (xq, x_operand), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights], operand_scales=operand_scales)
+        wqs, w_operands = [q for q, _ in w_pairs], [operand for _, operand in w_pairs]
+    ys = [scaled_matmul(x_operand, w_operand, None if prescaled else scale, bias, x.dtype) for w_operand in w_operands]
     return [*ys, xq.packed, xq.block_scale, *(t for q in wqs for t in (q.packed, q.block_scale))]
 
 
@@ -74,8 +74,8 @@ class _QATLinearFn(torch.autograd.Function):
     arguments through ``inspect.signature`` on every call."""
 
     @staticmethod
-    def forward(ctx: Any, x, bias, x_scale, w_scale, pow2_scales, *weights):  # type: ignore[override]
-        outputs = _forward(x, weights, bias, x_scale, w_scale, pow2_scales)
+    def forward(ctx: Any, x, bias, x_scale, w_scale, tensor_scale_mode, *weights):  # type: ignore[override]
+        outputs = _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
         _save(ctx, x_scale, w_scale, bias, weights[0].dtype, outputs, len(weights))
         return tuple(outputs[:len(weights)])
 
@@ -92,13 +92,13 @@ class _QATLinearFn(torch.autograd.Function):
 @torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
 def _qat_linear(
     x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, x_scale: torch.Tensor,
-    w_scale: torch.Tensor, pow2_scales: bool,
+    w_scale: torch.Tensor, tensor_scale_mode: str,
 ) -> list[torch.Tensor]:
-    return _forward(x, weights, bias, x_scale, w_scale, pow2_scales)
+    return _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
 
 
 @_qat_linear.register_fake
-def _(x, weights, bias, x_scale, w_scale, pow2_scales):
+def _(x, weights, bias, x_scale, w_scale, tensor_scale_mode):
     k, lead = x.shape[-1], x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
     packed = [(w.new_empty(w.shape[0], k // 2, dtype=torch.uint8),
@@ -144,7 +144,7 @@ _qat_linear.register_autograd(_op_backward, setup_context=_op_setup_context)
 @torch.library.custom_op("nvfp4::fake_quantize_weight", mutates_args=())
 def _fake_quantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """dq(q(W)) in W's dtype; a custom op so that torch.compile does not trace its kernels."""
-    return dequantize(quantize_for_gemm(w, w_scale, operand=False)[0], w.dtype)
+    return dequantize(quantize_for_gemm(w, w_scale, with_operand=False)[0], w.dtype)
 
 
 @_fake_quantize_weight.register_fake
@@ -167,7 +167,7 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def qat_linear(
-    x, weights: list[torch.Tensor], bias, x_scale, w_scale, pow2_scales: bool, recomputed: bool = False,
+    x, weights: list[torch.Tensor], bias, x_scale, w_scale, tensor_scale_mode: str, recomputed: bool = False,
 ) -> list[torch.Tensor]:
     """[y_1..y_n] of ``_forward`` with the straight-through backward.
 
@@ -177,6 +177,6 @@ def qat_linear(
     and packed operands were saved whatever the checkpoint said (torch 2.11: the nodes of a traced
     autograd.Function carry no recompute tag), so checkpointing freed nothing under QAT.
     Outside checkpointed regions ``_QATLinearFn`` is kept: about 7% faster per step (1B, H200)."""
-    if torch.compiler.is_compiling() and (recomputed or bias is not None or not kernels.op_enabled(x)):
-        return _qat_linear(x, weights, bias, x_scale, w_scale, pow2_scales)[:len(weights)]
-    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, pow2_scales, *weights))
+    if torch.compiler.is_compiling() and (recomputed or bias is not None or not kernels.use_triton_op(x)):
+        return _qat_linear(x, weights, bias, x_scale, w_scale, tensor_scale_mode)[:len(weights)]
+    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, tensor_scale_mode, *weights))

@@ -20,7 +20,7 @@ from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
 from nvfp4.qat.autograd import _StraightThrough, qat_linear
 from nvfp4.qat.config import QATConfig
 from nvfp4.sharded import (
-    global_abs_max,
+    global_amax,
     global_amax_and_scale,
     global_amaxes_and_scales,
     input_grad_placement,
@@ -54,7 +54,7 @@ class NVFP4QATLinear(nn.Linear):
             "input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device)
         )
         self.amax_peers: tuple[NVFP4QATLinear, ...] = ()  # other members of the fused group
-        self.last_input_amax: torch.Tensor | None = None  # dynamic mode, for metrics
+        self.last_input_amax: torch.Tensor | None = None  # dynamic tensor_scale_mode, for metrics
         self.enabled = True  # False: a plain linear (training in float before QAT starts)
         self.calibrating = False
         self._calibrated = False
@@ -85,17 +85,17 @@ class NVFP4QATLinear(nn.Linear):
 
     def weight_amax(self) -> torch.Tensor:
         """max |W| over this weight and its fused-group peers, over all their shards."""
-        return global_abs_max(self.weight, *(p.weight for p in self.amax_peers))
+        return global_amax(self.weight, *(p.weight for p in self.amax_peers))
 
     def weight_scale(self) -> torch.Tensor:
         """The per-tensor scale of ``weight_amax``."""
         peers = (p.weight for p in self.amax_peers)
-        return global_amax_and_scale(self.weight, *peers, mode=self.config.tensor_scale)[1]
+        return global_amax_and_scale(self.weight, *peers, tensor_scale_mode=self.config.tensor_scale)[1]
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.config.tensor_scale
+        tensor_scale_mode = self.config.tensor_scale
         if self.config.activation_scale == "dynamic" or self.calibrating:
-            a, s = global_amax_and_scale(x, mode=mode)
+            a, s = global_amax_and_scale(x, tensor_scale_mode=tensor_scale_mode)
             self.last_input_amax = a
             if self.calibrating:
                 self.input_amax.copy_(torch.maximum(self.input_amax, a))
@@ -107,11 +107,7 @@ class NVFP4QATLinear(nn.Linear):
                     "nvfp4.calibrate(model, batches) or load a calibrated checkpoint"
                 )
             self._calibrated = True
-        return tensor_scale(self.input_amax, mode)
-
-    @property
-    def _pow2(self) -> bool:
-        return self.config.tensor_scale == "pow2"
+        return tensor_scale(self.input_amax, tensor_scale_mode)
 
     def observed_input_amax(self) -> float:
         """The calibrated amax (static) or the last input's (dynamic); 0 before any forward
@@ -128,7 +124,7 @@ class NVFP4QATLinear(nn.Linear):
         return quantize_with_scale(w, self.weight_scale())
 
     def _peers_share_input_amax(self) -> bool:
-        """Static mode: whether the fused group's peers hold this calibrated input amax (then
+        """Static tensor_scale_mode: whether the fused group's peers hold this calibrated input amax (then
         they share one quantized input). One host sync per calibration."""
         if self._same_input_amax is None:
             self._same_input_amax = all(torch.equal(p.input_amax, self.input_amax) for p in self.amax_peers)
@@ -146,7 +142,7 @@ class NVFP4QATLinear(nn.Linear):
                 or isinstance(local(self.weight), NVFP4GatheredWeight)):
             return self._input_scale(x), self._gemm_weight_scale()
         weights = (self.weight, *(p.weight for p in self.amax_peers))
-        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales([(x,), weights], mode=self.config.tensor_scale)
+        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales([(x,), weights], tensor_scale_mode=self.config.tensor_scale)
         self.last_input_amax = amax
         return x_scale, w_scale
 
@@ -161,7 +157,7 @@ class NVFP4QATLinear(nn.Linear):
             return nn.functional.linear(x, w_fq, self.bias)
         x_scale, w_scale = self._scales(x)
         if not isinstance(w, DTensor):
-            return qat_linear(x, [w], self.bias, x_scale, w_scale, self._pow2, self.recomputed)[0]
+            return qat_linear(x, [w], self.bias, x_scale, w_scale, self.config.tensor_scale, self.recomputed)[0]
         # Tensor parallel: quantize and multiply the local shards (global scales above),
         # then say how the local outputs combine.
         if not isinstance(x, DTensor):
@@ -171,7 +167,7 @@ class NVFP4QATLinear(nn.Linear):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
         x_local = x.to_local(grad_placements=input_grad_placement(x, w))
-        y = qat_linear(x_local, [w.to_local()], bias, x_scale, w_scale, self._pow2, self.recomputed)[0]
+        y = qat_linear(x_local, [w.to_local()], bias, x_scale, w_scale, self.config.tensor_scale, self.recomputed)[0]
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     @staticmethod
@@ -209,10 +205,10 @@ def _forward_group(linears: Sequence[NVFP4QATLinear], x: torch.Tensor) -> list[t
     weights = [m.weight for m in linears]
     w = weights[0]
     if not isinstance(w, DTensor):
-        return qat_linear(x, weights, None, x_scale, w_scale, first._pow2, first.recomputed)
+        return qat_linear(x, weights, None, x_scale, w_scale, first.config.tensor_scale, first.recomputed)
     placements = output_placement(x, w)
     x_local = x.to_local(grad_placements=input_grad_placement(x, w))
-    ys = qat_linear(x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first._pow2, first.recomputed)
+    ys = qat_linear(x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first.config.tensor_scale, first.recomputed)
     return [DTensor.from_local(y, w.device_mesh, placements, run_check=False) for y in ys]
 
 

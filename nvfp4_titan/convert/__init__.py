@@ -15,8 +15,13 @@ from nvfp4_titan.convert.source import (
     quantized_groups,
     resolve_source,
 )
-from nvfp4_titan.convert.write import Options, check_exportable, convert, write_checkpoint
+from nvfp4_titan.convert.write import (
+    Options,
+    check_exportable,
+    convert_checkpoint,
+    write_checkpoint,
+)
 
 __all__ = ["ConvertError", "Options", "Source", "build_model", "calibrated_input_amax", "check_exportable",
-           "convert", "load_nvfp4_model", "qat_groups", "quantized_groups", "resolve_source", "verify",
+           "convert_checkpoint", "load_nvfp4_model", "qat_groups", "quantized_groups", "resolve_source", "verify",
            "write_checkpoint"]

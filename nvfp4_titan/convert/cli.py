@@ -20,7 +20,7 @@ from nvfp4.export import (
 )
 from nvfp4_titan.convert.read import verify
 from nvfp4_titan.convert.source import ConvertError
-from nvfp4_titan.convert.write import Options, convert
+from nvfp4_titan.convert.write import Options, convert_checkpoint
 from nvfp4_titan.models.llama3 import CheckpointError
 from nvfp4_titan.parallel.parallelize import DTYPES
 from nvfp4_titan.training.config import ConfigError
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     o = Options(a.format, DTYPES[a.dtype] if a.dtype else None, a.calibration_batches, a.calibration_batch_size,
                 a.calibration_data, a.calibration_seq_len, tokenizer=a.tokenizer)
     try:
-        src = convert(a.checkpoint, a.output, o, a.overwrite, log)
+        src = convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)
         print(f"wrote {a.output} ({a.format})")
         if a.verify and a.format != "hf":
             return 1 if verify(a.output, src, a.format) else 0

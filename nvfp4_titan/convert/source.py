@@ -18,13 +18,14 @@ from nvfp4_titan.models.llama3 import ModelArgs, Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from nvfp4_titan.models.llama3.args import model_args_from_json
 from nvfp4_titan.models.llama3.hf import (
+    CheckpointError,
     TensorReader,
     _cast,
     args_from_hf_config,
     read_config,
 )
 from nvfp4_titan.parallel.parallelize import DTYPES
-from nvfp4_titan.training.checkpoint import CheckpointLoadError, damage, latest, step_number
+from nvfp4_titan.training.checkpoint import damage, latest, step_number
 from nvfp4_titan.training.config import Config, ConfigError, load_config
 
 
@@ -56,7 +57,7 @@ def _dcp_step(path: Path) -> Path | None:
     for folder in (path / "checkpoint", path):
         try:
             step = latest(folder)
-        except CheckpointLoadError as e:
+        except CheckpointError as e:
             raise ConvertError(str(e)) from None
         if step is not None:
             return step
@@ -177,7 +178,7 @@ def quantized_groups(src: Source):
     """Yield (module, weight as the forward saw it, NVFP4 weight) for every QAT linear."""
     for group in qat_groups(src):
         ws = {m: _weight(src, m) for m in group}
-        amax = torch.stack([nvfp4.abs_max(w) for w in ws.values()]).max()
+        amax = torch.stack([nvfp4.amax(w) for w in ws.values()]).max()
         for m, w in ws.items():
             yield m, w, nvfp4.quantize(w, amax, src.qat.tensor_scale)
 

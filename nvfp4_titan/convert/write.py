@@ -168,7 +168,7 @@ def _special_token_ids(src: Source) -> dict[str, int]:
     return {"eos_token_id": load_tokenizer(src.tokenizer).eos_id}
 
 
-def convert(source: Path, output: Path, o: Options, overwrite: bool = False,
+def convert_checkpoint(source: Path, output: Path, o: Options, overwrite: bool = False,
             log: Callable[[str], None] = lambda s: None) -> Source:
     """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
     if o.fmt not in (*FORMATS, "hf"):

@@ -27,12 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from nvfp4_titan.models.llama3.hf import CheckpointError
+
 _STEP = re.compile(r"step-(\d+)")
 log = logging.getLogger("nvfp4_titan")
-
-
-class CheckpointLoadError(ValueError):
-    """A checkpoint that does not fit this run; the message names it."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -84,7 +82,7 @@ def latest(folder: Path) -> Path | None:
     """The newest complete checkpoint in ``folder``, None when there is no ``step-N`` folder.
     Newer damaged ones are named in a warning and left in place (nothing is deleted).
 
-    Raises CheckpointLoadError when every ``step-N`` folder is damaged: starting over would
+    Raises CheckpointError when every ``step-N`` folder is damaged: starting over would
     silently drop the run's training."""
     damaged = []
     for _, p in reversed(step_folders(folder)):
@@ -95,7 +93,7 @@ def latest(folder: Path) -> Path | None:
         damaged.append((p, why))
     if damaged:
         what = "; ".join(f"{p.name}: {why}" for p, why in damaged)
-        raise CheckpointLoadError(
+        raise CheckpointError(
             f"every checkpoint in {folder} is damaged ({what}); restore them, move them away to start "
             f"over, or use another job.dump_folder")
     return None
@@ -132,7 +130,7 @@ def save(
             free = "unknown space"
         try:
             previous = latest(folder)
-        except CheckpointLoadError:
+        except CheckpointError:
             previous = None
         cause = _cause(e)
         if "enforce fail at inline_container" in cause:  # torch.save's words for a failed write
@@ -202,7 +200,7 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
-        raise CheckpointLoadError(f"{path}: cannot load this checkpoint into this run ({_cause(e)})") from None
+        raise CheckpointError(f"{path}: cannot load this checkpoint into this run ({_cause(e)})") from None
 
 
 def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
@@ -210,13 +208,13 @@ def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
-        raise CheckpointLoadError(f"{path}: not a DCP checkpoint folder ({e})") from None
+        raise CheckpointError(f"{path}: not a DCP checkpoint folder ({e})") from None
     for name, shape in expected.items():
         entry = meta.get(f"model.{name}")
         if entry is None:
-            raise CheckpointLoadError(f"{path}: has no tensor model.{name}; is it a checkpoint of this model?")
+            raise CheckpointError(f"{path}: has no tensor model.{name}; is it a checkpoint of this model?")
         if tuple(entry.size) != tuple(shape):
-            raise CheckpointLoadError(
+            raise CheckpointError(
                 f"{path}: model.{name} has shape {tuple(entry.size)}, this model needs {tuple(shape)} "
                 "(a checkpoint of another model size or flavor)"
             )

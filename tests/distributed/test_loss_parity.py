@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nvfp4_titan.convert import Options, convert, verify
+from nvfp4_titan.convert import Options, convert_checkpoint, verify
 from tests.distributed.harness import DEVICES, skip_unless_ranks
 from tests.integration.helpers import FAST, ROOT, losses, metrics, model_weights, train
 
@@ -161,7 +161,7 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
             continue
         _run(tmp_path / name, device, dp * tp, *still, *_layout(dp, tp))
         out = tmp_path / f"{name}-nvfp4"
-        src = convert(tmp_path / name, out, Options(calibration_batches=2))
+        src = convert_checkpoint(tmp_path / name, out, Options(calibration_batches=2))
         assert verify(out, src, "modelopt", log=lambda line: None) == 0, name
         got = {"weights": model_weights(tmp_path / name / "checkpoint" / "step-1"),
                "nvfp4": load_file(str(out / "model.safetensors"))}

@@ -39,16 +39,16 @@ class Recorder:
         self._orig = nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands
         nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands = self._quantize, self._quantize_operands
 
-    def _quantize_operands(self, pairs, operand=True, op_scales=None):
-        out = self._orig[1](pairs, operand, op_scales)
+    def _quantize_operands(self, pairs, with_operand=True, operand_scales=None):
+        out = self._orig[1](pairs, with_operand, operand_scales)
         for (x, _), (q, _) in zip(pairs, out):
             self._record(x, q)
         return out
 
-    def _quantize(self, x, s, operand=True):
-        q, op = self._orig[0](x, s, operand)
+    def _quantize(self, x, s, with_operand=True):
+        q, operand = self._orig[0](x, s, with_operand)
         self._record(x, q)
-        return q, op
+        return q, operand
 
     def _record(self, x: torch.Tensor, q: nvfp4.NVFP4) -> None:
         name = self.current[-1]
@@ -112,7 +112,7 @@ def codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax
         if rowwise and tp > 1 and act == "dynamic":  # sharded K input: compare with quantizing the whole
             xs = [None] * tp
             dist.all_gather_object(xs, got["x"][0].cpu(), group=tp_group)
-            whole = nvfp4.quantize(torch.cat(xs, -1).to(device), mode=mode)
+            whole = nvfp4.quantize(torch.cat(xs, -1).to(device), tensor_scale_mode=mode)
             if not _equal(cat_nvfp4(gather_nvfp4(got["x"][1], tp_group), -1), whole):
                 mismatches.append(f"{name}.input")
     if reduce_amax:

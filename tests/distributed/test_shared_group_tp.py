@@ -19,11 +19,13 @@ from tests.distributed.parity import ARGS, _batch, reference, sharded
 def expected(act: str, all_gather: bool) -> tuple[dict, dict]:
     """Per layer, forward, (shared, per-module): QAT calls q/k/v, wo, w1/w3, w2 (7 per module);
     amax all-reduces: the q/k/v and w1/w3 weights once per group (once per weight per module),
-    wo's and w2's weights (none of them with the NVFP4 all-gather: its scales are precomputed),
-    and with dynamic input scales the rowwise wo's and w2's inputs."""
-    inputs = 2 if act == "dynamic" else 0
-    shared, each = (0, 0) if all_gather else (4, 7)
-    return {"qat_calls": 4, "all_reduces": shared + inputs}, {"qat_calls": 7, "all_reduces": each + inputs}
+    wo's and w2's weights, each together with its rowwise-sharded dynamic input in one
+    all-reduce (``global_amaxes_and_scales``); with the NVFP4 all-gather the weights' scales are
+    precomputed, and only wo's and w2's dynamic inputs are reduced."""
+    if all_gather:
+        inputs = 2 if act == "dynamic" else 0
+        return {"qat_calls": 4, "all_reduces": inputs}, {"qat_calls": 7, "all_reduces": inputs}
+    return {"qat_calls": 4, "all_reduces": 4}, {"qat_calls": 7, "all_reduces": 7}
 
 
 class Counts:

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 import nvfp4
-from nvfp4_titan.convert import ConvertError, Options, convert, load_nvfp4_model
+from nvfp4_titan.convert import ConvertError, Options, convert_checkpoint, load_nvfp4_model
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from tests.integration.helpers import FAST, ROOT, model_weights, train
@@ -64,7 +64,7 @@ TOKENS = torch.randint(0, 8192, (2, 48), generator=torch.Generator().manual_seed
 @pytest.mark.parametrize("run", ["single", "fsdp2xtp2"])
 def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, run, tmp_path):
     out = tmp_path / "out"
-    convert(runs[run], out, Options(calibration_batches=2))
+    convert_checkpoint(runs[run], out, Options(calibration_batches=2))
     weights = _consolidated(runs[run])
     got = _tensors(out)
     model = Transformer(FLAVORS["debug"])
@@ -87,7 +87,7 @@ def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, r
 
 def test_static_scales_are_exported_and_logits_exact(runs, tmp_path):
     out = tmp_path / "out"
-    convert(runs["static"], out, Options())
+    convert_checkpoint(runs["static"], out, Options())
     weights = _consolidated(runs["static"])
     got = _tensors(out)
     s = nvfp4.tensor_scale(weights["layers.2.feed_forward.w2.input_amax"])
@@ -103,8 +103,8 @@ def test_static_scales_are_exported_and_logits_exact(runs, tmp_path):
 def test_weight_only_exports_w4a16_and_logits_exact(runs, tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
 
-    convert(runs["weight_only"], tmp_path / "mo", Options())
-    convert(runs["weight_only"], tmp_path / "ct", Options(fmt="compressed-tensors"))
+    convert_checkpoint(runs["weight_only"], tmp_path / "mo", Options())
+    convert_checkpoint(runs["weight_only"], tmp_path / "ct", Options(fmt="compressed-tensors"))
     got = _tensors(tmp_path / "mo")
     assert not [k for k in got if k.endswith("input_scale")]
     hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
@@ -124,8 +124,8 @@ def test_independent_readers_decode_identical_weights(runs, tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
 
     weights = _consolidated(runs["single"])
-    convert(runs["single"], tmp_path / "mo", Options(calibration_batches=1))
-    convert(runs["single"], tmp_path / "ct", Options(fmt="compressed-tensors", calibration_batches=1))
+    convert_checkpoint(runs["single"], tmp_path / "mo", Options(calibration_batches=1))
+    convert_checkpoint(runs["single"], tmp_path / "ct", Options(fmt="compressed-tensors", calibration_batches=1))
     mo, ct = _tensors(tmp_path / "mo"), _tensors(tmp_path / "ct")
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     qc.pop("nvfp4_titan")
@@ -191,6 +191,6 @@ def test_bad_input_leaves_nothing_behind(runs, tmp_path, kind):
     src, message = _bad(tmp_path, runs, kind)
     out = tmp_path / "out"
     with pytest.raises((ConvertError, ValueError), match=message):
-        convert(src, out, Options(calibration_batches=1))
+        convert_checkpoint(src, out, Options(calibration_batches=1))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -20,12 +20,12 @@ def test_strided_windows_score_every_target_once():
 def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
     """The converted checkpoint, which carries no recipe, scored on its run's validation split
     (--held-out-of) gives exactly the run's figure; without it, it asks for --data."""
-    from nvfp4_titan.convert import Options, convert
+    from nvfp4_titan.convert import Options, convert_checkpoint
     from tests.integration.helpers import FAST, train
 
     run = tmp_path / "run"
     assert train(run, *FAST, "--training.steps=2", "--checkpoint.interval=2").returncode == 0
-    convert(run, tmp_path / "nvfp4", Options(calibration_batches=1))
+    convert_checkpoint(run, tmp_path / "nvfp4", Options(calibration_batches=1))
     figures = []
     for argv in ([str(run)], [str(tmp_path / "nvfp4"), "--held-out-of", str(run)]):
         assert eval_ppl.main([*argv, "--seq-len=256", "--stride=256", "--batch-size=16"]) == 0

@@ -17,7 +17,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from nvfp4_titan.convert import ConvertError, Options, check_exportable, convert, resolve_source
+from nvfp4_titan.convert import (
+    ConvertError,
+    Options,
+    check_exportable,
+    convert_checkpoint,
+    resolve_source,
+)
 from tests.integration.helpers import FAST, ROOT, train
 
 EOS = Tokenizer.from_file(str(ROOT / "data" / "assets" / "tokenizer.json")).token_to_id("<|end_of_text|>")
@@ -47,16 +53,16 @@ def _metadata(out) -> dict:
 
 def test_unexportable_settings_train_only_when_asked_and_are_refused_for_export(runs, tmp_path):
     with pytest.raises(ConvertError, match="share_fused_amax=false .* --format hf"):
-        convert(runs["separate_amax"], tmp_path / "out", Options(calibration_batches=1))
+        convert_checkpoint(runs["separate_amax"], tmp_path / "out", Options(calibration_batches=1))
     assert not (tmp_path / "out").exists()
-    convert(runs["separate_amax"], tmp_path / "float", Options(fmt="hf"))  # the float model exports
+    convert_checkpoint(runs["separate_amax"], tmp_path / "float", Options(fmt="hf"))  # the float model exports
 
 
 def test_static_scales_of_a_step_before_qat_are_refused(runs, tmp_path):
     step2, step4 = (runs["static_late"] / "checkpoint" / f"step-{n}" for n in (2, 4))
     with pytest.raises(ConvertError, match=r"never calibrated .*saved at step-2, before QAT started \(qat.start_step = 3\)"):
-        convert(step2, tmp_path / "early", Options())
-    convert(step4, tmp_path / "late", Options())
+        convert_checkpoint(step2, tmp_path / "early", Options())
+    convert_checkpoint(step4, tmp_path / "late", Options())
     assert _metadata(tmp_path / "late")["input_scale"].startswith("static: calibrated during training")
     assert _metadata(tmp_path / "late")["method"] == "QAT (static activation scales) from step 4"
 
@@ -70,8 +76,8 @@ def test_non_finite_static_input_amax_is_refused(runs):
 
 
 def test_metadata_says_qat_or_ptq(runs, tmp_path):
-    convert(runs["float"], tmp_path / "float", Options(calibration_batches=1))
-    convert(runs["qat"], tmp_path / "qat", Options(calibration_batches=1))
+    convert_checkpoint(runs["float"], tmp_path / "float", Options(calibration_batches=1))
+    convert_checkpoint(runs["qat"], tmp_path / "qat", Options(calibration_batches=1))
     assert _metadata(tmp_path / "float")["method"].startswith("PTQ: trained in float (qat.enable = false)")
     assert _metadata(tmp_path / "qat")["method"] == "QAT (dynamic activation scales) from step 1"
 
@@ -87,7 +93,7 @@ def test_output_equal_to_holding_or_inside_the_source_is_refused(runs, tmp_path)
     before = _tree(run)
     for source, output in ((step, step), (run, run), (step, run), (step, step / "nvfp4"), (run, step)):
         with pytest.raises(ConvertError, match="write the NVFP4 checkpoint to a folder outside it"):
-            convert(source, output, Options(calibration_batches=1), overwrite=True)
+            convert_checkpoint(source, output, Options(calibration_batches=1), overwrite=True)
     assert _tree(run) == before
 
 
@@ -103,23 +109,23 @@ def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_p
                             (tmp_path / "link", "is a symbolic link"),
                             (Path("/sys/nvfp4-titan-test-out"), r"cannot write /sys/nvfp4-titan-test-out \(\w+Error: .*nothing was written")):
         with pytest.raises(ConvertError, match=message):
-            convert(runs["qat"], output, Options(calibration_batches=0), overwrite=True)
+            convert_checkpoint(runs["qat"], output, Options(calibration_batches=0), overwrite=True)
     assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (tmp_path / "a_file").read_text() == "keep me"
-    convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
-    convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True)  # a converted one: replaced
+    convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
+    convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True)  # a converted one: replaced
 
 
 def test_a_source_named_like_a_temporary_folder_survives(runs, tmp_path):
     source = tmp_path / ".victim.convert-999999999-abc"  # the name of a dead conversion's temporary
     shutil.copytree(runs["qat"], source)
-    convert(source, tmp_path / "victim", Options(calibration_batches=0))
+    convert_checkpoint(source, tmp_path / "victim", Options(calibration_batches=0))
     assert (source / "checkpoint" / "step-2" / ".metadata").is_file()
 
 
 def test_an_nvfp4_export_is_no_source(runs, tmp_path):
-    convert(runs["qat"], tmp_path / "once", Options(calibration_batches=0))
+    convert_checkpoint(runs["qat"], tmp_path / "once", Options(calibration_batches=0))
     with pytest.raises(ConvertError, match="is already quantized \\(modelopt\\)"):
-        convert(tmp_path / "once", tmp_path / "twice", Options(calibration_batches=0))
+        convert_checkpoint(tmp_path / "once", tmp_path / "twice", Options(calibration_batches=0))
 
 
 def test_a_config_that_quantizes_nothing_is_refused(runs, tmp_path):
@@ -130,7 +136,7 @@ def test_a_config_that_quantizes_nothing_is_refused(runs, tmp_path):
     assert n == 1
     toml.write_text(text)
     with pytest.raises(ConvertError, match="selects no linear layer: there is nothing to quantize"):
-        convert(run, tmp_path / "out", Options(calibration_batches=0))
+        convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=0))
 
 
 @pytest.mark.parametrize("option", ["--calibration-batch-size=0", "--calibration-batches=-1", "--calibration-seq-len=0"])
@@ -159,7 +165,7 @@ def test_only_tokenizer_files_are_copied(runs, tmp_path, named):
         named = str(tmp_path / "tok" / "secret.txt")
     run = _with_tokenizer_path(runs, tmp_path, named)
     with pytest.raises(ConvertError, match=f"no tokenizer files .* at {named}.*--tokenizer"):
-        convert(run, tmp_path / "out", Options(calibration_batches=0))
+        convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=0))
     assert not (tmp_path / "out").exists()
 
 
@@ -169,9 +175,9 @@ def test_relative_tokenizer_path_from_another_directory(runs, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # the run's tokenizer_path is relative to the repository root
     for batches in (0, 1):  # copying the tokenizer, and calibrating with it
         with pytest.raises(ConvertError, match="data/assets/tokenizer.json.*pass --tokenizer"):
-            convert(run, tmp_path / "out", Options(calibration_batches=batches))
+            convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=batches))
     tok = ROOT / "data" / "assets" / "tokenizer.json"
-    convert(run, tmp_path / "out", Options(calibration_batches=0, tokenizer=tok))
+    convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=0, tokenizer=tok))
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tok.read_bytes()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == EOS
 
@@ -182,7 +188,7 @@ def test_output_permissions_follow_the_umask_and_stale_temporaries_go(runs, tmp_
     (stale / ".nvfp4-convert-temporary").touch()  # the converter's mark in its temporaries
     old = os.umask(0o022)
     try:
-        convert(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
+        convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
@@ -211,7 +217,7 @@ def test_compressed_tensors_export_of_an_fp32_run_runs_in_transformers(runs, tmp
     shutil.copy(ROOT / "data" / "assets" / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     out = tmp_path / "ct"
-    convert(runs["qat"], out, Options(fmt="compressed-tensors", calibration_batches=1, tokenizer=tmp_path / "tokenizer.json"))
+    convert_checkpoint(runs["qat"], out, Options(fmt="compressed-tensors", calibration_batches=1, tokenizer=tmp_path / "tokenizer.json"))
     assert (out / "chat_template.jinja").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16" and cfg["eos_token_id"] == EOS

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nvfp4
-from nvfp4_titan.convert import Options, convert, load_nvfp4_model
+from nvfp4_titan.convert import Options, convert_checkpoint, load_nvfp4_model
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.models.llama3 import Transformer, from_hf
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
@@ -79,8 +79,8 @@ def test_a_named_flavor_that_does_not_match_is_refused(smollm2_hf, tmp_path):
 @pytest.fixture(scope="module")
 def converted(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_nvfp4")
-    convert(run, out / "mo", Options(calibration_batches=1, calibration_batch_size=2))
-    convert(run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2))
+    convert_checkpoint(run, out / "mo", Options(calibration_batches=1, calibration_batch_size=2))
+    convert_checkpoint(run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2))
     return out, model_weights(run / "checkpoint" / f"step-{STEPS}")
 
 

@@ -22,12 +22,12 @@ CASES = [
 @pytest.mark.parametrize("name,dtype", CASES, ids=str)
 def test_quantize_cuda_equals_cpu(name, dtype, mode):
     x = EDGES[name].to(dtype)
-    cpu = nvfp4.quantize(x, mode=mode)
-    gpu = nvfp4.quantize(x.cuda(), mode=mode)
+    cpu = nvfp4.quantize(x, tensor_scale_mode=mode)
+    gpu = nvfp4.quantize(x.cuda(), tensor_scale_mode=mode)
     assert torch.equal(gpu.packed.cpu(), cpu.packed)
     assert torch.equal(gpu.block_scale.cpu().view(torch.uint8), cpu.block_scale.view(torch.uint8))
     assert torch.equal(gpu.tensor_scale.cpu(), cpu.tensor_scale)
-    assert torch.equal(nvfp4.fake_quantize(x.cuda(), mode=mode).cpu(), nvfp4.fake_quantize(x, mode=mode))
+    assert torch.equal(nvfp4.fake_quantize(x.cuda(), tensor_scale_mode=mode).cpu(), nvfp4.fake_quantize(x, tensor_scale_mode=mode))
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
@@ -90,7 +90,7 @@ def test_kernels_equal_reference_on_random_tensors(shape, dtype):
 
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 8).to(dtype)
-    s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+    s = nvfp4.tensor_scale(nvfp4.amax(x))
     ref, ref_op = quantize_for_gemm(x, s)  # CPU reference, fp32 operand
     got, op = quantize_for_gemm(x.cuda(), s.cuda())
     assert torch.equal(got.packed.cpu(), ref.packed)
@@ -98,7 +98,7 @@ def test_kernels_equal_reference_on_random_tensors(shape, dtype):
     assert op.dtype == torch.bfloat16 and torch.equal(op.cpu().float(), ref_op)  # exact in bf16
     for out in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(nvfp4.dequantize(got, out).cpu(), nvfp4.dequantize(ref, out))
-    assert torch.equal(nvfp4.abs_max(x.cuda()).cpu(), nvfp4.abs_max(x))
+    assert torch.equal(nvfp4.amax(x.cuda()).cpu(), nvfp4.amax(x))
 
 
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
@@ -114,7 +114,7 @@ def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
     x = x[torch.isfinite(x)].reshape(-1, 256)
     tensors = [t for row in x for t in (row.reshape(16, 16), row[torch.randperm(256, generator=g)].reshape(16, 16))]
     for t in tensors + [x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(-1, 256)]:
-        s = nvfp4.tensor_scale(nvfp4.abs_max(t), mode)
+        s = nvfp4.tensor_scale(nvfp4.amax(t), mode)
         ref, ref_op = quantize_for_gemm(t, s)
         got, op = quantize_for_gemm(t.cuda(), s.cuda())
         assert torch.equal(got.packed.cpu(), ref.packed)
@@ -122,21 +122,21 @@ def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
         assert torch.equal(op.cpu().float(), ref_op)
 
 
-def test_abs_max_kernel_equals_reference():
+def test_amax_kernel_equals_reference():
     g = torch.Generator().manual_seed(5)
     big = torch.randn(3000, 4096, generator=g)  # many programs, each grid-striding
     big[1234, 17] = -40.0
     small = torch.randn(7, 16, generator=g) * 100
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         a, b = big.to(dtype), small.to(dtype)
-        assert torch.equal(nvfp4.abs_max(a.cuda()).cpu(), torch.tensor(40.0))
-        assert torch.equal(nvfp4.abs_max(a.cuda(), b.cuda()).cpu(), nvfp4.abs_max(a, b))
+        assert torch.equal(nvfp4.amax(a.cuda()).cpu(), torch.tensor(40.0))
+        assert torch.equal(nvfp4.amax(a.cuda(), b.cuda()).cpu(), nvfp4.amax(a, b))
     for bad, want in ((float("nan"), torch.isnan), (-float("inf"), torch.isinf)):
         x = big.clone()
         x[2999, 4095] = bad
-        assert want(nvfp4.abs_max(x.cuda())) and want(nvfp4.abs_max(x))
+        assert want(nvfp4.amax(x.cuda())) and want(nvfp4.amax(x))
     tiny = torch.tensor([0.0, -1e-45, 0.0, 0.0] * 4)  # the smallest subnormal wins over zeros
-    assert torch.equal(nvfp4.abs_max(tiny.cuda()).cpu(), nvfp4.abs_max(tiny))
+    assert torch.equal(nvfp4.amax(tiny.cuda()).cpu(), nvfp4.amax(tiny))
 
 
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
@@ -144,13 +144,13 @@ def test_amax_and_scale_kernel_equals_reference(mode):
     """One kernel gives the amax and, from its last program, the scale: every repeat sees both."""
     g = torch.Generator().manual_seed(6)
     group = [torch.randn(2048, 2048, generator=g) * 3, torch.randn(512, 2048, generator=g), torch.randn(16, 16)]
-    want = nvfp4.amax_and_scale(*group, mode=mode)
+    want = nvfp4.amax_and_scale(*group, tensor_scale_mode=mode)
     cuda = [t.cuda().to(torch.bfloat16) for t in group]
-    want_bf16 = nvfp4.amax_and_scale(*[t.cpu() for t in cuda], mode=mode)
+    want_bf16 = nvfp4.amax_and_scale(*[t.cpu() for t in cuda], tensor_scale_mode=mode)
     for _ in range(50):
-        got = nvfp4.amax_and_scale(*[t.cuda() for t in group], mode=mode)
+        got = nvfp4.amax_and_scale(*[t.cuda() for t in group], tensor_scale_mode=mode)
         assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want))
-        got = nvfp4.amax_and_scale(*cuda, mode=mode)
+        got = nvfp4.amax_and_scale(*cuda, tensor_scale_mode=mode)
         assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want_bf16))
 
 
@@ -167,10 +167,10 @@ def test_amaxes_and_scales_of_groups_equal_reference(mode):
     for nan in (False, True):
         if nan:
             groups[1][4][999, 5] = float("nan")  # in the second launch
-        want = [nvfp4.amax_and_scale(*grp, mode=mode) for grp in groups]
+        want = [nvfp4.amax_and_scale(*grp, tensor_scale_mode=mode) for grp in groups]
         assert torch.isnan(want[1][0]) == nan
         for _ in range(20):
-            got = nvfp4.amaxes_and_scales([[t.cuda() for t in grp] for grp in groups], mode=mode)
+            got = nvfp4.amaxes_and_scales([[t.cuda() for t in grp] for grp in groups], tensor_scale_mode=mode)
             for u, v in zip((t.cpu() for pair in got for t in pair), (t for pair in want for t in pair)):
                 assert torch.equal(u, v) or bool(u.isnan() and v.isnan())
 
@@ -190,7 +190,7 @@ def test_tensor_scale_kernel_equals_reference(mode):
 def test_kernels_take_misaligned_views():
     base = torch.randn(64 * 16 + 1, device="cuda", dtype=torch.bfloat16)
     x = base[1:].view(64, 16)  # storage offset 1: no int32 view of its pairs without a copy
-    s = nvfp4.tensor_scale(nvfp4.abs_max(x))
+    s = nvfp4.tensor_scale(nvfp4.amax(x))
     got, ref = nvfp4.quantize_with_scale(x, s), nvfp4.quantize_with_scale(x.cpu(), s.cpu())
     assert torch.equal(got.packed.cpu(), ref.packed)
     assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
@@ -206,13 +206,13 @@ def test_operands_two_per_launch_equal_reference(dtypes):
     g = torch.Generator().manual_seed(7)
     shapes = [(333, 96), (3, 5, 1024), (7, 48), (64, 2048)]
     xs = [(torch.randn(*shape, generator=g) * 4 ** i).to(dt) for i, (shape, dt) in enumerate(zip(shapes, dtypes))]
-    scales = [nvfp4.tensor_scale(nvfp4.abs_max(x)) for x in xs]
+    scales = [nvfp4.tensor_scale(nvfp4.amax(x)) for x in xs]
     ref = quantize_operands(list(zip(xs, scales)))
     got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])
     factors = [None if i % 2 else s * 2.0**-7 for i, s in enumerate(scales)]  # operand scales, every other tensor
-    ref_scaled = quantize_operands(list(zip(xs, scales)), op_scales=factors)
+    ref_scaled = quantize_operands(list(zip(xs, scales)), operand_scales=factors)
     got_scaled = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)],
-                                   op_scales=[None if f is None else f.cuda() for f in factors])
+                                   operand_scales=[None if f is None else f.cuda() for f in factors])
     for (_, rop), (_, gop) in zip(ref_scaled, got_scaled):
         assert gop.dtype == torch.bfloat16 and torch.equal(gop.cpu(), rop.to(torch.bfloat16))
     for (rq, rop), (gq, gop) in zip(ref, got):
@@ -242,8 +242,8 @@ def test_prescaled_weight_gemm_equals_the_scaled_fp32_accumulator(m, k, n):
     g = torch.Generator(device="cuda").manual_seed(m + n)
     x = torch.randn(m, k, device="cuda", generator=g) * 3
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-    sx, sw = nvfp4.tensor_scale(nvfp4.abs_max(x)), nvfp4.tensor_scale(nvfp4.abs_max(w))
-    (_, a), (_, b), (_, b_scaled) = quantize_operands([(x, sx), (w, sw), (w, sw)], op_scales=[None, None, sx * sw])
+    sx, sw = nvfp4.tensor_scale(nvfp4.amax(x)), nvfp4.tensor_scale(nvfp4.amax(w))
+    (_, a), (_, b), (_, b_scaled) = quantize_operands([(x, sx), (w, sw), (w, sw)], operand_scales=[None, None, sx * sw])
     fp32_acc = scaled_matmul(a, b, sx * sw, None, torch.bfloat16)
     assert torch.equal(scaled_matmul(a, b_scaled, None, None, torch.bfloat16), fp32_acc)
 
@@ -270,7 +270,7 @@ def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp
 
     eager = fwd_bwd(lin)
     compiled, codes = run_and_get_code(fwd_bwd, torch.compile(lin, dynamic=True))
-    for name in ("_abs_max_kernel", "_quantize_kernel", "nvfp4.qat_linear_backward.default"):
+    for name in ("_amax_kernel", "_quantize_kernel", "nvfp4.qat_linear_backward.default"):
         assert any(name in code for code in codes), name
     assert not any("aminmax" in code or "nvfp4.qat_linear.default" in code for code in codes)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
@@ -303,7 +303,7 @@ def test_selectively_checkpointed_qat_block_compiles_whole_on_cuda(tmp_path, mon
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     runs = compile_block_with_and_without_checkpointing("cuda", torch.bfloat16)
-    assert all(any(name in code for code in runs["selective"][3]) for name in ("_abs_max_kernel", "_quantize_kernel"))
+    assert all(any(name in code for code in runs["selective"][3]) for name in ("_amax_kernel", "_quantize_kernel"))
     for a, b in zip(runs["selective"][:2], runs["none"][:2]):
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 

@@ -41,7 +41,7 @@ EDGE_CASES = [
 @pytest.mark.parametrize("name,dtype", EDGE_CASES, ids=str)
 def test_edge_tensors_match_torchao(name, dtype, mode):
     x = EDGES[name].to(dtype)
-    _assert_matches_torchao(x, nvfp4.abs_max(x), mode)
+    _assert_matches_torchao(x, nvfp4.amax(x), mode)
 
 
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
@@ -51,28 +51,28 @@ def test_random_tensors_match_torchao(shape, dtype, mode):
     g = torch.Generator().manual_seed(hash(shape) % 1000)
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, 1)[: shape[0]].reshape(
         shape[0], *[1] * (len(shape) - 1)) * 4).to(dtype)
-    _assert_matches_torchao(x, nvfp4.abs_max(x), mode)
+    _assert_matches_torchao(x, nvfp4.amax(x), mode)
 
 
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
 def test_block_scale_clamps_at_e4m3_max_with_small_supplied_amax(mode):
     x = torch.randn(8, 64)
-    amax = nvfp4.abs_max(x) / 100  # a stale static amax: blocks overflow the E4M3 range
+    amax = nvfp4.amax(x) / 100  # a stale static amax: blocks overflow the E4M3 range
     q = nvfp4.quantize(x, amax, mode)
     assert (q.block_scale.float() == 448.0).any()
     _assert_matches_torchao(x, amax, mode)
 
 
-def test_abs_max_of_several_tensors():
+def test_amax_of_several_tensors():
     a, b = torch.tensor([[1.0, -7.5]]), torch.tensor([3.0, -2.0, 0.5]).to(torch.bfloat16)
-    assert torch.equal(nvfp4.abs_max(a, b), torch.tensor(7.5))
-    assert torch.equal(nvfp4.abs_max(b), torch.tensor(3.0))
-    assert torch.isnan(nvfp4.abs_max(a, torch.tensor([float("nan")]), b))
+    assert torch.equal(nvfp4.amax(a, b), torch.tensor(7.5))
+    assert torch.equal(nvfp4.amax(b), torch.tensor(3.0))
+    assert torch.isnan(nvfp4.amax(a, torch.tensor([float("nan")]), b))
 
 
 def test_ties_round_half_to_even():
     x = EDGES["ties"]
-    assert torch.equal(nvfp4.tensor_scale(nvfp4.abs_max(x)), torch.tensor(1.0))
+    assert torch.equal(nvfp4.tensor_scale(nvfp4.amax(x)), torch.tensor(1.0))
     got = nvfp4.fake_quantize(x)[:3, 1:]
     # Independent oracle: nearest E2M1 value, ties to the even code (even index).
     grid = torch.tensor(E2M1_VALUES)
@@ -97,7 +97,7 @@ def test_dequantize_equals_fake_quantize_and_round_trips_codes():
         x = EDGES["random_large"].to(dtype)
         q = nvfp4.quantize(x)
         assert torch.equal(nvfp4.dequantize(q, dtype), nvfp4.fake_quantize(x))
-        assert torch.equal(nvfp4.quantize(nvfp4.dequantize(q), nvfp4.abs_max(x)).packed, q.packed)
+        assert torch.equal(nvfp4.quantize(nvfp4.dequantize(q), nvfp4.amax(x)).packed, q.packed)
 
 
 # ---- tensor scale ----------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_quantize_operands_equals_one_at_a_time():
     from nvfp4.format import dequantize_all, quantize_for_gemm, quantize_operands
 
     ts = [torch.randn(5, 48), torch.randn(3, 48).to(torch.bfloat16), torch.randn(2, 2, 32) * 1e-3]
-    pairs = [(t, nvfp4.amax_and_scale(t, mode=m)[1]) for t, m in zip(ts, ("pow2", "amax", "pow2"))]
+    pairs = [(t, nvfp4.amax_and_scale(t, tensor_scale_mode=m)[1]) for t, m in zip(ts, ("pow2", "amax", "pow2"))]
     together = quantize_operands(pairs)
     assert len(together) == 3
     for (q, op), (t, s) in zip(together, pairs):
@@ -207,9 +207,9 @@ def test_operand_scale_multiplies_the_operand_as_dequantize_applies_a_tensor_sca
 
     torch.manual_seed(11)
     x, w = torch.randn(6, 64) * 3, torch.randn(5, 64).to(torch.bfloat16)
-    sx, sw = nvfp4.tensor_scale(nvfp4.abs_max(x)), nvfp4.tensor_scale(nvfp4.abs_max(w), "amax")
+    sx, sw = nvfp4.tensor_scale(nvfp4.amax(x)), nvfp4.tensor_scale(nvfp4.amax(w), "amax")
     factor = sx * sw
-    (xq, x_op), (wq, w_op) = quantize_operands([(x, sx), (w, sw)], op_scales=[None, factor])
+    (xq, x_op), (wq, w_op) = quantize_operands([(x, sx), (w, sw)], operand_scales=[None, factor])
     (_, x_plain), (wq_plain, w_plain) = quantize_operands([(x, sx), (w, sw)])
     assert torch.equal(x_op, x_plain) and torch.equal(wq.packed, wq_plain.packed)  # only the operand changes
     (want,) = dequantize_all([NVFP4(wq.packed, wq.block_scale, factor)], w_op.dtype)
