@@ -1,7 +1,7 @@
 """Train a Llama with NVFP4 QAT under FSDP2 + TP.
 
-    python train.py --recipe recipes/debug_cpu.toml [--section.key=value ...]
-    torchrun --nproc_per_node=8 train.py --recipe recipes/llama3_3b_qat.toml
+python train.py --recipe recipes/debug_cpu.toml [--section.key=value ...]
+torchrun --nproc_per_node=8 train.py --recipe recipes/llama3_3b_qat.toml
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=help_text(), add_help=True)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text(), add_help=True
+    )
     p.add_argument("--recipe", help="TOML recipe; keys not in it keep their defaults")
     args, overrides = p.parse_known_args(argv)
     from nvfp4_titan.data.dataset import DataError

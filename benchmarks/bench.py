@@ -39,11 +39,14 @@ LINEAR_FLAVORS = ("1B", "3B", "8B")
 
 
 def bench_bandwidth(rows: list[str], short: bool) -> None:
-    rows += ["## Quantize bandwidth", "",
-             "| tensor (bf16) | copy GB/s | quantize GB/s | quantize+operand GB/s | reference GB/s | kernel / copy "
-             "| amax GB/s | amax / copy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for mib in ((64,) if short else (64, 256, 1024)):
+    rows += [
+        "## Quantize bandwidth",
+        "",
+        "| tensor (bf16) | copy GB/s | quantize GB/s | quantize+operand GB/s | reference GB/s | kernel / copy "
+        "| amax GB/s | amax / copy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mib in (64,) if short else (64, 256, 1024):
         n = mib * 2**20 // 2
         x = torch.randn(n // 4096, 4096, device="cuda", dtype=torch.bfloat16)
         s = nvfp4.tensor_scale(nvfp4.amax(x))
@@ -58,26 +61,32 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
         copy_gbs = 2 * x.numel() * 2 / t_copy / 1e6
         q_bytes = x.numel() * (2 + 0.5 + 1 / 16)
         gbs = q_bytes / t_q / 1e6
-        rows.append(f"| {mib} MiB | {copy_gbs:.0f} | {gbs:.0f} | {(q_bytes + 2 * x.numel()) / t_qo / 1e6:.0f} | "
-                    f"{q_bytes / t_ref / 1e6:.0f} | {gbs / copy_gbs:.2f} | {2 * x.numel() / t_amax / 1e6:.0f} | "
-                    f"{2 * x.numel() / t_amax / 1e6 / copy_gbs:.2f} |")
+        rows.append(
+            f"| {mib} MiB | {copy_gbs:.0f} | {gbs:.0f} | {(q_bytes + 2 * x.numel()) / t_qo / 1e6:.0f} | "
+            f"{q_bytes / t_ref / 1e6:.0f} | {gbs / copy_gbs:.2f} | {2 * x.numel() / t_amax / 1e6:.0f} | "
+            f"{2 * x.numel() / t_amax / 1e6 / copy_gbs:.2f} |"
+        )
     rows.append("")
 
 
 def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEAR_FLAVORS) -> None:
-    rows += ["## Block projections forward + backward, ms of GPU time (QAT: dynamic activation scale)", "",
-             "Each row is what one Llama block calls: q/k/v and gate/up share their input (QAT quantizes it "
-             "once). Launch latency hidden (`timed(gpu_only=True)`); the last column is the eager ratio of "
-             "wall times, launches included, one projection at a time.", "",
-             "| flavor | projection | K x N | tokens | bf16 eager | QAT eager | bf16/QAT eager | bf16 compiled "
-             "| QAT compiled | bf16/QAT compiled | bf16/QAT eager wall |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [
+        "## Block projections forward + backward, ms of GPU time (QAT: dynamic activation scale)",
+        "",
+        "Each row is what one Llama block calls: q/k/v and gate/up share their input (QAT quantizes it "
+        "once). Launch latency hidden (`timed(gpu_only=True)`); the last column is the eager ratio of "
+        "wall times, launches included, one projection at a time.",
+        "",
+        "| flavor | projection | K x N | tokens | bf16 eager | QAT eager | bf16/QAT eager | bf16 compiled "
+        "| QAT compiled | bf16/QAT compiled | bf16/QAT eager wall |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     compile = lambda m: torch.compile(m, dynamic=True)  # noqa: E731  one graph for every shape
     for flavor in flavors:
         if short and flavor != "3B":
             continue
         for name, k, widths in block_projections(flavor):
-            for tokens in ((8192,) if short else (8192, 16384)):
+            for tokens in (8192,) if short else (8192, 16384):
                 x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 gys = [torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16) for n in widths]
                 ref, qat = (Projection(k, widths, q).to("cuda", torch.bfloat16) for q in (False, True))
@@ -87,9 +96,11 @@ def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEA
 
                 t = [timed(lambda: step(m), gpu_only=True) for m in (ref, qat, compile(ref), compile(qat))]
                 wall = [timed(lambda: step(m)) for m in (ref, qat)]
-                rows.append(f"| {flavor} | {name} | {k} x {'+'.join(map(str, widths))} | {tokens} | {t[0]:.3f} | "
-                            f"{t[1]:.3f} | {t[0] / t[1]:.2f} | {t[2]:.3f} | {t[3]:.3f} | {t[2] / t[3]:.2f} | "
-                            f"{wall[0] / wall[1]:.2f} |")
+                rows.append(
+                    f"| {flavor} | {name} | {k} x {'+'.join(map(str, widths))} | {tokens} | {t[0]:.3f} | "
+                    f"{t[1]:.3f} | {t[0] / t[1]:.2f} | {t[2]:.3f} | {t[3]:.3f} | {t[2] / t[3]:.2f} | "
+                    f"{wall[0] / wall[1]:.2f} |"
+                )
     rows.append("")
 
 
@@ -97,12 +108,16 @@ STEP_CHAIN = 10  # steps timed back to back, as training runs them (one host syn
 
 
 def bench_step(rows: list[str], short: bool) -> None:
-    rows += [f"## Llama 1B training step (seq {STEP_SEQ}, batch {STEP_BATCH}, bf16 params, FSDP world 1, AdamW)", "",
-             f"Median over repeats of {STEP_CHAIN} steps run back to back (one host sync per {STEP_CHAIN} steps), "
-             f"garbage collection every training.gc_freq={Training.gc_freq} steps as in training.", "",
-             "| mode | compile | tokens/s | repeats' tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |",
-             "|---|---|---:|---|---:|---:|---:|"]
-    for compile in ((True,) if short else (False, True)):
+    rows += [
+        f"## Llama 1B training step (seq {STEP_SEQ}, batch {STEP_BATCH}, bf16 params, FSDP world 1, AdamW)",
+        "",
+        f"Median over repeats of {STEP_CHAIN} steps run back to back (one host sync per {STEP_CHAIN} steps), "
+        f"garbage collection every training.gc_freq={Training.gc_freq} steps as in training.",
+        "",
+        "| mode | compile | tokens/s | repeats' tokens/s | peak GiB | vs bf16 tokens/s | vs bf16 memory |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for compile in (True,) if short else (False, True):
         base = None
         for mode in STEP_MODES:
             with ScheduledGC(Training.gc_freq) as collector:  # garbage collection as the trainer schedules it
@@ -115,8 +130,9 @@ def bench_step(rows: list[str], short: bool) -> None:
             each = " ".join(f"{STEP_BATCH * STEP_SEQ * STEP_CHAIN / s:.1f}k" for s in samples)  # tokens/ms
             mem = torch.cuda.max_memory_allocated() / 2**30
             base = base or (tps, mem)
-            rows.append(f"| {mode} | {compile} | {tps:,.0f} | {each} | {mem:.2f} | {tps / base[0]:.2f} | "
-                        f"{mem / base[1]:.2f} |")
+            rows.append(
+                f"| {mode} | {compile} | {tps:,.0f} | {each} | {mem:.2f} | {tps / base[0]:.2f} | {mem / base[1]:.2f} |"
+            )
             del step, chain  # build_step frees them
     rows.append("")
 
@@ -126,16 +142,28 @@ def main() -> None:
     p.add_argument("--short", action="store_true", help="fewer sizes and a 4-layer model (CI smoke test)")
     p.add_argument("--out", type=Path)
     p.add_argument("--only", choices=("bandwidth", "linears", "step"))
-    p.add_argument("--flavors", nargs="+", choices=LINEAR_FLAVORS, default=LINEAR_FLAVORS,
-                   help="the block projections of these flavors in the linear table")
+    p.add_argument(
+        "--flavors",
+        nargs="+",
+        choices=LINEAR_FLAVORS,
+        default=LINEAR_FLAVORS,
+        help="the block projections of these flavors in the linear table",
+    )
     a = p.parse_args()
     require_cuda("bench.py")
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
-    rows = [f"# QAT vs bf16 on {name}", "", f"{datetime.date.today()}, torch {torch.__version__}"
-            f"{' (short mode)' if a.short else ''}", ""]
-    parts = (("bandwidth", bench_bandwidth), ("linears", functools.partial(bench_linears, flavors=tuple(a.flavors))),
-             ("step", bench_step))
+    rows = [
+        f"# QAT vs bf16 on {name}",
+        "",
+        f"{datetime.date.today()}, torch {torch.__version__}{' (short mode)' if a.short else ''}",
+        "",
+    ]
+    parts = (
+        ("bandwidth", bench_bandwidth),
+        ("linears", functools.partial(bench_linears, flavors=tuple(a.flavors))),
+        ("step", bench_step),
+    )
     for part, fn in parts:
         if a.only in (None, part):
             start = len(rows)

@@ -32,9 +32,7 @@ def tensors(rows: int, cols: int, g: torch.Generator) -> dict[str, torch.Tensor]
         "student-t df=3 (heavy tail)": t3 * 0.02,
         # An outlier column: identical in every row, or of random size per row.
         "weights + outlier col (=2.0)": torch.cat([randn()[:, :-1] * 0.02, torch.full((rows, 1), 2.0)], 1),
-        "weights + outlier col (1-3)": torch.cat(
-            [randn()[:, :-1] * 0.02, 1 + 2 * torch.rand(rows, 1, generator=g)], 1
-        ),
+        "weights + outlier col (1-3)": torch.cat([randn()[:, :-1] * 0.02, 1 + 2 * torch.rand(rows, 1, generator=g)], 1),
         "activations, outlier channels": act,
     }
 

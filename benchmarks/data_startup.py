@@ -38,8 +38,9 @@ def _measure(mode: str, corpus: str, cache: str, seq_len: int) -> None:
     if mode == "old":
         w = build_windows(load_documents(corpus), tok, seq_len, 0.05, 0)
     else:
-        w = windows_from_tokens(cached_tokens(corpus, "text", tok, cache, progress=False), seq_len, 0.05, 0,
-                                tok.vocab_size)
+        w = windows_from_tokens(
+            cached_tokens(corpus, "text", tok, cache, progress=False), seq_len, 0.05, 0, tok.vocab_size
+        )
     w.train[list(range(8))]  # one batch read
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_gib": rss, "windows": len(w.train)}))
@@ -62,23 +63,47 @@ def main() -> None:
             for _ in range(max(1, a.mb * 2**20 // len(plays))):
                 f.write(plays)
         size = corpus.stat().st_size / 2**20
-        for mode, label in (("old", "old: tokenize in memory at every start"),
-                            ("cache", "first start: tokenize into the cache, map it"),
-                            ("cache", "later start: map the cache")):
-            r = subprocess.run([sys.executable, __file__, "--seq-len", str(a.seq_len), "--child", mode, str(corpus),
-                                str(Path(tmp) / "cache")], capture_output=True, text=True, check=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+        for mode, label in (
+            ("old", "old: tokenize in memory at every start"),
+            ("cache", "first start: tokenize into the cache, map it"),
+            ("cache", "later start: map the cache"),
+        ):
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--seq-len",
+                    str(a.seq_len),
+                    "--child",
+                    mode,
+                    str(corpus),
+                    str(Path(tmp) / "cache"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "true"},
+            )
             rows.append((label, json.loads(r.stdout.strip().splitlines()[-1])))
     import tokenizers
     import torch
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip() or "unknown"
-    table = [f"# Corpus start-up: in-memory tokenization vs the token cache ({datetime.date.today()})", "",
-             f"`python benchmarks/data_startup.py --mb {a.mb} --seq-len {a.seq_len}`: {size:.0f} MB jsonl "
-             f"(the bundled plays repeated), bundled 8k BPE tokenizer, {os.cpu_count()} CPU cores, one process; "
-             f"commit {commit}, torch {torch.__version__}, tokenizers {tokenizers.__version__}.", "",
-             "| start-up | seconds | peak RSS GiB | train windows |", "|---|---:|---:|---:|"]
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "unknown"
+    )
+    table = [
+        f"# Corpus start-up: in-memory tokenization vs the token cache ({datetime.date.today()})",
+        "",
+        f"`python benchmarks/data_startup.py --mb {a.mb} --seq-len {a.seq_len}`: {size:.0f} MB jsonl "
+        f"(the bundled plays repeated), bundled 8k BPE tokenizer, {os.cpu_count()} CPU cores, one process; "
+        f"commit {commit}, torch {torch.__version__}, tokenizers {tokenizers.__version__}.",
+        "",
+        "| start-up | seconds | peak RSS GiB | train windows |",
+        "|---|---:|---:|---:|",
+    ]
     table += [f"| {label} | {r['seconds']:.2f} | {r['peak_rss_gib']:.2f} | {r['windows']} |" for label, r in rows]
     text = "\n".join(table) + "\n"
     print(text)

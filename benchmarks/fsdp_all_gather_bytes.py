@@ -57,8 +57,14 @@ def step_bytes(flavor: str, nvfp4_all_gather: bool, world: int) -> tuple[int, in
     with torch.device("meta"):
         model = Transformer(args)
     nvfp4.prepare(model)
-    parallelize_llama(model, build_mesh(ParallelDims(world, 1), "cpu"), "bfloat16", "float32",
-                      compile=False, nvfp4_all_gather=nvfp4_all_gather)
+    parallelize_llama(
+        model,
+        build_mesh(ParallelDims(world, 1), "cpu"),
+        "bfloat16",
+        "float32",
+        compile=False,
+        nvfp4_all_gather=nvfp4_all_gather,
+    )
     model.to_empty(device="cpu")
     model.init_weights()
     precompute_weight_scales(model)
@@ -90,16 +96,20 @@ def measure(flavors: list[str], world: int) -> list[tuple[str, int, int, int]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_rank_main, args=(world, str(Path(tmp, "store")), flavors, queue),
-                           nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _rank_main, args=(world, str(Path(tmp, "store")), flavors, queue), nprocs=world, start_method="spawn"
+        )
     return queue.get()
 
 
 def table(rows: list[tuple[str, int, int, int]], world: int) -> str:
     mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-    lines = [f"FSDP2 all-gather bytes per step and rank, {world} ranks, bf16 params, QAT on all block linears",
-             "", "| flavor | QAT weights (M elements) | bf16 all-gather (MiB) | NVFP4 all-gather (MiB) | NVFP4 / bf16 |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"FSDP2 all-gather bytes per step and rank, {world} ranks, bf16 params, QAT on all block linears",
+        "",
+        "| flavor | QAT weights (M elements) | bf16 all-gather (MiB) | NVFP4 all-gather (MiB) | NVFP4 / bf16 |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for flavor, qat, off, on in rows:
         lines.append(f"| {flavor} | {qat / 1e6:,.1f} | {mib(off)} | {mib(on)} | {on / off:.3f} |")
     return "\n".join(lines)

@@ -61,8 +61,10 @@ def main() -> None:
     fwd_bwd = lambda m: lambda: torch.autograd.backward(m(x), gys)  # noqa: E731
     rows = {"bf16 eager fwd+bwd": fwd_bwd(ref), "QAT eager fwd+bwd": fwd_bwd(qat)}
     if not a.eager:
-        rows |= {"bf16 compiled fwd+bwd": fwd_bwd(torch.compile(ref)),
-                 "QAT compiled fwd+bwd": fwd_bwd(torch.compile(qat))}
+        rows |= {
+            "bf16 compiled fwd+bwd": fwd_bwd(torch.compile(ref)),
+            "QAT compiled fwd+bwd": fwd_bwd(torch.compile(qat)),
+        }
     ws = [m.weight for m in qat.linears]
     xd, wd = x.detach(), [w.detach() for w in ws]
     sx = nvfp4.tensor_scale(nvfp4.amax(xd))
@@ -74,8 +76,9 @@ def main() -> None:
     launches = -(-(n + 1) // kernels.SLOTS)
     pieces = {
         "amax and scale of x (1 launch)": lambda: kernels.amaxes_and_scales([[xd]], "pow2"),
-        f"amaxes and scales of x and of the {n} W ({launches} launches)":
-            lambda: kernels.amaxes_and_scales([[xd], wd], "pow2"),
+        f"amaxes and scales of x and of the {n} W ({launches} launches)": lambda: kernels.amaxes_and_scales(
+            [[xd], wd], "pow2"
+        ),
         f"quantize x + {n} W ({launches} launches)": lambda: kernels.quantize([xd, *wd], s_all, True),
         "quantize x alone (1 launch)": lambda: kernels.quantize([xd], [sx], True),
         f"dequantize x + {n} W ({launches} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),

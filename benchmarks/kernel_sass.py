@@ -42,31 +42,41 @@ def sass(kernel, per_tensor: list[str], constexprs: dict[str, int], num_warps: i
     types; slots b to d None, then the slot ends, then constexprs) compiled for sm_90, pointers
     16-byte aligned as at run time."""
     names, n = kernel.arg_names, len(per_tensor)
-    constexprs = {**constexprs, "N": 1, **{name: None for name in names[n:kernels.SLOTS * n]}}
+    constexprs = {**constexprs, "N": 1, **{name: None for name in names[n : kernels.SLOTS * n]}}
     types = per_tensor + ["constexpr"] * (kernels.SLOTS - 1) * n + ["i32"] * (kernels.SLOTS - 1)
     sig = {name: "constexpr" if name in constexprs else types[i] for i, name in enumerate(names)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps})
+    compiled = triton.compile(
+        ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+    )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    lines = [re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln) for ln in text.splitlines()
-             if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    lines = [
+        re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln)
+        for ln in text.splitlines()
+        if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)
+    ]
     return [ln.split()[0].split(".")[0].rstrip(";") for ln in lines if ln.strip()]
 
 
 def _slotted(name: str) -> list[str]:
     """A per-tensor constexpr's names for slots a to d."""
-    return [f"{name}_{slot}" for slot in "ABCD"[:kernels.SLOTS]]
+    return [f"{name}_{slot}" for slot in "ABCD"[: kernels.SLOTS]]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=KINDS, default="bf16", help="input element type")
-    p.add_argument("--tile", type=int, nargs=2, default=[kernels.TILE["R"], kernels.TILE["num_warps"]],
-                   metavar=("R", "WARPS"), help="16-element blocks per program, warps")
+    p.add_argument(
+        "--tile",
+        type=int,
+        nargs=2,
+        default=[kernels.TILE["R"], kernels.TILE["num_warps"]],
+        metavar=("R", "WARPS"),
+        help="16-element blocks per program, warps",
+    )
     a = p.parse_args()
     r, warps = a.tile
     kind = KINDS[a.dtype]
@@ -77,7 +87,10 @@ def main() -> None:
     variants = {
         "quantize": (*quantize, dict(WITH_OPERAND=False, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
         "quantize + operand": (*quantize, dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
-        "quantize + scaled operand": (*quantize, dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), True))),
+        "quantize + scaled operand": (
+            *quantize,
+            dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), True)),
+        ),
         "dequantize (tensor scale)": (*dequantize, dict(SCALED=True)),
     }
     print(f"sm_90, {a.dtype}, R={r}, {warps} warps: {elements} elements per thread")

@@ -32,8 +32,10 @@ def main() -> None:
     require_cuda("profile_linear.py")
     x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(a.tokens, a.n, device="cuda", dtype=torch.bfloat16)
-    layers = {"bf16": torch.nn.Linear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16),
-              "qat": nvfp4.NVFP4QATLinear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16)}
+    layers = {
+        "bf16": torch.nn.Linear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16),
+        "qat": nvfp4.NVFP4QATLinear(a.k, a.n, bias=False, device="cuda", dtype=torch.bfloat16),
+    }
     print(f"{torch.cuda.get_device_name()}: linear {a.k} x {a.n}, {a.tokens} tokens, eager fwd+bwd")
     for name, m in layers.items():
         for _ in range(3):
@@ -45,8 +47,10 @@ def main() -> None:
         enqueue = (time.perf_counter() - start) / a.iters * 1e3
         torch.cuda.synchronize()
         prof, wall, gpu, kernels = profiled(lambda: m(x).backward(gy), a.iters)
-        print(f"\n## {name}: CPU enqueue {enqueue:.3f} ms, wall {wall:.3f} ms (profiled), GPU busy {gpu:.3f} ms, "
-              f"{kernels:.0f} kernels per iteration")
+        print(
+            f"\n## {name}: CPU enqueue {enqueue:.3f} ms, wall {wall:.3f} ms (profiled), GPU busy {gpu:.3f} ms, "
+            f"{kernels:.0f} kernels per iteration"
+        )
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 

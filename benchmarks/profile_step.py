@@ -62,8 +62,11 @@ def timeline(step, steps: int, mode: str) -> None:
     torch.cuda.synchronize()
     gpu = [a.elapsed_time(b) for a, b in zip(starts, starts[1:])]
     med = statistics.median
-    print(f"| {mode} | {med(cpu):.1f} | {max(cpu):.1f} | {med(gpu):.1f} | {min(gpu):.1f} | {max(gpu):.1f} | "
-          f"{' '.join(f'{g:.0f}' for g in gpu)} |", flush=True)
+    print(
+        f"| {mode} | {med(cpu):.1f} | {max(cpu):.1f} | {med(gpu):.1f} | {min(gpu):.1f} | {max(gpu):.1f} | "
+        f"{' '.join(f'{g:.0f}' for g in gpu)} |",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -78,8 +81,10 @@ def main() -> None:
     require_cuda("profile_step.py")
     print(f"{torch.cuda.get_device_name()}: Llama 1B ({a.layers} layers) step, compile={not a.eager}")
     if a.timeline:
-        print("\n| mode | CPU ms median | CPU ms max | GPU ms median | GPU ms min | GPU ms max | GPU ms per step |\n"
-              "|---|---:|---:|---:|---:|---:|---|")
+        print(
+            "\n| mode | CPU ms median | CPU ms max | GPU ms median | GPU ms min | GPU ms max | GPU ms per step |\n"
+            "|---|---:|---:|---:|---:|---:|---|"
+        )
     for mode in STEP_MODES:
         step = build_step(mode, not a.eager, a.layers)
         if a.timeline:

@@ -68,8 +68,12 @@ _REDUCE_AMAX = nvfp4.sharded.reduce_amax
 def parse_config(name: str) -> tuple[bool, str, str | None]:
     """'qat-sel-noar' -> (qat, activation_checkpoint, all-reduce patch)."""
     parts = name.split("-")
-    if len(parts) not in (2, 3) or parts[0] not in ("bf16", "qat") or parts[1] not in AC or (
-            len(parts) == 3 and (parts[2] not in ("noar", "nowar") or parts[0] != "qat")):
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in ("bf16", "qat")
+        or parts[1] not in AC
+        or (len(parts) == 3 and (parts[2] not in ("noar", "nowar") or parts[0] != "qat"))
+    ):
         raise ValueError(f"configuration {name!r}: want bf16|qat-sel|none|full[-noar|-nowar] (QAT only)")
     return parts[0] == "qat", AC[parts[1]], parts[2] if len(parts) == 3 else None
 
@@ -91,9 +95,13 @@ def patch_reduce_amax(skip: str | None) -> None:
 class DynamoLog(logging.Handler):
     """Counts Dynamo's graph-break and recompile log records (TORCH_LOGS=graph_breaks,recompiles)."""
 
-    NAMES = ("torch._dynamo.guards.__recompiles", "torch._dynamo.exc.__graph_breaks",
-             "torch._dynamo.symbolic_convert.__graph_breaks", "torch._dynamo.convert_frame.__graph_breaks",
-             "torch._dynamo.convert_frame.__recompiles")
+    NAMES = (
+        "torch._dynamo.guards.__recompiles",
+        "torch._dynamo.exc.__graph_breaks",
+        "torch._dynamo.symbolic_convert.__graph_breaks",
+        "torch._dynamo.convert_frame.__graph_breaks",
+        "torch._dynamo.convert_frame.__recompiles",
+    )
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -130,11 +138,20 @@ class RandomLoader:
 
 
 def build_trainer(args, qat: bool, ac: str, mesh, device, rank: int, world: int) -> Trainer:
-    overrides = [f"--qat.enable={str(qat).lower()}", "--qat.start_step=0", f"--training.activation_checkpoint={ac}",
-                 f"--training.compile={str(not args.no_compile).lower()}", "--training.steps=100000",
-                 "--parallelism.data_parallel_shard_degree=1", f"--parallelism.tensor_parallel_degree={world}",
-                 f"--training.device={device.type}", "--lr_scheduler.warmup_steps=0", "--checkpoint.enable=false",
-                 "--checkpoint.initial_load_path=", "--checkpoint.initial_load_in_hf=false"]
+    overrides = [
+        f"--qat.enable={str(qat).lower()}",
+        "--qat.start_step=0",
+        f"--training.activation_checkpoint={ac}",
+        f"--training.compile={str(not args.no_compile).lower()}",
+        "--training.steps=100000",
+        "--parallelism.data_parallel_shard_degree=1",
+        f"--parallelism.tensor_parallel_degree={world}",
+        f"--training.device={device.type}",
+        "--lr_scheduler.warmup_steps=0",
+        "--checkpoint.enable=false",
+        "--checkpoint.initial_load_path=",
+        "--checkpoint.initial_load_in_hf=false",
+    ]
     if device.type == "cpu":
         overrides.append("--training.mixed_precision_param=float32")  # as debug_cpu; gloo has no bf16 MAX
     cfg = load_config(ROOT / "recipes" / f"{args.recipe}.toml", overrides)
@@ -143,8 +160,9 @@ def build_trainer(args, qat: bool, ac: str, mesh, device, rank: int, world: int)
     margs = model_args(cfg, 0).with_(n_layers=args.layers)
     if args.flavor:
         f = FLAVORS[args.flavor]
-        margs = margs.with_(dim=f.dim, n_heads=f.n_heads, n_kv_heads=f.n_kv_heads, ffn_dim=f.ffn_dim,
-                            vocab_size=f.vocab_size)
+        margs = margs.with_(
+            dim=f.dim, n_heads=f.n_heads, n_kv_heads=f.n_kv_heads, ffn_dim=f.ffn_dim, vocab_size=f.vocab_size
+        )
     tr.args = margs
     tr._build_model()
     tr._build_teacher()  # none: the recipe's qat.loss is ce
@@ -241,6 +259,7 @@ def profile_steps(tr: Trainer, steps: int, trace: Path | None) -> dict:
     if trace is not None:
         import gzip
         import shutil
+
         prof.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -248,10 +267,19 @@ def profile_steps(tr: Trainer, steps: int, trace: Path | None) -> dict:
     events = prof.events()
     # Device-side events less the user annotations the profiler also puts on the GPU timeline
     # ("nccl:all_reduce", "Optimizer.step#AdamW.step"): they span kernels and would count twice.
-    kern = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-            and not e.name.startswith(("nccl:", "ProfilerStep")) and "#" not in e.name]
-    qat_kern = [e for e in kern if any(k in e.name for k in ("_quantize_kernel", "_amax_kernel",
-                                                              "_dequantize_kernel", "_tensor_scale_kernel"))]
+    kern = [
+        e
+        for e in events
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and not e.name.startswith(("nccl:", "ProfilerStep"))
+        and "#" not in e.name
+    ]
+    qat_kern = [
+        e
+        for e in kern
+        if any(k in e.name for k in ("_quantize_kernel", "_amax_kernel", "_dequantize_kernel", "_tensor_scale_kernel"))
+    ]
     nccl = [e for e in kern if "nccl" in e.name.lower()]
     compute = [e for e in kern if "nccl" not in e.name.lower()]
     iv = lambda es: [(e.time_range.start, e.time_range.end) for e in es]  # noqa: E731
@@ -266,35 +294,63 @@ def profile_steps(tr: Trainer, steps: int, trace: Path | None) -> dict:
         if e.device_type != DeviceType.CPU:
             continue
         n = e.name
-        key = ("Torch-Compiled Region" if n.startswith("Torch-Compiled Region") else
-               n if n in ("nvfp4::qat_linear", "nvfp4::qat_linear_backward", "CompiledFunction",
-                          "CompiledFunctionBackward", "cudaStreamSynchronize", "cudaDeviceSynchronize",
-                          "cudaEventSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cuLaunchKernel",
-                          "cuLaunchKernelEx", "aten::_local_scalar_dense", "_c10d_functional::all_reduce_",
-                          "_c10d_functional::all_reduce", "_c10d_functional::wait_tensor", "c10d::allreduce_",
-                          "nvfp4::quantize", "nvfp4::amax") else None)
+        key = (
+            "Torch-Compiled Region"
+            if n.startswith("Torch-Compiled Region")
+            else n
+            if n
+            in (
+                "nvfp4::qat_linear",
+                "nvfp4::qat_linear_backward",
+                "CompiledFunction",
+                "CompiledFunctionBackward",
+                "cudaStreamSynchronize",
+                "cudaDeviceSynchronize",
+                "cudaEventSynchronize",
+                "cudaMemcpyAsync",
+                "cudaLaunchKernel",
+                "cuLaunchKernel",
+                "cuLaunchKernelEx",
+                "aten::_local_scalar_dense",
+                "_c10d_functional::all_reduce_",
+                "_c10d_functional::all_reduce",
+                "_c10d_functional::wait_tensor",
+                "c10d::allreduce_",
+                "nvfp4::quantize",
+                "nvfp4::amax",
+            )
+            else None
+        )
         if key:
             cpu.setdefault(key, []).append(e.cpu_time_total / 1e3)
     cpu_rows = {k: {"calls": len(v) / steps, "ms": sum(v) / steps} for k, v in sorted(cpu.items())}
     regions = sorted({e.name for e in events if e.name.startswith("Torch-Compiled Region")})
-    self_cpu = sorted(((a.self_cpu_time_total / steps / 1e3, a.count / steps, a.key) for a in prof.key_averages()),
-                      reverse=True)[:15]
+    self_cpu = sorted(
+        ((a.self_cpu_time_total / steps / 1e3, a.count / steps, a.key) for a in prof.key_averages()), reverse=True
+    )[:15]
     return {
         "profiled_wall_ms": wall,
-        "gpu_busy_ms": _union_ms(iv(kern)) / steps, "compute_busy_ms": _union_ms(iv(compute)) / steps,
-        "kernels": len(kern) / steps, "compute_kernel_ms": sum(e.time_range.elapsed_us() for e in compute) / 1e3 / steps,
-        "nccl_kernels": len(nccl) / steps, "nccl_ms": sum(e.time_range.elapsed_us() for e in nccl) / 1e3 / steps,
-        "nccl_allreduce": len(ar) / steps, "nccl_allreduce_ms": sum(e.time_range.elapsed_us() for e in ar) / 1e3 / steps,
-        "qat_kernels": len(qat_kern) / steps, "qat_kernel_ms": sum(e.time_range.elapsed_us() for e in qat_kern) / 1e3 / steps,
+        "gpu_busy_ms": _union_ms(iv(kern)) / steps,
+        "compute_busy_ms": _union_ms(iv(compute)) / steps,
+        "kernels": len(kern) / steps,
+        "compute_kernel_ms": sum(e.time_range.elapsed_us() for e in compute) / 1e3 / steps,
+        "nccl_kernels": len(nccl) / steps,
+        "nccl_ms": sum(e.time_range.elapsed_us() for e in nccl) / 1e3 / steps,
+        "nccl_allreduce": len(ar) / steps,
+        "nccl_allreduce_ms": sum(e.time_range.elapsed_us() for e in ar) / 1e3 / steps,
+        "qat_kernels": len(qat_kern) / steps,
+        "qat_kernel_ms": sum(e.time_range.elapsed_us() for e in qat_kern) / 1e3 / steps,
         "nccl_by_kind": {k: round(v / steps, 2) for k, v in Counter(_short(e.name, 60) for e in nccl).items()},
         "top_kernels": [{"ms": round(ms, 3), "calls": c, "name": _short(n)} for ms, c, n in top],
-        "cpu_ops": cpu_rows, "compiled_region_names": regions,
+        "cpu_ops": cpu_rows,
+        "compiled_region_names": regions,
         "top_self_cpu": [{"ms": round(ms, 3), "calls": c, "name": _short(n, 70)} for ms, c, n in self_cpu],
     }
 
 
-def run_config(args, name: str, mesh, device, rank: int, world: int, dlog: DynamoLog, cycles_per_ms: float,
-               out: Path) -> dict:
+def run_config(
+    args, name: str, mesh, device, rank: int, world: int, dlog: DynamoLog, cycles_per_ms: float, out: Path
+) -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -334,18 +390,28 @@ def run_config(args, name: str, mesh, device, rank: int, world: int, dlog: Dynam
     logged_after = dlog.take()
     stats = counters["stats"]
     row = {
-        "config": name, "qat": qat, "activation_checkpoint": ac, "amax_allreduce": {None: "all", "noar": "none",
-                                                                                       "nowar": "activations only"}[skip],
-        "layers": args.layers, "rank": rank, "warmup_s": warmup_s,
-        "wall_ms": statistics.median(walls), "wall_ms_min": min(walls), "walls": [round(w, 2) for w in walls],
-        "peak_gib": peak, **{f"host_{k}": v for k, v in host.items()}, "hold_ms": args.hold_ms,
-        "graph_breaks": sum(counters["graph_break"].values()), "graph_breaks_warmup": gb_warm,
+        "config": name,
+        "qat": qat,
+        "activation_checkpoint": ac,
+        "amax_allreduce": {None: "all", "noar": "none", "nowar": "activations only"}[skip],
+        "layers": args.layers,
+        "rank": rank,
+        "warmup_s": warmup_s,
+        "wall_ms": statistics.median(walls),
+        "wall_ms_min": min(walls),
+        "walls": [round(w, 2) for w in walls],
+        "peak_gib": peak,
+        **{f"host_{k}": v for k, v in host.items()},
+        "hold_ms": args.hold_ms,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_breaks_warmup": gb_warm,
         "graph_break_reasons": {_short(k, 200): v for k, v in counters["graph_break"].items()},
         "recompiles_logged": sum(1 for k, _ in logged_warm + logged_after if k == "recompiles"),
         "recompiles_after_warmup": sum(1 for k, _ in logged_after if k == "recompiles"),
         "graph_break_logs": sum(1 for k, _ in logged_warm + logged_after if k == "graph_breaks"),
         "recompile_reasons": [_short(m, 300) for k, m in logged_warm + logged_after if k == "recompiles"][:6],
-        "unique_graphs": stats.get("unique_graphs", 0), "frames_total": counters["frames"].get("total", 0),
+        "unique_graphs": stats.get("unique_graphs", 0),
+        "frames_total": counters["frames"].get("total", 0),
         "frames_ok": counters["frames"].get("ok", 0),
         **prof,
     }
@@ -359,10 +425,12 @@ def run_config(args, name: str, mesh, device, rank: int, world: int, dlog: Dynam
 
 def table(rows: list[dict]) -> str:
     base = {r["activation_checkpoint"]: r["wall_ms"] for r in rows if not r["qat"]}
-    out = ["| config | AC | amax all-reduce | wall ms | bf16/this | GPU busy ms | compute busy ms | kernels | QAT kernels "
-           "(ms) | NCCL kernels | NCCL ms | NCCL all-reduces (ms) | host enqueue ms (GPU drain after) | host ms, GPU "
-           "held | syncs | opaque-op CPU ms (calls) | compiled regions | graph breaks | recompiles | peak GiB |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| config | AC | amax all-reduce | wall ms | bf16/this | GPU busy ms | compute busy ms | kernels | QAT kernels "
+        "(ms) | NCCL kernels | NCCL ms | NCCL all-reduces (ms) | host enqueue ms (GPU drain after) | host ms, GPU "
+        "held | syncs | opaque-op CPU ms (calls) | compiled regions | graph breaks | recompiles | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         b = base.get(r["activation_checkpoint"])
         ops = r["cpu_ops"]
@@ -374,10 +442,13 @@ def table(rows: list[dict]) -> str:
             f"| {r['config']} | {r['activation_checkpoint']} | {r['amax_allreduce'] if r['qat'] else '-'} | "
             f"{r['wall_ms']:.1f} | {'-' if not b else format(b / r['wall_ms'], '.3f')} | {r['gpu_busy_ms']:.1f} | "
             f"{r['compute_busy_ms']:.1f} | {r['kernels']:.0f} | {r['qat_kernels']:.0f} ({r['qat_kernel_ms']:.1f}) | "
-            f"{r['nccl_kernels']:.0f} | {r['nccl_ms']:.1f} | {r['nccl_allreduce']:.0f} ({r['nccl_allreduce_ms']:.1f}) | "
-            f"{r['host_free_ms']:.1f} ({r['host_free_drain_ms']:.1f}) | {r['host_host_ms']:.1f}{held} | {r['host_syncs']} | "
+            f"{r['nccl_kernels']:.0f} | {r['nccl_ms']:.1f} | "
+            f"{r['nccl_allreduce']:.0f} ({r['nccl_allreduce_ms']:.1f}) | "
+            f"{r['host_free_ms']:.1f} ({r['host_free_drain_ms']:.1f}) | "
+            f"{r['host_host_ms']:.1f}{held} | {r['host_syncs']} | "
             f"{op_ms:.1f} ({op_calls:.0f}) | {ops.get('Torch-Compiled Region', {}).get('calls', 0):.0f} | "
-            f"{r['graph_breaks']} | {r['recompiles_logged']} | {peak} |")
+            f"{r['graph_breaks']} | {r['recompiles_logged']} | {peak} |"
+        )
     return "\n".join(out)
 
 
@@ -401,7 +472,11 @@ def main() -> None:
     for c in args.configs:
         parse_config(c)
     start = time.perf_counter()
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.device == "cuda"
+        else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -427,9 +502,15 @@ def main() -> None:
             import triton  # noqa: F401  (only for the versions line)
         except ImportError:
             pass
-        meta = {"meta": True, "torch": torch.__version__, "triton": getattr(sys.modules.get("triton"), "__version__", None),
-                "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "world": world,
-                "args": vars(args) | {"out": str(args.out)}, "cycles_per_ms": cycles_per_ms}
+        meta = {
+            "meta": True,
+            "torch": torch.__version__,
+            "triton": getattr(sys.modules.get("triton"), "__version__", None),
+            "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "world": world,
+            "args": vars(args) | {"out": str(args.out)},
+            "cycles_per_ms": cycles_per_ms,
+        }
         jsonl.write_text(json.dumps(meta) + "\n")
         print(json.dumps(meta), flush=True)
     rows = []
@@ -444,19 +525,53 @@ def main() -> None:
             print(f"=== {name} (t={time.perf_counter() - start:.0f}s)", flush=True)
         row = run_config(args, name, mesh, device, rank, world, dlog, cycles_per_ms, args.out)
         gathered = [None] * world
-        dist.all_gather_object(gathered, {k: row[k] for k in ("wall_ms", "host_host_ms", "host_free_ms",
-                                                              "host_free_drain_ms", "gpu_busy_ms", "compute_busy_ms",
-                                                              "nccl_ms", "nccl_allreduce_ms", "graph_breaks",
-                                                              "recompiles_logged")})
+        dist.all_gather_object(
+            gathered,
+            {
+                k: row[k]
+                for k in (
+                    "wall_ms",
+                    "host_host_ms",
+                    "host_free_ms",
+                    "host_free_drain_ms",
+                    "gpu_busy_ms",
+                    "compute_busy_ms",
+                    "nccl_ms",
+                    "nccl_allreduce_ms",
+                    "graph_breaks",
+                    "recompiles_logged",
+                )
+            },
+        )
         row["per_rank"] = gathered
         rows.append(row)
         if rank == 0:
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("config", "wall_ms", "gpu_busy_ms", "compute_busy_ms", "kernels",
-                                                  "nccl_kernels", "nccl_allreduce", "nccl_ms", "host_host_ms",
-                                                  "host_syncs", "graph_breaks", "recompiles_logged", "unique_graphs",
-                                                  "warmup_s")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "config",
+                            "wall_ms",
+                            "gpu_busy_ms",
+                            "compute_busy_ms",
+                            "kernels",
+                            "nccl_kernels",
+                            "nccl_allreduce",
+                            "nccl_ms",
+                            "host_host_ms",
+                            "host_syncs",
+                            "graph_breaks",
+                            "recompiles_logged",
+                            "unique_graphs",
+                            "warmup_s",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             print(table(rows), flush=True)
     if rank == 0:
         print("\n" + table(rows), flush=True)

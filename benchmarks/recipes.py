@@ -41,6 +41,11 @@ AC_MODES = ("recipe", "none", "selective", "full")
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def _ratio(row: dict, base: dict, key: str) -> float | None:
+    """row[key] / base[key], None where either is missing."""
+    return row[key] / base[key] if row.get(key) and base.get(key) else None
+
+
 def layout_overrides(layout: str, gpus: int) -> tuple[int, list[str]]:
     """(processes, train.py overrides) of a layout on ``gpus`` GPUs."""
     if layout == "1gpu":
@@ -50,28 +55,56 @@ def layout_overrides(layout: str, gpus: int) -> tuple[int, list[str]]:
     return gpus, ["--parallelism.data_parallel_shard_degree=1", f"--parallelism.tensor_parallel_degree={gpus}"]
 
 
-def run_recipe(recipe: str, layout: str, gpus: int, qat: bool, ac: str, steps: int, folder: Path,
-               timeout: float, extra: tuple[str, ...] = ()) -> dict | None:
+def run_recipe(
+    recipe: str,
+    layout: str,
+    gpus: int,
+    qat: bool,
+    ac: str,
+    steps: int,
+    folder: Path,
+    timeout: float,
+    extra: tuple[str, ...] = (),
+) -> dict | None:
     """One train.py run (``extra``: more overrides); its last logging window's figures, or None
     (the log says why)."""
     procs, overrides = layout_overrides(layout, gpus)
     window = max(1, steps // 3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           str(ROOT / "train.py"), "--recipe", str(ROOT / "recipes" / f"{recipe}.toml"), *overrides,
-           "--training.device=cuda", f"--training.steps={steps}", "--lr_scheduler.warmup_steps=0",
-           "--training.global_batch_size=-1", f"--qat.enable={str(qat).lower()}", "--qat.start_step=0",
-           "--checkpoint.enable=false", "--checkpoint.initial_load_path=", "--checkpoint.initial_load_in_hf=false",
-           f"--model.tokenizer_path={ROOT / 'data/assets/tokenizer.json'}", "--validation.freq=0",
-           "--metrics.enable_tensorboard=false", "--metrics.enable_wandb=false", f"--metrics.log_freq={window}",
-           f"--job.dump_folder={folder}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={procs}",
+        str(ROOT / "train.py"),
+        "--recipe",
+        str(ROOT / "recipes" / f"{recipe}.toml"),
+        *overrides,
+        "--training.device=cuda",
+        f"--training.steps={steps}",
+        "--lr_scheduler.warmup_steps=0",
+        "--training.global_batch_size=-1",
+        f"--qat.enable={str(qat).lower()}",
+        "--qat.start_step=0",
+        "--checkpoint.enable=false",
+        "--checkpoint.initial_load_path=",
+        "--checkpoint.initial_load_in_hf=false",
+        f"--model.tokenizer_path={ROOT / 'data/assets/tokenizer.json'}",
+        "--validation.freq=0",
+        "--metrics.enable_tensorboard=false",
+        "--metrics.enable_wandb=false",
+        f"--metrics.log_freq={window}",
+        f"--job.dump_folder={folder}",
+    ]
     if ac != "recipe":
         cmd.append(f"--training.activation_checkpoint={ac}")
     cmd += extra
     log = folder.with_suffix(".log")
     with open(log, "w") as out:
         try:
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                env={**os.environ, **NCCL_ENV}, check=False).returncode
+            rc = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **NCCL_ENV}, check=False
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     metrics = folder / "metrics.jsonl"
@@ -87,15 +120,24 @@ def run_recipe(recipe: str, layout: str, gpus: int, qat: bool, ac: str, steps: i
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The QAT and bf16 rows of each configuration side by side, with QAT/bf16 ratios."""
-    intro = (f"{meta['gpus']} x {meta['card']} (kind `{meta['kind']}`), commit {meta['commit']}, torch "
-           f"{meta['torch']}, Triton {meta['triton']}. `python benchmarks/recipes.py {meta['args']}`: each "
-           f"recipe's own settings (compile, bf16 mixed precision, seq_len, local batch) but one micro-batch "
-           f"per data-parallel rank, random init, {meta['steps']} steps; figures of the last "
-           f"{max(1, meta['steps'] // 3)}-step window. Peak memory per GPU.")
-    out = [f"# Recipes: NVFP4 QAT vs bf16 ({meta['card']}, {meta['date']})", "", intro, "",
-           ("| recipe | layout | GPUs | compile | activation checkpointing | QAT tokens/s | bf16 tokens/s | "
-            "QAT/bf16 | QAT peak GiB | bf16 peak GiB | memory QAT/bf16 | QAT MFU | bf16 MFU |"),
-           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    intro = (
+        f"{meta['gpus']} x {meta['card']} (kind `{meta['kind']}`), commit {meta['commit']}, torch "
+        f"{meta['torch']}, Triton {meta['triton']}. `python benchmarks/recipes.py {meta['args']}`: each "
+        f"recipe's own settings (compile, bf16 mixed precision, seq_len, local batch) but one micro-batch "
+        f"per data-parallel rank, random init, {meta['steps']} steps; figures of the last "
+        f"{max(1, meta['steps'] // 3)}-step window. Peak memory per GPU."
+    )
+    out = [
+        f"# Recipes: NVFP4 QAT vs bf16 ({meta['card']}, {meta['date']})",
+        "",
+        intro,
+        "",
+        (
+            "| recipe | layout | GPUs | compile | activation checkpointing | QAT tokens/s | bf16 tokens/s | "
+            "QAT/bf16 | QAT peak GiB | bf16 peak GiB | memory QAT/bf16 | QAT MFU | bf16 MFU |"
+        ),
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def fmt(v: float | None, f: str) -> str:
         return "-" if v is None else format(v, f)
@@ -106,24 +148,39 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if k not in keys:
             keys.append(k)
     for k in keys:
-        q, b, d = ({r["mode"]: r for r in rows if (r["recipe"], r["layout"], r["gpus"], r["compile"],
-                                                    r["activation_checkpoint"]) == k}.get(m, {})
-                   for m in ("qat", "bf16", "qad"))
-        ratio = {key: q[key] / b[key] if q.get(key) and b.get(key) else None for key in ("tokens_per_s", "peak_mem_gib")}
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {fmt(q.get('tokens_per_s'), ',.0f')} | "
-                   f"{fmt(b.get('tokens_per_s'), ',.0f')} | {fmt(ratio['tokens_per_s'], '.3f')} | "
-                   f"{fmt(q.get('peak_mem_gib'), '.2f')} | {fmt(b.get('peak_mem_gib'), '.2f')} | "
-                   f"{fmt(ratio['peak_mem_gib'], '.3f')} | {fmt(q.get('mfu'), '.3f')} | {fmt(b.get('mfu'), '.3f')} |")
+        q, b, d = (
+            {
+                r["mode"]: r
+                for r in rows
+                if (r["recipe"], r["layout"], r["gpus"], r["compile"], r["activation_checkpoint"]) == k
+            }.get(m, {})
+            for m in ("qat", "bf16", "qad")
+        )
+        ratio = {
+            key: q[key] / b[key] if q.get(key) and b.get(key) else None for key in ("tokens_per_s", "peak_mem_gib")
+        }
+        out.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {fmt(q.get('tokens_per_s'), ',.0f')} | "
+            f"{fmt(b.get('tokens_per_s'), ',.0f')} | {fmt(ratio['tokens_per_s'], '.3f')} | "
+            f"{fmt(q.get('peak_mem_gib'), '.2f')} | {fmt(b.get('peak_mem_gib'), '.2f')} | "
+            f"{fmt(ratio['peak_mem_gib'], '.3f')} | {fmt(q.get('mfu'), '.3f')} | {fmt(b.get('mfu'), '.3f')} |"
+        )
         if d:
-            qad.append(f"| {k[0]} | {k[1]} | {k[4]} | {fmt(d.get('tokens_per_s'), ',.0f')} | "
-                       f"{fmt(d['tokens_per_s'] / q['tokens_per_s'] if d.get('tokens_per_s') and q.get('tokens_per_s') else None, '.3f')} | "
-                       f"{fmt(d.get('peak_mem_gib'), '.2f')} | "
-                       f"{fmt(d['peak_mem_gib'] / q['peak_mem_gib'] if d.get('peak_mem_gib') and q.get('peak_mem_gib') else None, '.3f')} |")
+            qad.append(
+                f"| {k[0]} | {k[1]} | {k[4]} | {fmt(d.get('tokens_per_s'), ',.0f')} | "
+                f"{fmt(_ratio(d, q, 'tokens_per_s'), '.3f')} | {fmt(d.get('peak_mem_gib'), '.2f')} | "
+                f"{fmt(_ratio(d, q, 'peak_mem_gib'), '.3f')} |"
+            )
     if qad:
-        out += ["", "Distillation (QAD: QAT with `qat.loss = \"kl\"`, the frozen teacher sharded like the student) "
-                "against plain QAT:", "",
-                "| recipe | layout | activation checkpointing | QAD tokens/s | QAD/QAT | QAD peak GiB | memory QAD/QAT |",
-                "|---|---|---|---:|---:|---:|---:|", *qad]
+        out += [
+            "",
+            'Distillation (QAD: QAT with `qat.loss = "kl"`, the frozen teacher sharded like the student) '
+            "against plain QAT:",
+            "",
+            "| recipe | layout | activation checkpointing | QAD tokens/s | QAD/QAT | QAD peak GiB | memory QAD/QAT |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *qad,
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -146,17 +203,32 @@ def main() -> None:
     if not torch.cuda.is_available():
         p.error("no CUDA GPU visible: this benchmark runs train.py on GPUs")
     import triton
+
     for r in args.recipes:
         if not (ROOT / "recipes" / f"{r}.toml").is_file():
             p.error(f"no recipe recipes/{r}.toml")
     gpus = torch.cuda.device_count()
     card = torch.cuda.get_device_name()
-    commit = args.commit or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True, check=False).stdout.strip() or "unknown"
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "unknown"
+    )
     date = datetime.date.today().isoformat()
     kind = args.kind or card.lower().replace(" ", "-")
-    meta = {"card": card, "kind": kind, "gpus": gpus, "date": date, "commit": commit, "torch": torch.__version__,
-            "triton": triton.__version__, "steps": args.steps, "args": " ".join(sys.argv[1:])}
+    meta = {
+        "card": card,
+        "kind": kind,
+        "gpus": gpus,
+        "date": date,
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "steps": args.steps,
+        "args": " ".join(sys.argv[1:]),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"recipes_{kind}_{date}"
     rows: list[dict] = []
@@ -172,14 +244,30 @@ def main() -> None:
                         if mode == "qad":
                             teacher = Path(tmp) / f"{recipe}-{layout}-teacher"
                             if not (teacher / "checkpoint" / "step-1").is_dir():
-                                run_recipe(recipe, layout, gpus, False, ac, 1, teacher, args.timeout,
-                                           ("--checkpoint.enable=true", "--training.compile=false"))
+                                run_recipe(
+                                    recipe,
+                                    layout,
+                                    gpus,
+                                    False,
+                                    ac,
+                                    1,
+                                    teacher,
+                                    args.timeout,
+                                    ("--checkpoint.enable=true", "--training.compile=false"),
+                                )
                             extra = ("--qat.loss=kl", f"--qat.teacher_path={teacher / 'checkpoint' / 'step-1'}")
-                        result = run_recipe(recipe, layout, gpus, mode != "bf16", ac, args.steps, folder,
-                                            args.timeout, extra)
-                        row = {"recipe": recipe, "layout": layout, "gpus": 1 if layout == "1gpu" else gpus,
-                               "mode": mode, "compile": cfg.training.compile, "activation_checkpoint": ac_used,
-                               **(result or {"tokens_per_s": None, "peak_mem_gib": None, "mfu": None})}
+                        result = run_recipe(
+                            recipe, layout, gpus, mode != "bf16", ac, args.steps, folder, args.timeout, extra
+                        )
+                        row = {
+                            "recipe": recipe,
+                            "layout": layout,
+                            "gpus": 1 if layout == "1gpu" else gpus,
+                            "mode": mode,
+                            "compile": cfg.training.compile,
+                            "activation_checkpoint": ac_used,
+                            **(result or {"tokens_per_s": None, "peak_mem_gib": None, "mfu": None}),
+                        }
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -38,7 +38,10 @@ def main() -> None:
     default = dict(kernels.TILE)
     q_bytes, qo_bytes, d_bytes = x.numel() * (2.5 + 1 / 16), x.numel() * (4.5 + 1 / 16), x.numel() * (2.5 + 1 / 16)
     rows = []
-    print(f"{torch.cuda.get_device_name()}, {a.mib} MiB bf16, copy {copy_gbs:.0f} GB/s, current tile {default}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}, {a.mib} MiB bf16, copy {copy_gbs:.0f} GB/s, current tile {default}",
+        flush=True,
+    )
     for r, w in itertools.product(a.blocks, a.warps):
         kernels.TILE.update(R=r, num_warps=w)
         q = kernels.quantize([x], [s], with_operand=True)[0]

@@ -38,8 +38,12 @@ def block_projections(flavor: str) -> list[tuple[str, int, tuple[int, ...]]]:
 
     a = FLAVORS[flavor]
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    return [("q/k/v", a.dim, (q, kv, kv)), ("o", q, (a.dim,)), ("gate/up", a.dim, (a.ffn_dim, a.ffn_dim)),
-            ("down", a.ffn_dim, (a.dim,))]
+    return [
+        ("q/k/v", a.dim, (q, kv, kv)),
+        ("o", q, (a.dim,)),
+        ("gate/up", a.dim, (a.ffn_dim, a.ffn_dim)),
+        ("down", a.ffn_dim, (a.dim,)),
+    ]
 
 
 class Projection(torch.nn.Module):
@@ -105,8 +109,9 @@ def build_step(mode: str, compile: bool, n_layers: int):
     torch.cuda.empty_cache()
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
+        dist.init_process_group(
+            "nccl", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1, device_id=torch.device("cuda", 0)
+        )
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(FLAVORS["1B"].with_(n_layers=n_layers, activation_checkpoint="none"))

@@ -42,8 +42,11 @@ def layer_tensors(fmt: str, q: NVFP4, input_scale: torch.Tensor | None) -> dict[
             out["input_scale"] = _scalar(input_scale, ())
         return out
     if fmt == "compressed-tensors":
-        out = {"weight_packed": q.packed, "weight_scale": q.block_scale,
-               "weight_global_scale": _scalar(1.0 / q.tensor_scale, (1,))}
+        out = {
+            "weight_packed": q.packed,
+            "weight_scale": q.block_scale,
+            "weight_global_scale": _scalar(1.0 / q.tensor_scale, (1,)),
+        }
         if input_scale is not None:
             out["input_global_scale"] = _scalar(1.0 / input_scale, (1,))
         return out
@@ -55,13 +58,28 @@ def quant_algo(weight_only: bool) -> str:
     return "W4A16_NVFP4" if weight_only else "NVFP4"
 
 
-def quantization_config(fmt: str, ignore: list[str], extra: dict[str, Any], weight_only: bool = False) -> dict[str, Any]:
+def quantization_config(
+    fmt: str, ignore: list[str], extra: dict[str, Any], weight_only: bool = False
+) -> dict[str, Any]:
     """``quantization_config`` for config.json (``extra``: our provenance, kept alongside)."""
     if fmt == "modelopt":
-        return {"quant_method": "modelopt", "quant_algo": quant_algo(weight_only), "group_size": BLOCK_SIZE,
-                "kv_cache_quant_algo": None, "ignore": ignore, "nvfp4_titan": extra}
-    fp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "symmetric": True,
-           "group_size": BLOCK_SIZE, "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
+        return {
+            "quant_method": "modelopt",
+            "quant_algo": quant_algo(weight_only),
+            "group_size": BLOCK_SIZE,
+            "kv_cache_quant_algo": None,
+            "ignore": ignore,
+            "nvfp4_titan": extra,
+        }
+    fp4 = {
+        "num_bits": 4,
+        "type": "float",
+        "strategy": "tensor_group",
+        "symmetric": True,
+        "group_size": BLOCK_SIZE,
+        "scale_dtype": "torch.float8_e4m3fn",
+        "zp_dtype": "torch.float8_e4m3fn",
+    }
     group = {"targets": ["Linear"], "weights": {**fp4, "dynamic": False}}
     if not weight_only:  # compressed-tensors' NVFP4 scheme; NVFP4A16 has no input_activations
         group["input_activations"] = {**fp4, "dynamic": "local"}
@@ -79,8 +97,12 @@ def hf_quant_config(ignore: list[str], producer_version: str, weight_only: bool 
     """ModelOpt's ``hf_quant_config.json`` (read by vLLM and TensorRT-LLM)."""
     return {
         "producer": {"name": "modelopt", "version": producer_version},
-        "quantization": {"quant_algo": quant_algo(weight_only), "kv_cache_quant_algo": None, "group_size": BLOCK_SIZE,
-                         "exclude_modules": ignore},
+        "quantization": {
+            "quant_algo": quant_algo(weight_only),
+            "kv_cache_quant_algo": None,
+            "group_size": BLOCK_SIZE,
+            "exclude_modules": ignore,
+        },
     }
 
 
@@ -116,12 +138,14 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
     for (left, group), firsts in split.items():
         problems.append(
             f"{', '.join(left)} excluded from QAT but not the rest of its fused group {list(group)} ({len(firsts)} "
-            f"group(s)): engines fuse the group into one layer of one precision; include or exclude the whole group")
+            f"group(s)): engines fuse the group into one layer of one precision; include or exclude the whole group"
+        )
     if separate:
         problems.append(
             f"share_fused_amax=false gives the {len(separate)} fused groups (q/k/v, gate/up; e.g. {separate[0]}) "
             f"separate weight tensor scales; engines keep one per fused layer (vLLM: the max), so the others "
-            f"would decode 2-4x off")
+            f"would decode 2-4x off"
+        )
     uses: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         uses.setdefault(id(p), []).append(name.removesuffix(".weight"))
@@ -129,7 +153,8 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
         if isinstance(m, nn.Linear) and config.selects(name) and len(shared := uses[id(m.weight)]) > 1:
             problems.append(
                 f"{name} shares its weight with {', '.join(s for s in shared if s != name)} (tied embeddings): a "
-                f"quantized tied head cannot be exported; keep '{name}' in the QAT exclude patterns")
+                f"quantized tied head cannot be exported; keep '{name}' in the QAT exclude patterns"
+            )
     return problems
 
 

@@ -124,7 +124,11 @@ def amaxes_and_scales(
 
 def _scale_for(x: torch.Tensor, amax: torch.Tensor | None, tensor_scale_mode: TensorScaleMode) -> torch.Tensor:
     """The tensor scale of x: from the given amax, else from max |x|."""
-    return amax_and_scale(x, tensor_scale_mode=tensor_scale_mode)[1] if amax is None else tensor_scale(amax, tensor_scale_mode)
+    return (
+        amax_and_scale(x, tensor_scale_mode=tensor_scale_mode)[1]
+        if amax is None
+        else tensor_scale(amax, tensor_scale_mode)
+    )
 
 
 def _check_last_dim(x: torch.Tensor) -> None:
@@ -148,9 +152,7 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(y).to(torch.uint8) << 3)  # -0 keeps its sign, as in torchao
 
 
-def _block_codes(
-    x: torch.Tensor, s_tensor: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_codes(x: torch.Tensor, s_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [..., K] uint8 and block scales [..., K/16] e4m3 of x under tensor scale s."""
     xb = x.float().reshape(*x.shape[:-1], -1, BLOCK_SIZE)  # [..., K/16, 16]
     b_amax = xb.abs().amax(dim=-1)
@@ -183,7 +185,8 @@ def quantize_for_gemm(
 
 
 def quantize_operands(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], with_operand: bool = True,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    with_operand: bool = True,
     operand_scales: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[NVFP4, torch.Tensor | None]]:
     """``quantize_for_gemm`` of several (x, tensor scale), e.g. the operands of a GEMM: on CUDA
@@ -208,9 +211,7 @@ def quantize_operands(
     return out
 
 
-def quantize(
-    x: torch.Tensor, amax: torch.Tensor | None = None, tensor_scale_mode: TensorScaleMode = "pow2"
-) -> NVFP4:
+def quantize(x: torch.Tensor, amax: torch.Tensor | None = None, tensor_scale_mode: TensorScaleMode = "pow2") -> NVFP4:
     """Quantize x [..., K] to NVFP4.
 
     ``amax`` defaults to max |x|; pass it to quantize a shard or a fused group with the

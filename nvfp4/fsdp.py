@@ -56,8 +56,9 @@ def enable_nvfp4_all_gather(model: nn.Module, param_dtype: torch.dtype) -> int:
         w = m.weight
         if isinstance(w, DTensor):
             inner = NVFP4TrainingWeight(w.to_local().detach(), param_dtype)
-            wrapped = DTensor.from_local(inner, w.device_mesh, w.placements, run_check=False,
-                                         shape=w.shape, stride=w.stride())
+            wrapped = DTensor.from_local(
+                inner, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
+            )
         else:
             wrapped = NVFP4TrainingWeight(w.detach(), param_dtype)
         m.weight = nn.Parameter(wrapped, requires_grad=w.requires_grad)
@@ -72,7 +73,8 @@ def _plain_weight_in_state_dict(module: nn.Module, state_dict: dict, prefix: str
     w = state_dict.get(prefix + "weight")
     if isinstance(w, DTensor) and isinstance(w._local_tensor, NVFP4TrainingWeight):
         state_dict[prefix + "weight"] = DTensor.from_local(
-            w._local_tensor._tensor, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride())
+            w._local_tensor._tensor, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
+        )
     elif isinstance(w, NVFP4TrainingWeight):
         state_dict[prefix + "weight"] = w._tensor
 
@@ -87,7 +89,8 @@ def _clear_scales(params: Iterable[torch.Tensor]) -> None:
 def _clear_scales_after_optimizer_steps() -> None:
     """Once per process: any optimizer step makes the scales of the weights it updated stale."""
     register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: _clear_scales(p for g in opt.param_groups for p in g["params"]))
+        lambda opt, args, kwargs: _clear_scales(p for g in opt.param_groups for p in g["params"])
+    )
 
 
 def _shard(p: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,16 @@ aten = torch.ops.aten
 
 # FSDP2 pads, chunks, copies and moves the shard: those ops keep the subclass (as torchao's).
 _PRESERVE = {
-    aten.empty_like.default, aten.new_zeros.default, aten.slice.Tensor, aten.copy_.default,
-    aten.view.default, aten.as_strided.default, aten._to_copy.default, aten._pin_memory.default,
-    aten.split.Tensor, aten.clone.default,
+    aten.empty_like.default,
+    aten.new_zeros.default,
+    aten.slice.Tensor,
+    aten.copy_.default,
+    aten.view.default,
+    aten.as_strided.default,
+    aten._to_copy.default,
+    aten._pin_memory.default,
+    aten.split.Tensor,
+    aten.clone.default,
 }
 
 
@@ -42,8 +49,14 @@ class NVFP4TrainingWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, tensor: torch.Tensor, param_dtype: torch.dtype):
-        return torch.Tensor._make_wrapper_subclass(cls, tensor.shape, strides=tensor.stride(), dtype=tensor.dtype,
-                                                   device=tensor.device, requires_grad=tensor.requires_grad)
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            tensor.shape,
+            strides=tensor.stride(),
+            dtype=tensor.dtype,
+            device=tensor.device,
+            requires_grad=tensor.requires_grad,
+        )
 
     def __init__(self, tensor: torch.Tensor, param_dtype: torch.dtype) -> None:
         self._tensor = tensor
@@ -70,7 +83,8 @@ class NVFP4TrainingWeight(torch.Tensor):
             raise RuntimeError(
                 "NVFP4 all-gather: no tensor scale for the current weights; call "
                 "nvfp4.fsdp.precompute_weight_scales(model) after each optimizer step or "
-                "weight load, before the forward")
+                "weight load, before the forward"
+            )
         return quantize_with_scale(self._tensor.to(self.param_dtype), self.scale)
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

@@ -27,10 +27,12 @@ def _mm_fp32_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def prescales_weight(x: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None, tensor_scale_mode: str) -> bool:
+def prescales_weight(
+    x: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None, tensor_scale_mode: str
+) -> bool:
     """Whether the GEMM of input x takes the tensor scales inside its weight operand: on CUDA,
-    with power-of-two tensor scales (``tensor_scale_mode`` pow2), a bf16 result and no bias. Multiplying the operand by a
-    power of two is exact and commutes with the fp32 accumulation and the rounding to bf16
+    with power-of-two tensor scales (``tensor_scale_mode`` pow2), a bf16 result and no bias.
+    Multiplying the operand by a power of two is exact and commutes with the fp32 accumulation and the rounding to bf16
     (in the normal range), so the GEMM writes the scaled bf16 result directly: the same bits as
     rounding the scaled fp32 accumulator, without its fp32 passes or a pass over the output."""
     return tensor_scale_mode == "pow2" and x.is_cuda and out_dtype == torch.bfloat16 and bias is None
@@ -45,7 +47,11 @@ def weight_operands(wqs: list[NVFP4], scale: torch.Tensor, prescaled: bool, dtyp
 
 
 def scaled_matmul(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """y = (a @ b.T) * scale + bias: a [..., K], b [N, K] hold ``code * block_scale``; ``scale``
     is the product of the two tensor scales (fp32 0-dim), None when b holds it already

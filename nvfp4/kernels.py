@@ -191,9 +191,27 @@ if HAVE_TRITON:
         operand_a,  # int32 [n_blocks_a * 8] out (WITH_OPERAND)
         operand_scale_a,  # fp32 [1] (OPERAND_SCALED_A)
         n_blocks_a,  # int
-        x_b, tensor_scale_b, packed_b, block_scale_b, operand_b, operand_scale_b, n_blocks_b,
-        x_c, tensor_scale_c, packed_c, block_scale_c, operand_c, operand_scale_c, n_blocks_c,
-        x_d, tensor_scale_d, packed_d, block_scale_d, operand_d, operand_scale_d, n_blocks_d,
+        x_b,
+        tensor_scale_b,
+        packed_b,
+        block_scale_b,
+        operand_b,
+        operand_scale_b,
+        n_blocks_b,
+        x_c,
+        tensor_scale_c,
+        packed_c,
+        block_scale_c,
+        operand_c,
+        operand_scale_c,
+        n_blocks_c,
+        x_d,
+        tensor_scale_d,
+        packed_d,
+        block_scale_d,
+        operand_d,
+        operand_scale_d,
+        n_blocks_d,
         end_a,  # programs [0, end_a) work on slot A
         end_b,  # [end_a, end_b) on slot B
         end_c,  # [end_b, end_c) on slot C, the rest on slot D (``_slot_ends``)
@@ -212,20 +230,68 @@ if HAVE_TRITON:
         """The first N of the tensors in slots A to D, on consecutive ranges of programs."""
         pid = tl.program_id(0)
         if pid < end_a:
-            _quantize_blocks(x_a, tensor_scale_a, packed_a, block_scale_a, operand_a, operand_scale_a, pid,
-                             n_blocks_a, R, KIND_A, WITH_OPERAND, OPERAND_SCALED_A)
+            _quantize_blocks(
+                x_a,
+                tensor_scale_a,
+                packed_a,
+                block_scale_a,
+                operand_a,
+                operand_scale_a,
+                pid,
+                n_blocks_a,
+                R,
+                KIND_A,
+                WITH_OPERAND,
+                OPERAND_SCALED_A,
+            )
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
-                _quantize_blocks(x_b, tensor_scale_b, packed_b, block_scale_b, operand_b, operand_scale_b,
-                                 pid - end_a, n_blocks_b, R, KIND_B, WITH_OPERAND, OPERAND_SCALED_B)
+                _quantize_blocks(
+                    x_b,
+                    tensor_scale_b,
+                    packed_b,
+                    block_scale_b,
+                    operand_b,
+                    operand_scale_b,
+                    pid - end_a,
+                    n_blocks_b,
+                    R,
+                    KIND_B,
+                    WITH_OPERAND,
+                    OPERAND_SCALED_B,
+                )
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
-                _quantize_blocks(x_c, tensor_scale_c, packed_c, block_scale_c, operand_c, operand_scale_c,
-                                 pid - end_b, n_blocks_c, R, KIND_C, WITH_OPERAND, OPERAND_SCALED_C)
+                _quantize_blocks(
+                    x_c,
+                    tensor_scale_c,
+                    packed_c,
+                    block_scale_c,
+                    operand_c,
+                    operand_scale_c,
+                    pid - end_b,
+                    n_blocks_c,
+                    R,
+                    KIND_C,
+                    WITH_OPERAND,
+                    OPERAND_SCALED_C,
+                )
         if N > 3:
             if pid >= end_c:
-                _quantize_blocks(x_d, tensor_scale_d, packed_d, block_scale_d, operand_d, operand_scale_d,
-                                 pid - end_c, n_blocks_d, R, KIND_D, WITH_OPERAND, OPERAND_SCALED_D)
+                _quantize_blocks(
+                    x_d,
+                    tensor_scale_d,
+                    packed_d,
+                    block_scale_d,
+                    operand_d,
+                    operand_scale_d,
+                    pid - end_c,
+                    n_blocks_d,
+                    R,
+                    KIND_D,
+                    WITH_OPERAND,
+                    OPERAND_SCALED_D,
+                )
 
     @triton.jit
     def _dequantize_blocks(
@@ -261,9 +327,21 @@ if HAVE_TRITON:
         tensor_scale_a,  # fp32 [1] (SCALED)
         out_a,  # [n_blocks_a * 8] element pairs out
         n_blocks_a,  # int
-        packed_b, block_scale_b, tensor_scale_b, out_b, n_blocks_b,
-        packed_c, block_scale_c, tensor_scale_c, out_c, n_blocks_c,
-        packed_d, block_scale_d, tensor_scale_d, out_d, n_blocks_d,
+        packed_b,
+        block_scale_b,
+        tensor_scale_b,
+        out_b,
+        n_blocks_b,
+        packed_c,
+        block_scale_c,
+        tensor_scale_c,
+        out_c,
+        n_blocks_c,
+        packed_d,
+        block_scale_d,
+        tensor_scale_d,
+        out_d,
+        n_blocks_d,
         end_a,  # programs [0, end_a) work on slot A, [end_a, end_b) on B, [end_b, end_c) on C
         end_b,
         end_c,
@@ -281,16 +359,19 @@ if HAVE_TRITON:
             _dequantize_blocks(packed_a, block_scale_a, tensor_scale_a, out_a, pid, n_blocks_a, R, KIND_A, SCALED)
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
-                _dequantize_blocks(packed_b, block_scale_b, tensor_scale_b, out_b, pid - end_a, n_blocks_b, R,
-                                   KIND_B, SCALED)
+                _dequantize_blocks(
+                    packed_b, block_scale_b, tensor_scale_b, out_b, pid - end_a, n_blocks_b, R, KIND_B, SCALED
+                )
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
-                _dequantize_blocks(packed_c, block_scale_c, tensor_scale_c, out_c, pid - end_b, n_blocks_c, R,
-                                   KIND_C, SCALED)
+                _dequantize_blocks(
+                    packed_c, block_scale_c, tensor_scale_c, out_c, pid - end_b, n_blocks_c, R, KIND_C, SCALED
+                )
         if N > 3:
             if pid >= end_c:
-                _dequantize_blocks(packed_d, block_scale_d, tensor_scale_d, out_d, pid - end_c, n_blocks_d, R,
-                                   KIND_D, SCALED)
+                _dequantize_blocks(
+                    packed_d, block_scale_d, tensor_scale_d, out_d, pid - end_c, n_blocks_d, R, KIND_D, SCALED
+                )
 
     @triton.jit
     def _scale_of(amax, POW2: tl.constexpr):
@@ -336,9 +417,18 @@ if HAVE_TRITON:
         n_a,  # elements of x_a
         group_a,  # int: offset in buf of x_a's group (3 int32 a group)
         programs_a,  # int: programs of x_a's whole group
-        x_b, n_b, group_b, programs_b,
-        x_c, n_c, group_c, programs_c,
-        x_d, n_d, group_d, programs_d,
+        x_b,
+        n_b,
+        group_b,
+        programs_b,
+        x_c,
+        n_c,
+        group_c,
+        programs_c,
+        x_d,
+        n_d,
+        group_d,
+        programs_d,
         end_a,  # programs [0, end_a) work on slot A, [end_a, end_b) on B, [end_b, end_c) on C
         end_b,
         end_c,
@@ -360,8 +450,9 @@ if HAVE_TRITON:
                 _amax_slot(x_c, n_c, pid - end_b, end_c - end_b, buf_ptr + group_c, programs_c, SCALE, POW2, BLOCK)
         if N > 3:
             if pid >= end_c:
-                _amax_slot(x_d, n_d, pid - end_c, tl.num_programs(0) - end_c, buf_ptr + group_d, programs_d, SCALE,
-                           POW2, BLOCK)
+                _amax_slot(
+                    x_d, n_d, pid - end_c, tl.num_programs(0) - end_c, buf_ptr + group_d, programs_d, SCALE, POW2, BLOCK
+                )
 
     @triton.jit
     def _tensor_scale_kernel(amax_ptr, out_ptr, POW2: tl.constexpr):
@@ -402,7 +493,7 @@ def _slot_args(per_tensor: list[tuple], chunk: list[int]) -> list:
 def _slot_ends(programs: list) -> list:
     """end_a, end_b, end_c: where the programs of slots a, b and c end (slot d's run to the grid's)."""
     ends = list(itertools.accumulate(programs))
-    return (ends + ends[-1:] * SLOTS)[:SLOTS - 1]
+    return (ends + ends[-1:] * SLOTS)[: SLOTS - 1]
 
 
 def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[str, int]], **meta) -> None:
@@ -416,12 +507,18 @@ def _launch(kernel, parts: list[tuple], n_blocks: list[int], consts: list[dict[s
         args = _slot_args(per_tensor, chunk)
         slots = chunk + chunk[-1:] * (SLOTS - len(chunk))
         named = {f"{k}_{slot}": v for slot, j in zip("ABCD", slots) for k, v in consts[j].items()}
-        kernel[(sum(programs),)](*args, *_slot_ends(programs), N=len(chunk), **named, R=TILE["R"],
-                                 num_warps=TILE["num_warps"], **meta)
+        kernel[(sum(programs),)](
+            *args, *_slot_ends(programs), N=len(chunk), **named, R=TILE["R"], num_warps=TILE["num_warps"], **meta
+        )
 
 
-def _quantize_launch(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], operand_scales: list[torch.Tensor | None],
-                     with_operand: bool, kernel) -> list[torch.Tensor]:
+def _quantize_launch(
+    xs: list[torch.Tensor],
+    s_tensors: list[torch.Tensor],
+    operand_scales: list[torch.Tensor | None],
+    with_operand: bool,
+    kernel,
+) -> list[torch.Tensor]:
     """``quantize``'s outputs, flat: packed, e4m3 block scales, bf16 operand (empty without
     ``with_operand``) per tensor."""
     outs, parts = [], []
@@ -433,21 +530,33 @@ def _quantize_launch(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], oper
         operand_scale = s if operand_scale is None else operand_scale  # unread without OPERAND_SCALED
         parts.append((_pairs(x), s, packed, scales, operand, operand_scale))
         outs += [packed, scales.view(torch.float8_e4m3fn), operand.view(torch.bfloat16)]
-    consts = [{"KIND": _KIND[x.dtype][0], "OPERAND_SCALED": with_operand and o is not None} for x, o in zip(xs, operand_scales)]
+    consts = [
+        {"KIND": _KIND[x.dtype][0], "OPERAND_SCALED": with_operand and o is not None}
+        for x, o in zip(xs, operand_scales)
+    ]
     _launch(kernel, parts, [x.numel() // 16 for x in xs], consts, WITH_OPERAND=with_operand)
     return outs
 
 
 if HAVE_TRITON:
+
     @torch.library.triton_op("nvfp4::quantize", mutates_args=())
-    def _quantize_op(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], operand_scales: list[torch.Tensor | None],
-                     with_operand: bool) -> list[torch.Tensor]:
+    def _quantize_op(
+        xs: list[torch.Tensor],
+        s_tensors: list[torch.Tensor],
+        operand_scales: list[torch.Tensor | None],
+        with_operand: bool,
+    ) -> list[torch.Tensor]:
         """``_quantize_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
         return _quantize_launch(xs, s_tensors, operand_scales, with_operand, wrap_triton(_quantize_kernel))
 
 
-def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], with_operand: bool = False,
-             operand_scales: list[torch.Tensor | None] | None = None) -> list[tuple]:
+def quantize(
+    xs: list[torch.Tensor],
+    s_tensors: list[torch.Tensor],
+    with_operand: bool = False,
+    operand_scales: list[torch.Tensor | None] | None = None,
+) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
     like x; four tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
     operand in fp32 before its rounding to bf16."""
@@ -459,7 +568,9 @@ def quantize(xs: list[torch.Tensor], s_tensors: list[torch.Tensor], with_operand
     return [(p, sc, operand if with_operand else None) for p, sc, operand in zip(flat[0::3], flat[1::3], flat[2::3])]
 
 
-def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> list[torch.Tensor]:
+def dequantize(
+    qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype
+) -> list[torch.Tensor]:
     """(packed, block scales, tensor scale or None) -> code * block_scale (* tensor scale) in
     fp32, cast to dtype, shaped [..., K]; four tensors per launch. The tensor scales are all
     given or all None."""
@@ -471,8 +582,13 @@ def dequantize(qs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
         s_t = scales if s_tensor is None else s_tensor  # unread without SCALED
         parts.append((packed.contiguous(), scales, s_t, out))
         outs.append(out.view(dtype))
-    _launch(_dequantize_kernel, parts, [p[0].numel() // 8 for p in parts], [{"KIND": kind}] * len(outs),
-            SCALED=qs[0][2] is not None)
+    _launch(
+        _dequantize_kernel,
+        parts,
+        [p[0].numel() // 8 for p in parts],
+        [{"KIND": kind}] * len(outs),
+        SCALED=qs[0][2] is not None,
+    )
     return outs
 
 
@@ -494,14 +610,21 @@ def _amax_launch(xs: list[torch.Tensor], sizes: list[int], tensor_scale_mode: st
     totals = [sum(p for p, g in zip(grids, group) if g == h) for h in range(len(sizes))]
     per_tensor = [(x, x.numel(), 3 * g, totals[g]) for x, g in zip(xs, group)]
     for chunk in _slots(len(xs)):
-        kernel[(sum(grids[j] for j in chunk),)](*_slot_args(per_tensor, chunk), *_slot_ends([grids[j] for j in chunk]),
-                                                buf, N=len(chunk), SCALE=tensor_scale_mode is not None,
-                                                POW2=tensor_scale_mode == "pow2", BLOCK=block,
-                                                num_warps=AMAX_TILE["num_warps"])
+        kernel[(sum(grids[j] for j in chunk),)](
+            *_slot_args(per_tensor, chunk),
+            *_slot_ends([grids[j] for j in chunk]),
+            buf,
+            N=len(chunk),
+            SCALE=tensor_scale_mode is not None,
+            POW2=tensor_scale_mode == "pow2",
+            BLOCK=block,
+            num_warps=AMAX_TILE["num_warps"],
+        )
     return buf
 
 
 if HAVE_TRITON:
+
     @torch.library.triton_op("nvfp4::amax", mutates_args=())
     def _amax_op(xs: list[torch.Tensor], sizes: list[int], tensor_scale_mode: str | None) -> torch.Tensor:
         """``_amax_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
@@ -528,7 +651,9 @@ def amaxes(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [buf[3 * g] for g in range(len(groups))]
 
 
-def amaxes_and_scales(groups: list[list[torch.Tensor]], tensor_scale_mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def amaxes_and_scales(
+    groups: list[list[torch.Tensor]], tensor_scale_mode: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``amax(*group)`` and its ``format.tensor_scale`` for each group of tensors (e.g. a linear's
     input, and its weights), in one buffer; one launch for up to four tensors, none for the scales."""
     buf = _amax_buffer(groups, tensor_scale_mode)

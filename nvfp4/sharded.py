@@ -58,7 +58,9 @@ def global_amax(*tensors: torch.Tensor) -> torch.Tensor:
     return reduce_amax(amax(*(local(t) for t in tensors)), tensors[0])
 
 
-def global_amax_and_scale(*tensors: torch.Tensor, tensor_scale_mode: TensorScaleMode) -> tuple[torch.Tensor, torch.Tensor]:
+def global_amax_and_scale(
+    *tensors: torch.Tensor, tensor_scale_mode: TensorScaleMode
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``global_amax`` and its tensor scale (one CUDA kernel for both when nothing is sharded)."""
     if not isinstance(tensors[0], DTensor):
         return amax_and_scale(*tensors, tensor_scale_mode=tensor_scale_mode)

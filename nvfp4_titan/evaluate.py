@@ -42,8 +42,15 @@ def strided_windows(ids: torch.Tensor, seq_len: int, stride: int) -> list[tuple[
 
 
 @torch.no_grad()
-def perplexity(model: Transformer, ids: torch.Tensor, n_words: int, seq_len: int, stride: int,
-               batch_size: int, progress: bool = True) -> dict[str, float]:
+def perplexity(
+    model: Transformer,
+    ids: torch.Tensor,
+    n_words: int,
+    seq_len: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, float]:
     windows = strided_windows(ids, seq_len, stride)
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
@@ -55,12 +62,21 @@ def perplexity(model: Transformer, ids: torch.Tensor, n_words: int, seq_len: int
             nll += losses[mask.flatten()].double().sum().item()
             count += int(mask.sum())
         if progress:
-            print(f"\r[{min(i + batch_size, len(windows))}/{len(windows)}] token ppl {math.exp(nll / count):.4f}",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r[{min(i + batch_size, len(windows))}/{len(windows)}] token ppl {math.exp(nll / count):.4f}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if progress:
         print(file=sys.stderr)
-    return {"tokens": count, "words": n_words, "nll": nll, "token_ppl": math.exp(nll / count),
-            "word_ppl": math.exp(nll / n_words)}
+    return {
+        "tokens": count,
+        "words": n_words,
+        "nll": nll,
+        "token_ppl": math.exp(nll / count),
+        "word_ppl": math.exp(nll / n_words),
+    }
 
 
 def _same_length(group):

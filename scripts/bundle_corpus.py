@@ -17,9 +17,20 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PLAYS = (
-    "hamlet", "macbeth", "lear", "othello", "tempest", "julius_caesar", "romeo_and_juliet",
-    "twelfth_night", "midsummer_nights_dream", "merchant_of_venice", "much_ado_about_nothing",
-    "as_you_like_it", "richard_iii", "winters_tale",
+    "hamlet",
+    "macbeth",
+    "lear",
+    "othello",
+    "tempest",
+    "julius_caesar",
+    "romeo_and_juliet",
+    "twelfth_night",
+    "midsummer_nights_dream",
+    "merchant_of_venice",
+    "much_ado_about_nothing",
+    "as_you_like_it",
+    "richard_iii",
+    "winters_tale",
 )
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>"]
 VOCAB = 8192

@@ -32,13 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path)
     p.add_argument("--data", type=Path, help="held-out corpus (default: the recipe's validation split)")
-    p.add_argument("--held-out-of", type=Path, metavar="RUN",
-                   help="score the validation split of this run's recipe (compare a float, PTQ or converted "
-                        "model with the run on the same text)")
+    p.add_argument(
+        "--held-out-of",
+        type=Path,
+        metavar="RUN",
+        help="score the validation split of this run's recipe (compare a float, PTQ or converted "
+        "model with the run on the same text)",
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokenizer", help="tokenizer file or folder (default: the model's or the recipe's)")
-    p.add_argument("--quant", choices=("none", "nvfp4-ptq"), default="none",
-                   help="nvfp4-ptq: fake-quantize a float model's linears (weights and inputs)")
+    p.add_argument(
+        "--quant",
+        choices=("none", "nvfp4-ptq"),
+        default="none",
+        help="nvfp4-ptq: fake-quantize a float model's linears (weights and inputs)",
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -63,22 +71,27 @@ def main(argv: list[str] | None = None) -> int:
             except ConvertError as e:
                 raise ConvertError(f"--held-out-of {a.held_out_of}: not a training run ({e})") from None
             if recipe is None:
-                raise ConvertError(f"--held-out-of {a.held_out_of}: not a training run, so no recipe names a "
-                                   "held-out split")
+                raise ConvertError(
+                    f"--held-out-of {a.held_out_of}: not a training run, so no recipe names a held-out split"
+                )
         docs = held_out_text(recipe, a.data, a.text_field)
         if a.seq_len > model.args.max_seq_len:
             raise ConvertError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
         if tok.vocab_size > model.args.vocab_size:
-            raise ConvertError(f"the tokenizer {tok_path} has {tok.vocab_size} tokens, more than the model's "
-                               f"vocab_size {model.args.vocab_size}: name the model's own with --tokenizer")
+            raise ConvertError(
+                f"the tokenizer {tok_path} has {tok.vocab_size} tokens, more than the model's "
+                f"vocab_size {model.args.vocab_size}: name the model's own with --tokenizer"
+            )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids, n_words = token_ids(tok, docs)
     model.to(a.device).eval()
     r = perplexity(model, ids.to(a.device), n_words, a.seq_len, a.stride, a.batch_size)
-    print(f"{a.model}: word_ppl {r['word_ppl']:.6f}  token_ppl {r['token_ppl']:.6f}  "
-          f"({r['tokens']} tokens, {r['words']} words, quant={a.quant})")
+    print(
+        f"{a.model}: word_ppl {r['word_ppl']:.6f}  token_ppl {r['token_ppl']:.6f}  "
+        f"({r['tokens']} tokens, {r['words']} words, quant={a.quant})"
+    )
     return 0
 
 

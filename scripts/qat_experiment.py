@@ -68,20 +68,29 @@ ABLATIONS = {
     "tokens_x2": Ablation("QAT token budget x 2 (float fine-tune likewise)", steps=2.0),
     "lr_x0.3": Ablation("learning rate x 0.3 (both fine-tunes)", lr=0.3),
     "lr_x3": Ablation("learning rate x 3 (both fine-tunes)", lr=3.0),
-    "static_act": Ablation("static (calibrated) activation scales; PTQ baseline dynamic",
-                           qat=("--qat.activation_scale=static",)),
-    "weight_only": Ablation("weight-only W4A16 QAT; PTQ baseline weight-only",
-                            qat=("--qat.activation_scale=none",), ptq=nvfp4.QATConfig(activation_scale="none")),
-    "separate_qkv_amax": Ablation("q/k/v and gate/up keep separate weight amaxes",
-                                  qat=("--qat.share_fused_amax=false", "--qat.allow_unexportable=true"),
-                                  ptq=nvfp4.QATConfig(share_fused_amax=False)),
+    "static_act": Ablation(
+        "static (calibrated) activation scales; PTQ baseline dynamic", qat=("--qat.activation_scale=static",)
+    ),
+    "weight_only": Ablation(
+        "weight-only W4A16 QAT; PTQ baseline weight-only",
+        qat=("--qat.activation_scale=none",),
+        ptq=nvfp4.QATConfig(activation_scale="none"),
+    ),
+    "separate_qkv_amax": Ablation(
+        "q/k/v and gate/up keep separate weight amaxes",
+        qat=("--qat.share_fused_amax=false", "--qat.allow_unexportable=true"),
+        ptq=nvfp4.QATConfig(share_fused_amax=False),
+    ),
 }
 
 
 def run_train(recipe: str, dump: Path, nproc: int, args: list[str]) -> Path:
     """train.py in a subprocess, its output in DUMP.log; returns DUMP."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     cmd = [*launcher, str(ROOT / "train.py"), "--recipe", recipe, f"--job.dump_folder={dump}", *args]
     dump.parent.mkdir(parents=True, exist_ok=True)
     log = dump.parent / f"{dump.name}.log"
@@ -99,8 +108,7 @@ def evaluate(path: Path, ptq: nvfp4.QATConfig | None, ids: torch.Tensor, words: 
     if ptq is not None:
         nvfp4.prepare(model, ptq)
     model.to(a.device).eval()
-    r = perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size,
-                            progress=False)
+    r = perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size, progress=False)
     return r["word_ppl"]
 
 
@@ -128,19 +136,39 @@ class Experiment:
             done.set_result(self.a.base)
             return done
         steps = self.a.pretrain_steps
-        return self.pool.submit(run_train, self.a.recipe, self.a.out / f"seed{seed}" / "base", self.a.nproc,
-                                [*self._common(seed), "--qat.enable=false", f"--training.steps={steps}",
-                                 f"--checkpoint.interval={steps}"])
+        return self.pool.submit(
+            run_train,
+            self.a.recipe,
+            self.a.out / f"seed{seed}" / "base",
+            self.a.nproc,
+            [*self._common(seed), "--qat.enable=false", f"--training.steps={steps}", f"--checkpoint.interval={steps}"],
+        )
 
-    def finetune(self, seed: int, name: str, qat: bool, steps_factor: float = 1.0, lr_factor: float = 1.0,
-                 overrides: tuple[str, ...] = ()) -> Future:
+    def finetune(
+        self,
+        seed: int,
+        name: str,
+        qat: bool,
+        steps_factor: float = 1.0,
+        lr_factor: float = 1.0,
+        overrides: tuple[str, ...] = (),
+    ) -> Future:
         a = self.a
         steps = max(1, round(a.finetune_steps * steps_factor))
-        load = [f"--checkpoint.initial_load_path={self.base(seed)}",
-                *(["--checkpoint.initial_load_in_hf=true"] if a.base is not None else [])]
-        args = [*self._common(seed), *load, f"--training.steps={steps}",
-                f"--checkpoint.interval={steps}", f"--optimizer.lr={a.finetune_lr * lr_factor}",
-                f"--lr_scheduler.warmup_steps={min(steps // 10, 100)}", f"--qat.enable={str(qat).lower()}", *overrides]
+        load = [
+            f"--checkpoint.initial_load_path={self.base(seed)}",
+            *(["--checkpoint.initial_load_in_hf=true"] if a.base is not None else []),
+        ]
+        args = [
+            *self._common(seed),
+            *load,
+            f"--training.steps={steps}",
+            f"--checkpoint.interval={steps}",
+            f"--optimizer.lr={a.finetune_lr * lr_factor}",
+            f"--lr_scheduler.warmup_steps={min(steps // 10, 100)}",
+            f"--qat.enable={str(qat).lower()}",
+            *overrides,
+        ]
         return self.pool.submit(run_train, a.recipe, a.out / f"seed{seed}" / name, a.nproc, args)
 
     def run(self, seeds: list[int], ablations: list[str]) -> dict:
@@ -158,8 +186,7 @@ class Experiment:
             key = (seed, name, ptq)  # the same model and quantization is evaluated once
             path = a.base if name == "base" and a.base is not None else a.out / f"seed{seed}" / name
             if key not in evals:
-                evals[key] = self.eval_pool.submit(
-                    lambda: (after.result(), evaluate(path, ptq, *held_out[seed], a))[1])
+                evals[key] = self.eval_pool.submit(lambda: (after.result(), evaluate(path, ptq, *held_out[seed], a))[1])
             return evals[key]
 
         rows: dict[tuple, dict[str, Future]] = {}
@@ -172,22 +199,29 @@ class Experiment:
                 qad = self.finetune(s, "qad", True, overrides=("--qat.loss=kl",))
                 qad_nvfp4 = self.eval_pool.submit(lambda s=s, qad=qad: (qad.result(), self._convert(s, "qad"))[1])
             rows["seeds", s] = {
-                "base": evaluation(s, "base", None, done), "base_ptq": evaluation(s, "base", nvfp4.QATConfig(), done),
+                "base": evaluation(s, "base", None, done),
+                "base_ptq": evaluation(s, "base", nvfp4.QATConfig(), done),
                 "float_ft": evaluation(s, "float_ft", None, float_ft),
                 "float_ft_ptq": evaluation(s, "float_ft", nvfp4.QATConfig(), float_ft),
-                "qat": evaluation(s, "qat", None, qat), "nvfp4": evaluation(s, "nvfp4", None, converted)}
+                "qat": evaluation(s, "qat", None, qat),
+                "nvfp4": evaluation(s, "nvfp4", None, converted),
+            }
             if a.qad:
-                rows["seeds", s] |= {"qad": evaluation(s, "qad", None, qad),
-                                     "qad_nvfp4": evaluation(s, "qad_nvfp4", None, qad_nvfp4)}
+                rows["seeds", s] |= {
+                    "qad": evaluation(s, "qad", None, qad),
+                    "qad_nvfp4": evaluation(s, "qad_nvfp4", None, qad_nvfp4),
+                }
         for name in ablations:
             ab, s = ABLATIONS[name], seeds[0]
             own_float = (ab.steps, ab.lr) != (1.0, 1.0)
             float_name = f"float_{name}" if own_float else "float_ft"
             float_run = self.finetune(s, float_name, False, ab.steps, ab.lr) if own_float else float_runs[s]
             qat_run = self.finetune(s, f"qat_{name}", True, ab.steps, ab.lr, ab.qat)
-            rows["ablations", name] = {"float_ft": evaluation(s, float_name, None, float_run),
-                                       "float_ft_ptq": evaluation(s, float_name, ab.ptq, float_run),
-                                       "qat": evaluation(s, f"qat_{name}", None, qat_run)}
+            rows["ablations", name] = {
+                "float_ft": evaluation(s, float_name, None, float_run),
+                "float_ft_ptq": evaluation(s, float_name, ab.ptq, float_run),
+                "qat": evaluation(s, f"qat_{name}", None, qat_run),
+            }
         results: dict = {"seeds": {}, "ablations": {}}
         for f in as_completed({f for r in rows.values() for f in r.values()}):
             f.result()  # raise the first failure
@@ -209,8 +243,12 @@ class Experiment:
 
     def _convert(self, seed: int, run: str) -> None:
         out = self.a.out / f"seed{seed}"
-        convert_checkpoint(out / run, out / ("nvfp4" if run == "qat" else f"{run}_nvfp4"), Options(calibration_batches=8),
-                overwrite=True)
+        convert_checkpoint(
+            out / run,
+            out / ("nvfp4" if run == "qat" else f"{run}_nvfp4"),
+            Options(calibration_batches=8),
+            overwrite=True,
+        )
 
     def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
         """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
@@ -231,35 +269,64 @@ def recovery(ptq: float, qat: float, float_: float) -> float:
 
 def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
     seeds = results["seeds"]
-    lines = ["# Float vs PTQ vs QAT (NVFP4), word perplexity on held-out text", "",
-             f"recipe `{a.recipe}`, {f'base {a.base}' if a.base else f'pre-train {a.pretrain_steps} steps'}, fine-tune {a.finetune_steps} steps at lr "
-             f"{a.finetune_lr}, overrides `{' '.join(extra) or 'none'}`", "",
-             "| seed | " + " | ".join(ROWS) + " | recovery |", "|---" * (len(ROWS) + 2) + "|"]
+    lines = [
+        "# Float vs PTQ vs QAT (NVFP4), word perplexity on held-out text",
+        "",
+        f"recipe `{a.recipe}`, {f'base {a.base}' if a.base else f'pre-train {a.pretrain_steps} steps'}, "
+        f"fine-tune {a.finetune_steps} steps at lr "
+        f"{a.finetune_lr}, overrides `{' '.join(extra) or 'none'}`",
+        "",
+        "| seed | " + " | ".join(ROWS) + " | recovery |",
+        "|---" * (len(ROWS) + 2) + "|",
+    ]
     for seed, r in seeds.items():
         lines.append(f"| {seed} | " + " | ".join(f"{r[k]:.4f}" for k in ROWS) + f" | {r['recovery']:.1%} |")
     if any("qad" in r for r in seeds.values()):
-        lines += ["", "QAD (`qat.loss = \"kl\"`, teacher: the base model; recovery against the teacher, "
-                  "(base_ptq - qad) / (base_ptq - base)):", "",
-                  "| seed | base | base_ptq | " + " | ".join(QAD_ROWS) + " | QAD recovery | QAT recovery |",
-                  "|---" * (len(QAD_ROWS) + 5) + "|"]
+        lines += [
+            "",
+            'QAD (`qat.loss = "kl"`, teacher: the base model; recovery against the teacher, '
+            "(base_ptq - qad) / (base_ptq - base)):",
+            "",
+            "| seed | base | base_ptq | " + " | ".join(QAD_ROWS) + " | QAD recovery | QAT recovery |",
+            "|---" * (len(QAD_ROWS) + 5) + "|",
+        ]
         for seed, r in seeds.items():
-            lines.append(f"| {seed} | {r['base']:.4f} | {r['base_ptq']:.4f} | "
-                         + " | ".join(f"{r[k]:.4f}" for k in QAD_ROWS)
-                         + f" | {r['qad_recovery']:.1%} | {r['recovery']:.1%} |")
+            lines.append(
+                f"| {seed} | {r['base']:.4f} | {r['base_ptq']:.4f} | "
+                + " | ".join(f"{r[k]:.4f}" for k in QAD_ROWS)
+                + f" | {r['qad_recovery']:.1%} | {r['recovery']:.1%} |"
+            )
     if seeds:
         rec = [r["recovery"] for r in seeds.values()]
-        spread = f" +- {statistics.stdev(rec):.1%} (std over {len(rec)} seeds)" if len(rec) > 1 else " (one seed: no error bar)"
-        lines += ["", f"Recovery (mean over seeds): {statistics.mean(rec):.1%}{spread}; "
-                  f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
-                  "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested)."]
+        spread = (
+            f" +- {statistics.stdev(rec):.1%} (std over {len(rec)} seeds)"
+            if len(rec) > 1
+            else " (one seed: no error bar)"
+        )
+        lines += [
+            "",
+            f"Recovery (mean over seeds): {statistics.mean(rec):.1%}{spread}; "
+            f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
+            "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested).",
+        ]
     if results["ablations"]:
-        main = f"seed {a.seeds[0]}" + (f", main row: qat {seeds[a.seeds[0]]['qat']:.4f}, recovery "
-                                       f"{seeds[a.seeds[0]]['recovery']:.1%}" if a.seeds[0] in seeds else "")
-        lines += ["", f"## Ablations ({main}; one knob each)", "",
-                  "| ablation | what changes | float_ft | float_ft_ptq | qat | recovery |", "|---|---|---|---|---|---|"]
+        main = f"seed {a.seeds[0]}" + (
+            f", main row: qat {seeds[a.seeds[0]]['qat']:.4f}, recovery {seeds[a.seeds[0]]['recovery']:.1%}"
+            if a.seeds[0] in seeds
+            else ""
+        )
+        lines += [
+            "",
+            f"## Ablations ({main}; one knob each)",
+            "",
+            "| ablation | what changes | float_ft | float_ft_ptq | qat | recovery |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in results["ablations"].items():
-            lines.append(f"| {name} | {ABLATIONS[name].what} | {r['float_ft']:.4f} | {r['float_ft_ptq']:.4f} | "
-                         f"{r['qat']:.4f} | {r['recovery']:.1%} |")
+            lines.append(
+                f"| {name} | {ABLATIONS[name].what} | {r['float_ft']:.4f} | {r['float_ft_ptq']:.4f} | "
+                f"{r['qat']:.4f} | {r['recovery']:.1%} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +344,13 @@ def main() -> None:
     p.add_argument("--eval-stride", type=int, default=512)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS),
-                   help="ablation rows, run on the first seed (default: none)")
+    p.add_argument(
+        "--ablations",
+        nargs="*",
+        default=[],
+        choices=sorted(ABLATIONS),
+        help="ablation rows, run on the first seed (default: none)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (one GPU fits several small ones)")
     p.add_argument("--qad", action="store_true", help="add a distillation (QAD) fine-tune per seed")
     p.add_argument("--base", type=Path, help="a pretrained Hugging Face folder: no pre-training")

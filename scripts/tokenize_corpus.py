@@ -30,7 +30,9 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.recipe, overrides)
         d = cfg.dataset
-        tf = cached_tokens(d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), d.cache_dir or default_cache_dir())
+        tf = cached_tokens(
+            d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), d.cache_dir or default_cache_dir()
+        )
     except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,9 +79,7 @@ def needs_calibration(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calibrate(
-    model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup | None = None
-) -> int:
+def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup | None = None) -> int:
     """Set the static input amax of every QAT linear to the max over ``batches``.
 
     Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also

@@ -36,7 +36,9 @@ def _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode) -> list[torc
         w_operands = weight_operands(wqs, scale, prescaled, operand_dtype(x.device))
     else:  # the input and the weights, four per launch on CUDA
         operand_scales = [None] + [scale if prescaled else None] * len(weights)
-        (xq, x_operand), *w_pairs = quantize_operands([(x, x_scale)] + [(w, w_scale) for w in weights], operand_scales=operand_scales)
+        (xq, x_operand), *w_pairs = quantize_operands(
+            [(x, x_scale)] + [(w, w_scale) for w in weights], operand_scales=operand_scales
+        )
         wqs, w_operands = [q for q, _ in w_pairs], [operand for _, operand in w_pairs]
     ys = [scaled_matmul(x_operand, w_operand, None if prescaled else scale, bias, x.dtype) for w_operand in w_operands]
     return [*ys, xq.packed, xq.block_scale, *(t for q in wqs for t in (q.packed, q.block_scale))]
@@ -77,7 +79,7 @@ class _QATLinearFn(torch.autograd.Function):
     def forward(ctx: Any, x, bias, x_scale, w_scale, tensor_scale_mode, *weights):  # type: ignore[override]
         outputs = _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
         _save(ctx, x_scale, w_scale, bias, weights[0].dtype, outputs, len(weights))
-        return tuple(outputs[:len(weights)])
+        return tuple(outputs[: len(weights)])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
@@ -91,8 +93,12 @@ class _QATLinearFn(torch.autograd.Function):
 # reorder the reference's fp32 arithmetic nor contract the scale and the bias into one fma.
 @torch.library.custom_op("nvfp4::qat_linear", mutates_args=())
 def _qat_linear(
-    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, x_scale: torch.Tensor,
-    w_scale: torch.Tensor, tensor_scale_mode: str,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    tensor_scale_mode: str,
 ) -> list[torch.Tensor]:
     return _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
 
@@ -101,15 +107,27 @@ def _qat_linear(
 def _(x, weights, bias, x_scale, w_scale, tensor_scale_mode):
     k, lead = x.shape[-1], x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
-    packed = [(w.new_empty(w.shape[0], k // 2, dtype=torch.uint8),
-               w.new_empty(w.shape[0], k // BLOCK_SIZE, dtype=torch.float8_e4m3fn)) for w in weights]
-    return [*ys, x.new_empty(*lead, k // 2, dtype=torch.uint8),
-            x.new_empty(*lead, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn), *(t for p in packed for t in p)]
+    packed = [
+        (
+            w.new_empty(w.shape[0], k // 2, dtype=torch.uint8),
+            w.new_empty(w.shape[0], k // BLOCK_SIZE, dtype=torch.float8_e4m3fn),
+        )
+        for w in weights
+    ]
+    return [
+        *ys,
+        x.new_empty(*lead, k // 2, dtype=torch.uint8),
+        x.new_empty(*lead, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn),
+        *(t for p in packed for t in p),
+    ]
 
 
 @torch.library.custom_op("nvfp4::qat_linear_backward", mutates_args=())
 def _qat_linear_backward(
-    grad_ys: list[torch.Tensor], saved: list[torch.Tensor], w_dtype: torch.dtype, has_bias: bool,
+    grad_ys: list[torch.Tensor],
+    saved: list[torch.Tensor],
+    w_dtype: torch.dtype,
+    has_bias: bool,
 ) -> list[torch.Tensor]:
     return _backward_impl(grad_ys, saved, w_dtype, has_bias)
 
@@ -119,8 +137,11 @@ def _(grad_ys, saved, w_dtype, has_bias):
     x_packed, w_packed = saved[0], saved[4::2]
     k = x_packed.shape[-1] * 2
     grad_b = grad_ys[0].new_empty(grad_ys[0].shape[-1] if has_bias else 0)
-    return [grad_ys[0].new_empty(*x_packed.shape[:-1], k), grad_b,
-            *(grad_ys[0].new_empty(w.shape[0], k, dtype=w_dtype) for w in w_packed)]
+    return [
+        grad_ys[0].new_empty(*x_packed.shape[:-1], k),
+        grad_b,
+        *(grad_ys[0].new_empty(w.shape[0], k, dtype=w_dtype) for w in w_packed),
+    ]
 
 
 def _op_setup_context(ctx: Any, inputs: tuple, output: list) -> None:
@@ -132,8 +153,10 @@ def _op_setup_context(ctx: Any, inputs: tuple, output: list) -> None:
 
 
 def _op_backward(ctx: Any, grads: list) -> tuple:
-    grad_ys = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g  # an unused y_i's gradient
-               for g, (shape, dtype, device) in zip(grads, ctx.y_like)]
+    grad_ys = [
+        torch.zeros(shape, dtype=dtype, device=device) if g is None else g  # an unused y_i's gradient
+        for g, (shape, dtype, device) in zip(grads, ctx.y_like)
+    ]
     grad_x, grad_b, *grad_ws = _qat_linear_backward(grad_ys, list(ctx.saved_tensors), ctx.w_dtype, ctx.has_bias)
     return grad_x, grad_ws, grad_b if ctx.has_bias else None, None, None, None
 
@@ -167,7 +190,13 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def qat_linear(
-    x, weights: list[torch.Tensor], bias, x_scale, w_scale, tensor_scale_mode: str, recomputed: bool = False,
+    x,
+    weights: list[torch.Tensor],
+    bias,
+    x_scale,
+    w_scale,
+    tensor_scale_mode: str,
+    recomputed: bool = False,
 ) -> list[torch.Tensor]:
     """[y_1..y_n] of ``_forward`` with the straight-through backward.
 
@@ -178,5 +207,5 @@ def qat_linear(
     autograd.Function carry no recompute tag), so checkpointing freed nothing under QAT.
     Outside checkpointed regions ``_QATLinearFn`` is kept: about 7% faster per step (1B, H200)."""
     if torch.compiler.is_compiling() and (recomputed or bias is not None or not kernels.use_triton_op(x)):
-        return _qat_linear(x, weights, bias, x_scale, w_scale, tensor_scale_mode)[:len(weights)]
+        return _qat_linear(x, weights, bias, x_scale, w_scale, tensor_scale_mode)[: len(weights)]
     return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, tensor_scale_mode, *weights))

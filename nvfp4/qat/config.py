@@ -35,9 +35,7 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         if self.activation_scale not in ACTIVATION_SCALES:
-            raise ValueError(
-                f"activation_scale={self.activation_scale!r}: use one of {ACTIVATION_SCALES}"
-            )
+            raise ValueError(f"activation_scale={self.activation_scale!r}: use one of {ACTIVATION_SCALES}")
         if self.tensor_scale not in TENSOR_SCALE_MODES:
             raise ValueError(f"tensor_scale={self.tensor_scale!r}: use one of {TENSOR_SCALE_MODES}")
         object.__setattr__(self, "include", tuple(self.include))

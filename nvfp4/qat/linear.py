@@ -50,9 +50,7 @@ class NVFP4QATLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.config = config or QATConfig()
-        self.register_buffer(
-            "input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device)
-        )
+        self.register_buffer("input_amax", torch.full((), _UNCALIBRATED, dtype=torch.float32, device=device))
         self.amax_peers: tuple[NVFP4QATLinear, ...] = ()  # other members of the fused group
         self.last_input_amax: torch.Tensor | None = None  # dynamic tensor_scale_mode, for metrics
         self.enabled = True  # False: a plain linear (training in float before QAT starts)
@@ -138,11 +136,16 @@ class NVFP4QATLinear(nn.Linear):
     def _scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The input's and the weight's tensor scales for the GEMM; a dynamic input's amax and the
         weights' come from one kernel launch where nothing is sharded."""
-        if (self.config.activation_scale != "dynamic" or self.calibrating
-                or isinstance(local(self.weight), NVFP4GatheredWeight)):
+        if (
+            self.config.activation_scale != "dynamic"
+            or self.calibrating
+            or isinstance(local(self.weight), NVFP4GatheredWeight)
+        ):
             return self._input_scale(x), self._gemm_weight_scale()
         weights = (self.weight, *(p.weight for p in self.amax_peers))
-        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales([(x,), weights], tensor_scale_mode=self.config.tensor_scale)
+        (amax, x_scale), (_, w_scale) = global_amaxes_and_scales(
+            [(x,), weights], tensor_scale_mode=self.config.tensor_scale
+        )
         self.last_input_amax = amax
         return x_scale, w_scale
 
@@ -208,7 +211,9 @@ def _forward_group(linears: Sequence[NVFP4QATLinear], x: torch.Tensor) -> list[t
         return qat_linear(x, weights, None, x_scale, w_scale, first.config.tensor_scale, first.recomputed)
     placements = output_placement(x, w)
     x_local = x.to_local(grad_placements=input_grad_placement(x, w))
-    ys = qat_linear(x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first.config.tensor_scale, first.recomputed)
+    ys = qat_linear(
+        x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first.config.tensor_scale, first.recomputed
+    )
     return [DTensor.from_local(y, w.device_mesh, placements, run_check=False) for y in ys]
 
 
@@ -229,9 +234,16 @@ _LAYOUT_HOOK_CODES = _layout_hook_codes()
 def _has_hooks(m: nn.Module) -> bool:
     """Whether calling ``m`` runs hooks (nn.Module.__call__'s own test): forward or backward,
     the module's or global ones. Bypassing __call__ would skip them."""
-    return bool(m._backward_hooks or m._backward_pre_hooks or m._forward_hooks or m._forward_pre_hooks
-                or _module._global_backward_pre_hooks or _module._global_backward_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+    return bool(
+        m._backward_hooks
+        or m._backward_pre_hooks
+        or m._forward_hooks
+        or m._forward_pre_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 def _layout_hooks_only(m: nn.Module) -> bool:
@@ -242,10 +254,17 @@ def _layout_hooks_only(m: nn.Module) -> bool:
     global, with kwargs, always called, or a user's) needs the module's own ``__call__``."""
     if not _has_hooks(m):
         return True
-    if (m._backward_hooks or m._backward_pre_hooks or _module._global_backward_pre_hooks
-            or _module._global_backward_hooks or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks or m._forward_pre_hooks_with_kwargs
-            or m._forward_hooks_with_kwargs or m._forward_hooks_always_called):
+    if (
+        m._backward_hooks
+        or m._backward_pre_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or m._forward_pre_hooks_with_kwargs
+        or m._forward_hooks_with_kwargs
+        or m._forward_hooks_always_called
+    ):
         return False
     hooks = (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
     return all(getattr(h, "__code__", None) in _LAYOUT_HOOK_CODES for h in hooks)
@@ -273,18 +292,27 @@ def _shares_input(linears: Sequence[nn.Module]) -> bool:
     """Whether ``forward_shared`` may quantize the input once for all of ``linears`` (what does not
     depend on the input; ``_shares_operands`` checks the rest once the hooks have run)."""
     first = linears[0]
-    if not (len(linears) > 1 and all(type(m) is NVFP4QATLinear for m in linears)
-            and len(first.amax_peers) == len(linears) - 1
-            and all(p is m for p, m in zip(first.amax_peers, linears[1:]))):
+    if not (
+        len(linears) > 1
+        and all(type(m) is NVFP4QATLinear for m in linears)
+        and len(first.amax_peers) == len(linears) - 1
+        and all(p is m for p, m in zip(first.amax_peers, linears[1:]))
+    ):
         return False
     w = first.weight
     for m in linears:
-        if (not m.enabled or m.calibrating or m.bias is not None or m.config != first.config
-                or not _layout_hooks_only(m)):
+        if (
+            not m.enabled
+            or m.calibrating
+            or m.bias is not None
+            or m.config != first.config
+            or not _layout_hooks_only(m)
+        ):
             return False
         v = m.weight
         if isinstance(v, DTensor) != isinstance(w, DTensor) or (  # one sharding: one GEMM layout, one all-reduce
-                isinstance(w, DTensor) and (v.device_mesh != w.device_mesh or v.placements != w.placements)):
+            isinstance(w, DTensor) and (v.device_mesh != w.device_mesh or v.placements != w.placements)
+        ):
             return False
     act = first.config.activation_scale
     return act == "dynamic" or (act == "static" and first._peers_share_input_amax())  # "none": F.linear each

@@ -22,6 +22,18 @@ from nvfp4_titan.convert.write import (
     write_checkpoint,
 )
 
-__all__ = ["ConvertError", "Options", "Source", "build_model", "calibrated_input_amax", "check_exportable",
-           "convert_checkpoint", "load_nvfp4_model", "qat_groups", "quantized_groups", "resolve_source", "verify",
-           "write_checkpoint"]
+__all__ = [
+    "ConvertError",
+    "Options",
+    "Source",
+    "build_model",
+    "calibrated_input_amax",
+    "check_exportable",
+    "convert_checkpoint",
+    "load_nvfp4_model",
+    "qat_groups",
+    "quantized_groups",
+    "resolve_source",
+    "verify",
+    "write_checkpoint",
+]

@@ -22,18 +22,23 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) ->
         tok = load_tokenizer(tokenizer_dir(src) if src.config is None else src.tokenizer)
         docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
     except TokenizerError as e:
-        raise ConvertError(f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "
-                           "(relative paths in the run's config are taken from the current directory)") from None
+        raise ConvertError(
+            f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "
+            "(relative paths in the run's config are taken from the current directory)"
+        ) from None
     except DataError as e:
-        raise ConvertError(f"calibration: {str(e).split('; set dataset.path')[0]}; pass --calibration-data PATH, "
-                           "or --calibration-batches 0 to export no input_scale") from None
+        raise ConvertError(
+            f"calibration: {str(e).split('; set dataset.path')[0]}; pass --calibration-data PATH, "
+            "or --calibration-batches 0 to export no input_scale"
+        ) from None
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
     w = build_windows(docs, tok, seq, cfg.dataset.validation_fraction if cfg else 0.05, cfg.training.seed if cfg else 0)
     return w.validation if len(w.validation) else w.train
 
 
-def calibrated_input_amax(src: Source, n_batches: int, batch_size: int, data: Path | None,
-                          seq_len: int | None) -> dict[str, torch.Tensor]:
+def calibrated_input_amax(
+    src: Source, n_batches: int, batch_size: int, data: Path | None, seq_len: int | None
+) -> dict[str, torch.Tensor]:
     """Input amaxes of every QAT linear over ``n_batches`` held-out batches (the model in memory)."""
     model = build_model(src, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
     windows = _calibration_windows(src, data, seq_len)[: n_batches * batch_size, :-1]

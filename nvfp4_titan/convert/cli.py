@@ -31,6 +31,7 @@ def _at_least(low: int) -> Callable[[str], int]:
         if not text.lstrip("-").isdigit() or int(text) < low:
             raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {low}")
         return int(text)
+
     return parse
 
 
@@ -39,20 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path, help="DCP step folder, training run folder, or HF directory")
     p.add_argument("output", type=Path, help="new (or empty) output directory")
     p.add_argument("--format", default="modelopt", choices=(*FORMATS, "hf"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of unquantized tensors (default: the training param dtype)")
-    p.add_argument("--calibration-batches", type=_at_least(0), default=8,
-                   help="dynamic-mode checkpoints: batches that calibrate the exported input_scale (0: none)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="dtype of unquantized tensors (default: the training param dtype)"
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=_at_least(0),
+        default=8,
+        help="dynamic-mode checkpoints: batches that calibrate the exported input_scale (0: none)",
+    )
     p.add_argument("--calibration-batch-size", type=_at_least(1), default=4)
     p.add_argument("--calibration-data", type=Path, help="corpus for calibration (default: the recipe's dataset)")
     p.add_argument("--calibration-seq-len", type=_at_least(1))
-    p.add_argument("--tokenizer", type=Path, help="tokenizer file or folder to copy (default: the run's model.tokenizer_path)")
+    p.add_argument(
+        "--tokenizer", type=Path, help="tokenizer file or folder to copy (default: the run's model.tokenizer_path)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    p.add_argument("--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch")
+    p.add_argument(
+        "--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch"
+    )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    o = Options(a.format, DTYPES[a.dtype] if a.dtype else None, a.calibration_batches, a.calibration_batch_size,
-                a.calibration_data, a.calibration_seq_len, tokenizer=a.tokenizer)
+    o = Options(
+        a.format,
+        DTYPES[a.dtype] if a.dtype else None,
+        a.calibration_batches,
+        a.calibration_batch_size,
+        a.calibration_data,
+        a.calibration_seq_len,
+        tokenizer=a.tokenizer,
+    )
     try:
         src = convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)
         print(f"wrote {a.output} ({a.format})")

@@ -27,8 +27,10 @@ def _is_write_failure(e: BaseException) -> bool:
 
 def _unwritable(output: Path, e: BaseException) -> str:
     reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-    return (f"cannot write {output} ({type(e).__name__}: {reason}); nothing was written. Choose an output "
-            "folder that is writable and has room for the checkpoint")
+    return (
+        f"cannot write {output} ({type(e).__name__}: {reason}); nothing was written. Choose an output "
+        "folder that is writable and has room for the checkpoint"
+    )
 
 
 _TMP_MARK = ".nvfp4-convert-temporary"  # in every temporary folder: only those are ever removed
@@ -40,8 +42,10 @@ def check_output(source: Path, output: Path, overwrite: bool) -> None:
     a link or a file, or that --overwrite would replace though it is no converted checkpoint."""
     src, out = source.resolve(), output.resolve()
     if out == src or src.is_relative_to(out) or out.is_relative_to(src):
-        raise ConvertError(f"output {output} {'is' if out == src else 'holds' if src.is_relative_to(out) else 'lies inside'} "
-                           f"the checkpoint {source}; write the NVFP4 checkpoint to a folder outside it")
+        raise ConvertError(
+            f"output {output} {'is' if out == src else 'holds' if src.is_relative_to(out) else 'lies inside'} "
+            f"the checkpoint {source}; write the NVFP4 checkpoint to a folder outside it"
+        )
     if output.is_symlink():
         raise ConvertError(f"output {output} is a symbolic link; name a real folder")
     for p in (output, *output.parents):
@@ -51,8 +55,10 @@ def check_output(source: Path, output: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
         if not (output / "config.json").is_file():
-            raise ConvertError(f"{output} holds no config.json: it is not a converted checkpoint, and --overwrite "
-                               "replaces only those; choose a new or empty folder")
+            raise ConvertError(
+                f"{output} holds no config.json: it is not a converted checkpoint, and --overwrite "
+                "replaces only those; choose a new or empty folder"
+            )
 
 
 def _remove_stale_temporaries(output: Path, source: Path) -> None:

@@ -63,11 +63,15 @@ def load_nvfp4_model(path: Path) -> Transformer:
                 q = nvfp4.NVFP4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"])
                 s_in = tensors.get("input_scale")
             else:
-                q = nvfp4.NVFP4(tensors["weight_packed"], tensors["weight_scale"], 1.0 / tensors["weight_global_scale"].reshape(()))
+                q = nvfp4.NVFP4(
+                    tensors["weight_packed"], tensors["weight_scale"], 1.0 / tensors["weight_global_scale"].reshape(())
+                )
                 s_in = 1.0 / tensors["input_global_scale"].reshape(()) if "input_global_scale" in tensors else None
             parent, _, child = name.rpartition(".")
             s_in = s_in if act == "static" else None
-            setattr(model.get_submodule(parent), child, nvfp4.NVFP4Linear(q, None, s_in, mode, weight_only=act == "none"))
+            setattr(
+                model.get_submodule(parent), child, nvfp4.NVFP4Linear(q, None, s_in, mode, weight_only=act == "none")
+            )
         else:
             for suffix, t in tensors.items():
                 setattr(model.get_submodule(name), suffix, torch.nn.Parameter(t, requires_grad=False))

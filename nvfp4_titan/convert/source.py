@@ -99,15 +99,29 @@ def _dcp_source(step: Path) -> Source:
                 warnings.simplefilter("ignore")
                 dcp.load({key: t}, storage_reader=reader, no_dist=True)
         except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            raise ConvertError(f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+            raise ConvertError(
+                f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})"
+            ) from None
         return t
 
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.") and not k.endswith("input_amax")]
-    src = Source(step, args, cfg.qat.nvfp4_config(), DTYPES[cfg.training.mixed_precision_param], read, names, cfg,
-                 Path(cfg.model.tokenizer_path), method=_method(step, cfg))
+    src = Source(
+        step,
+        args,
+        cfg.qat.nvfp4_config(),
+        DTYPES[cfg.training.mixed_precision_param],
+        read,
+        names,
+        cfg,
+        Path(cfg.model.tokenizer_path),
+        method=_method(step, cfg),
+    )
     if cfg.qat.activation_scale == "static":
-        src.input_amax = {k.removeprefix("model.").removesuffix(".input_amax"): read(k.removeprefix("model."))
-                          for k in meta if k.endswith("input_amax")}
+        src.input_amax = {
+            k.removeprefix("model.").removesuffix(".input_amax"): read(k.removeprefix("model."))
+            for k in meta
+            if k.endswith("input_amax")
+        }
     return src
 
 

@@ -57,8 +57,11 @@ class Options:
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
     with torch.device("meta"):
         model = Transformer(src.args)
-    return sorted(adapter.to_hf_module(n) for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and n not in quantized)
+    return sorted(
+        adapter.to_hf_module(n)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n not in quantized
+    )
 
 
 def _copy_tokenizer(src: Source, out: Path) -> list[str]:
@@ -71,7 +74,8 @@ def _copy_tokenizer(src: Source, out: Path) -> list[str]:
     if not has_files and src.config is not None:
         raise ConvertError(
             f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) at {src.tokenizer}, the run's "
-            f"model.tokenizer_path (relative paths are taken from the current directory); pass --tokenizer PATH")
+            f"model.tokenizer_path (relative paths are taken from the current directory); pass --tokenizer PATH"
+        )
     return copy_tokenizer_files(folder, out)
 
 
@@ -82,8 +86,9 @@ def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str
         return src.input_amax, "static: calibrated during training and frozen"
     if o.calibration_batches == 0:
         return {}, "absent (--calibration-batches 0): only engines with dynamic activation scales can run it"
-    amax = calibrated_input_amax(src, o.calibration_batches, o.calibration_batch_size, o.calibration_data,
-                                 o.calibration_seq_len)
+    amax = calibrated_input_amax(
+        src, o.calibration_batches, o.calibration_batch_size, o.calibration_data, o.calibration_seq_len
+    )
     data = o.calibration_data or (src.config.dataset.path if src.config else "?")
     return amax, f"calibrated by the converter over {o.calibration_batches} batches of {data}"
 
@@ -94,20 +99,28 @@ def check_exportable(src: Source) -> None:
     with torch.device("meta"):
         model = Transformer(src.args)
     if not nvfp4.selected_linears(model, src.qat):
-        raise ConvertError(f"{src.path}: its QAT config (include {list(src.qat.include)}, exclude "
-                           f"{list(src.qat.exclude)}) selects no linear layer: there is nothing to quantize")
+        raise ConvertError(
+            f"{src.path}: its QAT config (include {list(src.qat.include)}, exclude "
+            f"{list(src.qat.exclude)}) selects no linear layer: there is nothing to quantize"
+        )
     if problems := export_problems(model, src.qat):
-        raise ConvertError(f"{src.path}: cannot be exported as NVFP4 that engines decode as trained: "
-                           f"{'; '.join(problems)}. Export it in float with --format hf")
+        raise ConvertError(
+            f"{src.path}: cannot be exported as NVFP4 that engines decode as trained: "
+            f"{'; '.join(problems)}. Export it in float with --format hf"
+        )
     if src.qat.activation_scale != "static":
         return
     for name, amax in src.input_amax.items():
         if not torch.isfinite(amax):
-            raise ConvertError(f"{src.path}: the calibrated input amax of {name} is {float(amax)}; "
-                               "refusing to export a non-finite input_scale")
+            raise ConvertError(
+                f"{src.path}: the calibrated input amax of {name} is {float(amax)}; "
+                "refusing to export a non-finite input_scale"
+            )
         if amax < 0:
-            raise ConvertError(f"{src.path}: its static activation scales were never calibrated ({name}); "
-                               f"{src.method.removeprefix('PTQ: ')}. Convert a step saved after QAT started")
+            raise ConvertError(
+                f"{src.path}: its static activation scales were never calibrated ({name}); "
+                f"{src.method.removeprefix('PTQ: ')}. Convert a step saved after QAT started"
+            )
 
 
 def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], None]) -> None:
@@ -129,8 +142,13 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
                 writer.add(f"{adapter.to_hf_module(module)}.{suffix}", t)
             quantized.add(module)
             log(f"[{len(quantized)}/{total}] {module}")
-        extra = {"method": src.method, "activation_scale": src.qat.activation_scale,
-                 "tensor_scale": src.qat.tensor_scale, "input_scale": how, "source": str(src.path)}
+        extra = {
+            "method": src.method,
+            "activation_scale": src.qat.activation_scale,
+            "tensor_scale": src.qat.tensor_scale,
+            "input_scale": how,
+            "source": str(src.path),
+        }
     for name in src.names:
         if name.removesuffix(".weight") in quantized or (src.args.tie_word_embeddings and name == "output.weight"):
             continue
@@ -168,8 +186,9 @@ def _special_token_ids(src: Source) -> dict[str, int]:
     return {"eos_token_id": load_tokenizer(src.tokenizer).eos_id}
 
 
-def convert_checkpoint(source: Path, output: Path, o: Options, overwrite: bool = False,
-            log: Callable[[str], None] = lambda s: None) -> Source:
+def convert_checkpoint(
+    source: Path, output: Path, o: Options, overwrite: bool = False, log: Callable[[str], None] = lambda s: None
+) -> Source:
     """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
     if o.fmt not in (*FORMATS, "hf"):
         raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")

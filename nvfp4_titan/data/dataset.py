@@ -71,13 +71,16 @@ def iter_documents(path: str | Path, text_field: str = "text", batch_size: int =
         for batch in _batches(path, text_field, batch_size):
             bad = next((d for d in batch if d is not None and not isinstance(d, str)), None)
             if bad is not None:
-                raise DataError(f"{path}: field {text_field!r} holds {type(bad).__name__} values such as {bad!r}, "
-                                "not text; set dataset.text_field to the field that holds the text")
+                raise DataError(
+                    f"{path}: field {text_field!r} holds {type(bad).__name__} values such as {bad!r}, "
+                    "not text; set dataset.text_field to the field that holds the text"
+                )
             if docs := [d for d in batch if d is not None and d.strip()]:
                 yield docs
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start} of a line or file): "
-                        "re-encode it as UTF-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start} of a line or file): re-encode it as UTF-8"
+        ) from None
 
 
 def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[list]:
@@ -91,7 +94,7 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
         log.warning("datasets is not installed: reading %s with the plain jsonl/txt reader", path)
         docs = _read_plain(builder, files, text_field, Path(path))
         for i in range(0, len(docs), batch_size):
-            yield docs[i:i + batch_size]
+            yield docs[i : i + batch_size]
         return
 
     datasets.disable_progress_bars()
@@ -113,7 +116,9 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
             why = str(inner).strip() or type(inner).__name__
             raise DataError(f"{path}: datasets could not read it as {builder} ({why})") from None
         if text_field not in ds.column_names:
-            raise DataError(f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)")
+            raise DataError(
+                f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)"
+            )
         for batch in ds.select_columns([text_field]).iter(batch_size=batch_size):
             yield batch[text_field]
         del ds  # the Arrow files are memory-mapped: unmapped before the folder goes

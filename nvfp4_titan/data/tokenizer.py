@@ -70,7 +70,9 @@ class TiktokenTokenizer:
             f"<|reserved_special_token_{i}|>" for i in range(LLAMA3_NUM_SPECIAL - 2)
         ]
         self._enc = tiktoken.Encoding(
-            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+            name=path.name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
             special_tokens={t: n + i for i, t in enumerate(special)},
         )
         self.vocab_size = n + LLAMA3_NUM_SPECIAL

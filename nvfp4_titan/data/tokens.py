@@ -50,8 +50,13 @@ def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
     file's sha256 and the format. Raises DataError as ``nvfp4_titan.data.dataset`` does."""
     _, files = _files(Path(path))
     stats = [(str(Path(f).resolve()), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files]
-    return {"format": FORMAT, "files": stats, "text_field": text_field,
-            "tokenizer_sha256": _sha256(Path(tokenizer.path)), "eos_id": tokenizer.eos_id}
+    return {
+        "format": FORMAT,
+        "files": stats,
+        "text_field": text_field,
+        "tokenizer_sha256": _sha256(Path(tokenizer.path)),
+        "eos_id": tokenizer.eos_id,
+    }
 
 
 def default_cache_dir() -> Path:
@@ -67,10 +72,12 @@ def token_cache(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"tokens-{digest}"
 
 
-def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path, key: dict,
-                    progress: bool = True) -> Path:
+def tokenize_corpus(
+    path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path, key: dict, progress: bool = True
+) -> Path:
     """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring), recording
-    ``key`` (``corpus_key``, taken once by the caller that named ``out`` after it); returns ``out``. Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
+    ``key`` (``corpus_key``, taken once by the caller that named ``out`` after it); returns ``out``.
+    Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
     run leaves no folder that looks complete (``open_tokens`` rejects partial ones), and a
     concurrent run that finished first is kept. Raises DataError for unreadable corpora."""
     from tqdm import tqdm
@@ -80,8 +87,10 @@ def tokenize_corpus(path: str | Path, text_field: str, tokenizer: Tokenizer, out
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
         offsets, n = [0], 0
-        with open(tmp / "tokens.bin", "wb") as f, tqdm(desc=f"tokenizing {path}", unit=" docs",
-                                                       disable=not progress) as bar:
+        with (
+            open(tmp / "tokens.bin", "wb") as f,
+            tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
+        ):
             for docs in iter_documents(path, text_field, _BATCH):
                 for ids in tokenizer.encode_batch(docs):
                     arr = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32)
@@ -109,8 +118,11 @@ class TokenFile:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.offsets = np.load(folder / "offsets.npy")
-        self.tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r") if self.offsets[-1] else \
-            np.zeros(0, dtype=np.uint32)
+        self.tokens = (
+            np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r")
+            if self.offsets[-1]
+            else np.zeros(0, dtype=np.uint32)
+        )
 
     @property
     def n_docs(self) -> int:
@@ -124,9 +136,12 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
         if {k: manifest.get(k) for k in key} != json.loads(json.dumps(key)):
             return None
         tf = TokenFile(folder)
-        whole = ((folder / "tokens.bin").stat().st_size == 4 * manifest["n_tokens"]
-                 and tf.n_docs == manifest["n_docs"] and int(tf.offsets[-1]) == manifest["n_tokens"]
-                 and bool(np.all(np.diff(tf.offsets) > 0)))
+        whole = (
+            (folder / "tokens.bin").stat().st_size == 4 * manifest["n_tokens"]
+            and tf.n_docs == manifest["n_docs"]
+            and int(tf.offsets[-1]) == manifest["n_tokens"]
+            and bool(np.all(np.diff(tf.offsets) > 0))
+        )
         return tf if whole else None
     except Exception:  # any unreadable or inconsistent file: not a cache to trust
         return None
@@ -154,20 +169,24 @@ class PackedWindows:
         doc = np.searchsorted(self.cum, pos, side="right") - 1
         w = self.tf.tokens[self.starts[doc] + (pos - self.cum[doc])].astype(np.int64)
         if w.size and int(w.max()) >= self.vocab_size:  # bytes changed on disk since the build
-            raise DataError(f"the token cache {self.tf.folder} holds ids outside the tokenizer's "
-                            f"{self.vocab_size} tokens: it is damaged; delete it and it is rebuilt")
+            raise DataError(
+                f"the token cache {self.tf.folder} holds ids outside the tokenizer's "
+                f"{self.vocab_size} tokens: it is damaged; delete it and it is rebuilt"
+            )
         return torch.from_numpy(w)
 
 
-def windows_from_tokens(tf: TokenFile, seq_len: int, validation_fraction: float, seed: int,
-                        vocab_size: int) -> TokenWindows:
+def windows_from_tokens(
+    tf: TokenFile, seq_len: int, validation_fraction: float, seed: int, vocab_size: int
+) -> TokenWindows:
     """``build_windows``'s train and validation windows (same split, same tokens) over ``tf``."""
     val = validation_ids(tf.n_docs, validation_fraction, seed)
     is_val = np.zeros(tf.n_docs, dtype=bool)
     is_val[list(val)] = True
     ids = np.arange(tf.n_docs)
-    return TokenWindows(PackedWindows(tf, ids[~is_val], seq_len, vocab_size),
-                        PackedWindows(tf, ids[is_val], seq_len, vocab_size))
+    return TokenWindows(
+        PackedWindows(tf, ids[~is_val], seq_len, vocab_size), PackedWindows(tf, ids[is_val], seq_len, vocab_size)
+    )
 
 
 _ABANDONED_S = 24 * 3600  # a build's temporary folder untouched this long was killed, not running
@@ -185,8 +204,14 @@ def _remove_abandoned_builds(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache_dir: str | Path,
-                  build: bool = True, progress: bool = True) -> TokenFile:
+def cached_tokens(
+    path: str | Path,
+    text_field: str,
+    tokenizer: Tokenizer,
+    cache_dir: str | Path,
+    build: bool = True,
+    progress: bool = True,
+) -> TokenFile:
     """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
     (``build``; else DataError). Never reads a cache of another corpus or tokenizer."""
     key = corpus_key(path, text_field, tokenizer)
@@ -199,8 +224,10 @@ def cached_tokens(path: str | Path, text_field: str, tokenizer: Tokenizer, cache
                 folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
         except OSError as e:
-            raise DataError(f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "
-                            "set dataset.cache_dir to a writable folder with free space") from None
+            raise DataError(
+                f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "
+                "set dataset.cache_dir to a writable folder with free space"
+            ) from None
         tf = open_tokens(folder, key)
     if tf is None:
         raise DataError(f"no whole token cache of {path} in {folder}")

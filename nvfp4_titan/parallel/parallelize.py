@@ -32,17 +32,23 @@ def _tp_problem(model: Transformer, tp: int) -> str | None:
     """Why ``tp`` cannot split ``model`` (heads, vocabulary, or NVFP4 blocks of a QAT linear
     that a rowwise split would cut), or None."""
     a = model.args
-    for what, n in (("n_heads", a.n_heads), ("n_kv_heads", a.n_kv_heads), ("ffn_dim", a.ffn_dim),
-                    ("vocab_size", a.vocab_size)):
+    for what, n in (
+        ("n_heads", a.n_heads),
+        ("n_kv_heads", a.n_kv_heads),
+        ("ffn_dim", a.ffn_dim),
+        ("vocab_size", a.vocab_size),
+    ):
         if n % tp:
             return f"tensor_parallel_degree={tp} does not divide {what}={n}"
     for name, m in model.named_modules():
         if isinstance(m, NVFP4QATLinear) and name.endswith(("attention.wo", "feed_forward.w2")):
             k = m.in_features // tp
             if k % 16:
-                return (f"{name}: with tensor_parallel_degree={tp} each rank holds K={k} input "
-                        f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
-                        f"exclude it from QAT or choose another degree")
+                return (
+                    f"{name}: with tensor_parallel_degree={tp} each rank holds K={k} input "
+                    f"features, not a multiple of 16, so NVFP4 blocks would straddle ranks; "
+                    f"exclude it from QAT or choose another degree"
+                )
     return None
 
 
@@ -61,7 +67,8 @@ def check_even_rows(model: nn.Module, dp: int) -> None:
             raise ParallelConfigError(
                 f"{name}: {local(m.weight).shape[0]} rows do not split evenly over "
                 f"data_parallel_shard_degree={dp}, which NVFP4 all-gather needs; choose a degree "
-                f"that divides it or set qat.fsdp_nvfp4_all_gather = false")
+                f"that divides it or set qat.fsdp_nvfp4_all_gather = false"
+            )
 
 
 # TorchTitan's Llama plan: sequence-parallel norms, colwise q/k/v/w1/w3, rowwise wo/w2.
@@ -146,7 +153,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_d
 
 
 def parallelize_llama(
-    model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, compile: bool,
+    model: Transformer,
+    mesh: DeviceMesh,
+    param_dtype: str,
+    reduce_dtype: str,
+    compile: bool,
     nvfp4_all_gather: bool = False,
 ) -> None:
     """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim; in place.

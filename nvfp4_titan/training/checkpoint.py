@@ -95,7 +95,8 @@ def latest(folder: Path) -> Path | None:
         what = "; ".join(f"{p.name}: {why}" for p, why in damaged)
         raise CheckpointError(
             f"every checkpoint in {folder} is damaged ({what}); restore them, move them away to start "
-            f"over, or use another job.dump_folder")
+            f"over, or use another job.dump_folder"
+        )
     return None
 
 
@@ -105,8 +106,14 @@ def _barrier() -> None:
 
 
 def save(
-    folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any], keep_latest_k: int, files: dict[str, str], rank: int,
+    folder: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep_latest_k: int,
+    files: dict[str, str],
+    rank: int,
 ) -> Path:
     """Save model, optimizer and ``extra`` (data-loader state, step, RNG) as ``step-N``,
     with ``files`` (name -> text: the resolved recipe, the model args) beside them."""
@@ -138,7 +145,8 @@ def save(
         raise CheckpointSaveError(
             f"could not save checkpoint {final} ({cause}); {free} free on its disk. The partial "
             f"save was removed; the latest checkpoint is {previous or 'none'}. Free space (or set "
-            f"checkpoint.keep_latest_k) and run the same command to resume") from None
+            f"checkpoint.keep_latest_k) and run the same command to resume"
+        ) from None
     if rank == 0:
         if final.exists() and damage(final) is not None:  # kept aside, never deleted
             final.rename(_free_name(final.with_name(f"{final.name}.damaged")))

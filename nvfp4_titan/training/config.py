@@ -154,9 +154,13 @@ class QAT:
 
     def nvfp4_config(self) -> nvfp4.QATConfig:
         """The ``nvfp4.QATConfig`` these keys describe (training, conversion, evaluation)."""
-        return nvfp4.QATConfig(include=tuple(self.include), exclude=tuple(self.exclude),
-                               activation_scale=self.activation_scale, tensor_scale=self.tensor_scale,
-                               share_fused_amax=self.share_fused_amax)
+        return nvfp4.QATConfig(
+            include=tuple(self.include),
+            exclude=tuple(self.exclude),
+            activation_scale=self.activation_scale,
+            tensor_scale=self.tensor_scale,
+            share_fused_amax=self.share_fused_amax,
+        )
 
 
 @dataclass
@@ -249,37 +253,56 @@ class Config:
             (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
             (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),
-            (0 <= self.lr_scheduler.warmup_steps <= t.steps,
-             f"lr_scheduler.warmup_steps must be in [0, training.steps={t.steps}]"),
+            (
+                0 <= self.lr_scheduler.warmup_steps <= t.steps,
+                f"lr_scheduler.warmup_steps must be in [0, training.steps={t.steps}]",
+            ),
             (0 <= self.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor must be in [0, 1]"),
             (self.parallelism.tensor_parallel_degree >= 1, "parallelism.tensor_parallel_degree must be >= 1"),
-            (self.parallelism.data_parallel_shard_degree == -1 or self.parallelism.data_parallel_shard_degree >= 1,
-             "parallelism.data_parallel_shard_degree must be >= 1 or -1"),
+            (
+                self.parallelism.data_parallel_shard_degree == -1 or self.parallelism.data_parallel_shard_degree >= 1,
+                "parallelism.data_parallel_shard_degree must be >= 1 or -1",
+            ),
             (0 <= self.qat.start_step < t.steps, f"qat.start_step must be in [0, training.steps={t.steps})"),
             (self.qat.calibration_batches > 0, "qat.calibration_batches must be > 0"),
-            (not self.qat.fsdp_nvfp4_all_gather or (self.qat.enable and self.qat.start_step == 0),
-             "qat.fsdp_nvfp4_all_gather needs qat.enable = true and qat.start_step = 0"),
-            (not (self.qat.fsdp_nvfp4_all_gather and t.compile),
-             "qat.fsdp_nvfp4_all_gather works in eager mode only: set training.compile = false"),
+            (
+                not self.qat.fsdp_nvfp4_all_gather or (self.qat.enable and self.qat.start_step == 0),
+                "qat.fsdp_nvfp4_all_gather needs qat.enable = true and qat.start_step = 0",
+            ),
+            (
+                not (self.qat.fsdp_nvfp4_all_gather and t.compile),
+                "qat.fsdp_nvfp4_all_gather works in eager mode only: set training.compile = false",
+            ),
             (0 <= self.dataset.validation_fraction < 1, "dataset.validation_fraction must be in [0, 1)"),
-            (self.validation.freq >= 0 and self.validation.steps > 0, "validation.freq must be >= 0, validation.steps > 0"),
+            (
+                self.validation.freq >= 0 and self.validation.steps > 0,
+                "validation.freq must be >= 0, validation.steps > 0",
+            ),
             (self.checkpoint.interval > 0, "checkpoint.interval must be > 0"),
             (self.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k must be >= 0"),
-            (not self.checkpoint.initial_load_in_hf or self.checkpoint.initial_load_path,
-             "checkpoint.initial_load_in_hf needs checkpoint.initial_load_path"),
+            (
+                not self.checkpoint.initial_load_in_hf or self.checkpoint.initial_load_path,
+                "checkpoint.initial_load_in_hf needs checkpoint.initial_load_path",
+            ),
             (self.metrics.log_freq > 0, "metrics.log_freq must be > 0"),
             (0 <= self.qat.kl_weight <= 1, "qat.kl_weight must be in [0, 1]"),
             (self.qat.temperature > 0, "qat.temperature must be > 0"),
-            (self.qat.loss == "ce" or self.qat.teacher_path or self.checkpoint.initial_load_path,
-             f"qat.loss={self.qat.loss!r} distils from a teacher: set qat.teacher_path, or "
-             "checkpoint.initial_load_path (the default teacher: the run's initial weights)"),
+            (
+                self.qat.loss == "ce" or self.qat.teacher_path or self.checkpoint.initial_load_path,
+                f"qat.loss={self.qat.loss!r} distils from a teacher: set qat.teacher_path, or "
+                "checkpoint.initial_load_path (the default teacher: the run's initial weights)",
+            ),
             (self.model.name == "llama3", f"model.name={self.model.name!r}: only 'llama3' exists"),
-            (self.model.flavor in FLAVORS or self.model.flavor == "hf",
-             f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}, or 'hf' (the shape of "
-             "the Hugging Face checkpoint at checkpoint.initial_load_path)"),
-            (self.model.flavor != "hf" or self.checkpoint.initial_load_in_hf,
-             "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint: set "
-             "checkpoint.initial_load_path to its folder and checkpoint.initial_load_in_hf = true"),
+            (
+                self.model.flavor in FLAVORS or self.model.flavor == "hf",
+                f"model.flavor={self.model.flavor!r}: choose one of {sorted(FLAVORS)}, or 'hf' (the shape of "
+                "the Hugging Face checkpoint at checkpoint.initial_load_path)",
+            ),
+            (
+                self.model.flavor != "hf" or self.checkpoint.initial_load_in_hf,
+                "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint: set "
+                "checkpoint.initial_load_path to its folder and checkpoint.initial_load_in_hf = true",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -340,9 +363,7 @@ def _apply(config: Config, data: dict[str, Any], source: str) -> None:
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(
-                    f"{source}: unknown key {section}.{key}{_suggest(key, list(hints))}"
-                )
+                raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, list(hints))}")
             setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 

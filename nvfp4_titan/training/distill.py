@@ -46,8 +46,7 @@ class _KLDivergence(torch.autograd.Function):
         return (grad[:, None] * ctx.temperature * q_minus_p).to(ctx.dtype), None, None
 
 
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-                  ) -> torch.Tensor:
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) * temperature**2 per position: logits [B, S, V] (any float dtype,
     computed in fp32) -> [B*S] fp32 nats. Differentiable in the student only.
 
@@ -55,16 +54,23 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         ValueError: shapes differ, or temperature <= 0.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return _KLDivergence.apply(student_logits.flatten(0, 1), teacher_logits.detach().flatten(0, 1), temperature)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                      loss: DistillLoss, kl_weight: float = 0.5, temperature: float = 1.0
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss: DistillLoss,
+    kl_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss summed over the B*S positions (0-dim fp32) and its detached parts
     (sums: ``ce``, ``kl``, ``top1_agreement`` = positions whose argmax equals the teacher's).
 
@@ -87,8 +93,13 @@ def teacher_fingerprint(path: Path) -> str:
     """sha256 over the teacher's weight files (relative names and bytes, sorted): a Hugging Face
     folder's config.json and *.safetensors, or a DCP step's .metadata and *.distcp. A resumed run
     checks it against the one its checkpoint recorded. Reads every byte once (~1 s per GB)."""
-    files = sorted([*path.glob("*.safetensors"), *path.glob("*.distcp"),
-                    *[path / n for n in ("config.json", ".metadata") if (path / n).is_file()]])
+    files = sorted(
+        [
+            *path.glob("*.safetensors"),
+            *path.glob("*.distcp"),
+            *[path / n for n in ("config.json", ".metadata") if (path / n).is_file()],
+        ]
+    )
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")

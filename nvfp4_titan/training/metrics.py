@@ -54,8 +54,11 @@ class MetricsLogger:
                 log.warning("metrics.enable_wandb is set but wandb is not installed: not logging to wandb")
             else:
                 self.wandb = wandb.init(
-                    project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(folder),
-                    config=config_dict, settings=wandb.Settings(silent=True),
+                    project=cfg.wandb_project,
+                    mode=cfg.wandb_mode,
+                    dir=str(folder),
+                    config=config_dict,
+                    settings=wandb.Settings(silent=True),
                 )
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -17,8 +17,10 @@ from nvfp4_titan.training.config import ConfigError
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError("training.device=cuda but no CUDA device is visible: set training.device=cpu "
-                              "(or auto), or run where a GPU is")
+            raise ConfigError(
+                "training.device=cuda but no CUDA device is visible: set training.device=cpu "
+                "(or auto), or run where a GPU is"
+            )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

@@ -42,13 +42,14 @@ from nvfp4_titan.training.optim import build_optimizer, clip_grad_norm_, lr_at, 
 from nvfp4_titan.training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim",
-                 "tie_word_embeddings")
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "tie_word_embeddings")
 
 
 def _shape_diff(a: ModelArgs, b: ModelArgs) -> str:
     """The shape fields in which ``a`` and ``b`` differ ("field: a vs b; ..."), or ""."""
-    return "; ".join(f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in _SHAPE_FIELDS if getattr(a, f) != getattr(b, f))
+    return "; ".join(
+        f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in _SHAPE_FIELDS if getattr(a, f) != getattr(b, f)
+    )
 
 
 def _check_dcp_source(path: Path, key: str, shapes: dict[str, torch.Size]) -> None:
@@ -82,7 +83,7 @@ def model_args(cfg: Config, vocab_size: int) -> ModelArgs:
             if diff := _shape_diff(hf, args):
                 raise ConfigError(
                     f"{path} is a checkpoint of another model shape than flavor {cfg.model.flavor!r} "
-                    f"({diff}); set model.flavor to match it, or model.flavor = \"hf\" to "
+                    f'({diff}); set model.flavor to match it, or model.flavor = "hf" to '
                     "take the shape from its config.json"
                 )
             args = args.with_(rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling, norm_eps=hf.norm_eps)
@@ -121,7 +122,9 @@ class Trainer:
         self.device = pick_device(cfg.training.device)
         self.rank, self.world = init_distributed(self.device)
         setup_logging(self.rank)
-        dims = resolve_dims(self.world, cfg.parallelism.data_parallel_shard_degree, cfg.parallelism.tensor_parallel_degree)
+        dims = resolve_dims(
+            self.world, cfg.parallelism.data_parallel_shard_degree, cfg.parallelism.tensor_parallel_degree
+        )
         self.mesh = build_mesh(dims, self.device.type)
         tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         self.args = model_args(cfg, tokenizer.vocab_size)
@@ -134,8 +137,9 @@ class Trainer:
         if self.resume_from is not None:
             ckpt.check_model_shapes(self.resume_from, self._param_shapes())
         elif cfg.checkpoint.initial_load_path and not cfg.checkpoint.initial_load_in_hf:
-            _check_dcp_source(Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path",
-                              self._param_shapes())
+            _check_dcp_source(
+                Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path", self._param_shapes()
+            )
         self._check_resume(dims.dp_shard)
         self._make_run_folder()
         self._materialize()
@@ -145,8 +149,9 @@ class Trainer:
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
         t, d = self.cfg.training, self.cfg.dataset
-        windows = windows_from_tokens(self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed,
-                                      tokenizer.vocab_size)
+        windows = windows_from_tokens(
+            self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size
+        )
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
             self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
@@ -155,12 +160,15 @@ class Trainer:
         self.global_batch = global_batch
         self.val_loader = None
         if self.cfg.validation.freq and len(windows.validation) < t.local_batch_size * dp:
-            log.warning(f"validation is off: the held-out split has {len(windows.validation)} windows of "
-                        f"{t.seq_len + 1} tokens, fewer than one batch ({t.local_batch_size} x {dp} ranks); raise "
-                        "dataset.validation_fraction, or set validation.freq = 0 to silence this")
+            log.warning(
+                f"validation is off: the held-out split has {len(windows.validation)} windows of "
+                f"{t.seq_len + 1} tokens, fewer than one batch ({t.local_batch_size} x {dp} ranks); raise "
+                "dataset.validation_fraction, or set validation.freq = 0 to silence this"
+            )
         elif self.cfg.validation.freq:
             self.val_loader = GlobalBatchLoader(
-                windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False)
+                windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False
+            )
 
     def _tokens(self, tokenizer) -> TokenFile:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
@@ -181,10 +189,21 @@ class Trainer:
 
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
     # draws and what the model computes; the data-parallel degree may change.
-    _RESUME_KEYS = ("training.seq_len", "training.mixed_precision_param", "dataset.path", "dataset.text_field",
-                    "dataset.validation_fraction", "qat.enable", "qat.activation_scale", "qat.tensor_scale",
-                    "qat.share_fused_amax", "qat.start_step", "qat.loss", "qat.kl_weight",
-                    "qat.temperature")
+    _RESUME_KEYS = (
+        "training.seq_len",
+        "training.mixed_precision_param",
+        "dataset.path",
+        "dataset.text_field",
+        "dataset.validation_fraction",
+        "qat.enable",
+        "qat.activation_scale",
+        "qat.tensor_scale",
+        "qat.share_fused_amax",
+        "qat.start_step",
+        "qat.loss",
+        "qat.kl_weight",
+        "qat.temperature",
+    )
 
     def _check_resume(self, dp: int) -> None:
         """Refuse, before any write, to continue a checkpoint with another seed, global batch,
@@ -198,8 +217,11 @@ class Trainer:
         if saved["seed"] != t.seed:
             changed["training.seed"] = (saved["seed"], t.seed)
         if saved["global_batch"] != self.global_batch:
-            now = f"{self.global_batch}" + (f" = local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
-                                            if t.global_batch_size == -1 else "")
+            now = f"{self.global_batch}" + (
+                f" = local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
+                if t.global_batch_size == -1
+                else ""
+            )
             changed["training.global_batch_size"] = (saved["global_batch"], now)
         if self.resume_from is not None and (path / "config.toml").is_file():
             before = load_config(path / "config.toml")
@@ -220,14 +242,16 @@ class Trainer:
                 raise ConfigError(
                     f"{path} was distilled from the teacher {before['path']} (sha256 {before['sha256'][:12]}...); "
                     f"this run's teacher {self.teacher_path} differs (sha256 {self.teacher_sha256[:12]}...). "
-                    "Resume with the same teacher (qat.teacher_path), or start a new run")
+                    "Resume with the same teacher (qat.teacher_path), or start a new run"
+                )
         if changed:
             what = "; ".join(f"{k}={v[0]!r} (this run: {v[1]})" for k, v in changed.items())
             fix = " ".join(f"--{k}={toml_value(v[0])}" for k, v in changed.items())
             raise ConfigError(
                 f"{path} was trained with {what}: continuing it would change which data the remaining steps "
                 f"see or what the model computes. Resume with {fix}, or start a new run (another "
-                f"job.dump_folder) with checkpoint.initial_load_path={path}")
+                f"job.dump_folder) with checkpoint.initial_load_path={path}"
+            )
 
     def _quantized(self, qat: QAT) -> list[str]:
         """The linears ``qat`` fake-quantizes in this model (none when QAT is off)."""
@@ -251,18 +275,27 @@ class Trainer:
             self.model = Transformer(self.args)
         q = self.cfg.qat
         if q.enable and not nvfp4.selected_linears(self.model, q.nvfp4_config()):
-            raise ConfigError(f"qat.enable = true but qat.include {q.include} and qat.exclude {q.exclude} select "
-                              "no linear layer (names like layers.0.attention.wq); fix the patterns or set qat.enable = false")
+            raise ConfigError(
+                f"qat.enable = true but qat.include {q.include} and qat.exclude {q.exclude} select "
+                "no linear layer (names like layers.0.attention.wq); fix the patterns or set qat.enable = false"
+            )
         if q.enable and not q.allow_unexportable and (problems := export_problems(self.model, q.nvfp4_config())):
             raise ConfigError(
                 f"these QAT settings train a model that inference engines cannot run as trained: "
                 f"{'; '.join(problems)}. Change them, or set qat.allow_unexportable = true for an "
-                f"experiment whose checkpoints will not be exported")
+                f"experiment whose checkpoints will not be exported"
+            )
         if q.enable:
             nvfp4.prepare(self.model, q.nvfp4_config())
         t = self.cfg.training
-        parallelize_llama(self.model, self.mesh, t.mixed_precision_param, t.mixed_precision_reduce, t.compile,
-                          nvfp4_all_gather=self.cfg.qat.fsdp_nvfp4_all_gather)
+        parallelize_llama(
+            self.model,
+            self.mesh,
+            t.mixed_precision_param,
+            t.mixed_precision_reduce,
+            t.compile,
+            nvfp4_all_gather=self.cfg.qat.fsdp_nvfp4_all_gather,
+        )
 
     def _build_teacher(self) -> None:
         """QAD's teacher (qat.loss kl or mix): this model's shape in float, sharded like the
@@ -275,8 +308,10 @@ class Trainer:
         key = "qat.teacher_path" if q.teacher_path else "checkpoint.initial_load_path (the default teacher)"
         self.teacher_in_hf = (path / "config.json").is_file() if q.teacher_path else c.initial_load_in_hf
         if not (self.teacher_in_hf or (path / ".metadata").is_file()):
-            raise ConfigError(f"{key}={path}: the teacher must be a Hugging Face folder (config.json) or a DCP "
-                              "step-N folder (.metadata)")
+            raise ConfigError(
+                f"{key}={path}: the teacher must be a Hugging Face folder (config.json) or a DCP "
+                "step-N folder (.metadata)"
+            )
         # The teacher's own hyper-parameters (rope, norm eps): its config, or its step's model_args.json.
         teacher_args = self.args
         if self.teacher_in_hf:
@@ -313,8 +348,9 @@ class Trainer:
         else:
             ckpt.load_model(self.teacher_path, self.teacher)
         self.teacher.eval()
-        log.info(f"teacher of {self.cfg.qat.loss} distillation: {self.teacher_path} "
-                 f"(sha256 {self.teacher_sha256[:12]}...)")
+        log.info(
+            f"teacher of {self.cfg.qat.loss} distillation: {self.teacher_path} (sha256 {self.teacher_sha256[:12]}...)"
+        )
 
     def _param_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.model.named_parameters(remove_duplicate=False)}
@@ -334,7 +370,10 @@ class Trainer:
             m.reset_calibration()
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"dataloader": self.loader.state_dict(), "train_state": {"step": self.step, "rng": torch.get_rng_state()}}
+        return {
+            "dataloader": self.loader.state_dict(),
+            "train_state": {"step": self.step, "rng": torch.get_rng_state()},
+        }
 
     def _load_initial_state(self) -> None:
         c = self.cfg.checkpoint
@@ -348,7 +387,9 @@ class Trainer:
             else:
                 log.info(f"loaded initial weights from {path}")
         elif c.initial_load_path and c.initial_load_in_hf:
-            ckpt.load_full_tensors(self.model, iter_hf_tensors(Path(c.initial_load_path), self.args, self._param_shapes()))
+            ckpt.load_full_tensors(
+                self.model, iter_hf_tensors(Path(c.initial_load_path), self.args, self._param_shapes())
+            )
             log.info(f"loaded Hugging Face weights from {c.initial_load_path}")
         elif c.initial_load_path:
             ckpt.load_model(Path(c.initial_load_path), self.model)
@@ -364,10 +405,14 @@ class Trainer:
         fpt = flops_per_token(self.args, n_params, t.seq_len)
         peak = peak_flops(self.device)
         if self.step >= t.steps:
-            log.info(f"nothing to train: the checkpoint is at step {self.step} and training.steps = {t.steps}; "
-                     "raise training.steps to train further")
-        log.info(f"{cfg.job.description or 'run'}: {self.args} | {n_params / 1e6:.1f}M parameters, world {self.world}, "
-                 f"QAT {'on' if cfg.qat.enable else 'off'}, {t.steps} steps of {self.global_batch} x {t.seq_len} tokens")
+            log.info(
+                f"nothing to train: the checkpoint is at step {self.step} and training.steps = {t.steps}; "
+                "raise training.steps to train further"
+            )
+        log.info(
+            f"{cfg.job.description or 'run'}: {self.args} | {n_params / 1e6:.1f}M parameters, world {self.world}, "
+            f"QAT {'on' if cfg.qat.enable else 'off'}, {t.steps} steps of {self.global_batch} x {t.seq_len} tokens"
+        )
         window_tokens, window_start = 0, time.perf_counter()
         try:
             with ScheduledGC(t.gc_freq) as collector:
@@ -448,9 +493,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, float(grad_norm), lr
 
-    def _metrics(self, loss: float, grad_norm: float, lr: float, tps: float, fpt: float, peak: float | None) -> dict[str, float]:
-        values = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps,
-                  "tokens_per_s_per_device": tps / self.world, "epoch": self.loader.epoch}
+    def _metrics(
+        self, loss: float, grad_norm: float, lr: float, tps: float, fpt: float, peak: float | None
+    ) -> dict[str, float]:
+        values = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / self.world,
+            "epoch": self.loader.epoch,
+        }
         if peak is not None:
             values["mfu"] = fpt * tps / self.world / peak
             # Peak of this logging window, as TorchTitan reports it: since the start, the first
@@ -494,6 +547,14 @@ class Trainer:
         files = {"config.toml": to_toml(self.cfg), "model_args.json": model_args_json(self.args)}
         if self.teacher is not None:
             files["teacher.json"] = json.dumps({"path": str(self.teacher_path), "sha256": self.teacher_sha256})
-        path = ckpt.save(self.ckpt_folder, self.step, self.model, self.optimizer, self._extra_state(),
-                         self.cfg.checkpoint.keep_latest_k, files, self.rank)
+        path = ckpt.save(
+            self.ckpt_folder,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._extra_state(),
+            self.cfg.checkpoint.keep_latest_k,
+            files,
+            self.rank,
+        )
         log.info(f"saved checkpoint {path}")

@@ -67,8 +67,9 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 300, backend: st
 
 
 def cat_nvfp4(parts: list[nvfp4.NVFP4], dim: int) -> nvfp4.NVFP4:
-    return nvfp4.NVFP4(torch.cat([p.packed for p in parts], dim), torch.cat([p.block_scale for p in parts], dim),
-                       parts[0].tensor_scale)
+    return nvfp4.NVFP4(
+        torch.cat([p.packed for p in parts], dim), torch.cat([p.block_scale for p in parts], dim), parts[0].tensor_scale
+    )
 
 
 def gather_nvfp4(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
@@ -82,8 +83,10 @@ def gather_nvfp4(q: nvfp4.NVFP4, group) -> list[nvfp4.NVFP4]:
 
 
 # GPU variants of the distributed tests: NCCL, one GPU per rank, run by `.ci/gpu multi`.
-MULTI_GPU = [pytest.mark.multigpu,
-             pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs: run by .ci/gpu multi")]
+MULTI_GPU = [
+    pytest.mark.multigpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs: run by .ci/gpu multi"),
+]
 DEVICES = ["cpu", pytest.param("cuda", marks=MULTI_GPU)]
 
 

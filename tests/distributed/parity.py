@@ -46,8 +46,15 @@ def reference(config: nvfp4.QATConfig, device: torch.device) -> Transformer:
     return ref.to(device)
 
 
-def sharded(ref: Transformer, dp: int, tp: int, device: torch.device, all_gather: bool = False,
-            param_dtype: str = "float32", compile: bool = False):
+def sharded(
+    ref: Transformer,
+    dp: int,
+    tp: int,
+    device: torch.device,
+    all_gather: bool = False,
+    param_dtype: str = "float32",
+    compile: bool = False,
+):
     """The same model on a (dp, tp) mesh with ``ref``'s weights (blocks compiled if asked, as the
     trainer compiles them); returns (model, mesh)."""
     mesh = build_mesh(ParallelDims(dp, tp), device.type)
@@ -67,8 +74,9 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def gradient_parity_worker(rank: int, world: int, dp: int, tp: int, cases: list[tuple[str, str, bool]],
-                           device_type: str) -> None:
+def gradient_parity_worker(
+    rank: int, world: int, dp: int, tp: int, cases: list[tuple[str, str, bool]], device_type: str
+) -> None:
     """``gradient_parity`` of each (activation scale, tensor scale, NVFP4 all-gather) case, in one
     process group (a group costs seconds to start); the error names every failing case."""
     failures = []

@@ -39,8 +39,11 @@ def test_gradients_equal_unsharded(dp, tp, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dp,tp,all_gather", [(*layout, False) for layout in LAYOUTS] + [(2, 2, True)],
-                         ids=[*LAYOUT_IDS, "fsdp2xtp2-nvfp4-ag"])
+@pytest.mark.parametrize(
+    "dp,tp,all_gather",
+    [(*layout, False) for layout in LAYOUTS] + [(2, 2, True)],
+    ids=[*LAYOUT_IDS, "fsdp2xtp2-nvfp4-ag"],
+)
 def test_initial_model_equals_unsharded(dp, tp, all_gather, device):
     _run(init_parity_worker, device, dp, tp, all_gather)
 

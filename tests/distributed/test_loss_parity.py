@@ -25,9 +25,17 @@ from nvfp4_titan.convert import Options, convert_checkpoint, verify
 from tests.distributed.harness import DEVICES, skip_unless_ranks
 from tests.integration.helpers import FAST, ROOT, losses, metrics, model_weights, train
 
-COMMON = [*FAST, "--training.global_batch_size=8", "--training.local_batch_size=4", "--training.steps=7",
-          "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0", "--metrics.log_freq=1",
-          "--lr_scheduler.warmup_steps=0", "--optimizer.lr=3e-3"]
+COMMON = [
+    *FAST,
+    "--training.global_batch_size=8",
+    "--training.local_batch_size=4",
+    "--training.steps=7",
+    "--checkpoint.interval=2",
+    "--checkpoint.keep_latest_k=0",
+    "--metrics.log_freq=1",
+    "--lr_scheduler.warmup_steps=0",
+    "--optimizer.lr=3e-3",
+]
 LAYOUTS = {"fsdp2": (2, 1), "tp2": (1, 2), "fsdp2xtp2": (2, 2)}  # name: (FSDP, TP)
 
 
@@ -38,17 +46,31 @@ def _run(dump, device: str, nproc: int, *overrides: str, torchrun: bool | None =
         assert r.returncode == 0, r.stderr[-3000:]
         return r
     skip_unless_ranks(device, nproc)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}", *COMMON,
-           f"--training.device={device}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "train.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        f"--job.dump_folder={dump}",
+        *COMMON,
+        f"--training.device={device}",
+        *overrides,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (dump.name, r.stderr[-3000:])
     return r
 
 
 def _layout(dp: int, tp: int, all_gather: bool = False) -> list[str]:
-    return [f"--parallelism.data_parallel_shard_degree={dp}", f"--parallelism.tensor_parallel_degree={tp}",
-            f"--qat.fsdp_nvfp4_all_gather={str(all_gather).lower()}"]
+    return [
+        f"--parallelism.data_parallel_shard_degree={dp}",
+        f"--parallelism.tensor_parallel_degree={tp}",
+        f"--qat.fsdp_nvfp4_all_gather={str(all_gather).lower()}",
+    ]
 
 
 def _losses_and_norms(dump) -> dict[int, tuple[float, float]]:
@@ -73,8 +95,12 @@ def test_losses_match_across_layouts_and_qat_matters(tmp_path, device):
     _run(base, device, 1)
     ref = _losses_and_norms(base)
     runs = {}
-    layouts = {"single": (1, 1, False), **{k: (*v, False) for k, v in LAYOUTS.items()},
-               "fsdp2-nvfp4-ag": (2, 1, True), "fsdp2xtp2-nvfp4-ag": (2, 2, True)}
+    layouts = {
+        "single": (1, 1, False),
+        **{k: (*v, False) for k, v in LAYOUTS.items()},
+        "fsdp2-nvfp4-ag": (2, 1, True),
+        "fsdp2xtp2-nvfp4-ag": (2, 2, True),
+    }
     for name, (dp, tp, all_gather) in layouts.items():
         if not _runnable(device, dp * tp):
             continue
@@ -96,8 +122,14 @@ def test_losses_match_across_layouts_and_qat_matters(tmp_path, device):
         assert runs["fsdp2xtp2-nvfp4-ag"] == runs["fsdp2xtp2"]  # the all-gather format changes no bit
 
     float_run = tmp_path / "float"  # the same step-2 state, continued without QAT (a new run from it)
-    _run(float_run, device, 1, "--qat.enable=false", f"--checkpoint.initial_load_path={base / 'checkpoint' / 'step-2'}",
-         "--checkpoint.initial_load_model_only=false")
+    _run(
+        float_run,
+        device,
+        1,
+        "--qat.enable=false",
+        f"--checkpoint.initial_load_path={base / 'checkpoint' / 'step-2'}",
+        "--checkpoint.initial_load_model_only=false",
+    )
     # QAT changes the forward by far more than any sharding layout does.
     qat_effect = abs(losses(float_run)[3] - ref[3][0])
     layout_noise = max(abs(got[3][0] - ref[3][0]) for got in runs.values())
@@ -131,8 +163,10 @@ def test_resume_on_another_world_size(tmp_path, device):
     _run(tmp_path / "whole", device, 2, *run)
     dump = tmp_path / "resumed"
     _run(dump, device, 2, *run, "--training.steps=2")
-    for extra, message in ((["--training.global_batch_size=-1"], "--training.global_batch_size=8"),
-                           (["--training.global_batch_size=8", "--training.seed=1"], "--training.seed=0")):
+    for extra, message in (
+        (["--training.global_batch_size=-1"], "--training.global_batch_size=8"),
+        (["--training.global_batch_size=8", "--training.seed=1"], "--training.seed=0"),
+    ):
         r = train(dump, *COMMON, f"--training.device={device}", *run, *extra)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     r = _run(dump, device, 1, *run, "--training.global_batch_size=8")
@@ -153,8 +187,12 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
     initial ones, which every layout draws bitwise alike; at 1e-30 an initial weight of exactly 0
     moved by 1e-30 times a gradient ratio that differs in the last bits), saved by each layout:
     the same weights, converted to bitwise the same NVFP4 tensors, which --verify decodes exactly."""
-    still = ["--training.steps=1", "--checkpoint.interval=1", "--optimizer.lr=1e-46",
-             "--lr_scheduler.decay_type=constant"]
+    still = [
+        "--training.steps=1",
+        "--checkpoint.interval=1",
+        "--optimizer.lr=1e-46",
+        "--lr_scheduler.decay_type=constant",
+    ]
     want: dict[str, dict[str, torch.Tensor]] = {}
     for name, (dp, tp) in {"single": (1, 1), **LAYOUTS}.items():
         if not _runnable(device, dp * tp):
@@ -163,8 +201,10 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
         out = tmp_path / f"{name}-nvfp4"
         src = convert_checkpoint(tmp_path / name, out, Options(calibration_batches=2))
         assert verify(out, src, "modelopt", log=lambda line: None) == 0, name
-        got = {"weights": model_weights(tmp_path / name / "checkpoint" / "step-1"),
-               "nvfp4": load_file(str(out / "model.safetensors"))}
+        got = {
+            "weights": model_weights(tmp_path / name / "checkpoint" / "step-1"),
+            "nvfp4": load_file(str(out / "model.safetensors")),
+        }
         for kind, tensors in got.items():
             want.setdefault(kind, tensors)
             assert tensors.keys() == want[kind].keys(), (name, kind)

@@ -28,8 +28,9 @@ from tests.distributed.parity import ARGS, reference, sharded
 CPU = torch.device("cpu")
 
 
-def _sharded(ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool,
-             device: torch.device = CPU) -> Transformer:
+def _sharded(
+    ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool, device: torch.device = CPU
+) -> Transformer:
     return sharded(ref, dp, tp, device, all_gather, param_dtype)[0]
 
 
@@ -74,8 +75,11 @@ def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, device_typ
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dp,tp,mode", [(1, 1, "pow2"), (2, 1, "pow2"), (2, 1, "amax"), (1, 2, "amax"), (2, 2, "amax")],
-                         ids=["fsdp1", "fsdp2", "fsdp2-amax", "tp2-amax", "fsdp2xtp2-amax"])
+@pytest.mark.parametrize(
+    "dp,tp,mode",
+    [(1, 1, "pow2"), (2, 1, "pow2"), (2, 1, "amax"), (1, 2, "amax"), (2, 2, "amax")],
+    ids=["fsdp1", "fsdp2", "fsdp2-amax", "tp2-amax", "fsdp2xtp2-amax"],
+)
 def test_gathered_codes_equal_unsharded(dp, tp, mode, device):
     skip_unless_ranks(device, dp * tp)
     run_ranks(_codes_worker, dp * tp, dp, tp, mode, device, backend=backend(device))

@@ -37,7 +37,10 @@ class Recorder:
                 if m.config.activation_scale == "none":
                     self.weight_only.add(name)
         self._orig = nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands
-        nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands = self._quantize, self._quantize_operands
+        nvfp4.qat.autograd.quantize_for_gemm, nvfp4.qat.autograd.quantize_operands = (
+            self._quantize,
+            self._quantize_operands,
+        )
 
     def _quantize_operands(self, pairs, with_operand=True, operand_scales=None):
         out = self._orig[1](pairs, with_operand, operand_scales)
@@ -60,12 +63,23 @@ class Recorder:
 
 
 def _equal(a: nvfp4.NVFP4, b: nvfp4.NVFP4) -> bool:
-    return (torch.equal(a.packed, b.packed) and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
-            and torch.equal(a.tensor_scale, b.tensor_scale))
+    return (
+        torch.equal(a.packed, b.packed)
+        and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+        and torch.equal(a.tensor_scale, b.tensor_scale)
+    )
 
 
-def codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax: bool, act: str = "dynamic",
-                 device_type: str = "cpu") -> None:
+def codes_worker(
+    rank: int,
+    world: int,
+    dp: int,
+    tp: int,
+    mode: str,
+    reduce_amax: bool,
+    act: str = "dynamic",
+    device_type: str = "cpu",
+) -> None:
     device = torch.device(device_type, rank if device_type == "cuda" else 0)
     torch.manual_seed(0)
     config = nvfp4.QATConfig(tensor_scale=mode, activation_scale=act)
@@ -122,9 +136,13 @@ def codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, reduce_amax
 
 
 CASES = {  # (FSDP, TP, tensor scale, activation scale)
-    "fsdp2": (2, 1, "pow2", "dynamic"), "tp2": (1, 2, "pow2", "dynamic"), "fsdp2xtp2": (2, 2, "pow2", "dynamic"),
-    "tp2-amax-scale": (1, 2, "amax", "dynamic"), "tp2-weight-only": (1, 2, "pow2", "none"),
-    "tp2-static": (1, 2, "amax", "static"), "fsdp2-static": (2, 1, "amax", "static"),
+    "fsdp2": (2, 1, "pow2", "dynamic"),
+    "tp2": (1, 2, "pow2", "dynamic"),
+    "fsdp2xtp2": (2, 2, "pow2", "dynamic"),
+    "tp2-amax-scale": (1, 2, "amax", "dynamic"),
+    "tp2-weight-only": (1, 2, "pow2", "none"),
+    "tp2-static": (1, 2, "amax", "static"),
+    "fsdp2-static": (2, 1, "amax", "static"),
 }
 
 

@@ -13,15 +13,22 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--training.seq_len=64", "--training.local_batch_size=4", "--validation.freq=0",
-        "--metrics.enable_tensorboard=false", "--lr_scheduler.warmup_steps=1"]
+FAST = [
+    "--training.seq_len=64",
+    "--training.local_batch_size=4",
+    "--validation.freq=0",
+    "--metrics.enable_tensorboard=false",
+    "--lr_scheduler.warmup_steps=1",
+]
 
 
-def train(dump: Path, *overrides: str, recipe: str = "recipes/debug_cpu.toml", timeout: int = 300,
-          env: dict | None = None) -> subprocess.CompletedProcess:
+def train(
+    dump: Path, *overrides: str, recipe: str = "recipes/debug_cpu.toml", timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", "--recipe", recipe, f"--job.dump_folder={dump}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def metrics(dump: Path) -> list[dict]:
@@ -38,7 +45,10 @@ def model_weights(step: Path) -> dict[str, torch.Tensor]:
     1.7 GB on the test disk."""
     reader = dcp.FileSystemReader(str(step))
     meta = reader.read_metadata().state_dict_metadata
-    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
-          if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    sd = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(sd, storage_reader=reader, no_dist=True)
     return {k.removeprefix("model."): v for k, v in sd.items()}

@@ -17,8 +17,14 @@ from nvfp4_titan.models.llama3 import FLAVORS, Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from tests.integration.helpers import FAST, ROOT, model_weights, train
 
-COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--training.local_batch_size=4",
-          "--lr_scheduler.warmup_steps=0", "--checkpoint.interval=2"]
+COMMON = [
+    *FAST,
+    "--training.steps=2",
+    "--training.global_batch_size=8",
+    "--training.local_batch_size=4",
+    "--lr_scheduler.warmup_steps=0",
+    "--checkpoint.interval=2",
+]
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -32,9 +38,20 @@ def runs(tmp_path_factory):
     weight_only = tmp / "weight_only"
     assert train(weight_only, *COMMON, "--qat.activation_scale=none").returncode == 0
     sharded = tmp / "fsdp2xtp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "train.py",
-           "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={sharded}", *COMMON,
-           "--parallelism.data_parallel_shard_degree=2", "--parallelism.tensor_parallel_degree=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        "train.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        f"--job.dump_folder={sharded}",
+        *COMMON,
+        "--parallelism.data_parallel_shard_degree=2",
+        "--parallelism.tensor_parallel_degree=2",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return {"single": single, "static": static, "weight_only": weight_only, "fsdp2xtp2": sharded}
@@ -68,7 +85,9 @@ def test_codes_are_quantize_of_consolidated_weights_and_logits_are_exact(runs, r
     weights = _consolidated(runs[run])
     got = _tensors(out)
     model = Transformer(FLAVORS["debug"])
-    for group in model.fused_linear_groups() + [[f"layers.{i}.attention.wo", f"layers.{i}.feed_forward.w2"] for i in range(4)]:
+    for group in model.fused_linear_groups() + [
+        [f"layers.{i}.attention.wo", f"layers.{i}.feed_forward.w2"] for i in range(4)
+    ]:
         members = [[m] for m in group] if group[0].endswith("wo") else [group]
         for g in members:
             amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in g]).max()
@@ -152,8 +171,14 @@ def test_independent_readers_decode_identical_weights(runs, tmp_path):
 
 def test_cli_verify_and_overwrite(runs, tmp_path):
     out = tmp_path / "out"
-    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["single"]), str(out), "--verify",
-           "--calibration-batches=1"]
+    cli = [
+        sys.executable,
+        "scripts/convert_to_nvfp4.py",
+        str(runs["single"]),
+        str(out),
+        "--verify",
+        "--calibration-batches=1",
+    ]
     r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "0 mismatches" in r.stdout and r.stdout.count(" yes") == 28

@@ -30,8 +30,16 @@ def _from(teacher):
 
 
 def test_a_student_equal_to_its_teacher_learns_nothing(teachers, tmp_path):
-    r = train(tmp_path / "run", *COMMON, *_from(teachers[3]), "--qat.enable=false", "--qat.loss=kl",
-              "--optimizer.weight_decay=0", "--training.steps=3", "--checkpoint.enable=false")
+    r = train(
+        tmp_path / "run",
+        *COMMON,
+        *_from(teachers[3]),
+        "--qat.enable=false",
+        "--qat.loss=kl",
+        "--optimizer.weight_decay=0",
+        "--training.steps=3",
+        "--checkpoint.enable=false",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [m for m in metrics(tmp_path / "run") if "loss" in m]
     assert len(rows) == 3
@@ -70,10 +78,14 @@ def test_bad_teachers_are_named_before_any_write(teachers, tmp_path):
     to_hf(small, tmp_path / "small")
     (tmp_path / "empty").mkdir()
     cases = {
-        "small": ("the teacher has another shape than the model (n_layers: 1 vs 4)",
-                  [f"--qat.teacher_path={tmp_path / 'small'}"]),
-        "empty": ("must be a Hugging Face folder (config.json) or a DCP step-N folder",
-                  [f"--qat.teacher_path={tmp_path / 'empty'}"]),
+        "small": (
+            "the teacher has another shape than the model (n_layers: 1 vs 4)",
+            [f"--qat.teacher_path={tmp_path / 'small'}"],
+        ),
+        "empty": (
+            "must be a Hugging Face folder (config.json) or a DCP step-N folder",
+            [f"--qat.teacher_path={tmp_path / 'empty'}"],
+        ),
         "none": ("distils from a teacher: set qat.teacher_path", []),
     }
     for name, (message, extra) in cases.items():

@@ -27,8 +27,14 @@ from nvfp4_titan.convert import (
 from tests.integration.helpers import FAST, ROOT, train
 
 EOS = Tokenizer.from_file(str(ROOT / "data" / "assets" / "tokenizer.json")).token_to_id("<|end_of_text|>")
-COMMON = [*FAST, "--training.steps=2", "--training.global_batch_size=8", "--lr_scheduler.warmup_steps=0",
-          "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0"]
+COMMON = [
+    *FAST,
+    "--training.steps=2",
+    "--training.global_batch_size=8",
+    "--lr_scheduler.warmup_steps=0",
+    "--checkpoint.interval=2",
+    "--checkpoint.keep_latest_k=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,12 @@ def runs(tmp_path_factory):
         "qat": [],
         "float": ["--qat.enable=false"],
         "separate_amax": ["--qat.share_fused_amax=false", "--qat.allow_unexportable=true"],
-        "static_late": ["--qat.activation_scale=static", "--qat.start_step=3", "--training.steps=4",
-                        "--qat.calibration_batches=1"],
+        "static_late": [
+            "--qat.activation_scale=static",
+            "--qat.start_step=3",
+            "--training.steps=4",
+            "--qat.calibration_batches=1",
+        ],
     }
     for name, extra in made.items():
         r = train(tmp / name, *COMMON, *extra)
@@ -60,7 +70,9 @@ def test_unexportable_settings_train_only_when_asked_and_are_refused_for_export(
 
 def test_static_scales_of_a_step_before_qat_are_refused(runs, tmp_path):
     step2, step4 = (runs["static_late"] / "checkpoint" / f"step-{n}" for n in (2, 4))
-    with pytest.raises(ConvertError, match=r"never calibrated .*saved at step-2, before QAT started \(qat.start_step = 3\)"):
+    with pytest.raises(
+        ConvertError, match=r"never calibrated .*saved at step-2, before QAT started \(qat.start_step = 3\)"
+    ):
         convert_checkpoint(step2, tmp_path / "early", Options())
     convert_checkpoint(step4, tmp_path / "late", Options())
     assert _metadata(tmp_path / "late")["input_scale"].startswith("static: calibrated during training")
@@ -103,16 +115,25 @@ def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_p
     (data / "corpus.jsonl").write_text('{"text": "keep me"}\n')
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "link").symlink_to(data)
-    for output, message in ((data, "holds no config.json: it is not a converted checkpoint"),
-                            (tmp_path / "a_file", "is a file, not a folder"),
-                            (tmp_path / "a_file" / "sub", "is a file, not a folder"),
-                            (tmp_path / "link", "is a symbolic link"),
-                            (Path("/sys/nvfp4-titan-test-out"), r"cannot write /sys/nvfp4-titan-test-out \(\w+Error: .*nothing was written")):
+    for output, message in (
+        (data, "holds no config.json: it is not a converted checkpoint"),
+        (tmp_path / "a_file", "is a file, not a folder"),
+        (tmp_path / "a_file" / "sub", "is a file, not a folder"),
+        (tmp_path / "link", "is a symbolic link"),
+        (
+            Path("/sys/nvfp4-titan-test-out"),
+            r"cannot write /sys/nvfp4-titan-test-out \(\w+Error: .*nothing was written",
+        ),
+    ):
         with pytest.raises(ConvertError, match=message):
             convert_checkpoint(runs["qat"], output, Options(calibration_batches=0), overwrite=True)
-    assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (tmp_path / "a_file").read_text() == "keep me"
+    assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (
+        tmp_path / "a_file"
+    ).read_text() == "keep me"
     convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
-    convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True)  # a converted one: replaced
+    convert_checkpoint(
+        runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True
+    )  # a converted one: replaced
 
 
 def test_a_source_named_like_a_temporary_folder_survives(runs, tmp_path):
@@ -139,7 +160,9 @@ def test_a_config_that_quantizes_nothing_is_refused(runs, tmp_path):
         convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=0))
 
 
-@pytest.mark.parametrize("option", ["--calibration-batch-size=0", "--calibration-batches=-1", "--calibration-seq-len=0"])
+@pytest.mark.parametrize(
+    "option", ["--calibration-batch-size=0", "--calibration-batches=-1", "--calibration-seq-len=0"]
+)
 def test_calibration_options_out_of_range(runs, tmp_path, option):
     cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["qat"]), str(tmp_path / "out"), option]
     r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
@@ -151,7 +174,9 @@ def _with_tokenizer_path(runs, tmp_path, tokenizer_path: str):
     run = tmp_path / "run"
     shutil.copytree(runs["qat"], run)
     toml = run / "checkpoint" / "step-2" / "config.toml"
-    text = toml.read_text().replace('tokenizer_path = "data/assets/tokenizer.json"', f'tokenizer_path = "{tokenizer_path}"')
+    text = toml.read_text().replace(
+        'tokenizer_path = "data/assets/tokenizer.json"', f'tokenizer_path = "{tokenizer_path}"'
+    )
     toml.write_text(text)
     return run
 
@@ -217,7 +242,11 @@ def test_compressed_tensors_export_of_an_fp32_run_runs_in_transformers(runs, tmp
     shutil.copy(ROOT / "data" / "assets" / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     out = tmp_path / "ct"
-    convert_checkpoint(runs["qat"], out, Options(fmt="compressed-tensors", calibration_batches=1, tokenizer=tmp_path / "tokenizer.json"))
+    convert_checkpoint(
+        runs["qat"],
+        out,
+        Options(fmt="compressed-tensors", calibration_batches=1, tokenizer=tmp_path / "tokenizer.json"),
+    )
     assert (out / "chat_template.jinja").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16" and cfg["eos_token_id"] == EOS

@@ -1,6 +1,5 @@
 """Fine-tuning starts: from a Hugging Face directory and from a DCP step folder; wandb offline."""
 
-
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, losses, model_weights, train
 
@@ -32,7 +31,13 @@ def test_initial_loads_from_hf_and_dcp_start_where_training_left(tmp_path):
 
 def test_wandb_offline_writes_a_local_run(tmp_path):
     dump = tmp_path / "run"
-    r = train(dump, *FAST, "--training.steps=2", "--metrics.enable_wandb=true", "--checkpoint.enable=false",
-              env={"WANDB_SILENT": "true"})
+    r = train(
+        dump,
+        *FAST,
+        "--training.steps=2",
+        "--metrics.enable_wandb=true",
+        "--checkpoint.enable=false",
+        env={"WANDB_SILENT": "true"},
+    )
     assert r.returncode == 0, r.stderr
     assert list((dump / "wandb").glob("offline-run-*"))

@@ -10,10 +10,37 @@ from tests.integration.helpers import FAST, ROOT
 
 def test_experiment_runs_at_toy_size(tmp_path):
     out = tmp_path / "exp"
-    cmd = [sys.executable, "scripts/qat_experiment.py", "--recipe", "recipes/debug_cpu.toml", "--out", str(out),
-           "--seeds", "0", "--pretrain-steps", "4", "--finetune-steps", "2", "--finetune-lr", "1e-3",
-           "--eval-data", "tests/integration/tiny_corpus.jsonl", "--eval-seq-len", "64", "--eval-stride", "32",
-           "--ablations", "tokens_x0.5", "weight_only", "--qad", "--jobs", "2", "--", *FAST, "--validation.freq=0"]
+    cmd = [
+        sys.executable,
+        "scripts/qat_experiment.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        "--out",
+        str(out),
+        "--seeds",
+        "0",
+        "--pretrain-steps",
+        "4",
+        "--finetune-steps",
+        "2",
+        "--finetune-lr",
+        "1e-3",
+        "--eval-data",
+        "tests/integration/tiny_corpus.jsonl",
+        "--eval-seq-len",
+        "64",
+        "--eval-stride",
+        "32",
+        "--ablations",
+        "tokens_x0.5",
+        "weight_only",
+        "--qad",
+        "--jobs",
+        "2",
+        "--",
+        *FAST,
+        "--validation.freq=0",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -31,8 +58,13 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
     assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
 
-    r = subprocess.run([sys.executable, "scripts/plot_qat_experiment.py", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "scripts/plot_qat_experiment.py", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     svg = {name: ElementTree.parse(out / f"{name}.svg").getroot() for name in ("loss_curves", "perplexity", "recovery")}
     ns = "{http://www.w3.org/2000/svg}"

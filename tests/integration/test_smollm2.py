@@ -24,19 +24,38 @@ STEPS = 3
 
 
 def _cpu_run(hf, *overrides):
-    return [f"--checkpoint.initial_load_path={hf}", f"--model.tokenizer_path={hf}", "--training.device=cpu",
-            "--training.compile=false", "--training.mixed_precision_param=float32", "--training.seq_len=64",
-            "--training.local_batch_size=4", "--metrics.enable_tensorboard=false", "--metrics.log_freq=1",
-            "--lr_scheduler.warmup_steps=0", *overrides]
+    return [
+        f"--checkpoint.initial_load_path={hf}",
+        f"--model.tokenizer_path={hf}",
+        "--training.device=cpu",
+        "--training.compile=false",
+        "--training.mixed_precision_param=float32",
+        "--training.seq_len=64",
+        "--training.local_batch_size=4",
+        "--metrics.enable_tensorboard=false",
+        "--metrics.log_freq=1",
+        "--lr_scheduler.warmup_steps=0",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
 def run(smollm2_hf, tmp_path_factory):
     """The recipe, CPU-sized: 3 QAT steps of 4 x 64 tokens, held-out loss after each."""
     dump = tmp_path_factory.mktemp("smollm2_run")
-    r = train(dump, *_cpu_run(smollm2_hf, f"--training.steps={STEPS}", "--validation.freq=1",
-                              "--validation.steps=2", f"--checkpoint.interval={STEPS}", "--optimizer.lr=1e-4"),
-              recipe=RECIPE, timeout=600)
+    r = train(
+        dump,
+        *_cpu_run(
+            smollm2_hf,
+            f"--training.steps={STEPS}",
+            "--validation.freq=1",
+            "--validation.steps=2",
+            f"--checkpoint.interval={STEPS}",
+            "--optimizer.lr=1e-4",
+        ),
+        recipe=RECIPE,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return dump
 
@@ -48,7 +67,14 @@ def test_logits_match_transformers_on_the_real_weights(smollm2_hf):
     ours = from_hf(smollm2_hf).eval()
     a = ours.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size) == (
-        576, 30, 9, 3, 64, 1536, 49152)
+        576,
+        30,
+        9,
+        3,
+        64,
+        1536,
+        49152,
+    )
     assert a.tie_word_embeddings and a.rope_theta == 1e5 and a.rope_scaling is None
     tok = load_tokenizer(smollm2_hf / "tokenizer.json")
     assert tok.eos_id == 0  # <|endoftext|>, the document separator SmolLM2 was trained with
@@ -80,7 +106,9 @@ def test_a_named_flavor_that_does_not_match_is_refused(smollm2_hf, tmp_path):
 def converted(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_nvfp4")
     convert_checkpoint(run, out / "mo", Options(calibration_batches=1, calibration_batch_size=2))
-    convert_checkpoint(run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2))
+    convert_checkpoint(
+        run, out / "ct", Options(fmt="compressed-tensors", calibration_batches=1, calibration_batch_size=2)
+    )
     return out, model_weights(run / "checkpoint" / f"step-{STEPS}")
 
 
@@ -107,9 +135,12 @@ def test_compressed_tensors_decodes_the_trained_weights_bitwise(converted, layer
     qc.pop("nvfp4_titan")
     scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
     read = TensorReader(out / "ct")
-    groups = [[f"layers.{layer}.attention.{w}" for w in ("wq", "wk", "wv")],
-              [f"layers.{layer}.feed_forward.{w}" for w in ("w1", "w3")],
-              [f"layers.{layer}.attention.wo"], [f"layers.{layer}.feed_forward.w2"]]
+    groups = [
+        [f"layers.{layer}.attention.{w}" for w in ("wq", "wk", "wv")],
+        [f"layers.{layer}.feed_forward.{w}" for w in ("w1", "w3")],
+        [f"layers.{layer}.attention.wo"],
+        [f"layers.{layer}.feed_forward.w2"],
+    ]
     for group in groups:  # fused q/k/v and gate/up share one amax
         amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in group]).max()
         for m in group:

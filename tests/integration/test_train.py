@@ -17,8 +17,15 @@ from tests.integration.helpers import FAST, ROOT, losses, metrics, train
 def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
     dump, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
-    r = train(dump, "--training.steps=16", "--metrics.log_freq=1", "--validation.freq=8",
-              "--checkpoint.interval=8", "--training.seq_len=64", env={"TMPDIR": str(tmp)})
+    r = train(
+        dump,
+        "--training.steps=16",
+        "--metrics.log_freq=1",
+        "--validation.freq=8",
+        "--checkpoint.interval=8",
+        "--training.seq_len=64",
+        env={"TMPDIR": str(tmp)},
+    )
     assert r.returncode == 0, r.stderr
     assert not list(tmp.glob("nvfp4-titan-store-*"))  # no process-group store file left behind
     loss = losses(dump)
@@ -26,7 +33,9 @@ def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
     assert loss[16] < loss[1] - 1.0  # it learns
     logged = metrics(dump)
     assert any("validation/loss" in m for m in logged)
-    assert {"grad_norm", "lr", "tokens_per_s", "qat/mlp/weight_rel_err", "qat/attention/scale_clamped_share"} <= logged[0].keys()
+    assert {"grad_norm", "lr", "tokens_per_s", "qat/mlp/weight_rel_err", "qat/attention/scale_clamped_share"} <= logged[
+        0
+    ].keys()
     assert list((dump / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-16", "step-8"]
     assert (dump / "checkpoint" / "step-16" / "config.toml").is_file() and (dump / "config.toml").is_file()
@@ -34,8 +43,13 @@ def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
 
 def test_resume_after_crash_gives_bit_identical_losses(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*FAST, "--training.steps=10", "--checkpoint.interval=5", "--checkpoint.keep_latest_k=0",
-              "--metrics.log_freq=1"]
+    common = [
+        *FAST,
+        "--training.steps=10",
+        "--checkpoint.interval=5",
+        "--checkpoint.keep_latest_k=0",
+        "--metrics.log_freq=1",
+    ]
     assert train(a, *common).returncode == 0
     shutil.copytree(a / "checkpoint" / "step-5", b / "checkpoint" / "step-5")  # later ones "lost"
     r = train(b, *common)
@@ -65,7 +79,10 @@ def _truncate(path):
 
 
 DAMAGES = {  # what a full disk, a killed copy or a keep_latest_k deletion cut short leaves
-    "truncated_data": (lambda step: _truncate(step / "__0_0.distcp"), r"__0_0.distcp is truncated \(\d+ of \d+ bytes\)"),
+    "truncated_data": (
+        lambda step: _truncate(step / "__0_0.distcp"),
+        r"__0_0.distcp is truncated \(\d+ of \d+ bytes\)",
+    ),
     "deleted_data": (lambda step: (step / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
     "truncated_metadata": (lambda step: _truncate(step / ".metadata"), r"its .metadata is unreadable \(\w+\)"),
 }
@@ -76,8 +93,13 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_whole_one(tmp_path, d
     """The newest step's files damaged: the warning names the file, the run resumes from the
     older whole step with the losses of an uninterrupted run, and the damaged step is kept aside."""
     dump = tmp_path / "run"
-    common = [*FAST, "--training.steps=4", "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0",
-              "--metrics.log_freq=1"]
+    common = [
+        *FAST,
+        "--training.steps=4",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_latest_k=0",
+        "--metrics.log_freq=1",
+    ]
     assert train(dump, *common).returncode == 0
     uninterrupted = losses(dump)
     ck = dump / "checkpoint"
@@ -132,28 +154,57 @@ def test_full_disk_during_save_says_so_and_leaves_no_partial_save(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
     dump = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",
-           *FAST, "--training.steps=2", "--checkpoint.interval=2"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        f"--job.dump_folder={dump}",
+        *FAST,
+        "--training.steps=2",
+        "--checkpoint.interval=2",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
-    assert re.search(r"error: could not save checkpoint .*step-2 \(.*\); [\d.]+ GiB free on its disk\. The partial "
-                     r"save was removed; the latest checkpoint is none", r.stderr), r.stderr
+    assert re.search(
+        r"error: could not save checkpoint .*step-2 \(.*\); [\d.]+ GiB free on its disk\. The partial "
+        r"save was removed; the latest checkpoint is none",
+        r.stderr,
+    ), r.stderr
     assert list((dump / "checkpoint").iterdir()) == []
 
 
 def test_validation_split_smaller_than_a_batch_is_announced(tmp_path):
-    r = train(tmp_path / "run", *FAST, "--training.steps=1", "--validation.freq=1", "--training.seq_len=2048",
-              "--training.local_batch_size=16", "--dataset.validation_fraction=0.001", "--checkpoint.enable=false")
+    r = train(
+        tmp_path / "run",
+        *FAST,
+        "--training.steps=1",
+        "--validation.freq=1",
+        "--training.seq_len=2048",
+        "--training.local_batch_size=16",
+        "--dataset.validation_fraction=0.001",
+        "--checkpoint.enable=false",
+    )
     assert r.returncode == 0, r.stderr
-    assert re.search(r"validation is off: the held-out split has \d+ windows of 2049 tokens, fewer than one "
-                     r"batch \(16 x 1 ranks\)", r.stdout), r.stdout
+    assert re.search(
+        r"validation is off: the held-out split has \d+ windows of 2049 tokens, fewer than one "
+        r"batch \(16 x 1 ranks\)",
+        r.stdout,
+    ), r.stdout
 
 
 def test_tokenize_script_builds_the_cache_that_train_reads(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "scripts/tokenize_corpus.py", "--recipe", "recipes/debug_cpu.toml"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, **env}, check=False)
+    r = subprocess.run(
+        [sys.executable, "scripts/tokenize_corpus.py", "--recipe", "recipes/debug_cpu.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        check=False,
+    )
     assert r.returncode == 0 and re.search(r"tokens-\w+: 278 documents, \d+ tokens", r.stdout), r.stderr
     assert "tokenizing" in r.stderr  # built here, with a progress bar
     t = train(tmp_path / "run", *FAST, "--training.steps=2", env=env)
@@ -163,8 +214,17 @@ def test_tokenize_script_builds_the_cache_that_train_reads(tmp_path):
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
     dump = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}",
-           *FAST, "--training.steps=500", "--metrics.log_freq=1", "--checkpoint.interval=1000"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        f"--job.dump_folder={dump}",
+        *FAST,
+        "--training.steps=500",
+        "--metrics.log_freq=1",
+        "--checkpoint.interval=1000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((dump / "metrics.jsonl").exists() and len(metrics(dump)) >= 3):
@@ -184,9 +244,21 @@ def test_sigterm_to_torchrun_workers_saves_and_torchrun_exits_0(tmp_path):
     """The README's way to stop a torchrun job: SIGTERM to torchrun's children (the workers). Both
     ranks stop after the same step, save one checkpoint, and torchrun exits 0."""
     dump = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}", *FAST, "--training.steps=500",
-           "--metrics.log_freq=1", "--checkpoint.interval=1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        f"--job.dump_folder={dump}",
+        *FAST,
+        "--training.steps=500",
+        "--metrics.log_freq=1",
+        "--checkpoint.interval=1000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not ((dump / "metrics.jsonl").exists() and len(metrics(dump)) >= 2):
@@ -203,8 +275,16 @@ def test_sigterm_to_torchrun_workers_saves_and_torchrun_exits_0(tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     dump = tmp_path / "run"
-    r = train(dump, *FAST, "--training.steps=6", "--optimizer.lr=1e30", "--lr_scheduler.warmup_steps=0",
-              "--training.max_norm=0", "--checkpoint.interval=1", "--qat.enable=false")
+    r = train(
+        dump,
+        *FAST,
+        "--training.steps=6",
+        "--optimizer.lr=1e30",
+        "--lr_scheduler.warmup_steps=0",
+        "--training.max_norm=0",
+        "--checkpoint.interval=1",
+        "--qat.enable=false",
+    )
     assert r.returncode == 1
     assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr and "Traceback" not in r.stderr
 
@@ -218,12 +298,14 @@ def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):
     common = [*FAST, "--training.steps=4", "--checkpoint.interval=2", "--lr_scheduler.warmup_steps=0"]
     assert train(dump, *common, "--training.steps=2", '--qat.exclude=["output"]').returncode == 0
     before = sorted(p.name for p in dump.rglob("*"))
-    for change, fix in (("--training.seq_len=32", "--training.seq_len=64"),
-                        ("--qat.enable=false", "--qat.enable=true"),
-                        ("--qat.activation_scale=static", '--qat.activation_scale="dynamic"'),
-                        ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]'),
-                        ("--dataset.validation_fraction=0.1", "--dataset.validation_fraction=0.05"),
-                        ("--training.mixed_precision_param=bfloat16", '--training.mixed_precision_param="float32"')):
+    for change, fix in (
+        ("--training.seq_len=32", "--training.seq_len=64"),
+        ("--qat.enable=false", "--qat.enable=true"),
+        ("--qat.activation_scale=static", '--qat.activation_scale="dynamic"'),
+        ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]'),
+        ("--dataset.validation_fraction=0.1", "--dataset.validation_fraction=0.05"),
+        ("--training.mixed_precision_param=bfloat16", '--training.mixed_precision_param="float32"'),
+    ):
         r = train(dump, *common, change)
         assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, (change, r.stderr[-2000:])
         assert sorted(p.name for p in dump.rglob("*")) == before

@@ -30,32 +30,54 @@ def _dcp_of_other_shape(path):
 
 
 CASES = {
-    "malformed_toml": (lambda tmp: ["--recipe", str(_write(tmp / "bad.toml", "[training]\nsteps = = 3\n"))],
-                       r"bad.toml: malformed TOML.*line 2, column"),
+    "malformed_toml": (
+        lambda tmp: ["--recipe", str(_write(tmp / "bad.toml", "[training]\nsteps = = 3\n"))],
+        r"bad.toml: malformed TOML.*line 2, column",
+    ),
     "unknown_key": (lambda tmp: ["--training.step=3"], "unknown key training.step; did you mean 'steps'"),
     "wrong_type": (lambda tmp: ["--training.steps=ten"], "training.steps must be int"),
     "missing_data": (lambda tmp: [f"--dataset.path={tmp}/nowhere.jsonl"], "nowhere.jsonl does not exist"),
-    "tokenizer_too_big": (lambda tmp: [f"--model.tokenizer_path={_big_tokenizer(tmp / 'tok.json')}"],
-                          "has 9001 tokens, more than the model's vocab_size 8192"),
-    "hf_of_other_shape": (lambda tmp: [f"--checkpoint.initial_load_path={_hf_of_other_shape(tmp / 'hf')}",
-                                       "--checkpoint.initial_load_in_hf=true"],
-                          r"another model shape.*n_layers: 1 vs 4"),
-    "dcp_of_other_shape": (lambda tmp: [f"--checkpoint.initial_load_path={_dcp_of_other_shape(tmp / 'dcp')}"],
-                           r"has shape \(8192, 128\), this model needs \(8192, 256\)"),
-    "nvfp4_all_gather_compiled": (lambda tmp: ["--qat.fsdp_nvfp4_all_gather=true", "--training.compile=true"],
-                                  "fsdp_nvfp4_all_gather works in eager mode only"),
-    "tp_not_dividing_world": (lambda tmp: ["--parallelism.tensor_parallel_degree=2"],
-                              "tensor_parallel_degree=2 does not divide the world size 1"),
+    "tokenizer_too_big": (
+        lambda tmp: [f"--model.tokenizer_path={_big_tokenizer(tmp / 'tok.json')}"],
+        "has 9001 tokens, more than the model's vocab_size 8192",
+    ),
+    "hf_of_other_shape": (
+        lambda tmp: [
+            f"--checkpoint.initial_load_path={_hf_of_other_shape(tmp / 'hf')}",
+            "--checkpoint.initial_load_in_hf=true",
+        ],
+        r"another model shape.*n_layers: 1 vs 4",
+    ),
+    "dcp_of_other_shape": (
+        lambda tmp: [f"--checkpoint.initial_load_path={_dcp_of_other_shape(tmp / 'dcp')}"],
+        r"has shape \(8192, 128\), this model needs \(8192, 256\)",
+    ),
+    "nvfp4_all_gather_compiled": (
+        lambda tmp: ["--qat.fsdp_nvfp4_all_gather=true", "--training.compile=true"],
+        "fsdp_nvfp4_all_gather works in eager mode only",
+    ),
+    "tp_not_dividing_world": (
+        lambda tmp: ["--parallelism.tensor_parallel_degree=2"],
+        "tensor_parallel_degree=2 does not divide the world size 1",
+    ),
     # Settings whose checkpoints engines could not decode as trained (the export contract).
-    "separate_fused_amax": (lambda tmp: ["--qat.share_fused_amax=false"],
-                            r"share_fused_amax=false gives the 8 fused groups .* qat.allow_unexportable"),
-    "fused_group_in_part": (lambda tmp: ['--qat.exclude=["output", "*.wk"]'],
-                            r"layers.\*.attention.wk excluded from QAT but not the rest of its fused group \[.*\] \(4 group"),
+    "separate_fused_amax": (
+        lambda tmp: ["--qat.share_fused_amax=false"],
+        r"share_fused_amax=false gives the 8 fused groups .* qat.allow_unexportable",
+    ),
+    "fused_group_in_part": (
+        lambda tmp: ['--qat.exclude=["output", "*.wk"]'],
+        r"layers.\*.attention.wk excluded from QAT but not the rest of its fused group \[.*\] \(4 group",
+    ),
     "qat_selects_nothing": (lambda tmp: ['--qat.exclude=["*"]'], r"selects? no linear layer"),
-    "quantized_tied_head": (lambda tmp: ["--qat.exclude=[]"],
-                            r"output shares its weight with tok_embeddings \(tied embeddings\)"),
-    "recipe_not_utf8": (lambda tmp: ["--recipe", str(_write_bytes(tmp / "latin1.toml", b"[job]\ndescription = \"caf\xe9\"\n"))],
-                        r"latin1.toml is not UTF-8 text \(byte 24\)"),
+    "quantized_tied_head": (
+        lambda tmp: ["--qat.exclude=[]"],
+        r"output shares its weight with tok_embeddings \(tied embeddings\)",
+    ),
+    "recipe_not_utf8": (
+        lambda tmp: ["--recipe", str(_write_bytes(tmp / "latin1.toml", b'[job]\ndescription = "caf\xe9"\n'))],
+        r"latin1.toml is not UTF-8 text \(byte 24\)",
+    ),
     "unknown_flavor": (lambda tmp: ["--model.flavor=foo"], r"model.flavor='foo': choose one of \['1B'"),
     "cuda_without_gpu": (lambda tmp: ["--training.device=cuda"], "training.device=cuda but no CUDA device is visible"),
     "negative_eps": (lambda tmp: ["--optimizer.eps=-1.0"], "optimizer.eps must be > 0"),
@@ -66,8 +88,10 @@ CASES = {
     "seed_out_of_range": (lambda tmp: ["--training.seed=100000000000000"], r"training.seed must be in \[0, 2\*\*32\)"),
     "nan_max_norm": (lambda tmp: ["--training.max_norm=nan"], r"training.max_norm = nan: must be a finite number"),
     "dump_folder_is_a_file": (lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x')}"], r"taken is a file"),
-    "dump_folder_under_a_file": (lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x') / 'run'}"],
-                                 r"run lies under the file .*taken"),
+    "dump_folder_under_a_file": (
+        lambda tmp: [f"--job.dump_folder={_write(tmp / 'taken', 'x') / 'run'}"],
+        r"run lies under the file .*taken",
+    ),
 }
 
 

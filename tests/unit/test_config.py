@@ -31,7 +31,7 @@ def test_overrides_beat_recipe_and_defaults(tmp_path):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, ["--training.steps=30", "--job.description=a \"quoted\" run"])
+    cfg = load_config(None, ["--training.steps=30", '--job.description=a "quoted" run'])
     (tmp_path / "c.toml").write_text(to_toml(cfg))
     assert load_config(tmp_path / "c.toml") == cfg
 
@@ -52,21 +52,24 @@ def test_unknown_key_suggests_closest(tmp_path):
         load_config(None, ["--trainig.steps=3"])
 
 
-@pytest.mark.parametrize("override,match", [
-    ("--training.steps=ten", "training.steps must be int"),
-    ("--training.compile=1", "training.compile must be true or false"),
-    ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static', 'none'\]; did you mean 'dynamic'"),
-    ("--qat.include=layers", "qat.include must be a list of strings"),
-    ("--training.steps=0", "training.steps must be > 0"),
-    ("--training.gc_freq=-1", "training.gc_freq must be >= 0"),
-    ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),
-    ("--checkpoint.initial_load_in_hf=true", "needs checkpoint.initial_load_path"),
-    ("--model.flavor=hf", "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint"),
-    ("--model.flavor=2B", r"model.flavor='2B': choose one of .*or 'hf'"),
-    ("--qat.loss=kd", r"qat.loss='kd' is not one of \['ce', 'kl', 'mix'\]"),
-    ("--qat.kl_weight=1.5", r"qat.kl_weight must be in \[0, 1\]"),
-    ("--qat.temperature=0", "qat.temperature must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("--training.steps=ten", "training.steps must be int"),
+        ("--training.compile=1", "training.compile must be true or false"),
+        ("--qat.activation_scale=dynamc", r"not one of \['dynamic', 'static', 'none'\]; did you mean 'dynamic'"),
+        ("--qat.include=layers", "qat.include must be a list of strings"),
+        ("--training.steps=0", "training.steps must be > 0"),
+        ("--training.gc_freq=-1", "training.gc_freq must be >= 0"),
+        ("--lr_scheduler.warmup_steps=100", r"warmup_steps must be in \[0, training.steps=60\]"),
+        ("--checkpoint.initial_load_in_hf=true", "needs checkpoint.initial_load_path"),
+        ("--model.flavor=hf", "model.flavor='hf' takes the model's shape from a Hugging Face checkpoint"),
+        ("--model.flavor=2B", r"model.flavor='2B': choose one of .*or 'hf'"),
+        ("--qat.loss=kd", r"qat.loss='kd' is not one of \['ce', 'kl', 'mix'\]"),
+        ("--qat.kl_weight=1.5", r"qat.kl_weight must be in \[0, 1\]"),
+        ("--qat.temperature=0", "qat.temperature must be > 0"),
+    ],
+)
 def test_bad_values_rejected_naming_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
@@ -77,7 +80,7 @@ def test_help_lists_every_key_with_its_doc():
     for section in ("job", "training", "qat", "checkpoint", "metrics"):
         assert f"[{section}]" in text
     assert "global_batch_size = -1" in text and "gradient accumulation" in text
-    assert "activation_scale = \"dynamic\"" in text
+    assert 'activation_scale = "dynamic"' in text
 
 
 def test_nvfp4_all_gather_needs_qat_from_the_start():

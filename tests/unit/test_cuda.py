@@ -27,7 +27,9 @@ def test_quantize_cuda_equals_cpu(name, dtype, mode):
     assert torch.equal(gpu.packed.cpu(), cpu.packed)
     assert torch.equal(gpu.block_scale.cpu().view(torch.uint8), cpu.block_scale.view(torch.uint8))
     assert torch.equal(gpu.tensor_scale.cpu(), cpu.tensor_scale)
-    assert torch.equal(nvfp4.fake_quantize(x.cuda(), tensor_scale_mode=mode).cpu(), nvfp4.fake_quantize(x, tensor_scale_mode=mode))
+    assert torch.equal(
+        nvfp4.fake_quantize(x.cuda(), tensor_scale_mode=mode).cpu(), nvfp4.fake_quantize(x, tensor_scale_mode=mode)
+    )
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
@@ -162,8 +164,11 @@ def test_amaxes_and_scales_of_groups_equal_reference(mode):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3000, 1024, generator=g) * 50
     ws = [torch.randn(n, 1024, generator=g) * (i + 1) for i, n in enumerate((2048, 512, 512, 16, 1000))]
-    groups = [[x.to(torch.bfloat16)], [w.to(dt) for w, dt in zip(ws, (torch.bfloat16, torch.float32) * 3)],
-              [torch.randn(16, 16, generator=g).half()]]
+    groups = [
+        [x.to(torch.bfloat16)],
+        [w.to(dt) for w, dt in zip(ws, (torch.bfloat16, torch.float32) * 3)],
+        [torch.randn(16, 16, generator=g).half()],
+    ]
     for nan in (False, True):
         if nan:
             groups[1][4][999, 5] = float("nan")  # in the second launch
@@ -175,8 +180,23 @@ def test_amaxes_and_scales_of_groups_equal_reference(mode):
                 assert torch.equal(u, v) or bool(u.isnan() and v.isnan())
 
 
-AMAXES = [0.0, -0.0, 1e-45, 1e-40, 2.0**-126, 1e-30, 2688.0 * 2.0**-121, 0.3, 1.0, 2688.0, 2689.0, 123.456,
-          3.0e38, float("inf"), float("nan")]
+AMAXES = [
+    0.0,
+    -0.0,
+    1e-45,
+    1e-40,
+    2.0**-126,
+    1e-30,
+    2688.0 * 2.0**-121,
+    0.3,
+    1.0,
+    2688.0,
+    2689.0,
+    123.456,
+    3.0e38,
+    float("inf"),
+    float("nan"),
+]
 
 
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
@@ -196,23 +216,33 @@ def test_kernels_take_misaligned_views():
     assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
 
 
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                    (torch.float16, torch.bfloat16), (torch.bfloat16,) * 3,
-                                    (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.bfloat16,) * 3,
+        (torch.float32, torch.bfloat16, torch.float16, torch.bfloat16),
+    ],
+    ids=str,
+)
 def test_operands_two_per_launch_equal_reference(dtypes):
     """Two tensors share a launch; an odd one out runs alone."""
     from nvfp4.format import dequantize_all, quantize_operands
 
     g = torch.Generator().manual_seed(7)
     shapes = [(333, 96), (3, 5, 1024), (7, 48), (64, 2048)]
-    xs = [(torch.randn(*shape, generator=g) * 4 ** i).to(dt) for i, (shape, dt) in enumerate(zip(shapes, dtypes))]
+    xs = [(torch.randn(*shape, generator=g) * 4**i).to(dt) for i, (shape, dt) in enumerate(zip(shapes, dtypes))]
     scales = [nvfp4.tensor_scale(nvfp4.amax(x)) for x in xs]
     ref = quantize_operands(list(zip(xs, scales)))
     got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])
     factors = [None if i % 2 else s * 2.0**-7 for i, s in enumerate(scales)]  # operand scales, every other tensor
     ref_scaled = quantize_operands(list(zip(xs, scales)), operand_scales=factors)
-    got_scaled = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)],
-                                   operand_scales=[None if f is None else f.cuda() for f in factors])
+    got_scaled = quantize_operands(
+        [(x.cuda(), s.cuda()) for x, s in zip(xs, scales)],
+        operand_scales=[None if f is None else f.cuda() for f in factors],
+    )
     for (_, rop), (_, gop) in zip(ref_scaled, got_scaled):
         assert gop.dtype == torch.bfloat16 and torch.equal(gop.cpu(), rop.to(torch.bfloat16))
     for (rq, rop), (gq, gop) in zip(ref, got):

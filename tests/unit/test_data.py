@@ -98,7 +98,9 @@ def test_bad_data_inputs(tmp_path):
     with pytest.raises(DataError, match="txts is not UTF-8 text"):
         load_documents(tmp_path / "txts")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match=r"broken.jsonl: datasets could not read it as json \(JSON parse error: .* row 1\)"):
+    with pytest.raises(
+        DataError, match=r"broken.jsonl: datasets could not read it as json \(JSON parse error: .* row 1\)"
+    ):
         load_documents(tmp_path / "broken.jsonl")
     (tmp_path / "withdir").mkdir()  # a folder named like a data file is not read as one
     (tmp_path / "withdir" / "a.jsonl").write_text('{"text": "kept"}\n')

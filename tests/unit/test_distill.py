@@ -30,8 +30,10 @@ def test_kl_equals_the_definition_and_modelopts_form(temperature):
     assert got.shape == (B * S,) and got.dtype == torch.float32
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
     # ModelOpt's LogitsDistillationLoss, summed over the vocabulary instead of averaged.
-    modelopt = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1),
-                        reduction="none").sum(-1).flatten() * temperature**2
+    modelopt = (
+        F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="none").sum(-1).flatten()
+        * temperature**2
+    )
     assert torch.allclose(got, modelopt, rtol=1e-5, atol=1e-6)
 
 
@@ -41,8 +43,17 @@ def test_kl_gradient_equals_autograds(temperature):
     w = torch.rand(B * S, generator=torch.Generator().manual_seed(4))  # an arbitrary upstream gradient
     (kl_divergence(s, t, temperature) * w).sum().backward()
     s_ref = s.detach().clone().requires_grad_()
-    ref = F.kl_div(F.log_softmax(s_ref / temperature, -1), F.log_softmax(t / temperature, -1),
-                   log_target=True, reduction="none").sum(-1).flatten() * temperature**2
+    ref = (
+        F.kl_div(
+            F.log_softmax(s_ref / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="none",
+        )
+        .sum(-1)
+        .flatten()
+        * temperature**2
+    )
     (ref * w).sum().backward()
     assert torch.allclose(s.grad, s_ref.grad, rtol=1e-5, atol=1e-7)
 

@@ -36,9 +36,11 @@ def test_kernel_rounding_equals_reference_for_every_fp32_in_0_to_6():
         ok = (code == want) & (value == values[want.long()])
         if not ok.all():
             i = int((~ok).nonzero()[0])
-            pytest.fail(f"{int((~ok).sum())} fp32 in [{a[0].item()}, {a[-1].item()}] off the reference; "
-                        f"first {a[i].item()!r}: code {int(code[i])} value {value[i].item()}, reference code "
-                        f"{int(want[i])} value {values[want[i]].item()}")
+            pytest.fail(
+                f"{int((~ok).sum())} fp32 in [{a[0].item()}, {a[-1].item()}] off the reference; "
+                f"first {a[i].item()!r}: code {int(code[i])} value {value[i].item()}, reference code "
+                f"{int(want[i])} value {values[want[i]].item()}"
+            )
 
 
 def test_packed_byte_for_every_code_and_sign_pair():

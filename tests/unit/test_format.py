@@ -32,8 +32,7 @@ def _assert_matches_torchao(x: torch.Tensor, amax: torch.Tensor, mode: str) -> N
 
 # Every edge tensor in every dtype that can hold it (3e38 overflows fp16: not its edge).
 EDGE_CASES = [
-    (name, dtype) for name in sorted(EDGES) for dtype in DTYPES
-    if torch.isfinite(EDGES[name].to(dtype)).all()
+    (name, dtype) for name in sorted(EDGES) for dtype in DTYPES if torch.isfinite(EDGES[name].to(dtype)).all()
 ]
 
 
@@ -49,8 +48,11 @@ def test_edge_tensors_match_torchao(name, dtype, mode):
 @pytest.mark.parametrize("shape", [(1, 16), (3, 32), (7, 48), (64, 128), (2, 5, 64), (128, 1024)])
 def test_random_tensors_match_torchao(shape, dtype, mode):
     g = torch.Generator().manual_seed(hash(shape) % 1000)
-    x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, 1)[: shape[0]].reshape(
-        shape[0], *[1] * (len(shape) - 1)) * 4).to(dtype)
+    x = (
+        torch.randn(*shape, generator=g)
+        * torch.rand(shape[0], 1, 1)[: shape[0]].reshape(shape[0], *[1] * (len(shape) - 1))
+        * 4
+    ).to(dtype)
     _assert_matches_torchao(x, nvfp4.amax(x), mode)
 
 

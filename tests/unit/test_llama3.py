@@ -23,37 +23,80 @@ from nvfp4_titan.models.llama3 import (
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from tests.unit.test_qat import QuantizeCounter
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
-            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
-            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 32,
+    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+    "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+}
 # Every rope type of transformers' Llama; the sequences of the parity test (20 and 40 tokens)
 # straddle the 32 positions where dynamic and longrope switch behaviour.
 CONFIGS = {
-    "gqa_untied_llama3_rope": dict(num_key_value_heads=2, tie_word_embeddings=False,
-                                   rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0}),
-    "gqa_tied_llama3_rope": dict(num_key_value_heads=2, tie_word_embeddings=True,
-                                 rope_parameters={**LLAMA3_ROPE, "rope_theta": 50000.0}),
-    "mha_tied_default_rope": dict(num_key_value_heads=4, tie_word_embeddings=True,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "head_dim_24_linear_rope": dict(num_key_value_heads=2, head_dim=24,
-                                    rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
-    "dynamic_rope": dict(num_key_value_heads=2, max_position_embeddings=32,
-                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
-    "yarn_rope": dict(num_key_value_heads=2, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}),
-    "yarn_rope_mscale": dict(num_key_value_heads=1, rope_parameters={
-        "rope_type": "yarn", "factor": 8.0, "rope_theta": 20000.0, "original_max_position_embeddings": 16,
-        "mscale": 0.8, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2, "truncate": False}),
+    "gqa_untied_llama3_rope": dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0}
+    ),
+    "gqa_tied_llama3_rope": dict(
+        num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={**LLAMA3_ROPE, "rope_theta": 50000.0}
+    ),
+    "mha_tied_default_rope": dict(
+        num_key_value_heads=4, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    ),
+    "head_dim_24_linear_rope": dict(
+        num_key_value_heads=2,
+        head_dim=24,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    ),
+    "dynamic_rope": dict(
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    ),
+    "yarn_rope": dict(
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "yarn_rope_mscale": dict(
+        num_key_value_heads=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "rope_theta": 20000.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.5,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "truncate": False,
+        },
+    ),
     "longrope": dict(num_key_value_heads=2, rope_parameters=LONGROPE),
 }
 
 
 def _hf_dir(tmp_path: Path, name: str, **save_kw) -> tuple[Path, LlamaForCausalLM]:
     torch.manual_seed(0)
-    shape = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=96, max_position_embeddings=128, rms_norm_eps=1e-5)
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+    )
     cfg = LlamaConfig(**{**shape, **CONFIGS[name]})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than HF's 0.02 init, so logits are not tiny
@@ -126,22 +169,27 @@ def test_written_config_reads_back_and_transformers_agrees(tmp_path, name):
         assert torch.equal(again(tokens).logits, ref(tokens).logits)
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "su", "factor": 2.0}}, "rope_type='su'"),
-    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
-     "partial_rotary_factor"),
-    ({"rope_scaling": {**LONGROPE, "short_factor": [1.0, 2.0]}}, "short_factor has 2 factors"),
-    ({"num_attention_heads": 5}, "divisible"),
-    ({"intermediate_size": None}, "intermediate_size"),
-    ({"num_key_value_heads": "2"}, "must be positive integers"),
-    ({"num_hidden_layers": True}, "must be positive integers"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": [2]}}, "malformed (TypeError"),
-    ({"rope_scaling": [1, 2]}, "malformed"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "su", "factor": 2.0}}, "rope_type='su'"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+        ({"rope_scaling": {**LONGROPE, "short_factor": [1.0, 2.0]}}, "short_factor has 2 factors"),
+        ({"num_attention_heads": 5}, "divisible"),
+        ({"intermediate_size": None}, "intermediate_size"),
+        ({"num_key_value_heads": "2"}, "must be positive integers"),
+        ({"num_hidden_layers": True}, "must be positive integers"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": [2]}}, "malformed (TypeError"),
+        ({"rope_scaling": [1, 2]}, "malformed"),
+    ],
+)
 def test_unsupported_config_named(tmp_path, change, key):
     path, _ = _hf_dir(tmp_path, "mha_tied_default_rope")
     cfg = json.loads((path / "config.json").read_text())

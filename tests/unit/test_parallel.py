@@ -15,7 +15,9 @@ def test_resolve_dims():
     assert resolve_dims(4, 2, 2).world_size == 4
     with pytest.raises(ParallelConfigError, match="tensor_parallel_degree=3 does not divide the world size 8"):
         resolve_dims(8, -1, 3)
-    with pytest.raises(ParallelConfigError, match=r"data_parallel_shard_degree=3 x tensor_parallel_degree=2 = 6 != world size 8"):
+    with pytest.raises(
+        ParallelConfigError, match=r"data_parallel_shard_degree=3 x tensor_parallel_degree=2 = 6 != world size 8"
+    ):
         resolve_dims(8, 3, 2)
 
 
@@ -29,16 +31,22 @@ def test_tp_must_divide_heads():
     with pytest.raises(ParallelConfigError, match="tensor_parallel_degree=3 does not divide n_heads=8"):
         check_tp(_meta(FLAVORS["debug"]), 3)
     smollm2 = ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152)
-    with pytest.raises(ParallelConfigError, match=r"does not divide n_heads=9; this model allows "
-                                                  r"tensor_parallel_degree in \[1, 3\]"):
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"does not divide n_heads=9; this model allows "
+        r"tensor_parallel_degree in \[1, 3\]",
+    ):
         check_tp(_meta(smollm2), 2)
     check_tp(_meta(smollm2), 3)
 
 
 def test_tp_must_keep_nvfp4_blocks_whole():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=96, vocab_size=64)
-    with pytest.raises(ParallelConfigError, match=r"layers.0.feed_forward.w2: with tensor_parallel_degree=4 each rank holds K=24.*"
-                                                r"allows tensor_parallel_degree in \[1, 2\]"):
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"layers.0.feed_forward.w2: with tensor_parallel_degree=4 each rank holds K=24.*"
+        r"allows tensor_parallel_degree in \[1, 2\]",
+    ):
         check_tp(_meta(args), 4)
     check_tp(_meta(args), 2)  # K=48: fine
 
@@ -50,6 +58,9 @@ def test_supported_tp_degrees_of_real_flavors():
 
 def test_nvfp4_all_gather_needs_rows_split_evenly():
     model = _meta(FLAVORS["debug"])
-    with pytest.raises(ParallelConfigError, match=r"layers.0.attention.wq: 256 rows do not split evenly over data_parallel_shard_degree=3"):
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"layers.0.attention.wq: 256 rows do not split evenly over data_parallel_shard_degree=3",
+    ):
         check_even_rows(model, 3)
     check_even_rows(model, 4)

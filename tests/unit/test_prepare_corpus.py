@@ -22,10 +22,12 @@ def _fixtures(tmp):
     g.mkdir(parents=True)
     entries = [f"Apple\n   A fruit{LONG}", f"Bee\n   An insect{LONG}"]
     data = "".join(entries).encode()
-    index = [f"00-database-info\t{_b64(0)}\t{_b64(5)}",
-             f"apple\t{_b64(0)}\t{_b64(len(entries[0]))}",
-             f"apples\t{_b64(0)}\t{_b64(len(entries[0]))}",  # a second headword, same entry
-             f"bee\t{_b64(len(entries[0]))}\t{_b64(len(entries[1]))}"]
+    index = [
+        f"00-database-info\t{_b64(0)}\t{_b64(5)}",
+        f"apple\t{_b64(0)}\t{_b64(len(entries[0]))}",
+        f"apples\t{_b64(0)}\t{_b64(len(entries[0]))}",  # a second headword, same entry
+        f"bee\t{_b64(len(entries[0]))}\t{_b64(len(entries[1]))}",
+    ]
     (g / "gcide.dict.dz").write_bytes(gzip.compress(data))
     (g / "gcide.index").write_text("\n".join(index) + "\n")
     a = tmp / "anarchism/usr/share/doc/anarchism/markdown"

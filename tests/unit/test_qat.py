@@ -73,8 +73,9 @@ def test_qat_output_is_the_fake_quantized_linear():
     torch.manual_seed(1)
     lin = NVFP4QATLinear(64, 32)
     x = torch.randn(8, 64) * 3
-    ref = F.linear(nvfp4.fake_quantize(x).double(), nvfp4.fake_quantize(lin.weight.detach()).double(),
-                   lin.bias.detach().double())
+    ref = F.linear(
+        nvfp4.fake_quantize(x).double(), nvfp4.fake_quantize(lin.weight.detach()).double(), lin.bias.detach().double()
+    )
     assert torch.allclose(lin(x).double(), ref, rtol=1e-6, atol=1e-6)
     assert not torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # it does quantize
 
@@ -145,8 +146,11 @@ class QuantizeCounter:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[int] = []
         orig = nvfp4.qat.autograd.quantize_operands
-        monkeypatch.setattr(nvfp4.qat.autograd, "quantize_operands",
-                            lambda pairs, **kw: self.calls.append(len(pairs)) or orig(pairs, **kw))
+        monkeypatch.setattr(
+            nvfp4.qat.autograd,
+            "quantize_operands",
+            lambda pairs, **kw: self.calls.append(len(pairs)) or orig(pairs, **kw),
+        )
 
 
 def _fwd_bwd(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -222,7 +226,9 @@ def test_shared_input_takes_the_per_module_path_when_it_cannot_share(monkeypatch
     weight_only = QKV()  # W4A16: each linear runs F.linear on its fake-quantized weight
     nvfp4.prepare(weight_only, QATConfig(activation_scale="none"))
     counter.calls.clear()
-    assert all(torch.equal(y, lin(x)) for y, lin in zip(weight_only(x), (weight_only.wq, weight_only.wk, weight_only.wv)))
+    assert all(
+        torch.equal(y, lin(x)) for y, lin in zip(weight_only(x), (weight_only.wq, weight_only.wk, weight_only.wv))
+    )
     assert counter.calls == []
 
 

@@ -33,8 +33,9 @@ def tokenizer():
 @pytest.mark.parametrize("seq_len,fraction,seed", [(64, 0.05, 0), (2048, 0.2, 3), (7, 0.0, 1)])
 def test_mapped_windows_equal_packed_windows(tmp_path, tokenizer, seq_len, fraction, seed):
     old = build_windows(load_documents(CORPUS), tokenizer, seq_len, fraction, seed)
-    new = windows_from_tokens(cached_tokens(CORPUS, "text", tokenizer, tmp_path), seq_len, fraction, seed,
-                              tokenizer.vocab_size)
+    new = windows_from_tokens(
+        cached_tokens(CORPUS, "text", tokenizer, tmp_path), seq_len, fraction, seed, tokenizer.vocab_size
+    )
     for a, b in ((old.train, new.train), (old.validation, new.validation)):
         assert len(a) == len(b)
         assert torch.equal(a, b[torch.arange(len(b))])

@@ -41,12 +41,26 @@ class RopeScaling:
 
     def fields_used(self) -> tuple[str, ...]:
         """The fields that ``rope_type`` reads (the keys of its HF ``rope_scaling``)."""
-        return {"linear": ("factor",), "dynamic": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
-                         "attention_factor"),
-                "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor",
-                             "long_factor")}[self.rope_type]
+        return {
+            "linear": ("factor",),
+            "dynamic": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "yarn": (
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "truncate",
+                "attention_factor",
+            ),
+            "longrope": (
+                "factor",
+                "original_max_position_embeddings",
+                "attention_factor",
+                "short_factor",
+                "long_factor",
+            ),
+        }[self.rope_type]
 
     def __repr__(self) -> str:
         used = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.fields_used())
@@ -87,8 +101,7 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
             raise ValueError(
-                f"activation_checkpoint={self.activation_checkpoint!r}: use one of "
-                f"{ACTIVATION_CHECKPOINT_MODES}"
+                f"activation_checkpoint={self.activation_checkpoint!r}: use one of {ACTIVATION_CHECKPOINT_MODES}"
             )
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
@@ -108,28 +121,63 @@ _LLAMA31_ROPE = RopeScaling(factor=8.0)
 FLAVORS: dict[str, ModelArgs] = {
     # Tiny and CPU-fast; vocab of the bundled 8k BPE tokenizer.
     "debug": ModelArgs(
-        dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, ffn_dim=768,
-        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True, max_seq_len=2048,
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=8192,
+        ffn_dim=768,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA32_ROPE,
+        tie_word_embeddings=True,
+        max_seq_len=2048,
     ),
     # ~80M parameters with the 8k tokenizer: the QAT experiment's pre-train on one GPU.
     "80M": ModelArgs(
-        dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=8192, ffn_dim=2048,
-        rope_theta=500000.0, tie_word_embeddings=True, max_seq_len=4096,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        vocab_size=8192,
+        ffn_dim=2048,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        max_seq_len=4096,
     ),
     # Llama 3.2 1B / 3B, Llama 3.1 8B, Llama 3.3 70B (published HF configs).
     "1B": ModelArgs(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
-        rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE,
+        tie_word_embeddings=True,
     ),
     "3B": ModelArgs(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
-        rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        rope_scaling=_LLAMA32_ROPE,
+        tie_word_embeddings=True,
     ),
     "8B": ModelArgs(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, rope_scaling=_LLAMA31_ROPE,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        rope_scaling=_LLAMA31_ROPE,
     ),
     "70B": ModelArgs(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, rope_scaling=_LLAMA31_ROPE,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=28672,
+        rope_scaling=_LLAMA31_ROPE,
     ),
 }
 

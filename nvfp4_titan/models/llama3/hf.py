@@ -54,7 +54,8 @@ def _rope_scaling(cfg: dict, rope: dict, head_dim: int, source: str) -> RopeScal
         return None
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
-            f"{source}: rope_type={rope_type!r} is not supported; use one of {('default', *ROPE_TYPES)}")
+            f"{source}: rope_type={rope_type!r} is not supported; use one of {('default', *ROPE_TYPES)}"
+        )
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported (1.0)")
 
@@ -64,14 +65,18 @@ def _rope_scaling(cfg: dict, rope: dict, head_dim: int, source: str) -> RopeScal
         return rope[key]
 
     max_pos = cfg.get("max_position_embeddings", 131072)
-    original = int(rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
-                   or max_pos)
+    original = int(
+        rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or max_pos
+    )
     if rope_type in ("linear", "dynamic"):
         return RopeScaling(rope_type=rope_type, factor=float(need("factor")))
     if rope_type == "llama3":
-        return RopeScaling(factor=float(need("factor")), low_freq_factor=float(need("low_freq_factor")),
-                           high_freq_factor=float(need("high_freq_factor")),
-                           original_max_position_embeddings=int(need("original_max_position_embeddings")))
+        return RopeScaling(
+            factor=float(need("factor")),
+            low_freq_factor=float(need("low_freq_factor")),
+            high_freq_factor=float(need("high_freq_factor")),
+            original_max_position_embeddings=int(need("original_max_position_embeddings")),
+        )
     if rope_type == "yarn":
         original = int(need("original_max_position_embeddings"))
         factor = float(rope.get("factor") or max_pos / original)
@@ -83,9 +88,15 @@ def _rope_scaling(cfg: dict, rope: dict, head_dim: int, source: str) -> RopeScal
         if attention is None:
             m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
             attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-        return RopeScaling(rope_type="yarn", factor=factor, original_max_position_embeddings=original,
-                           beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-                           truncate=bool(rope.get("truncate", True)), attention_factor=float(attention))
+        return RopeScaling(
+            rope_type="yarn",
+            factor=factor,
+            original_max_position_embeddings=original,
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            truncate=bool(rope.get("truncate", True)),
+            attention_factor=float(attention),
+        )
     factor = float(rope.get("factor") or max_pos / original)  # longrope
     short, long = need("short_factor"), need("long_factor")
     for key, fs in (("short_factor", short), ("long_factor", long)):
@@ -94,9 +105,14 @@ def _rope_scaling(cfg: dict, rope: dict, head_dim: int, source: str) -> RopeScal
     attention = rope.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return RopeScaling(rope_type="longrope", factor=factor, original_max_position_embeddings=original,
-                       attention_factor=float(attention), short_factor=tuple(map(float, short)),
-                       long_factor=tuple(map(float, long)))
+    return RopeScaling(
+        rope_type="longrope",
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=float(attention),
+        short_factor=tuple(map(float, short)),
+        long_factor=tuple(map(float, long)),
+    )
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -132,8 +148,11 @@ def _args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
         raise CheckpointError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (silu)")
     ints = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
     missing = [k for k in ints if type(cfg.get(k)) is not int or cfg[k] < 1]
-    missing += [k for k in ("num_key_value_heads", "head_dim")
-                if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)]
+    missing += [
+        k
+        for k in ("num_key_value_heads", "head_dim")
+        if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)
+    ]
     if missing:
         raise CheckpointError(f"{source}: {missing} must be positive integers")
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -262,8 +281,7 @@ def iter_hf_tensors(path: Path, model_args: ModelArgs, expected: dict[str, torch
         t = read(key)
         if tuple(t.shape) != tuple(expected[name]):
             raise CheckpointError(
-                f"{f.name}: tensor {key} has shape {tuple(t.shape)}, but config.json implies "
-                f"{tuple(expected[name])}"
+                f"{f.name}: tensor {key} has shape {tuple(t.shape)}, but config.json implies {tuple(expected[name])}"
             )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{f.name}: tensor {key} holds NaN or Inf values")
