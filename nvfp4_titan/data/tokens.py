@@ -3,8 +3,12 @@
 On disk (a folder, written whole or not at all): ``tokens.bin`` (uint32, every document's tokens
 followed by EOS, documents in corpus order), ``offsets.npy`` (int64 [n_docs + 1]: where each
 document starts in ``tokens.bin``) and ``manifest.json`` (format, tokenizer hash, corpus files
-with sizes and mtimes, counts). ``token_cache`` keys the folder by (corpus files, text field,
-tokenizer), so a changed corpus or tokenizer gets a new one and a stale one is never read.
+with sizes and mtimes, counts, the sha256 of ``tokens.bin``). ``verified.json`` records the
+``tokens.bin`` (size, mtime, ctime) whose content last matched that sha256: any write to the file
+changes them, and the next start hashes it again, so bytes changed on disk are never trained on.
+``token_cache`` keys the folder by (corpus files, text field, tokenizer), so a changed corpus or
+tokenizer gets a new one and a stale one is never read; building it removes the earlier
+versions' caches of the same corpus.
 
 ``PackedWindows`` gives the windows that ``nvfp4_titan.data.dataset.build_windows`` packs (the same tokens,
 bit for bit) without holding the corpus in memory: a batch reads its windows from the map.
@@ -26,7 +30,7 @@ import torch
 from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
 from nvfp4_titan.data.tokenizer import Tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest holds the sha256 of tokens.bin
 _BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
 
 
@@ -37,11 +41,13 @@ def _umask() -> int:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
@@ -86,21 +92,29 @@ def tokenize_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
-        offsets, n = [0], 0
+        offsets, n, digest = [0], 0, hashlib.sha256()
         with (
             open(tmp / "tokens.bin", "wb") as f,
             tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
         ):
             for docs in iter_documents(path, text_field, _BATCH):
                 for ids in tokenizer.encode_batch(docs):
-                    arr = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32)
-                    f.write(arr.tobytes())
-                    n += arr.size
+                    data = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32).tobytes()
+                    f.write(data)
+                    digest.update(data)
+                    n += len(data) // 4
                     offsets.append(n)
                 bar.update(len(docs))
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-        manifest = {**key, "n_docs": len(offsets) - 1, "n_tokens": n, "created": time.time()}
+        manifest = {
+            **key,
+            "n_docs": len(offsets) - 1,
+            "n_tokens": n,
+            "tokens_sha256": digest.hexdigest(),
+            "created": time.time(),
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp / "tokens.bin")))  # the inode moves with tmp
         try:
             tmp.rename(out)
         except OSError:
@@ -115,8 +129,8 @@ class TokenFile:
     """A tokenized corpus, memory-mapped: ``tokens`` uint32 [n_tokens], ``offsets`` int64
     [n_docs + 1] (document d is ``tokens[offsets[d]:offsets[d + 1]]``, its EOS last)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.folder, self.manifest = folder, manifest
         self.offsets = np.load(folder / "offsets.npy")
         self.tokens = (
             np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r")
@@ -135,16 +149,36 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
         manifest = json.loads((folder / "manifest.json").read_text())
         if {k: manifest.get(k) for k in key} != json.loads(json.dumps(key)):
             return None
-        tf = TokenFile(folder)
+        tf = TokenFile(folder, manifest)
         whole = (
             (folder / "tokens.bin").stat().st_size == 4 * manifest["n_tokens"]
             and tf.n_docs == manifest["n_docs"]
             and int(tf.offsets[-1]) == manifest["n_tokens"]
             and bool(np.all(np.diff(tf.offsets) > 0))
         )
-        return tf if whole else None
+        return tf if whole and _content_matches(folder, manifest["tokens_sha256"]) else None
     except Exception:  # any unreadable or inconsistent file: not a cache to trust
         return None
+
+
+def _content_matches(folder: Path, sha256: str) -> bool:
+    """Whether tokens.bin holds the bytes the build hashed: trusted while its (size, mtime, ctime)
+    are those ``verified.json`` recorded, else hashed again (and recorded where the cache is
+    writable)."""
+    tokens, stamp = folder / "tokens.bin", folder / "verified.json"
+    now = _stat_key(tokens)
+    try:
+        if json.loads(stamp.read_text()) == now:
+            return True
+    except (OSError, ValueError):
+        pass
+    if _sha256(tokens) != sha256:
+        return False
+    try:
+        stamp.write_text(json.dumps(now))
+    except OSError:  # a read-only shared cache: hashed again at the next start
+        pass
+    return True
 
 
 class PackedWindows:
@@ -204,6 +238,31 @@ def _remove_abandoned_builds(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_stale_versions(folder: Path, key: dict) -> None:
+    """After ``folder`` was built for ``key``: remove the caches of earlier versions of the same
+    corpus (same files, text field and tokenizer; other sizes, times or format), which no run can
+    read again, and damaged caches set aside more than a day ago. Derived data only: the corpus
+    is untouched, and a running job keeps reading a removed cache through its open map."""
+    paths = [f[0] for f in key["files"]]
+    now = time.time()
+    for other in folder.parent.glob("tokens-*"):
+        if other == folder or not other.is_dir():
+            continue
+        if ".damaged-" in other.name:
+            if now - other.stat().st_mtime > _ABANDONED_S:
+                shutil.rmtree(other, ignore_errors=True)
+            continue
+        try:
+            m = json.loads((other / "manifest.json").read_text())
+            same_corpus = [f[0] for f in m["files"]] == paths and all(
+                m.get(k) == key[k] for k in ("text_field", "tokenizer_sha256")
+            )
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # not one of ours, or unreadable: left alone
+        if same_corpus:
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def cached_tokens(
     path: str | Path,
     text_field: str,
@@ -223,6 +282,7 @@ def cached_tokens(
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
                 folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
+            _remove_stale_versions(folder, key)
         except OSError as e:
             raise DataError(
                 f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "

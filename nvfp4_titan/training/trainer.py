@@ -149,9 +149,10 @@ class Trainer:
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
         t, d = self.cfg.training, self.cfg.dataset
-        windows = windows_from_tokens(
-            self._tokens(tokenizer), t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size
-        )
+        tokens = self._tokens(tokenizer)
+        m = tokens.manifest  # what the run trains on, recorded in every checkpoint (data.json)
+        self.corpus = {"path": d.path, **{k: m[k] for k in ("n_docs", "n_tokens", "tokens_sha256")}}
+        windows = windows_from_tokens(tokens, t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size)
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
             self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
@@ -236,6 +237,8 @@ class Trainer:
             if q_old != q_new:
                 for key in ("qat.include", "qat.exclude"):
                     changed[key] = (getattr(before.qat, key[4:]), getattr(self.cfg.qat, key[4:]))
+        if self.resume_from is not None and (path / "data.json").is_file():
+            self._check_corpus(path, json.loads((path / "data.json").read_text()))
         if self.resume_from is not None and self.teacher is not None and (path / "teacher.json").is_file():
             before = json.loads((path / "teacher.json").read_text())
             if before["sha256"] != self.teacher_sha256:
@@ -252,6 +255,21 @@ class Trainer:
                 f"see or what the model computes. Resume with {fix}, or start a new run (another "
                 f"job.dump_folder) with checkpoint.initial_load_path={path}"
             )
+
+    def _check_corpus(self, path: Path, before: dict) -> None:
+        """Refuse to continue a run whose corpus changed in place (same dataset.path, other
+        tokens): its data order and held-out split would silently change."""
+        if before["tokens_sha256"] == self.corpus["tokens_sha256"]:
+            return
+        now = self.corpus
+        raise ConfigError(
+            f"{path} was trained on {before['path']} as it was then ({before['n_docs']} documents, "
+            f"{before['n_tokens']} tokens, sha256 {before['tokens_sha256'][:12]}...); dataset.path {now['path']} "
+            f"now holds other text ({now['n_docs']} documents, {now['n_tokens']} tokens, sha256 "
+            f"{now['tokens_sha256'][:12]}...): continuing would change which data the remaining steps see. "
+            f"Resume on the corpus it was trained on, or start a new run (another job.dump_folder) with "
+            f"checkpoint.initial_load_path={path}"
+        )
 
     def _quantized(self, qat: QAT) -> list[str]:
         """The linears ``qat`` fake-quantizes in this model (none when QAT is off)."""
@@ -544,7 +562,11 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.checkpoint.enable:
             return
-        files = {"config.toml": to_toml(self.cfg), "model_args.json": model_args_json(self.args)}
+        files = {
+            "config.toml": to_toml(self.cfg),
+            "model_args.json": model_args_json(self.args),
+            "data.json": json.dumps(self.corpus),
+        }
         if self.teacher is not None:
             files["teacher.json"] = json.dumps({"path": str(self.teacher_path), "sha256": self.teacher_sha256})
         path = ckpt.save(

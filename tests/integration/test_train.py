@@ -1,5 +1,6 @@
 """train.py end to end on CPU: learning, metrics, checkpoints, exact resume, signals."""
 
+import json
 import os
 import re
 import shutil
@@ -287,6 +288,28 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     )
     assert r.returncode == 1
     assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_on_a_corpus_edited_in_place_is_refused(tmp_path):
+    """The checkpoint records the sha256 of the tokens it trained on (data.json): a corpus edited
+    in place (same dataset.path) is refused before any write; the same text written again (new
+    file times, same tokens) resumes."""
+    corpus, dump = tmp_path / "corpus.jsonl", tmp_path / "run"
+    shutil.copy(ROOT / "data/assets/shakespeare.jsonl", corpus)
+    common = [*FAST, f"--dataset.path={corpus}", f"--dataset.cache_dir={tmp_path / 'cache'}",
+              "--training.steps=4", "--checkpoint.interval=2", "--lr_scheduler.warmup_steps=0"]  # fmt: skip
+    assert train(dump, *common, "--training.steps=2").returncode == 0
+    recorded = json.loads((dump / "checkpoint" / "step-2" / "data.json").read_text())
+    assert recorded["path"] == str(corpus) and len(recorded["tokens_sha256"]) == 64
+    original = corpus.read_bytes()
+    corpus.write_bytes(original + json.dumps({"text": "A scene added in place."}).encode() + b"\n")
+    before = {p: p.stat().st_mtime_ns for p in dump.rglob("*")}
+    r = train(dump, *common)
+    assert r.returncode == 2 and "now holds other text" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in dump.rglob("*")} == before
+    corpus.write_bytes(original)
+    r = train(dump, *common)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
 
 
 def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):

@@ -55,9 +55,13 @@ def test_stale_cache_is_rebuilt_when_the_corpus_or_tokenizer_changes(tmp_path, t
     path, cache = _corpus(tmp_path, ["one two", "three"]), tmp_path / "cache"
     first = cached_tokens(path, "text", tokenizer, cache)
     assert first.n_docs == 2
+    (tmp_path / "b").mkdir()
+    elsewhere = cached_tokens(_corpus(tmp_path / "b", ["another corpus"]), "text", tokenizer, cache)
     path.write_text(path.read_text() + json.dumps({"text": "four"}) + "\n")  # the corpus grew
     again = cached_tokens(path, "text", tokenizer, cache)
     assert again.n_docs == 3 and again.folder != first.folder
+    # the earlier version's cache can never be read again: removed; another corpus's is kept
+    assert not first.folder.exists() and elsewhere.folder.is_dir()
     other = tmp_path / "tok.json"
     shutil.copy("data/assets/tokenizer.json", other)
     other.write_text(other.read_text().replace('"unk_token"', '"unk_token" ', 1))  # other bytes
@@ -97,13 +101,35 @@ def test_same_size_and_mtime_rewrite_is_still_a_new_cache(tmp_path, tokenizer):
     assert cached_tokens(path, "text", tokenizer, cache).folder != first.folder
 
 
-def test_ids_outside_the_vocabulary_are_damage(tmp_path, tokenizer):
+def test_tokens_changed_on_disk_are_detected_and_rebuilt(tmp_path, tokenizer):
+    """Other ids in range, same size and mtime (only the ctime moves): the content no longer
+    matches the build's sha256, so the cache is set aside and rebuilt, never trained on."""
     path, cache = _corpus(tmp_path, ["one two three", "four"]), tmp_path / "cache"
     tf = cached_tokens(path, "text", tokenizer, cache)
+    folder, want = tf.folder, tf.tokens.copy()
+    st = (folder / "tokens.bin").stat()
+    assert json.loads((folder / "verified.json").read_text()) == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    del tf
+    raw = bytearray((folder / "tokens.bin").read_bytes())
+    raw[0:4] = np.uint32((int(want[0]) + 1) % tokenizer.vocab_size).tobytes()
+    (folder / "tokens.bin").write_bytes(bytes(raw))
+    os.utime(folder / "tokens.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert open_tokens(folder, corpus_key(path, "text", tokenizer)) is None
+    rebuilt = cached_tokens(path, "text", tokenizer, cache)
+    assert np.array_equal(rebuilt.tokens, want)
+    assert [p.name.startswith(f"{folder.name}.damaged-") for p in cache.iterdir()].count(True) == 1
+
+
+def test_ids_outside_the_vocabulary_while_mapped_are_damage(tmp_path, tokenizer):
+    """Bytes changed under a running job's map: the windows it reads are checked against the
+    vocabulary (the content hash is taken at start-up)."""
+    path, cache = _corpus(tmp_path, ["one two three", "four"]), tmp_path / "cache"
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    w = windows_from_tokens(tf, 2, 0.0, 0, tokenizer.vocab_size)
     raw = bytearray((tf.folder / "tokens.bin").read_bytes())
     raw[0:4] = np.uint32(tokenizer.vocab_size + 7).tobytes()  # same size, another id
-    (tf.folder / "tokens.bin").write_bytes(bytes(raw))
-    w = windows_from_tokens(cached_tokens(path, "text", tokenizer, cache), 2, 0.0, 0, tokenizer.vocab_size)
+    with open(tf.folder / "tokens.bin", "r+b") as f:  # in place: the map sees it
+        f.write(bytes(raw))
     with pytest.raises(DataError, match="holds ids outside the tokenizer's .* it is damaged"):
         w.train[torch.tensor([0])]
 
