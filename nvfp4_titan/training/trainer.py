@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -141,11 +142,28 @@ class Trainer:
                 Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path", self._param_shapes()
             )
         self._check_resume(dims.dp_shard)
+        fresh = not self.folder.exists() or not any(self.folder.iterdir())
         self._make_run_folder()
-        self._materialize()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self._load_initial_state()
-        self._load_teacher()
+        try:
+            self._materialize()
+            self.optimizer = build_optimizer(self.model, cfg.optimizer)
+            self._load_initial_state()
+            self._load_teacher()
+        except BaseException:  # e.g. weights holding NaN, found while loading them
+            if fresh:
+                self._remove_run_folder()
+            raise
+
+    def _remove_run_folder(self) -> None:
+        """Undo ``_make_run_folder`` for a run that failed before its first step: a bad initial
+        load leaves no folder that looks like a run (rank 0 removes it; the ranks' open log files
+        go with it)."""
+        self.metrics.close()
+        for h in logging.getLogger("nvfp4_titan").handlers:
+            if isinstance(h, logging.FileHandler):
+                h.close()
+        if self.rank == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
         t, d = self.cfg.training, self.cfg.dataset

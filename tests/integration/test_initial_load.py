@@ -1,5 +1,8 @@
 """Fine-tuning starts: from a Hugging Face directory and from a DCP step folder; wandb offline."""
 
+import pytest
+from safetensors.torch import load_file, save_file
+
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, losses, model_weights, train
 
@@ -41,3 +44,31 @@ def test_wandb_offline_writes_a_local_run(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert list((dump / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("role", ["initial", "teacher"])
+def test_weights_holding_nan_are_named_and_leave_no_run_folder(tmp_path, role):
+    """A Hugging Face folder whose weights hold a NaN, as the run's initial weights or as the
+    teacher: one error naming the tensor, and no run folder left behind (the values are only
+    seen while loading, after the run folder was made)."""
+    model = Transformer(FLAVORS["debug"])
+    model.init_weights(0)
+    to_hf(model, tmp_path / "clean")
+    to_hf(model, tmp_path / "poisoned")
+    weights = load_file(tmp_path / "poisoned" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "poisoned" / "model.safetensors", metadata={"format": "pt"})
+    initial = tmp_path / ("poisoned" if role == "initial" else "clean")
+    extra = [] if role == "initial" else ["--qat.loss=kl", f"--qat.teacher_path={tmp_path / 'poisoned'}"]
+    dump = tmp_path / "run"
+    r = train(
+        dump,
+        *FAST,
+        "--training.steps=1",
+        "--checkpoint.initial_load_in_hf=true",
+        f"--checkpoint.initial_load_path={initial}",
+        *extra,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model.layers.1.mlp.up_proj.weight holds NaN or Inf" in r.stderr and "Traceback" not in r.stderr
+    assert not dump.exists()
