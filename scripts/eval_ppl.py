@@ -27,6 +27,20 @@ from nvfp4_titan.convert import ConvertError, resolve_source  # noqa: E402
 from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
 from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
 
+# The data and tokenizer loaders name the recipe keys that fix their errors; here the fix is a flag.
+_FLAG_FOR_KEY = {
+    "set dataset.path to a local file or folder": "pass --data PATH",
+    "set dataset.text_field to the field that holds the text": "pass --text-field NAME",
+    "(set dataset.text_field)": "(pass --text-field NAME)",
+    "set model.tokenizer_path": "pass --tokenizer PATH",
+}
+
+
+def _with_flags(message: str) -> str:
+    for key, flag in _FLAG_FOR_KEY.items():
+        message = message.replace(key, flag)
+    return message
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"vocab_size {model.args.vocab_size}: name the model's own with --tokenizer"
             )
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_with_flags(str(e))}", file=sys.stderr)
         return 2
     ids, n_words = token_ids(tok, docs)
     model.to(a.device).eval()

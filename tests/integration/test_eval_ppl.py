@@ -41,3 +41,12 @@ def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
         with pytest.raises(SystemExit):
             eval_ppl.main([str(run), *bad])
         assert "need 0 < --stride <= --seq-len" in capsys.readouterr().err
+    (tmp_path / "other.jsonl").write_text('{"body": "text under another field"}\n')
+    for bad, fix in (  # the loaders' hints name recipe keys; eval_ppl's fix is one of its flags
+        ([f"--data={tmp_path / 'missing.jsonl'}"], "does not exist; pass --data PATH"),
+        ([f"--data={tmp_path / 'other.jsonl'}"], "no field 'text'; its fields are ['body'] (pass --text-field NAME)"),
+        ([f"--tokenizer={tmp_path / 'missing.json'}"], "does not exist; pass --tokenizer PATH"),
+    ):
+        assert eval_ppl.main([str(run), *bad]) == 2
+        err = capsys.readouterr().err
+        assert fix in err and "dataset." not in err and "model.tokenizer_path" not in err, err

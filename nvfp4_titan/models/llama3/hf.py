@@ -154,7 +154,8 @@ def _args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
         if cfg.get(k) is not None and (type(cfg[k]) is not int or cfg[k] < 1)
     ]
     if missing:
-        raise CheckpointError(f"{source}: {missing} must be positive integers")
+        said = ", ".join(f"{k} = {cfg.get(k)!r}" for k in missing)
+        raise CheckpointError(f"{source}: {said}: {'each' if len(missing) > 1 else 'it'} must be a positive integer")
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
