@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +37,15 @@ log = logging.getLogger("nvfp4_titan")
 class CheckpointSaveError(RuntimeError):
     """A save that could not be written (e.g. a full disk); the partial folder is removed and the
     previous checkpoints are untouched."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A step whose files are all there but whose data cannot be read (bytes changed on disk):
+    found only when loading, so the trainer then resumes from the step before (``reason``)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is damaged: {reason}")
+        self.path, self.reason = path, reason
 
 
 def step_number(path: Path) -> int | None:
@@ -100,6 +110,13 @@ def latest(folder: Path) -> Path | None:
     return None
 
 
+def previous_complete(step: Path) -> Path | None:
+    """The newest complete checkpoint older than ``step`` in its folder, or None."""
+    n = step_number(step)
+    older = [p for m, p in complete_steps(step.parent) if n is None or m < n]
+    return older[-1] if older else None
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -148,9 +165,10 @@ def save(
             f"checkpoint.keep_latest_k) and run the same command to resume"
         ) from None
     if rank == 0:
-        if final.exists() and damage(final) is not None:  # kept aside, never deleted
+        # A step-N already here is one the run could not resume from (missing or truncated files,
+        # or bytes that no longer load): kept aside, never deleted.
+        if final.exists():
             final.rename(_free_name(final.with_name(f"{final.name}.damaged")))
-        shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         if keep_latest_k:
             for _, old in complete_steps(folder)[:-keep_latest_k]:
@@ -197,17 +215,28 @@ def load_model(path: Path, model: nn.Module) -> None:
 
 
 def _cause(e: BaseException) -> str:
-    """The first line of the error behind ``e``: DCP wraps each rank's in a CheckpointException."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
+    """The first line of the error behind ``e``."""
+    e = _root(e)
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _root(e: BaseException) -> BaseException:
+    """The error behind ``e``: DCP wraps each rank's in a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
+        root = _root(e)
+        # Bytes of a whole-sized file changed on disk (a zeroed header, a bad copy): its pickled
+        # or zipped items no longer deserialize. Other failures mean this run cannot take it.
+        if isinstance(root, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in str(root):
+            raise DamagedCheckpointError(path, f"its data cannot be read ({_cause(e)})") from None
         raise CheckpointError(f"{path}: cannot load this checkpoint into this run ({_cause(e)})") from None
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ class Trainer:
             _check_dcp_source(
                 Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path", self._param_shapes()
             )
-        self._check_resume(dims.dp_shard)
+        self.dp = dims.dp_shard
+        self._with_readable_resume(lambda: self._check_resume(self.dp))
         fresh = not self.folder.exists() or not any(self.folder.iterdir())
         self._make_run_folder()
         try:
@@ -153,6 +155,28 @@ class Trainer:
             if fresh:
                 self._remove_run_folder()
             raise
+
+    def _with_readable_resume(self, load: Callable[[], Any]) -> Any:
+        """``load()``, and when the checkpoint it resumes from proves unreadable (its files whole,
+        their bytes changed), again from the newest whole step before it, named in a warning; the
+        damaged step stays on disk (a later save at its step sets it aside as ``.damaged``)."""
+        while True:
+            try:
+                return load()
+            except ckpt.DamagedCheckpointError as e:
+                if self.resume_from is None or e.path != self.resume_from:
+                    raise
+                previous = ckpt.previous_complete(e.path)
+                if previous is None:
+                    raise CheckpointError(
+                        f"{e}; no older whole checkpoint in {e.path.parent}: restore it, move it away to start "
+                        "over, or use another job.dump_folder"
+                    ) from None
+                log.warning(
+                    f"checkpoint {e.path} cannot be loaded: {e.reason}; using {previous.name} (it stays on disk)"
+                )
+                self.resume_from = previous
+                self._check_resume(self.dp)
 
     def _remove_run_folder(self) -> None:
         """Undo ``_make_run_folder`` for a run that failed before its first step: a bad initial
@@ -413,8 +437,11 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         c = self.cfg.checkpoint
-        if (path := self._full_load_path()) is not None:
-            extra = ckpt.load(path, self.model, self.optimizer, self._extra_state())
+        if self._full_load_path() is not None:
+            extra = self._with_readable_resume(
+                lambda: ckpt.load(self._full_load_path(), self.model, self.optimizer, self._extra_state())
+            )
+            path = self._full_load_path()
             self.loader.load_state_dict(extra["dataloader"])
             self.step = int(extra["train_state"]["step"])
             if path == self.resume_from:  # an initial load starts its own random stream

@@ -79,6 +79,12 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _zero_head(path):
+    data = bytearray(path.read_bytes())
+    data[:4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
 DAMAGES = {  # what a full disk, a killed copy or a keep_latest_k deletion cut short leaves
     "truncated_data": (
         lambda step: _truncate(step / "__0_0.distcp"),
@@ -86,6 +92,11 @@ DAMAGES = {  # what a full disk, a killed copy or a keep_latest_k deletion cut s
     ),
     "deleted_data": (lambda step: (step / "__0_0.distcp").unlink(), "__0_0.distcp is missing"),
     "truncated_metadata": (lambda step: _truncate(step / ".metadata"), r"its .metadata is unreadable \(\w+\)"),
+    # whole-sized but changed (a bad copy): found only while loading it
+    "zeroed_header": (
+        lambda step: _zero_head(step / "__0_0.distcp"),
+        r"its data cannot be read \(UnpicklingError: [^)]*\)",
+    ),
 }
 
 
