@@ -24,31 +24,60 @@ from nvfp4_titan.training.loss import cross_entropy
 DistillLoss = Literal["ce", "kl", "mix"]
 
 
+# Rows (positions) per chunk of the KL: its fp32 [rows, vocab] temporaries stay at a few hundred
+# MB however many positions a step has (one 1B step of 8,192 positions x 128k vocabulary held
+# four fp32 [8192, 128256] tensors, 4.2 GB each, and saved one for backward).
+KL_CHUNK_ROWS = 1024
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
+def _kl_grad_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad: torch.Tensor) -> torch.Tensor:
+    q = F.log_softmax(student.float() / temperature, dim=-1).exp_()
+    p = F.log_softmax(teacher.float() / temperature, dim=-1).exp_()
+    return (grad[:, None] * temperature * q.sub_(p)).to(student.dtype)
+
+
 class _KLDivergence(torch.autograd.Function):
     """Per-position KL(p_T || p_S) * T**2 of logits [N, V]; the gradient w.r.t. the student
     logits is ``T * (p_S - p_T)`` per position, written out so that a student equal to its
     teacher gets a gradient of exactly zero (autograd's log_softmax backward leaves rounding
-    residue of the order of 1e-8 there)."""
+    residue of the order of 1e-8 there). Computed ``chunk_rows`` positions at a time, in forward
+    and again in backward from the saved logits: no [N, V] fp32 tensor is kept (each row's
+    values are those of the whole-tensor computation, row operations being independent)."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        log_q = F.log_softmax(student.float() / temperature, dim=-1)
-        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-        p = log_p.exp()
-        kl = (p * (log_p - log_q)).sum(-1) * temperature**2
-        ctx.save_for_backward(log_q.exp_() - p)  # in place: log_q is not needed any more
-        ctx.temperature, ctx.dtype = temperature, student.dtype
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk_rows: int):
+        kl = torch.cat(
+            [_kl_rows(s, t, temperature) for s, t in zip(student.split(chunk_rows), teacher.split(chunk_rows))]
+        )
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return kl
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (q_minus_p,) = ctx.saved_tensors
-        return (grad[:, None] * ctx.temperature * q_minus_p).to(ctx.dtype), None, None
+        student, teacher = ctx.saved_tensors
+        n, t = ctx.chunk_rows, ctx.temperature
+        grad_student = torch.empty_like(student)
+        for i in range(0, student.shape[0], n):
+            grad_student[i : i + n] = _kl_grad_rows(student[i : i + n], teacher[i : i + n], t, grad[i : i + n])
+        return grad_student, None, None, None
 
 
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = KL_CHUNK_ROWS,
+) -> torch.Tensor:
     """KL(teacher || student) * temperature**2 per position: logits [B, S, V] (any float dtype,
-    computed in fp32) -> [B*S] fp32 nats. Differentiable in the student only.
+    computed in fp32, ``chunk_rows`` positions at a time) -> [B*S] fp32 nats. Differentiable in
+    the student only.
 
     Raises:
         ValueError: shapes differ, or temperature <= 0.
@@ -60,7 +89,9 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return _KLDivergence.apply(student_logits.flatten(0, 1), teacher_logits.detach().flatten(0, 1), temperature)
+    return _KLDivergence.apply(
+        student_logits.flatten(0, 1), teacher_logits.detach().flatten(0, 1), temperature, chunk_rows
+    )
 
 
 def distillation_loss(
