@@ -103,15 +103,17 @@ def atomic_folder(output: Path, source: Path) -> Iterator[Path]:
     (replacing it) when the block ends; removed, with nothing written, when the block raises or the
     process gets SIGTERM. A write that fails for want of room or rights becomes one ``ConvertError``.
     Leftovers of killed conversions of ``output`` are removed first (never those of a live one)."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(output, source)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
-        (tmp / _TMP_MARK).touch()
-    except OSError as e:
-        raise ConvertError(_unwritable(output, e)) from None
+    # The handler first: a SIGTERM between making the folder and installing it would leave it.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
+    tmp = None
     try:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(output, source)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.convert-{os.getpid()}-", dir=output.parent))
+            (tmp / _TMP_MARK).touch()
+        except OSError as e:
+            raise ConvertError(_unwritable(output, e)) from None
         try:
             yield tmp
         except (OSError, SafetensorError) as e:
@@ -124,6 +126,7 @@ def atomic_folder(output: Path, source: Path) -> Iterator[Path]:
             shutil.rmtree(output)
         tmp.rename(output)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
