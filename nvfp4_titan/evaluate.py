@@ -9,10 +9,13 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nvfp4_titan.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source
-from nvfp4_titan.data.dataset import load_documents, validation_ids
+from nvfp4_titan.data.dataset import validation_ids
+from nvfp4_titan.data.tokenizer import Tokenizer
+from nvfp4_titan.data.tokens import cached_tokens, default_cache_dir
 from nvfp4_titan.models.llama3 import Transformer, from_hf
 from nvfp4_titan.training.config import Config
 from nvfp4_titan.training.loss import cross_entropy
@@ -84,19 +87,22 @@ def _same_length(group):
     return [[w for w in group if len(w[0]) == n] for n in sorted(lengths)]
 
 
-def held_out_text(cfg: Config | None, data: Path | None, text_field: str) -> list[str]:
-    """The documents of ``data``, else the validation split of the recipe ``cfg`` (its seed and
-    fraction)."""
-    if data is not None:
-        return load_documents(data, text_field)
-    if cfg is None:
+def held_out_tokens(
+    cfg: Config | None, data: Path | None, text_field: str, tokenizer: Tokenizer
+) -> tuple[torch.Tensor, int]:
+    """The token ids (int64, every document followed by EOS) and word count of the documents of
+    ``data``, else of the recipe ``cfg``'s validation split (its seed and fraction), read from the
+    token cache (``cfg``'s ``dataset.cache_dir`` or the default), which is built if needed: the
+    same tokens and split that training and the converter's calibration read.
+
+    Raises:
+        ConvertError: neither ``data`` nor a recipe. DataError: as the corpus loaders.
+    """
+    if data is None and cfg is None:
         raise ConvertError("give --data: this model carries no recipe naming its held-out split")
-    d, t = cfg.dataset, cfg.training
-    docs = load_documents(d.path, d.text_field)
-    return [docs[i] for i in sorted(validation_ids(len(docs), d.validation_fraction, t.seed))]
-
-
-def token_ids(tok, docs: list[str]) -> tuple[torch.Tensor, int]:
-    """(the documents' token ids, each followed by EOS, as one int64 tensor; their word count)."""
-    ids = torch.tensor([t for d in tok.encode_batch(docs) for t in (*d, tok.eos_id)], dtype=torch.int64)
-    return ids, sum(len(d.split()) for d in docs)
+    path, field = (data, text_field) if data is not None else (cfg.dataset.path, cfg.dataset.text_field)
+    tf = cached_tokens(path, field, tokenizer, (cfg.dataset.cache_dir if cfg else "") or default_cache_dir())
+    if data is not None:
+        return tf.documents(np.arange(tf.n_docs))
+    held_out = sorted(validation_ids(tf.n_docs, cfg.dataset.validation_fraction, cfg.training.seed))
+    return tf.documents(np.asarray(held_out, dtype=np.int64))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nvfp4  # noqa: E402
 from nvfp4_titan.convert import ConvertError, resolve_source  # noqa: E402
 from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
-from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
+from nvfp4_titan.evaluate import held_out_tokens, load_model, perplexity  # noqa: E402
 
 # The data and tokenizer loaders name the recipe keys that fix their errors; here the fix is a flag.
 _FLAG_FOR_KEY = {
@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConvertError(
                     f"--held-out-of {a.held_out_of}: not a training run, so no recipe names a held-out split"
                 )
-        docs = held_out_text(recipe, a.data, a.text_field)
         if a.seq_len > model.args.max_seq_len:
             raise ConvertError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
         if tok.vocab_size > model.args.vocab_size:
@@ -96,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"the tokenizer {tok_path} has {tok.vocab_size} tokens, more than the model's "
                 f"vocab_size {model.args.vocab_size}: name the model's own with --tokenizer"
             )
+        ids, n_words = held_out_tokens(recipe, a.data, a.text_field, tok)
     except (ValueError, OSError) as e:
         print(f"error: {_with_flags(str(e))}", file=sys.stderr)
         return 2
-    ids, n_words = token_ids(tok, docs)
     model.to(a.device).eval()
     r = perplexity(model, ids.to(a.device), n_words, a.seq_len, a.stride, a.batch_size)
     print(

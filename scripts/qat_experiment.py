@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import nvfp4  # noqa: E402
 from nvfp4_titan.convert import Options, convert_checkpoint  # noqa: E402
 from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
-from nvfp4_titan.evaluate import held_out_text, load_model, perplexity, token_ids  # noqa: E402
+from nvfp4_titan.evaluate import held_out_tokens, load_model, perplexity  # noqa: E402
 from nvfp4_titan.training.config import load_config  # noqa: E402
 
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
@@ -253,8 +253,7 @@ class Experiment:
     def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
         """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
         cfg = load_config(Path(self.a.recipe), self._common(seed))
-        docs = held_out_text(cfg, self.a.eval_data, "text")
-        return token_ids(load_tokenizer(cfg.model.tokenizer_path), docs)
+        return held_out_tokens(cfg, self.a.eval_data, "text", load_tokenizer(cfg.model.tokenizer_path))
 
     def _save(self, results: dict) -> None:
         """After every evaluation, so that an interrupted experiment keeps what it measured."""

@@ -11,16 +11,20 @@ import nvfp4
 from nvfp4_titan.convert.source import ConvertError, Source, build_model, tokenizer_dir
 
 
-def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) -> torch.Tensor:
-    from nvfp4_titan.data.dataset import DataError, build_windows, load_documents
+def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, count: int) -> torch.Tensor:
+    """The first ``count`` held-out windows (int64 [n, seq + 1]) of the recipe's corpus (or
+    ``data``), read from the token cache that training reads."""
+    from nvfp4_titan.data.dataset import DataError
     from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer
+    from nvfp4_titan.data.tokens import cached_tokens, default_cache_dir, windows_from_tokens
 
     cfg = src.config
     if data is None and cfg is None:
         raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
     try:  # the loaders' messages name recipe keys; the converter's options are the fix here
         tok = load_tokenizer(tokenizer_dir(src) if src.config is None else src.tokenizer)
-        docs = load_documents(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text")
+        cache = (cfg.dataset.cache_dir if cfg else "") or default_cache_dir()
+        tokens = cached_tokens(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text", tok, cache)
     except TokenizerError as e:
         raise ConvertError(
             f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "
@@ -32,8 +36,10 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None) ->
             "or --calibration-batches 0 to export no input_scale"
         ) from None
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
-    w = build_windows(docs, tok, seq, cfg.dataset.validation_fraction if cfg else 0.05, cfg.training.seed if cfg else 0)
-    return w.validation if len(w.validation) else w.train
+    split, seed = (cfg.dataset.validation_fraction, cfg.training.seed) if cfg else (0.05, 0)
+    w = windows_from_tokens(tokens, seq, split, seed, tok.vocab_size)
+    windows = w.validation if len(w.validation) else w.train
+    return windows[torch.arange(min(count, len(windows)))]
 
 
 def calibrated_input_amax(
@@ -41,6 +47,6 @@ def calibrated_input_amax(
 ) -> dict[str, torch.Tensor]:
     """Input amaxes of every QAT linear over ``n_batches`` held-out batches (the model in memory)."""
     model = build_model(src, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
-    windows = _calibration_windows(src, data, seq_len)[: n_batches * batch_size, :-1]
+    windows = _calibration_windows(src, data, seq_len, n_batches * batch_size)[:, :-1]
     nvfp4.calibrate(model, list(windows.split(batch_size)))
     return {n: m.input_amax for n, m in model.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}

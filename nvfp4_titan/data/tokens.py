@@ -2,7 +2,8 @@
 
 On disk (a folder, written whole or not at all): ``tokens.bin`` (uint32, every document's tokens
 followed by EOS, documents in corpus order), ``offsets.npy`` (int64 [n_docs + 1]: where each
-document starts in ``tokens.bin``) and ``manifest.json`` (format, tokenizer hash, corpus files
+document starts in ``tokens.bin``), ``words.npy`` (int64 [n_docs]: each document's
+whitespace-separated words, for word perplexity) and ``manifest.json`` (format, tokenizer hash, corpus files
 with sizes and mtimes, counts, the sha256 of ``tokens.bin``). ``verified.json`` records the
 ``tokens.bin`` (size, mtime, ctime) whose content last matched that sha256: any write to the file
 changes them, and the next start hashes it again, so bytes changed on disk are never trained on.
@@ -92,12 +93,13 @@ def tokenize_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
-        offsets, n, digest = [0], 0, hashlib.sha256()
+        offsets, words, n, digest = [0], [], 0, hashlib.sha256()
         with (
             open(tmp / "tokens.bin", "wb") as f,
             tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
         ):
             for docs in iter_documents(path, text_field, _BATCH):
+                words += [len(d.split()) for d in docs]
                 for ids in tokenizer.encode_batch(docs):
                     data = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32).tobytes()
                     f.write(data)
@@ -106,6 +108,7 @@ def tokenize_corpus(
                     offsets.append(n)
                 bar.update(len(docs))
         np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "words.npy", np.asarray(words, dtype=np.int64))
         manifest = {
             **key,
             "n_docs": len(offsets) - 1,
@@ -127,11 +130,13 @@ def tokenize_corpus(
 
 class TokenFile:
     """A tokenized corpus, memory-mapped: ``tokens`` uint32 [n_tokens], ``offsets`` int64
-    [n_docs + 1] (document d is ``tokens[offsets[d]:offsets[d + 1]]``, its EOS last)."""
+    [n_docs + 1] (document d is ``tokens[offsets[d]:offsets[d + 1]]``, its EOS last), ``words``
+    int64 [n_docs] (each document's whitespace-separated words)."""
 
     def __init__(self, folder: Path, manifest: dict) -> None:
         self.folder, self.manifest = folder, manifest
         self.offsets = np.load(folder / "offsets.npy")
+        self.words = np.load(folder / "words.npy")
         self.tokens = (
             np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r")
             if self.offsets[-1]
@@ -141,6 +146,12 @@ class TokenFile:
     @property
     def n_docs(self) -> int:
         return len(self.offsets) - 1
+
+    def documents(self, doc_ids: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Documents ``doc_ids``' tokens (each with its EOS) in that order, int64, and their words."""
+        parts = [self.tokens[self.offsets[d] : self.offsets[d + 1]] for d in doc_ids]
+        ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        return torch.from_numpy(ids), int(self.words[doc_ids].sum())
 
 
 def open_tokens(folder: Path, key: dict) -> TokenFile | None:
@@ -153,6 +164,7 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
         whole = (
             (folder / "tokens.bin").stat().st_size == 4 * manifest["n_tokens"]
             and tf.n_docs == manifest["n_docs"]
+            and tf.words.shape == (tf.n_docs,)
             and int(tf.offsets[-1]) == manifest["n_tokens"]
             and bool(np.all(np.diff(tf.offsets) > 0))
         )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nvfp4_titan.data.dataset import DataError, build_windows, load_documents
+from nvfp4_titan.data.dataset import DataError, build_windows, load_documents, validation_ids
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.data.tokens import (
     cached_tokens,
@@ -178,3 +178,21 @@ def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
     with pytest.raises(DataError, match="holds int values"):
         cached_tokens(tmp_path / "n.jsonl", "text", tokenizer, tmp_path / "cache")
     assert os.listdir(tmp_path / "cache") == []  # the interrupted build left nothing behind
+
+
+def test_held_out_tokens_are_the_recipes_validation_documents(tmp_path, tokenizer):
+    """eval_ppl's and the QAT experiment's held-out ids and word counts, read from the token
+    cache, equal the held-out documents tokenized afresh (each followed by EOS)."""
+    from nvfp4_titan.evaluate import held_out_tokens
+    from nvfp4_titan.training.config import load_config
+
+    cfg = load_config(Path("recipes/debug_cpu.toml"), [f"--dataset.cache_dir={tmp_path}", "--training.seed=3"])
+    docs = load_documents(CORPUS)
+    for data, chosen in (
+        (None, sorted(validation_ids(len(docs), cfg.dataset.validation_fraction, 3))),
+        (Path(CORPUS), range(len(docs))),
+    ):
+        ids, words = held_out_tokens(cfg, data, "text", tokenizer)
+        texts = [docs[i] for i in chosen]
+        want = torch.tensor([t for d in tokenizer.encode_batch(texts) for t in (*d, tokenizer.eos_id)])
+        assert torch.equal(ids, want) and words == sum(len(d.split()) for d in texts)
