@@ -54,10 +54,20 @@ def step_number(path: Path) -> int | None:
     return int(m[1]) if m else None
 
 
+# Written by train.py into every step beside the DCP files: the resume checks and the converter
+# read them, so a step without them is incomplete.
+RUN_FILES = ("config.toml", "model_args.json")
+
+
 def damage(path: Path) -> str | None:
     """Why the ``step-N`` folder ``path`` cannot be loaded (a missing or unreadable ``.metadata``,
-    a data file that it names missing or shorter than the bytes it indexes), or None when every
-    file is there whole. Reads only the metadata and file sizes."""
+    a data file that it names missing or shorter than the bytes it indexes, a missing
+    ``RUN_FILES`` file), or None when every file is there whole. Reads only the metadata and file
+    sizes: bytes changed inside a whole-sized file are found only when they fail to load (DCP
+    stores no checksums), or not at all when they still decode (e.g. zeroed tensor data)."""
+    for name in RUN_FILES:
+        if not (path / name).is_file():
+            return f"its {name} is missing (train.py writes one into every step)"
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata()
     except FileNotFoundError:
@@ -168,13 +178,21 @@ def save(
         # A step-N already here is one the run could not resume from (missing or truncated files,
         # or bytes that no longer load): kept aside, never deleted.
         if final.exists():
-            final.rename(_free_name(final.with_name(f"{final.name}.damaged")))
+            set_aside(final)
         tmp.rename(final)
         if keep_latest_k:
             for _, old in complete_steps(folder)[:-keep_latest_k]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def set_aside(step: Path) -> Path:
+    """Rename a damaged ``step-N`` to ``step-N.damaged`` (or ``-2``, ``-3``, ...): out of the way of
+    resume and pruning, never deleted."""
+    aside = _free_name(step.with_name(f"{step.name}.damaged"))
+    step.rename(aside)
+    return aside
 
 
 def _free_name(path: Path) -> Path:

@@ -158,8 +158,9 @@ class Trainer:
 
     def _with_readable_resume(self, load: Callable[[], Any]) -> Any:
         """``load()``, and when the checkpoint it resumes from proves unreadable (its files whole,
-        their bytes changed), again from the newest whole step before it, named in a warning; the
-        damaged step stays on disk (a later save at its step sets it aside as ``.damaged``)."""
+        their bytes changed) or holds another step than its name says, again from the newest whole
+        step before it, named in a warning; the damaged step is set aside as ``step-N.damaged``
+        (out of the way of resume and ``keep_latest_k``, never deleted)."""
         while True:
             try:
                 return load()
@@ -172,9 +173,9 @@ class Trainer:
                         f"{e}; no older whole checkpoint in {e.path.parent}: restore it, move it away to start "
                         "over, or use another job.dump_folder"
                     ) from None
-                log.warning(
-                    f"checkpoint {e.path} cannot be loaded: {e.reason}; using {previous.name} (it stays on disk)"
-                )
+                aside = ckpt.set_aside(e.path).name if self.rank == 0 else "set aside"
+                dist.barrier()
+                log.warning(f"checkpoint {e.path} cannot be loaded: {e.reason}; using {previous.name} ({aside})")
                 self.resume_from = previous
                 self._check_resume(self.dp)
 
@@ -255,7 +256,12 @@ class Trainer:
         path = self._full_load_path()
         if path is None:
             return
-        saved = ckpt.load_extra(path, {"dataloader": self.loader.state_dict()})["dataloader"]
+        extra = ckpt.load_extra(path, self._extra_state())
+        saved, stored_step = extra["dataloader"], int(extra["train_state"]["step"])
+        if self.resume_from is not None and stored_step != ckpt.step_number(path):
+            raise ckpt.DamagedCheckpointError(
+                path, f"it holds step {stored_step} (renamed, or its files copied from another step)"
+            )
         changed = {}  # key: (saved value, this run's value as said)
         if saved["seed"] != t.seed:
             changed["training.seed"] = (saved["seed"], t.seed)

@@ -97,6 +97,14 @@ DAMAGES = {  # what a full disk, a killed copy or a keep_latest_k deletion cut s
         lambda step: _zero_head(step / "__0_0.distcp"),
         r"its data cannot be read \(UnpicklingError: [^)]*\)",
     ),
+    "copied_data": (
+        lambda step: shutil.copy(step.parent / "step-2" / "__0_0.distcp", step / "__0_0.distcp"),
+        r"it holds step 2 \(renamed, or its files copied from another step\)",
+    ),
+    "deleted_config": (
+        lambda step: (step / "config.toml").unlink(),
+        r"its config.toml is missing \(train.py writes [^)]*\)",
+    ),
 }
 
 
@@ -125,6 +133,23 @@ def test_damaged_newest_checkpoint_resumes_from_the_newest_whole_one(tmp_path, d
     resumed = losses(dump)
     assert sorted(resumed) == [3, 4] and all(resumed[s] == uninterrupted[s] for s in resumed)
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4", "step-4.damaged"]
+
+
+def test_a_renamed_step_is_set_aside_and_keep_latest_k_keeps_the_new_ones(tmp_path):
+    """step-4 renamed step-10: it holds step 4, so it is set aside (not resumed "at step 4" and
+    ranked newest, which made keep_latest_k delete every checkpoint saved after it); the run
+    resumes from step-2 and keeps its own latest checkpoint."""
+    dump = tmp_path / "run"
+    common = [*FAST, "--training.steps=4", "--checkpoint.interval=2", "--checkpoint.keep_latest_k=0"]
+    assert train(dump, *common).returncode == 0
+    ck = dump / "checkpoint"
+    (ck / "step-4").rename(ck / "step-10")
+    r = train(dump, *common[:-2], "--training.steps=6", "--checkpoint.interval=2", "--checkpoint.keep_latest_k=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"step-10 cannot be loaded: it holds step 4 .*; using step-2 \(step-10.damaged\)", r.stdout), (
+        r.stdout
+    )
+    assert sorted(p.name for p in ck.iterdir()) == ["step-10.damaged", "step-6"]
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
