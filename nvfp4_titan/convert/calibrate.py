@@ -35,6 +35,11 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, co
             f"calibration: {str(e).split('; set dataset.path')[0]}; pass --calibration-data PATH, "
             "or --calibration-batches 0 to export no input_scale"
         ) from None
+    if tok.vocab_size > src.args.vocab_size:  # its ids would index past the embedding
+        raise ConvertError(
+            f"calibration: the tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's vocab_size "
+            f"{src.args.vocab_size}: pass the model's own with --tokenizer"
+        )
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
     split, seed = (cfg.dataset.validation_fraction, cfg.training.seed) if cfg else (0.05, 0)
     w = windows_from_tokens(tokens, seq, split, seed, tok.vocab_size)

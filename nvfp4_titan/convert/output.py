@@ -4,6 +4,7 @@ atomically (a temporary folder beside it, renamed into place; removed on failure
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -54,11 +55,25 @@ def check_output(source: Path, output: Path, overwrite: bool) -> None:
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise ConvertError(f"{output} exists and is not empty; pass --overwrite to replace it")
-        if not (output / "config.json").is_file():
+        if not _written_by_us(output):
             raise ConvertError(
-                f"{output} holds no config.json: it is not a converted checkpoint, and --overwrite "
-                "replaces only those; choose a new or empty folder"
+                f"{output} is not a checkpoint this converter wrote (no {MARKER}), and --overwrite replaces "
+                "only those; choose a new or empty folder"
             )
+
+
+MARKER = "nvfp4_titan.json"  # in every converted checkpoint: what --overwrite may replace
+
+
+def _written_by_us(folder: Path) -> bool:
+    """Our marker, or (converted before it existed) our section of an NVFP4 config.json."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return "nvfp4_titan" in (config.get("quantization_config") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove_stale_temporaries(output: Path, source: Path) -> None:

@@ -21,7 +21,7 @@ from nvfp4.export import (
     quantization_config,
 )
 from nvfp4_titan.convert.calibrate import calibrated_input_amax
-from nvfp4_titan.convert.output import atomic_folder, check_output
+from nvfp4_titan.convert.output import MARKER, atomic_folder, check_output
 from nvfp4_titan.convert.source import (
     ConvertError,
     Source,
@@ -173,6 +173,8 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
     _copy_tokenizer(src, out)
     cfg.update(_special_token_ids(src))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    marker = {"writer": "nvfp4-titan", "format": o.fmt, "source": str(src.path), "method": extra.get("method")}
+    (out / MARKER).write_text(json.dumps(marker, indent=2))
 
 
 def _special_token_ids(src: Source) -> dict[str, int]:

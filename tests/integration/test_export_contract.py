@@ -115,8 +115,13 @@ def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_p
     (data / "corpus.jsonl").write_text('{"text": "keep me"}\n')
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "link").symlink_to(data)
+    hf = tmp_path / "hf_model"  # a float Hugging Face model: it has a config.json too
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    (hf / "NOTES.md").write_text("keep me")
     for output, message in (
-        (data, "holds no config.json: it is not a converted checkpoint"),
+        (data, "is not a checkpoint this converter wrote"),
+        (hf, r"is not a checkpoint this converter wrote \(no nvfp4_titan.json\)"),
         (tmp_path / "a_file", "is a file, not a folder"),
         (tmp_path / "a_file" / "sub", "is a file, not a folder"),
         (tmp_path / "link", "is a symbolic link"),
@@ -130,6 +135,7 @@ def test_outputs_that_are_no_converted_checkpoint_are_never_replaced(runs, tmp_p
     assert (data / "corpus.jsonl").read_text() == '{"text": "keep me"}\n' and (
         tmp_path / "a_file"
     ).read_text() == "keep me"
+    assert (hf / "NOTES.md").read_text() == "keep me"
     convert_checkpoint(runs["qat"], tmp_path / "out", Options(calibration_batches=0))
     convert_checkpoint(
         runs["qat"], tmp_path / "out", Options(calibration_batches=0), overwrite=True
@@ -254,3 +260,18 @@ def test_compressed_tensors_export_of_an_fp32_run_runs_in_transformers(runs, tmp
     with torch.no_grad():
         logits = model(torch.randint(0, 8192, (1, 16))).logits
     assert logits.shape == (1, 16, 8192) and torch.isfinite(logits).all()
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_for_calibration(runs, tmp_path):
+    """--tokenizer names the tokenizer to copy and calibrate with: one with more tokens than the
+    model's vocabulary would index past the embedding (it ended in an IndexError traceback)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ROOT / "data" / "assets" / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(10)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConvertError, match=r"has 8202 tokens, more than the model's vocab_size 8192: pass the"):
+        convert_checkpoint(
+            runs["qat"], tmp_path / "out", Options(calibration_batches=1, tokenizer=tmp_path / "tokenizer.json")
+        )
+    assert not (tmp_path / "out").exists()
