@@ -62,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         help="nvfp4-ptq: fake-quantize a float model's linears (weights and inputs)",
     )
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: half of --seq-len)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if not 0 < a.stride <= a.seq_len or a.batch_size < 1:
-        p.error("need 0 < --stride <= --seq-len (a larger stride would leave tokens unscored) and --batch-size >= 1")
+    if a.seq_len < 2 or a.batch_size < 1:
+        p.error(f"need --seq-len >= 2 and --batch-size >= 1 (got {a.seq_len} and {a.batch_size})")
+    a.stride = a.seq_len // 2 if a.stride is None else a.stride
+    if not 0 < a.stride <= a.seq_len:
+        p.error(
+            f"need 0 < --stride <= --seq-len (a larger stride would leave tokens unscored); got --stride "
+            f"{a.stride} and --seq-len {a.seq_len}"
+        )
     if a.held_out_of and a.data:
         p.error("give --data or --held-out-of, not both")
     try:

@@ -37,10 +37,16 @@ def test_held_out_of_scores_another_model_on_the_runs_split(tmp_path, capsys):
     assert "not a training run" in capsys.readouterr().err
     assert eval_ppl.main([str(run), "--seq-len=4096"]) == 2
     assert "exceeds the model's max_seq_len 2048" in capsys.readouterr().err
-    for bad in (["--stride=0"], ["--stride=600", "--seq-len=512"]):
+    for bad, said in (
+        (["--stride=0"], "got --stride 0 and --seq-len 512"),
+        (["--stride=600", "--seq-len=512"], "got --stride 600 and --seq-len 512"),
+        (["--seq-len=1"], "need --seq-len >= 2 and --batch-size >= 1 (got 1 and 4)"),
+    ):
         with pytest.raises(SystemExit):
             eval_ppl.main([str(run), *bad])
-        assert "need 0 < --stride <= --seq-len" in capsys.readouterr().err
+        assert said in capsys.readouterr().err
+    assert eval_ppl.main([str(run), "--seq-len=64"]) == 0  # the stride follows: half of it
+    assert "token_ppl" in capsys.readouterr().out
     (tmp_path / "other.jsonl").write_text('{"body": "text under another field"}\n')
     for bad, fix in (  # the loaders' hints name recipe keys; eval_ppl's fix is one of its flags
         ([f"--data={tmp_path / 'missing.jsonl'}"], "does not exist; pass --data PATH"),
