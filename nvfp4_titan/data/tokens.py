@@ -4,9 +4,9 @@ On disk (a folder, written whole or not at all): ``tokens.bin`` (uint32, every d
 followed by EOS, documents in corpus order), ``offsets.npy`` (int64 [n_docs + 1]: where each
 document starts in ``tokens.bin``), ``words.npy`` (int64 [n_docs]: each document's
 whitespace-separated words, for word perplexity) and ``manifest.json`` (format, tokenizer hash, corpus files
-with sizes and mtimes, counts, the sha256 of ``tokens.bin``). ``verified.json`` records the
-``tokens.bin`` (size, mtime, ctime) whose content last matched that sha256: any write to the file
-changes them, and the next start hashes it again, so bytes changed on disk are never trained on.
+with sizes and mtimes, counts, the sha256 of each data file). ``verified.json`` records the data
+files' (size, mtime, ctime) when their content last matched: any write to a file changes them, and
+the next start hashes it again, so bytes changed on disk are never trained on.
 ``token_cache`` keys the folder by (corpus files, text field, tokenizer), so a changed corpus or
 tokenizer gets a new one and a stale one is never read; building it removes the earlier
 versions' caches of the same corpus.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,7 +32,8 @@ import torch
 from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
 from nvfp4_titan.data.tokenizer import Tokenizer
 
-FORMAT = 2  # 2: the manifest holds the sha256 of tokens.bin
+log = logging.getLogger("nvfp4_titan")
+FORMAT = 3  # 2: sha256 of tokens.bin in the manifest; 3: words.npy, sha256 of every data file
 _BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
 
 
@@ -46,9 +48,11 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+DATA_FILES = ("tokens.bin", "offsets.npy", "words.npy")
+
+
+def _stat_key(folder: Path) -> list[list[int]]:
+    return [[(st := (folder / f).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns] for f in DATA_FILES]
 
 
 def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
@@ -93,7 +97,7 @@ def tokenize_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
-        offsets, words, n, digest = [0], [], 0, hashlib.sha256()
+        offsets, words, n, tokens_digest = [0], [], 0, hashlib.sha256()
         with (
             open(tmp / "tokens.bin", "wb") as f,
             tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
@@ -103,7 +107,7 @@ def tokenize_corpus(
                 for ids in tokenizer.encode_batch(docs):
                     data = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32).tobytes()
                     f.write(data)
-                    digest.update(data)
+                    tokens_digest.update(data)
                     n += len(data) // 4
                     offsets.append(n)
                 bar.update(len(docs))
@@ -113,11 +117,12 @@ def tokenize_corpus(
             **key,
             "n_docs": len(offsets) - 1,
             "n_tokens": n,
-            "tokens_sha256": digest.hexdigest(),
+            "tokens_sha256": tokens_digest.hexdigest(),
+            "sha256": {f: _sha256(tmp / f) for f in DATA_FILES[1:]},
             "created": time.time(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp / "tokens.bin")))  # the inode moves with tmp
+        (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp)))  # the inodes move with tmp
         try:
             tmp.rename(out)
         except OSError:
@@ -168,23 +173,24 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
             and int(tf.offsets[-1]) == manifest["n_tokens"]
             and bool(np.all(np.diff(tf.offsets) > 0))
         )
-        return tf if whole and _content_matches(folder, manifest["tokens_sha256"]) else None
+        return tf if whole and _content_matches(folder, manifest) else None
     except Exception:  # any unreadable or inconsistent file: not a cache to trust
         return None
 
 
-def _content_matches(folder: Path, sha256: str) -> bool:
-    """Whether tokens.bin holds the bytes the build hashed: trusted while its (size, mtime, ctime)
-    are those ``verified.json`` recorded, else hashed again (and recorded where the cache is
-    writable)."""
-    tokens, stamp = folder / "tokens.bin", folder / "verified.json"
-    now = _stat_key(tokens)
+def _content_matches(folder: Path, manifest: dict) -> bool:
+    """Whether the data files hold the bytes the build hashed: trusted while their (size, mtime,
+    ctime) are those ``verified.json`` recorded, else hashed again (and recorded where the cache
+    is writable)."""
+    stamp = folder / "verified.json"
+    now = _stat_key(folder)
     try:
         if json.loads(stamp.read_text()) == now:
             return True
     except (OSError, ValueError):
         pass
-    if _sha256(tokens) != sha256:
+    want = {"tokens.bin": manifest["tokens_sha256"], **manifest["sha256"]}
+    if any(_sha256(folder / f) != want[f] for f in DATA_FILES):
         return False
     try:
         stamp.write_text(json.dumps(now))
@@ -292,7 +298,12 @@ def cached_tokens(
         try:
             _remove_abandoned_builds(folder)
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
-                folder.rename(tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent))
+                aside = tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent)
+                folder.rename(aside)
+                log.warning(
+                    f"the token cache {folder} does not match its manifest (a file missing, cut short or changed "
+                    f"on disk): set aside as {Path(aside).name} (removed after a day) and rebuilt"
+                )
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
             _remove_stale_versions(folder, key)
         except OSError as e:

@@ -108,7 +108,8 @@ def test_tokens_changed_on_disk_are_detected_and_rebuilt(tmp_path, tokenizer):
     tf = cached_tokens(path, "text", tokenizer, cache)
     folder, want = tf.folder, tf.tokens.copy()
     st = (folder / "tokens.bin").stat()
-    assert json.loads((folder / "verified.json").read_text()) == [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    stamps = json.loads((folder / "verified.json").read_text())
+    assert stamps[0] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns] and len(stamps) == 3
     del tf
     raw = bytearray((folder / "tokens.bin").read_bytes())
     raw[0:4] = np.uint32((int(want[0]) + 1) % tokenizer.vocab_size).tobytes()
@@ -118,6 +119,21 @@ def test_tokens_changed_on_disk_are_detected_and_rebuilt(tmp_path, tokenizer):
     rebuilt = cached_tokens(path, "text", tokenizer, cache)
     assert np.array_equal(rebuilt.tokens, want)
     assert [p.name.startswith(f"{folder.name}.damaged-") for p in cache.iterdir()].count(True) == 1
+
+
+@pytest.mark.parametrize("name", ["offsets.npy", "words.npy"])
+def test_plausible_edits_of_the_index_files_are_detected(tmp_path, tokenizer, name):
+    """A document boundary moved by one token (still increasing, so structurally whole) or a word
+    count changed: the files' sha256 no longer match the manifest, and the cache is rebuilt."""
+    path, cache = _corpus(tmp_path, ["one two three", "four five", "six"]), tmp_path / "cache"
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    folder, want = tf.folder, np.load(tf.folder / name)
+    del tf
+    edited = want.copy()
+    edited[1] += 1
+    np.save(folder / name, edited)
+    assert open_tokens(folder, corpus_key(path, "text", tokenizer)) is None
+    assert np.array_equal(np.load(cached_tokens(path, "text", tokenizer, cache).folder / name), want)
 
 
 def test_ids_outside_the_vocabulary_while_mapped_are_damage(tmp_path, tokenizer):
