@@ -307,6 +307,11 @@ def cached_tokens(
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
             _remove_stale_versions(folder, key)
         except OSError as e:
+            if blocker := next((p for p in (Path(cache_dir), *Path(cache_dir).parents) if p.is_file()), None):
+                raise DataError(
+                    f"dataset.cache_dir {cache_dir}: {blocker} is a file, not a folder; set dataset.cache_dir "
+                    "to a folder"
+                ) from None
             raise DataError(
                 f"cannot write the token cache in {cache_dir} ({type(e).__name__}: {e.strerror or e}); "
                 "set dataset.cache_dir to a writable folder with free space"

@@ -384,8 +384,8 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --training.steps=10")
         name, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{arg} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # the next option is no value
+                raise ConfigError(f"{arg} needs a value: --{name}=VALUE or --{name} VALUE")
             value, i = argv[i + 1], i + 1
         section, _, key = name.partition(".")
         out.setdefault(section, {})[key] = _parse_value(value)

@@ -75,6 +75,15 @@ def test_bad_values_rejected_naming_key(override, match):
         load_config(None, [override])
 
 
+def test_an_override_without_a_value_is_refused_not_fed_the_next_option():
+    """``--training.steps --training.seq_len=64`` took the next option as the value, and a later
+    ``--training.steps=2`` then replaced it: the seq_len override was dropped without a word."""
+    for argv in (["--training.steps", "--training.seq_len=64", "--training.steps=2"], ["--training.steps"]):
+        with pytest.raises(ConfigError, match=r"--training.steps needs a value: --training.steps=VALUE"):
+            load_config(None, argv)
+    assert load_config(None, ["--training.steps", "7", "--training.seq_len", "64"]).training.steps == 7
+
+
 def test_help_lists_every_key_with_its_doc():
     text = help_text()
     for section in ("job", "training", "qat", "checkpoint", "metrics"):

@@ -162,8 +162,13 @@ def test_malformed_manifest_is_damage(tmp_path, tokenizer, manifest):
 def test_unwritable_cache_dir_is_one_error(tmp_path, tokenizer):
     path = _corpus(tmp_path, ["alpha"])
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(DataError, match=r"cannot write the token cache in .*afile .*set dataset.cache_dir"):
-        cached_tokens(path, "text", tokenizer, tmp_path / "afile")
+    for cache in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(DataError, match=r"dataset.cache_dir .*: .*afile is a file, not a folder"):
+            cached_tokens(path, "text", tokenizer, cache)
+    with pytest.raises(
+        DataError, match=r"cannot write the token cache in /proc/.* \(\w+Error: .*set dataset.cache_dir"
+    ):
+        cached_tokens(path, "text", tokenizer, "/proc/nvfp4-titan-test-cache")  # unwritable, even for root
 
 
 def test_abandoned_builds_are_removed_running_ones_kept(tmp_path, tokenizer):
