@@ -181,10 +181,17 @@ def qat_groups(src: Source) -> list[list[str]]:
     return groups
 
 
+def stored_name(src: Source, name: str) -> str:
+    """A tensor's name as the source's files hold it (Hugging Face names in an HF folder)."""
+    return adapter.to_hf(name) if src.config is None else name
+
+
 def _weight(src: Source, module: str) -> torch.Tensor:
     w = _cast(src.read(f"{module}.weight"), src.cast)
     if not torch.isfinite(w).all():
-        raise ConvertError(f"{src.path}: tensor {module}.weight holds NaN or Inf; refusing to export it")
+        raise ConvertError(
+            f"{src.path}: tensor {stored_name(src, f'{module}.weight')} holds NaN or Inf; refusing to export it"
+        )
     return w
 
 

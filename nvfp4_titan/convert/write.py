@@ -28,6 +28,7 @@ from nvfp4_titan.convert.source import (
     qat_groups,
     quantized_groups,
     resolve_source,
+    stored_name,
     tokenizer_dir,
 )
 from nvfp4_titan.models.llama3 import Transformer
@@ -154,7 +155,7 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
             continue
         t = src.read(name)
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ConvertError(f"{src.path}: tensor {name} holds NaN or Inf; refusing to export it")
+            raise ConvertError(f"{src.path}: tensor {stored_name(src, name)} holds NaN or Inf; refusing to export it")
         writer.add(adapter.to_hf(name), _cast(t, out_dtype))
     writer.close()
     # Engines and transformers run NVFP4 checkpoints in 16 bits (compressed-tensors' forward fails

@@ -114,6 +114,11 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
             # "An error occurred while generating the dataset" wraps the reason (e.g. the row)
             inner = (e.__cause__ or e.__context__ or e) if type(e).__name__ == "DatasetGenerationError" else e
             why = str(inner).strip() or type(inner).__name__
+            if "column names don't match" in why and len(files) > 1:
+                raise DataError(
+                    f"{path}: its {len(files)} {builder} files do not all hold the same fields "
+                    f"({why.splitlines()[0][:200]}); give files of one layout (dataset.text_field names the text)"
+                ) from None
             raise DataError(f"{path}: datasets could not read it as {builder} ({why})") from None
         if text_field not in ds.column_names:
             raise DataError(

@@ -271,7 +271,8 @@ def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
         if tuple(entry.size) != tuple(shape):
             raise CheckpointError(
                 f"{path}: model.{name} has shape {tuple(entry.size)}, this model needs {tuple(shape)} "
-                "(a checkpoint of another model size or flavor)"
+                "(a checkpoint of another model size or flavor): use the model.flavor it was trained with "
+                "(its model_args.json), or another job.dump_folder"
             )
 
 

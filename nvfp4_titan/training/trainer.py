@@ -284,7 +284,9 @@ class Trainer:
             q_old, q_new = (self._quantized(c.qat) for c in (before, self.cfg))
             if q_old != q_new:
                 for key in ("qat.include", "qat.exclude"):
-                    changed[key] = (getattr(before.qat, key[4:]), getattr(self.cfg.qat, key[4:]))
+                    old, new = getattr(before.qat, key[4:]), getattr(self.cfg.qat, key[4:])
+                    if old != new:
+                        changed[key] = (old, new)
         if self.resume_from is not None and (path / "data.json").is_file():
             self._check_corpus(path, json.loads((path / "data.json").read_text()))
         if self.resume_from is not None and self.teacher is not None and (path / "teacher.json").is_file():

@@ -3,6 +3,7 @@
 import pytest
 from safetensors.torch import load_file, save_file
 
+from nvfp4_titan.convert import ConvertError, Options, convert_checkpoint
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, losses, model_weights, train
 
@@ -72,3 +73,6 @@ def test_weights_holding_nan_are_named_and_leave_no_run_folder(tmp_path, role):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "model.layers.1.mlp.up_proj.weight holds NaN or Inf" in r.stderr and "Traceback" not in r.stderr
     assert not dump.exists()
+    # the converter names the tensor as the folder holds it too
+    with pytest.raises(ConvertError, match=r"tensor model.layers.1.mlp.up_proj.weight holds NaN or Inf"):
+        convert_checkpoint(tmp_path / "poisoned", tmp_path / "out", Options(calibration_batches=0))

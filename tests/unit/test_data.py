@@ -114,6 +114,13 @@ def test_bad_data_inputs(tmp_path):
         load_documents(tmp_path / "numbers.jsonl")
 
 
+def test_a_folder_of_files_with_other_fields_is_one_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a b", "x": 1}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "c d", "y": 2}\n')
+    with pytest.raises(DataError, match=r"its 2 json files do not all hold the same fields .*give files of one layout"):
+        load_documents(tmp_path)
+
+
 def test_whitespace_only_documents_are_dropped(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": " \\n\\t "}\n{"text": ""}\n{"text": "kept"}\n')
     assert load_documents(tmp_path / "d.jsonl") == ["kept"]
