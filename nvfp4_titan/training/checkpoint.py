@@ -59,13 +59,14 @@ def step_number(path: Path) -> int | None:
 RUN_FILES = ("config.toml", "model_args.json")
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, run_step: bool = True) -> str | None:
     """Why the ``step-N`` folder ``path`` cannot be loaded (a missing or unreadable ``.metadata``,
-    a data file that it names missing or shorter than the bytes it indexes, a missing
-    ``RUN_FILES`` file), or None when every file is there whole. Reads only the metadata and file
-    sizes: bytes changed inside a whole-sized file are found only when they fail to load (DCP
-    stores no checksums), or not at all when they still decode (e.g. zeroed tensor data)."""
-    for name in RUN_FILES:
+    a data file that it names missing or shorter than the bytes it indexes, and for a step of a
+    run, ``run_step``, a missing ``RUN_FILES`` file), or None when every file is there whole.
+    Reads only the metadata and file sizes: bytes changed inside a whole-sized file are found only
+    when they fail to load (DCP stores no checksums), or not at all when they still decode (e.g.
+    zeroed tensor data). ``run_step=False`` for a DCP folder of weights from elsewhere."""
+    for name in RUN_FILES if run_step else ():
         if not (path / name).is_file():
             return f"its {name} is missing (train.py writes one into every step)"
     try:
