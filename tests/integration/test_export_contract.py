@@ -229,27 +229,22 @@ def test_output_permissions_follow_the_umask_and_stale_temporaries_go(runs, tmp_
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_conversion_leaves_nothing(runs, tmp_path, sig, code):
-    """Signalled once its temporary folder exists: exit 128 + signal, no output, no temporary
-    folder. A debug model converts in about a second, so a signal that lands late (a busy machine
-    delays it) can find the work done: then the output must be whole. Up to three tries, one
-    of which must be interrupted."""
-    for attempt in range(3):
-        out = tmp_path / f"out{attempt}"
-        cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["qat"]), str(out), "--calibration-batches=64"]
-        p = subprocess.Popen(cli, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while not list(tmp_path.glob(f".{out.name}.convert-*")) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert p.poll() is None, "finished before it could be interrupted"
-        p.send_signal(sig)
-        rc = p.wait(60)
-        assert "Traceback" not in p.stderr.read() and not list(tmp_path.glob(f".{out.name}*"))
-        if rc == 0:  # done before the signal took effect: whole
-            assert (out / "config.json").is_file() and (out / "nvfp4_titan.json").is_file()
-            continue
-        assert rc == code and not out.exists()
-        return
-    pytest.fail("three conversions finished before the signal interrupted them")
+    out = tmp_path / "out"
+    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(runs["qat"]), str(out), "--calibration-batches=64"]
+    # SIGINT as a terminal sends it: a suite started in the background (`cmd &` in a script) hands
+    # its children SIGINT ignored, and Python then keeps ignoring it
+    p = subprocess.Popen(
+        cli, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.convert-*")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "finished before it could be interrupted"
+    p.send_signal(sig)
+    assert p.wait(60) == code
+    assert "Traceback" not in p.stderr.read()
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_compressed_tensors_export_of_an_fp32_run_runs_in_transformers(runs, tmp_path):
