@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4_titan.data.dataset import DataError  # noqa: E402
 from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
-from nvfp4_titan.data.tokens import cached_tokens, default_cache_dir  # noqa: E402
+from nvfp4_titan.data.tokens import cached_tokens, resolve_cache_dir  # noqa: E402
 from nvfp4_titan.training.config import ConfigError, load_config  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.recipe, overrides)
         d = cfg.dataset
         tf = cached_tokens(
-            d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), d.cache_dir or default_cache_dir()
+            d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), resolve_cache_dir(d.cache_dir)
         )
     except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

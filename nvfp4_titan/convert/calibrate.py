@@ -16,14 +16,14 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, co
     ``data``), read from the token cache that training reads."""
     from nvfp4_titan.data.dataset import DataError
     from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer
-    from nvfp4_titan.data.tokens import cached_tokens, default_cache_dir, windows_from_tokens
+    from nvfp4_titan.data.tokens import cached_tokens, resolve_cache_dir, windows_from_tokens
 
     cfg = src.config
     if data is None and cfg is None:
         raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
     try:  # the loaders' messages name recipe keys; the converter's options are the fix here
         tok = load_tokenizer(tokenizer_dir(src) if src.config is None else src.tokenizer)
-        cache = (cfg.dataset.cache_dir if cfg else "") or default_cache_dir()
+        cache = resolve_cache_dir(cfg.dataset.cache_dir if cfg else "")
         tokens = cached_tokens(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text", tok, cache)
     except TokenizerError as e:
         raise ConvertError(

@@ -70,9 +70,12 @@ def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
     }
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/nvfp4-titan``, or ``~/.cache/nvfp4-titan`` (``dataset.cache_dir`` unset).
-    A relative XDG_CACHE_HOME is ignored, as the XDG base directory specification says."""
+def resolve_cache_dir(configured: str | Path = "") -> Path:
+    """``configured`` (a recipe's ``dataset.cache_dir``) when set, else ``$XDG_CACHE_HOME/nvfp4-titan``,
+    or ``~/.cache/nvfp4-titan``. A relative XDG_CACHE_HOME is ignored, as the XDG base directory
+    specification says."""
+    if configured:
+        return Path(configured)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nvfp4-titan"
 
@@ -97,7 +100,7 @@ def tokenize_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     try:
-        offsets, words, n, tokens_digest = [0], [], 0, hashlib.sha256()
+        offsets, words, n, digest = [0], [], 0, hashlib.sha256()
         with (
             open(tmp / "tokens.bin", "wb") as f,
             tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
@@ -107,7 +110,7 @@ def tokenize_corpus(
                 for ids in tokenizer.encode_batch(docs):
                     data = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32).tobytes()
                     f.write(data)
-                    tokens_digest.update(data)
+                    digest.update(data)  # hashed as written: tokens.bin is not read again
                     n += len(data) // 4
                     offsets.append(n)
                 bar.update(len(docs))
@@ -117,8 +120,7 @@ def tokenize_corpus(
             **key,
             "n_docs": len(offsets) - 1,
             "n_tokens": n,
-            "tokens_sha256": tokens_digest.hexdigest(),
-            "sha256": {f: _sha256(tmp / f) for f in DATA_FILES[1:]},
+            "sha256": {"tokens.bin": digest.hexdigest(), **{f: _sha256(tmp / f) for f in DATA_FILES[1:]}},
             "created": time.time(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -189,8 +191,7 @@ def _content_matches(folder: Path, manifest: dict) -> bool:
             return True
     except (OSError, ValueError):
         pass
-    want = {"tokens.bin": manifest["tokens_sha256"], **manifest["sha256"]}
-    if any(_sha256(folder / f) != want[f] for f in DATA_FILES):
+    if any(_sha256(folder / f) != manifest["sha256"][f] for f in DATA_FILES):
         return False
     try:
         stamp.write_text(json.dumps(now))

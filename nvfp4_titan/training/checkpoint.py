@@ -40,8 +40,9 @@ class CheckpointSaveError(RuntimeError):
 
 
 class DamagedCheckpointError(CheckpointError):
-    """A step whose files are all there but whose data cannot be read (bytes changed on disk):
-    found only when loading, so the trainer then resumes from the step before (``reason``)."""
+    """A step whose files are all there but which cannot be resumed: its data does not deserialize
+    (bytes changed on disk) or it holds another step than its name says. Found only when loading,
+    so the trainer then resumes from the step before (``reason`` says why)."""
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path} is damaged: {reason}")

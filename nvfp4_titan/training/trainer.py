@@ -24,7 +24,7 @@ from nvfp4.fsdp import precompute_weight_scales
 from nvfp4_titan.data.dataset import DataError
 from nvfp4_titan.data.loader import GlobalBatchLoader
 from nvfp4_titan.data.tokenizer import load_tokenizer
-from nvfp4_titan.data.tokens import TokenFile, cached_tokens, default_cache_dir, windows_from_tokens
+from nvfp4_titan.data.tokens import TokenFile, cached_tokens, resolve_cache_dir, windows_from_tokens
 from nvfp4_titan.models.llama3 import ModelArgs, Transformer, flavor
 from nvfp4_titan.models.llama3.args import model_args_from_json, model_args_json
 from nvfp4_titan.models.llama3.hf import (
@@ -143,7 +143,7 @@ class Trainer:
                 Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path", self._param_shapes()
             )
         self.dp = dims.dp_shard
-        self._with_readable_resume(lambda: self._check_resume(self.dp))
+        self._with_readable_resume(self._check_resume)
         fresh = not self.folder.exists() or not any(self.folder.iterdir())
         self._make_run_folder()
         try:
@@ -177,7 +177,7 @@ class Trainer:
                 dist.barrier()
                 log.warning(f"checkpoint {e.path} cannot be loaded: {e.reason}; using {previous.name} ({aside})")
                 self.resume_from = previous
-                self._check_resume(self.dp)
+                self._check_resume()
 
     def _remove_run_folder(self) -> None:
         """Undo ``_make_run_folder`` for a run that failed before its first step: a bad initial
@@ -194,7 +194,12 @@ class Trainer:
         t, d = self.cfg.training, self.cfg.dataset
         tokens = self._tokens(tokenizer)
         m = tokens.manifest  # what the run trains on, recorded in every checkpoint (data.json)
-        self.corpus = {"path": d.path, **{k: m[k] for k in ("n_docs", "n_tokens", "tokens_sha256")}}
+        self.corpus = {
+            "path": d.path,
+            "n_docs": m["n_docs"],
+            "n_tokens": m["n_tokens"],
+            "tokens_sha256": m["sha256"]["tokens.bin"],
+        }
         windows = windows_from_tokens(tokens, t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size)
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
@@ -218,18 +223,20 @@ class Trainer:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
         needed (node-local or shared caches alike), every rank maps it."""
         d = self.cfg.dataset
-        cache = d.cache_dir or default_cache_dir()
-        error = None
+        cache = resolve_cache_dir(d.cache_dir)
+        error, tokens = None, None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:
-                cached_tokens(d.path, d.text_field, tokenizer, cache)
+                tokens = cached_tokens(d.path, d.text_field, tokenizer, cache)
             except DataError as e:  # every rank stops with the builder's message
                 error = str(e)
         errors: list[str | None] = [None] * self.world
         dist.all_gather_object(errors, error)
         if first := next((e for e in errors if e is not None), None):
             raise DataError(first)
-        return cached_tokens(d.path, d.text_field, tokenizer, cache, build=False)
+        if tokens is None:  # the other ranks map what the builder made
+            tokens = cached_tokens(d.path, d.text_field, tokenizer, cache, build=False)
+        return tokens
 
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
     # draws and what the model computes; the data-parallel degree may change.
@@ -249,7 +256,7 @@ class Trainer:
         "qat.temperature",
     )
 
-    def _check_resume(self, dp: int) -> None:
+    def _check_resume(self) -> None:
         """Refuse, before any write, to continue a checkpoint with another seed, global batch,
         sequence length or QAT setting: one message naming each key and the flag that restores it."""
         t = self.cfg.training
@@ -267,7 +274,7 @@ class Trainer:
             changed["training.seed"] = (saved["seed"], t.seed)
         if saved["global_batch"] != self.global_batch:
             now = f"{self.global_batch}" + (
-                f" = local_batch_size {t.local_batch_size} x data-parallel degree {dp}"
+                f" = local_batch_size {t.local_batch_size} x data-parallel degree {self.dp}"
                 if t.global_batch_size == -1
                 else ""
             )

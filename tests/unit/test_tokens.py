@@ -16,8 +16,8 @@ from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.data.tokens import (
     cached_tokens,
     corpus_key,
-    default_cache_dir,
     open_tokens,
+    resolve_cache_dir,
     token_cache,
     windows_from_tokens,
 )
@@ -187,9 +187,9 @@ def test_abandoned_builds_are_removed_running_ones_kept(tmp_path, tokenizer):
 
 def test_relative_xdg_cache_home_is_ignored(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert default_cache_dir() == Path.home() / ".cache" / "nvfp4-titan"
+    assert resolve_cache_dir() == Path.home() / ".cache" / "nvfp4-titan"
     monkeypatch.setenv("XDG_CACHE_HOME", "/abs/cache")
-    assert default_cache_dir() == Path("/abs/cache/nvfp4-titan")
+    assert resolve_cache_dir() == Path("/abs/cache/nvfp4-titan")
 
 
 def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
