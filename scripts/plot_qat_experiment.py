@@ -2,9 +2,10 @@
 
     python scripts/plot_qat_experiment.py DIR [--out DIR]
 
-Writes loss_curves.svg (training loss of the float and the QAT fine-tune, every seed, from
-DIR/seedN/{float_ft,qat}/metrics.jsonl) and perplexity.svg (word perplexity of the six
-evaluations per seed, and the recovery of each ablation, from DIR/results.json).
+Writes loss_curves.svg (training cross-entropy of the float, QAT and QAD fine-tunes, every seed,
+from DIR/seedN/{float_ft,qat,qad}/metrics.jsonl), perplexity.svg (word perplexity of every
+evaluation per seed) and recovery.svg (the recovery of each seed's QAT and QAD and of each
+ablation), from DIR/results.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ COLORS = {
     "base_ptq": "#c7c7c7",
     "float_ft_ptq": "#aec7e8",
     "nvfp4": "#ff9896",
+    "qad": "#2ca02c",
+    "qad_nvfp4": "#98df8a",
 }
 W, H, PAD, BOTTOM = 800, 460, 60, 130  # BOTTOM: room under the plot for labels
 
@@ -60,7 +63,7 @@ def loss_curves(curves: dict[str, list[tuple[int, float]]]) -> str:
     body = _axes(lo, hi, "training loss")
     body.append(f'<text x="{W / 2}" y="{H - BOTTOM + 20}" text-anchor="middle">fine-tune step (0 .. {x_hi})</text>')
     for i, (label, c) in enumerate(curves.items()):
-        color = COLORS["qat" if label.endswith("qat") else "float_ft"]
+        color = COLORS[label.split()[-1]]
         dash = ' stroke-dasharray="6 3"' if i % 4 >= 2 else ""
         pts = " ".join(f"{PAD + (W - 2 * PAD) * s / x_hi:.1f},{_y(v, lo, hi):.1f}" for s, v in c)
         body.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
@@ -69,7 +72,7 @@ def loss_curves(curves: dict[str, list[tuple[int, float]]]) -> str:
             f'y2="{PAD + 15 + 15 * i}" stroke="{color}" stroke-width="2"{dash}/>'
             f'<text x="{W - PAD - 115}" y="{PAD + 19 + 15 * i}">{escape(label)}</text>'
         )
-    return _svg(body, "Fine-tune loss: float vs NVFP4 QAT (same data, steps, schedule)")
+    return _svg(body, "Fine-tune cross-entropy: float, NVFP4 QAT and QAD (same data, steps, schedule)")
 
 
 def bars(groups: dict[str, dict[str, float]], title: str, label: str, ref: float | None = None) -> str:
@@ -108,8 +111,9 @@ def bars(groups: dict[str, dict[str, float]], title: str, label: str, ref: float
 
 
 def _curve(path: Path) -> list[tuple[int, float]]:
+    """(step, cross-entropy on the labels): a QAD run's loss is its KL, so its ``distill/ce``."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r.get("distill/ce", r["loss"])) for r in rows if "loss" in r]
 
 
 def main() -> None:
@@ -122,22 +126,27 @@ def main() -> None:
     curves = {
         f"seed{s} {run}": _curve(a.dir / f"seed{s}" / run / "metrics.jsonl")
         for s in results["seeds"]
-        for run in ("float_ft", "qat")
+        for run in ("float_ft", "qat", "qad")
         if (a.dir / f"seed{s}" / run / "metrics.jsonl").is_file()
     }
     if curves:
         (out / "loss_curves.svg").write_text(loss_curves(curves))
-    rows = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
-    ppl = {f"seed {s}": {k: r[k] for k in rows} for s, r in results["seeds"].items()}
+    rows = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4", "qad", "qad_nvfp4")
+    ppl = {f"seed {s}": {k: r[k] for k in rows if k in r} for s, r in results["seeds"].items()}
     (out / "perplexity.svg").write_text(
         bars(ppl, "Word perplexity on held-out text (lower is better)", "word perplexity")
     )
     rec = {
-        name: {"qat": r["recovery"] * 100}
+        name: {k: r[key] * 100 for k, key in (("qat", "recovery"), ("qad", "qad_recovery")) if key in r}
         for name, r in [*((f"seed {s}", r) for s, r in results["seeds"].items()), *results.get("ablations", {}).items()]
     }
     (out / "recovery.svg").write_text(
-        bars(rec, "Share of the PTQ gap that QAT recovers, % (dashed: the 50% goal)", "recovery %", ref=50.0)
+        bars(
+            rec,
+            "Share of the PTQ gap recovered, % (QAT: vs its float fine-tune; QAD: vs its teacher; dashed: 80%)",
+            "recovery %",
+            ref=80.0,
+        )
     )
     print(f"wrote {', '.join(sorted(f.name for f in out.glob('*.svg')))} to {out}")
 

@@ -59,7 +59,10 @@ class Ablation:
     qat: tuple[str, ...] = ()
     """train.py overrides of the QAT run only."""
     ptq: nvfp4.QATConfig = nvfp4.QATConfig()
-    """How the float fine-tune is quantized for this row's PTQ baseline."""
+    """How the float fine-tune (the base model, for a QAD row) is quantized for this row's PTQ baseline."""
+    qad: bool = False
+    """A QAD row: the run distils from the base model (``qat`` gives its loss settings) and its
+    recovery is against that teacher and the teacher's PTQ, as the seeds' QAD rows are."""
 
 
 ABLATIONS = {
@@ -80,6 +83,15 @@ ABLATIONS = {
         "q/k/v and gate/up keep separate weight amaxes",
         qat=("--qat.share_fused_amax=false", "--qat.allow_unexportable=true"),
         ptq=nvfp4.QATConfig(share_fused_amax=False),
+    ),
+    "qad_mix": Ablation("QAD, loss = mix: 0.5 KL + 0.5 cross-entropy", qat=("--qat.loss=mix",), qad=True),
+    "qad_temperature_2": Ablation("QAD at temperature 2", qat=("--qat.loss=kl", "--qat.temperature=2"), qad=True),
+    "qad_tokens_x0.5": Ablation("QAD token budget / 2", steps=0.5, qat=("--qat.loss=kl",), qad=True),
+    "qad_tokens_x2": Ablation("QAD token budget x 2", steps=2.0, qat=("--qat.loss=kl",), qad=True),
+    "qad_static_act": Ablation(
+        "QAD with static (calibrated) activation scales; PTQ baseline dynamic",
+        qat=("--qat.loss=kl", "--qat.activation_scale=static"),
+        qad=True,
     ),
 }
 
@@ -213,6 +225,14 @@ class Experiment:
                 }
         for name in ablations:
             ab, s = ABLATIONS[name], seeds[0]
+            if ab.qad:  # against the teacher: no float fine-tune
+                qad_run = self.finetune(s, name, True, ab.steps, ab.lr, ab.qat)
+                rows["ablations", name] = {
+                    "base": evaluation(s, "base", None, done),
+                    "base_ptq": evaluation(s, "base", ab.ptq, done),
+                    "qad": evaluation(s, name, None, qad_run),
+                }
+                continue
             own_float = (ab.steps, ab.lr) != (1.0, 1.0)
             float_name = f"float_{name}" if own_float else "float_ft"
             float_run = self.finetune(s, float_name, False, ab.steps, ab.lr) if own_float else float_runs[s]
@@ -228,7 +248,8 @@ class Experiment:
             for (kind, key), futures in rows.items():
                 if key not in results[kind] and all(x.done() for x in futures.values()):
                     r = {k: x.result() for k, x in futures.items()}
-                    r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
+                    if "qat" in r:
+                        r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
                     if "qad" in r:  # against its teacher, the base model
                         r["qad_recovery"] = recovery(r["base_ptq"], r["qad"], r["base"])
                     results[kind][key] = r
@@ -266,6 +287,13 @@ def recovery(ptq: float, qat: float, float_: float) -> float:
     return (ptq - qat) / (ptq - float_)
 
 
+def _mean_and_spread(values: list[float]) -> str:
+    """'mean +- std (std over N seeds)' as percentages, or the one value without an error bar."""
+    if len(values) == 1:
+        return f"{values[0]:.1%} (one seed: no error bar)"
+    return f"{statistics.mean(values):.1%} +- {statistics.stdev(values):.1%} (std over {len(values)} seeds)"
+
+
 def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
     seeds = results["seeds"]
     lines = [
@@ -296,35 +324,40 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
                 + f" | {r['qad_recovery']:.1%} | {r['recovery']:.1%} |"
             )
     if seeds:
+        qad_rec = [r["qad_recovery"] for r in seeds.values() if "qad_recovery" in r]
+        if qad_rec:
+            lines += ["", f"QAD recovery (mean over seeds): {_mean_and_spread(qad_rec)}."]
         rec = [r["recovery"] for r in seeds.values()]
-        spread = (
-            f" +- {statistics.stdev(rec):.1%} (std over {len(rec)} seeds)"
-            if len(rec) > 1
-            else " (one seed: no error bar)"
-        )
         lines += [
             "",
-            f"Recovery (mean over seeds): {statistics.mean(rec):.1%}{spread}; "
+            f"Recovery (mean over seeds): {_mean_and_spread(rec)}; "
             f"{'beats' if statistics.mean(rec) > 0.5 else 'does not beat'} 50%.",
             "The nvfp4 column is the converted checkpoint; it equals the qat column by construction (tested).",
         ]
     if results["ablations"]:
-        main = f"seed {a.seeds[0]}" + (
-            f", main row: qat {seeds[a.seeds[0]]['qat']:.4f}, recovery {seeds[a.seeds[0]]['recovery']:.1%}"
-            if a.seeds[0] in seeds
-            else ""
-        )
+        main = f"seed {a.seeds[0]}"
+        if (r := seeds.get(a.seeds[0])) is not None:
+            main += f", main rows: qat {r['qat']:.4f}, recovery {r['recovery']:.1%}"
+            if "qad" in r:
+                main += f"; qad {r['qad']:.4f}, recovery {r['qad_recovery']:.1%}"
         lines += [
             "",
             f"## Ablations ({main}; one knob each)",
             "",
-            "| ablation | what changes | float_ft | float_ft_ptq | qat | recovery |",
+            "QAT rows are compared with a float fine-tune of the same budget (float = float_ft), QAD rows "
+            "with their teacher (float = base); PTQ quantizes that float model.",
+            "",
+            "| ablation | what changes | float | PTQ | quantized | recovery |",
             "|---|---|---|---|---|---|",
         ]
         for name, r in results["ablations"].items():
+            float_, ptq, quantized, rec = (
+                (r["base"], r["base_ptq"], r["qad"], r["qad_recovery"])
+                if ABLATIONS[name].qad
+                else (r["float_ft"], r["float_ft_ptq"], r["qat"], r["recovery"])
+            )
             lines.append(
-                f"| {name} | {ABLATIONS[name].what} | {r['float_ft']:.4f} | {r['float_ft_ptq']:.4f} | "
-                f"{r['qat']:.4f} | {r['recovery']:.1%} |"
+                f"| {name} | {ABLATIONS[name].what} | {float_:.4f} | {ptq:.4f} | {quantized:.4f} | {rec:.1%} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ def test_experiment_runs_at_toy_size(tmp_path):
         "--ablations",
         "tokens_x0.5",
         "weight_only",
+        "qad_temperature_2",
         "--qad",
         "--jobs",
         "2",
@@ -50,13 +51,17 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert res["qad_nvfp4"] == res["qad"] and res["qad"] != res["qat"]  # QAD: its own run, exported exactly
     assert res["qad_recovery"] == (res["base_ptq"] - res["qad"]) / (res["base_ptq"] - res["base"])
     ab = results["ablations"]
-    assert sorted(ab) == ["tokens_x0.5", "weight_only"]
+    assert sorted(ab) == ["qad_temperature_2", "tokens_x0.5", "weight_only"]
+    t2 = ab["qad_temperature_2"]  # a QAD row: its own run, against the teacher
+    assert (t2["base"], t2["base_ptq"]) == (res["base"], res["base_ptq"]) and t2["qad"] != res["qad"]
+    assert t2["qad_recovery"] == (res["base_ptq"] - t2["qad"]) / (res["base_ptq"] - res["base"])
     assert ab["weight_only"]["float_ft"] == res["float_ft"]  # a QAT-only knob reuses the float fine-tune
     assert ab["weight_only"]["qat"] != res["qat"] and ab["weight_only"]["float_ft_ptq"] != res["float_ft_ptq"]
     assert ab["tokens_x0.5"]["float_ft"] != res["float_ft"]  # a budget knob gets its own float fine-tune
     text = (out / "results.md").read_text()
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
     assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
+    assert f"| qad_temperature_2 | QAD at temperature 2 | {res['base']:.4f} | {res['base_ptq']:.4f} |" in text
 
     r = subprocess.run(
         [sys.executable, "scripts/plot_qat_experiment.py", str(out)],
@@ -68,7 +73,13 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert r.returncode == 0, r.stderr
     svg = {name: ElementTree.parse(out / f"{name}.svg").getroot() for name in ("loss_curves", "perplexity", "recovery")}
     ns = "{http://www.w3.org/2000/svg}"
-    assert len(svg["loss_curves"].findall(f"{ns}polyline")) == 2  # float_ft and qat of seed 0
+    assert len(svg["loss_curves"].findall(f"{ns}polyline")) == 3  # float_ft, qat and qad of seed 0
     bars = lambda root: [t.text for t in root.iter(f"{ns}title")]  # noqa: E731
-    assert len(bars(svg["perplexity"])) == 6  # the six evaluations of seed 0
-    assert [b.split(":")[0] for b in bars(svg["recovery"])] == ["seed 0 qat", "tokens_x0.5 qat", "weight_only qat"]
+    assert len(bars(svg["perplexity"])) == 8  # the eight evaluations of seed 0
+    assert [b.split(":")[0] for b in bars(svg["recovery"])] == [
+        "seed 0 qat",
+        "seed 0 qad",
+        "tokens_x0.5 qat",
+        "weight_only qat",
+        "qad_temperature_2 qad",
+    ]
