@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -252,6 +253,8 @@ class Experiment:
                         r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
                     if "qad" in r:  # against its teacher, the base model
                         r["qad_recovery"] = recovery(r["base_ptq"], r["qad"], r["base"])
+                    ids, words = held_out[key if kind == "seeds" else seeds[0]]
+                    r["held_out"] = {"tokens": len(ids) - 1, "words": words}  # every target scored once
                     results[kind][key] = r
                     print(json.dumps({kind: key, **r}), flush=True)
                     self._save(results)
@@ -287,6 +290,12 @@ def recovery(ptq: float, qat: float, float_: float) -> float:
     return (ptq - qat) / (ptq - float_)
 
 
+def token_perplexity(word_ppl: float, held_out: dict) -> float:
+    """Token perplexity of the evaluation whose word perplexity is ``word_ppl``: both are
+    exp(NLL / count) of one summed NLL, over ``held_out["words"]`` and ``held_out["tokens"]``."""
+    return math.exp(math.log(word_ppl) * held_out["words"] / held_out["tokens"])
+
+
 def _mean_and_spread(values: list[float]) -> str:
     """'mean +- std (std over N seeds)' as percentages, or the one value without an error bar."""
     if len(values) == 1:
@@ -308,6 +317,23 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
     ]
     for seed, r in seeds.items():
         lines.append(f"| {seed} | " + " | ".join(f"{r[k]:.4f}" for k in ROWS) + f" | {r['recovery']:.1%} |")
+    if seeds:
+        names = [k for k in (*ROWS, *QAD_ROWS) if all(k in r for r in seeds.values())]
+        lines += [
+            "",
+            "Token perplexity, the same evaluations over the held-out tokens (exp(NLL / tokens), where word "
+            "perplexity is exp(NLL / words)):",
+            "",
+            "| seed | tokens | words | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 3) + "|",
+        ]
+        for seed, r in seeds.items():
+            n = r["held_out"]
+            lines.append(
+                f"| {seed} | {n['tokens']} | {n['words']} | "
+                + " | ".join(f"{token_perplexity(r[k], n):.4f}" for k in names)
+                + " |"
+            )
     if any("qad" in r for r in seeds.values()):
         lines += [
             "",

@@ -5,6 +5,11 @@ import subprocess
 import sys
 from xml.etree import ElementTree
 
+import pytest
+import torch
+
+from nvfp4_titan.data.tokenizer import load_tokenizer
+from nvfp4_titan.evaluate import load_model, perplexity
 from tests.integration.helpers import FAST, ROOT
 
 
@@ -58,7 +63,19 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert ab["weight_only"]["float_ft"] == res["float_ft"]  # a QAT-only knob reuses the float fine-tune
     assert ab["weight_only"]["qat"] != res["qat"] and ab["weight_only"]["float_ft_ptq"] != res["float_ft_ptq"]
     assert ab["tokens_x0.5"]["float_ft"] != res["float_ft"]  # a budget knob gets its own float fine-tune
+    # token perplexity: the QAT model scored directly on the tokenized held-out text
+    tok = load_tokenizer(ROOT / "data/assets/tokenizer.json")
+    docs = [
+        json.loads(line)["text"] for line in (ROOT / "tests/integration/tiny_corpus.jsonl").read_text().splitlines()
+    ]
+    ids = torch.tensor([t for d in docs if d.strip() for t in (*tok.encode_batch([d])[0], tok.eos_id)])
+    assert res["held_out"] == {"tokens": len(ids) - 1, "words": sum(len(d.split()) for d in docs)}
+    model, _ = load_model(out / "seed0" / "qat")
+    direct = perplexity(model.eval(), ids, res["held_out"]["words"], 64, 32, 8, progress=False)
     text = (out / "results.md").read_text()
+    token_row = next(line for line in text.splitlines() if line.startswith(f"| 0 | {len(ids) - 1} |"))
+    header = next(line for line in text.splitlines() if line.startswith("| seed | tokens | words |"))
+    assert float(token_row.split("|")[header.split("|").index(" qat ")]) == pytest.approx(direct["token_ppl"], rel=1e-5)
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
     assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
     assert f"| qad_temperature_2 | QAD at temperature 2 | {res['base']:.4f} | {res['base_ptq']:.4f} |" in text
