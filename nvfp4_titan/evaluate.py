@@ -101,7 +101,10 @@ def held_out_tokens(
     if data is None and cfg is None:
         raise ConvertError("give --data: this model carries no recipe naming its held-out split")
     path, field = (data, text_field) if data is not None else (cfg.dataset.path, cfg.dataset.text_field)
-    tf = cached_tokens(path, field, tokenizer, resolve_cache_dir(cfg.dataset.cache_dir if cfg else ""))
+    cache, num_proc = (
+        (resolve_cache_dir(cfg.dataset.cache_dir), cfg.dataset.num_proc) if cfg else (resolve_cache_dir(), 0)
+    )
+    tf = cached_tokens(path, field, tokenizer, cache, num_proc=num_proc)
     if data is not None:
         return tf.documents(np.arange(tf.n_docs))
     held_out = sorted(validation_ids(tf.n_docs, cfg.dataset.validation_fraction, cfg.training.seed))

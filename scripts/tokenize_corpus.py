@@ -1,12 +1,13 @@
 """Tokenize a corpus into the token cache that train.py memory-maps, ahead of training.
 
     python scripts/tokenize_corpus.py --dataset.path=CORPUS [--recipe R] [--model.tokenizer_path=T]
-        [--dataset.text_field=text] [--dataset.cache_dir=DIR]
+        [--dataset.text_field=text] [--dataset.cache_dir=DIR] [--dataset.num_proc=N]
 
 Takes the recipe and overrides as train.py does and builds exactly the cache a run of them reads
 (keyed by the corpus files, the text field and the tokenizer), so the first run starts at once
-and a multi-node job can share one built cache. Prints the cache folder and its counts; a cache
-that is already whole is reused, not rebuilt.
+and a multi-node job can share one built cache. Tokenizes with dataset.num_proc processes (0:
+every core this process may use); a killed build resumes from its finished parts. Prints the cache
+folder and its counts; a cache that is already whole is reused, not rebuilt.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.recipe, overrides)
         d = cfg.dataset
-        tf = cached_tokens(
-            d.path, d.text_field, load_tokenizer(cfg.model.tokenizer_path), resolve_cache_dir(d.cache_dir)
-        )
+        tok = load_tokenizer(cfg.model.tokenizer_path)
+        tf = cached_tokens(d.path, d.text_field, tok, resolve_cache_dir(d.cache_dir), num_proc=d.num_proc)
     except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

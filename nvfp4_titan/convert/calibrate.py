@@ -24,7 +24,8 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, co
     try:  # the loaders' messages name recipe keys; the converter's options are the fix here
         tok = load_tokenizer(tokenizer_dir(src) if src.config is None else src.tokenizer)
         cache = resolve_cache_dir(cfg.dataset.cache_dir if cfg else "")
-        tokens = cached_tokens(data or cfg.dataset.path, cfg.dataset.text_field if cfg else "text", tok, cache)
+        field, num_proc = (cfg.dataset.text_field, cfg.dataset.num_proc) if cfg else ("text", 0)
+        tokens = cached_tokens(data or cfg.dataset.path, field, tok, cache, num_proc=num_proc)
     except TokenizerError as e:
         raise ConvertError(
             f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -79,7 +80,10 @@ class TiktokenTokenizer:
         self.eos_id = n + 1
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(texts)
+        # TOKENIZERS_PARALLELISM is the Hugging Face tokenizers' switch (token cache workers set it
+        # false, one thread each); tiktoken would start 8 threads per call regardless
+        off = os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "0", "false", "f", "no", "n", "off")
+        return self._enc.encode_ordinary_batch(texts, num_threads=1 if off else 8)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

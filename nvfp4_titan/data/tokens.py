@@ -9,7 +9,8 @@ files' (size, mtime, ctime) when their content last matched: any write to a file
 the next start hashes it again, so bytes changed on disk are never trained on.
 ``token_cache`` keys the folder by (corpus files, text field, tokenizer), so a changed corpus or
 tokenizer gets a new one and a stale one is never read; building it removes the earlier
-versions' caches of the same corpus.
+versions' caches of the same corpus. ``tokenize_corpus`` builds it in parts over several processes,
+resumable: a killed build's finished parts are reused by the next one.
 
 ``PackedWindows`` gives the windows that ``nvfp4_titan.data.dataset.build_windows`` packs (the same tokens,
 bit for bit) without holding the corpus in memory: a batch reads its windows from the map.
@@ -18,23 +19,31 @@ bit for bit) without holding the corpus in memory: a batch reads its windows fro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
-from nvfp4_titan.data.tokenizer import Tokenizer
+from nvfp4_titan.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("nvfp4_titan")
 FORMAT = 3  # 2: sha256 of tokens.bin in the manifest; 3: words.npy, sha256 of every data file
 _BATCH = 128  # documents per encode_batch call (the tokenizer runs its own threads); bounds memory
+PART_BYTES = 16 * 2**20  # UTF-8 text per part: the unit of a worker's work and of a resumed build
 
 
 def _umask() -> int:
@@ -86,52 +95,223 @@ def token_cache(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"tokens-{digest}"
 
 
+def available_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask (what a job scheduler or
+    ``taskset`` grants), not the machine's count; ``os.cpu_count()`` where there is no mask."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _parts(path: str | Path, text_field: str, part_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """The corpus's documents in corpus order, cut into parts of at least ``part_bytes`` of UTF-8
+    text (the last one may hold less), with their byte counts. The cut depends on the documents
+    and ``part_bytes`` alone, so a resumed build cuts the same parts."""
+    docs, size = [], 0
+    for batch in iter_documents(path, text_field, _BATCH):
+        for d in batch:
+            docs.append(d)
+            size += len(d.encode())
+            if size >= part_bytes:
+                yield docs, size
+                docs, size = [], 0
+    if docs:
+        yield docs, size
+
+
+def _part_file(build: Path, index: int) -> Path:
+    return build / f"part-{index:06d}.npz"
+
+
+def _load_part(build: Path, index: int, first: int, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Part ``index``'s tokens (uint32 [n], each document's tokens then EOS), lengths (int64
+    [n_docs], tokens per document with its EOS, summing to n) and words (int64 [n_docs]) if its
+    file is whole and holds documents ``first`` to ``first + n_docs`` (not a part of another
+    cut); else None: missing, cut short or damaged (np.load checks each array's zip CRC)."""
+    try:
+        with np.load(_part_file(build, index)) as z:
+            tokens, lengths, words, start = z["tokens"], z["lengths"], z["words"], int(z["first"])
+    except Exception:  # any unreadable file: tokenized again
+        return None
+    whole = start == first and lengths.shape == words.shape == (n_docs,) and int(lengths.sum()) == tokens.size
+    return (tokens, lengths, words) if whole and tokens.dtype == np.uint32 else None
+
+
+_worker_tokenizer: Tokenizer | None = None  # a worker process's own, loaded once by _init_worker
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    # one thread per worker (the tiktoken tokenizer reads the same switch): num_proc workers fill
+    # num_proc cores instead of each starting a thread per core
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _write_part(build: Path, index: int, first: int, docs: list[str], tokenizer: Tokenizer | None = None) -> None:
+    """Tokenize ``docs`` (documents ``first``...) into part ``index`` of ``build`` (``_load_part``
+    reads it) with ``tokenizer`` (None: this worker's). Written under a temporary name and renamed
+    when whole, so a killed build leaves no part file that looks finished."""
+    tok = tokenizer or _worker_tokenizer
+    tokens, lengths = [], []
+    for i in range(0, len(docs), _BATCH):  # bounds the tokenizer's per-token objects in memory
+        ids = tok.encode_batch(docs[i : i + _BATCH])
+        counts = [len(t) + 1 for t in ids]
+        flat = itertools.chain.from_iterable((*t, tok.eos_id) for t in ids)
+        tokens.append(np.fromiter(flat, dtype=np.uint32, count=sum(counts)))
+        lengths += counts
+    words = np.asarray([len(d.split()) for d in docs], dtype=np.int64)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=build)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, tokens=np.concatenate(tokens), lengths=np.asarray(lengths, np.int64), words=words, first=first)
+        os.replace(tmp, _part_file(build, index))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _done() -> Future:
+    f: Future = Future()
+    f.set_result(None)
+    return f
+
+
+@contextmanager
+def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., Future]]:
+    """``submit(build, index, first, docs)`` -> a Future of ``_write_part``: run by one of
+    ``workers`` spawned processes (fork is unsafe with the tokenizers' threads), or, with one
+    worker, at once in this process with ``tokenizer`` and its own threads. On an error the
+    queued parts are dropped and the running ones finish (their files serve the next build)."""
+    if workers == 1:
+
+        def here(*args: object) -> Future:
+            _write_part(*args, tokenizer)
+            return _done()
+
+        yield here
+        return
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(str(tokenizer.path),)
+    )
+    try:
+        yield lambda *args: pool.submit(_write_part, *args)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _tokenized_parts(
+    path: str | Path, text_field: str, build: Path, part_bytes: int, submit: Callable[..., Future], window: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """(index, first document, documents, text bytes) of each part of the corpus, in corpus order,
+    once its file in ``build`` is whole: kept from a killed build, else tokenized by ``submit``
+    with at most ``window`` parts in flight (their text is held until they are done)."""
+    pending: deque[tuple[tuple[int, int, int, int], Future]] = deque()
+    first = 0
+    for index, (docs, size) in enumerate(_parts(path, text_field, part_bytes)):
+        kept = _load_part(build, index, first, len(docs)) is not None
+        pending.append(((index, first, len(docs), size), _done() if kept else submit(build, index, first, docs)))
+        first += len(docs)
+        while len(pending) >= window or (pending and pending[0][1].done()):
+            part, future = pending.popleft()
+            future.result()  # raises the worker's error
+            yield part
+    for part, future in pending:
+        future.result()
+        yield part
+
+
 def tokenize_corpus(
-    path: str | Path, text_field: str, tokenizer: Tokenizer, out: Path, key: dict, progress: bool = True
+    path: str | Path,
+    text_field: str,
+    tokenizer: Tokenizer,
+    out: Path,
+    key: dict,
+    progress: bool = True,
+    num_proc: int = 0,
+    part_bytes: int = PART_BYTES,
 ) -> Path:
     """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring), recording
     ``key`` (``corpus_key``, taken once by the caller that named ``out`` after it); returns ``out``.
-    Written into a temporary folder beside ``out`` and renamed when whole: an interrupted
-    run leaves no folder that looks complete (``open_tokens`` rejects partial ones), and a
-    concurrent run that finished first is kept. Raises DataError for unreadable corpora."""
+
+    The documents are cut, in corpus order, into parts of about ``part_bytes`` of text, each
+    tokenized by one of ``num_proc`` processes (0: ``available_cpus()``; 1: this process, with
+    the tokenizer's own threads) into a part file of the build folder ``.<out name>.build``
+    beside ``out``. A killed build's finished parts are kept there and reused by the next build
+    of the same ``key`` (a folder untouched for a day is removed as abandoned). The parts are
+    then concatenated in order into a temporary folder beside ``out``, renamed when whole: an
+    interrupted run leaves no folder that looks complete (``open_tokens`` rejects partial ones),
+    and a concurrent run that finished first is kept. The files are the same bytes for any
+    ``num_proc`` and ``part_bytes``.
+
+    Raises DataError for unreadable corpora (and removes the build folder: fixing the corpus
+    changes ``key``) or a worker that died (the folder is kept), OSError for a cache folder that
+    cannot be written, ValueError for ``num_proc`` < 0."""
     from tqdm import tqdm
 
+    if num_proc < 0:
+        raise ValueError(f"num_proc={num_proc}: must be >= 0 (0: every core this process may use)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    build = out.parent / f".{out.name}.build"
+    build.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
+    corpus_bytes = sum(f[1] for f in key["files"])
+    # no more workers than parts: a corpus of one part is tokenized here, without starting a pool
+    workers = max(1, min(num_proc or available_cpus(), -(-corpus_bytes // part_bytes)))
     try:
-        offsets, words, n, digest = [0], [], 0, hashlib.sha256()
+        digest, lengths, words = hashlib.sha256(), [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         with (
             open(tmp / "tokens.bin", "wb") as f,
-            tqdm(desc=f"tokenizing {path}", unit=" docs", disable=not progress) as bar,
+            # the text of jsonl/txt files is about their size; parquet's is compressed: no total
+            tqdm(
+                desc=f"tokenizing {path}",
+                total=None if key["files"][0][0].endswith(".parquet") else corpus_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+            ) as bar,
+            _part_writers(tokenizer, workers) as submit,
         ):
-            for docs in iter_documents(path, text_field, _BATCH):
-                words += [len(d.split()) for d in docs]
-                for ids in tokenizer.encode_batch(docs):
-                    data = np.asarray([*ids, tokenizer.eos_id], dtype=np.uint32).tobytes()
-                    f.write(data)
-                    digest.update(data)  # hashed as written: tokens.bin is not read again
-                    n += len(data) // 4
-                    offsets.append(n)
-                bar.update(len(docs))
-        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-        np.save(tmp / "words.npy", np.asarray(words, dtype=np.int64))
+            for index, first, n_docs, size in _tokenized_parts(
+                path, text_field, build, part_bytes, submit, 2 * workers
+            ):
+                part = _load_part(build, index, first, n_docs)
+                if part is None:
+                    raise FileNotFoundError(f"{_part_file(build, index)} was removed or changed during the build")
+                f.write(part[0])
+                digest.update(part[0])  # hashed as written: tokens.bin is not read again
+                lengths.append(part[1])
+                words.append(part[2])
+                bar.update(size)
+            bar.total = bar.n  # the text's bytes, now known
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.concatenate(lengths))])
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "words.npy", np.concatenate(words))
         manifest = {
             **key,
             "n_docs": len(offsets) - 1,
-            "n_tokens": n,
+            "n_tokens": int(offsets[-1]),
             "sha256": {"tokens.bin": digest.hexdigest(), **{f: _sha256(tmp / f) for f in DATA_FILES[1:]}},
             "created": time.time(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp)))  # the inodes move with tmp
-        try:
-            tmp.rename(out)
-        except OSError:
-            if open_tokens(out, key) is None:  # not a finished twin: refuse to guess
-                raise
+        tmp.rename(out)
+    except BrokenProcessPool:
+        raise DataError(
+            f"a process tokenizing {path} died: killed (out of memory? set dataset.num_proc lower; the parts "
+            "finished are kept for the next run), or it could not start (a script that builds the cache with "
+            "num_proc != 1 must do it under `if __name__ == '__main__':`, as spawned processes import it)"
+        ) from None
+    except DataError:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    except Exception:
+        if open_tokens(out, key) is None:  # not a concurrent build that finished first (and took the parts)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(build, ignore_errors=True)
     return out
 
 
@@ -245,10 +425,11 @@ def windows_from_tokens(
 _ABANDONED_S = 24 * 3600  # a build's temporary folder untouched this long was killed, not running
 
 
-def _remove_abandoned_builds(folder: Path) -> None:
-    """Remove temporary folders of killed builds of ``folder`` (``.tokens-<key>.*``, nothing else)."""
+def _remove_abandoned_builds(cache_dir: Path) -> None:
+    """Remove the temporary and build folders of killed builds (``.tokens-<key>.*``, nothing else)
+    in ``cache_dir``, of any key: a corpus edited since will never resume them."""
     now = time.time()
-    for tmp in folder.parent.glob(f".{folder.name}.*"):
+    for tmp in cache_dir.glob(".tokens-*.*"):
         try:
             touched = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
         except OSError:  # not a folder, or finished meanwhile
@@ -289,15 +470,17 @@ def cached_tokens(
     cache_dir: str | Path,
     build: bool = True,
     progress: bool = True,
+    num_proc: int = 0,
 ) -> TokenFile:
     """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
-    (``build``; else DataError). Never reads a cache of another corpus or tokenizer."""
+    (``build``, by ``num_proc`` processes: see ``tokenize_corpus``; else DataError). Never reads
+    a cache of another corpus or tokenizer."""
     key = corpus_key(path, text_field, tokenizer)
     folder = token_cache(cache_dir, key)
     tf = open_tokens(folder, key)
     if tf is None and build:
         try:
-            _remove_abandoned_builds(folder)
+            _remove_abandoned_builds(folder.parent)
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
                 aside = tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent)
                 folder.rename(aside)
@@ -305,7 +488,7 @@ def cached_tokens(
                     f"the token cache {folder} does not match its manifest (a file missing, cut short or changed "
                     f"on disk): set aside as {Path(aside).name} (removed after a day) and rebuilt"
                 )
-            tokenize_corpus(path, text_field, tokenizer, folder, key, progress)
+            tokenize_corpus(path, text_field, tokenizer, folder, key, progress, num_proc)
             _remove_stale_versions(folder, key)
         except OSError as e:
             if blocker := next((p for p in (Path(cache_dir), *Path(cache_dir).parents) if p.is_file()), None):

@@ -174,6 +174,9 @@ class Dataset:
     cache_dir: str = ""
     """Where the corpus is tokenized once and memory-mapped by every rank and later run (keyed by
     corpus files and tokenizer); empty: $XDG_CACHE_HOME/nvfp4-titan or ~/.cache/nvfp4-titan."""
+    num_proc: int = 0
+    """Processes that tokenize the corpus into the cache (parts of 16 MiB of text each; a killed
+    build resumes from its finished parts); 0: every core this process may use (CPU affinity)."""
 
 
 @dataclass
@@ -274,6 +277,7 @@ class Config:
                 "qat.fsdp_nvfp4_all_gather works in eager mode only: set training.compile = false",
             ),
             (0 <= self.dataset.validation_fraction < 1, "dataset.validation_fraction must be in [0, 1)"),
+            (self.dataset.num_proc >= 0, "dataset.num_proc must be >= 0 (0: every core this process may use)"),
             (
                 self.validation.freq >= 0 and self.validation.steps > 0,
                 "validation.freq must be >= 0, validation.steps > 0",

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import time
@@ -146,6 +147,7 @@ class Trainer:
         self._with_readable_resume(self._check_resume)
         fresh = not self.folder.exists() or not any(self.folder.iterdir())
         self._make_run_folder()
+        log.info(self._data_ready)  # now that every rank has its log file
         try:
             self._materialize()
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -191,6 +193,7 @@ class Trainer:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _build_data(self, tokenizer, dp: int, dp_rank: int) -> None:
+        start = time.perf_counter()
         t, d = self.cfg.training, self.cfg.dataset
         tokens = self._tokens(tokenizer)
         m = tokens.manifest  # what the run trains on, recorded in every checkpoint (data.json)
@@ -218,6 +221,8 @@ class Trainer:
             self.val_loader = GlobalBatchLoader(
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False
             )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        self._data_ready = f"data ready in {time.perf_counter() - start:.2f} s, peak RSS {peak:.2f} GiB"
 
     def _tokens(self, tokenizer) -> TokenFile:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
@@ -227,7 +232,7 @@ class Trainer:
         error, tokens = None, None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:
-                tokens = cached_tokens(d.path, d.text_field, tokenizer, cache)
+                tokens = cached_tokens(d.path, d.text_field, tokenizer, cache, num_proc=d.num_proc)
             except DataError as e:  # every rank stops with the builder's message
                 error = str(e)
         errors: list[str | None] = [None] * self.world

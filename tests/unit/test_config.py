@@ -68,6 +68,7 @@ def test_unknown_key_suggests_closest(tmp_path):
         ("--qat.loss=kd", r"qat.loss='kd' is not one of \['ce', 'kl', 'mix'\]"),
         ("--qat.kl_weight=1.5", r"qat.kl_weight must be in \[0, 1\]"),
         ("--qat.temperature=0", "qat.temperature must be > 0"),
+        ("--dataset.num_proc=-1", r"dataset.num_proc must be >= 0 \(0: every core"),
     ],
 )
 def test_bad_values_rejected_naming_key(override, match):

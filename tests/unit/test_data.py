@@ -144,6 +144,24 @@ def test_tiktoken_tokenizer_model(tmp_path):
     assert tok.encode_batch(["hi"]) == [[ord("h"), ord("i")]]
 
 
+def test_tiktoken_runs_one_thread_where_tokenizers_parallelism_is_off(tmp_path, monkeypatch):
+    """The token cache's workers set TOKENIZERS_PARALLELISM=false: one thread each, tiktoken too."""
+    import base64
+
+    (tmp_path / "tokenizer.model").write_text(f"{base64.b64encode(b'a').decode()} 0\n")
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    encode, threads = tok._enc.encode_ordinary_batch, []
+    monkeypatch.setattr(
+        tok._enc, "encode_ordinary_batch", lambda t, num_threads: threads.append(num_threads) or encode(t)
+    )
+    for value in ("false", "0", "", "true"):
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+        assert tok.encode_batch(["aa"]) == [[0, 0]]
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    tok.encode_batch(["a"])
+    assert threads == [1, 1, 1, 8, 8]
+
+
 def test_plain_reader_gives_the_same_documents_without_datasets(tmp_path, monkeypatch):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "a.txt").write_text("one\ntwo")

@@ -1,6 +1,9 @@
 """The token cache: windows read from the memory map equal build_windows' bit for bit; a stale,
-damaged or interrupted cache is never read."""
+damaged or interrupted cache is never read; any number of processes and part size build the same
+bytes, and a killed build resumes from its finished, undamaged parts."""
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -11,14 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from nvfp4_titan.data import tokens
 from nvfp4_titan.data.dataset import DataError, build_windows, load_documents, validation_ids
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.data.tokens import (
+    DATA_FILES,
+    PART_BYTES,
     cached_tokens,
     corpus_key,
     open_tokens,
     resolve_cache_dir,
     token_cache,
+    tokenize_corpus,
     windows_from_tokens,
 )
 
@@ -172,17 +179,20 @@ def test_unwritable_cache_dir_is_one_error(tmp_path, tokenizer):
 
 
 def test_abandoned_builds_are_removed_running_ones_kept(tmp_path, tokenizer):
+    """Killed builds untouched for a day are removed, those of an edited corpus (another key) too."""
     path, cache = _corpus(tmp_path, ["alpha", "beta"]), tmp_path / "cache"
     folder = token_cache(cache, corpus_key(path, "text", tokenizer))
-    old, fresh, other = (cache / f".{folder.name}.killed"), (cache / f".{folder.name}.running"), cache / "keep"
-    for d in (old, fresh, other):
+    old, fresh, other = (cache / f".{folder.name}.killed"), (cache / f".tokens-{'0' * 24}.build"), cache / "keep"
+    old_of_another_key = cache / f".tokens-{'1' * 24}.build"
+    for d in (old, fresh, other, old_of_another_key):
         d.mkdir(parents=True)
-        (d / "tokens.bin").write_bytes(b"\0" * 8)
+        (d / "part-000000.npz").write_bytes(b"\0" * 8)
     day_ago = time.time() - 2 * 24 * 3600
-    for p in (old / "tokens.bin", old, other / "tokens.bin", other):
-        os.utime(p, (day_ago, day_ago))
+    for d in (old, other, old_of_another_key):
+        for p in (d / "part-000000.npz", d):
+            os.utime(p, (day_ago, day_ago))
     cached_tokens(path, "text", tokenizer, cache)
-    assert not old.exists() and fresh.exists() and other.exists()
+    assert not old.exists() and not old_of_another_key.exists() and fresh.exists() and other.exists()
 
 
 def test_relative_xdg_cache_home_is_ignored(monkeypatch):
@@ -217,3 +227,136 @@ def test_held_out_tokens_are_the_recipes_validation_documents(tmp_path, tokenize
         texts = [docs[i] for i in chosen]
         want = torch.tensor([t for d in tokenizer.encode_batch(texts) for t in (*d, tokenizer.eos_id)])
         assert torch.equal(ids, want) and words == sum(len(d.split()) for d in texts)
+
+
+# ---- parallel, resumable builds: parts of PART text bytes, the first PLAYS documents of the plays
+PART, PLAYS = 40_000, 50
+
+
+@pytest.fixture
+def plays(tmp_path):
+    """A jsonl of the first PLAYS bundled documents: several parts of PART bytes."""
+    docs = load_documents(CORPUS)[:PLAYS]
+    assert sum(len(d.encode()) for d in docs) > 5 * PART
+    return _corpus(tmp_path, docs)
+
+
+def _reference(path, tokenizer) -> list[bytes]:
+    """The bytes of tokens.bin, offsets.npy and words.npy, computed without the cache's code: one
+    encode_batch of every document, each followed by EOS."""
+    docs = load_documents(path)
+    ids = tokenizer.encode_batch(docs)
+    arrays = (
+        np.array([t for d in ids for t in (*d, tokenizer.eos_id)], dtype=np.uint32),
+        np.cumsum([0] + [len(d) + 1 for d in ids], dtype=np.int64),
+        np.array([len(d.split()) for d in docs], dtype=np.int64),
+    )
+    return [arrays[0].tobytes()] + [_npy_bytes(a) for a in arrays[1:]]
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+def _build(path, tokenizer, cache, num_proc=1, part_bytes=PART) -> Path:
+    key = corpus_key(path, "text", tokenizer)
+    out = token_cache(cache, key)
+    return tokenize_corpus(path, "text", tokenizer, out, key, progress=False, num_proc=num_proc, part_bytes=part_bytes)
+
+
+def _files_of(folder: Path) -> list[bytes]:
+    return [(folder / f).read_bytes() for f in DATA_FILES]
+
+
+@pytest.fixture(params=["tokenizer.json", "tokenizer.model"])
+def any_tokenizer(request, tmp_path, tokenizer):
+    """The bundled BPE, and a byte-level tiktoken tokenizer.model (the worker loads each from its file)."""
+    if request.param == "tokenizer.json":
+        return tokenizer
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    (tmp_path / "tokenizer.model").write_text(ranks)
+    return load_tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_every_num_proc_and_part_size_gives_the_bytes_of_one_encode_batch(tmp_path, plays, any_tokenizer):
+    want = _reference(plays, any_tokenizer)
+    for num_proc, part_bytes in ((1, PART), (2, PART), (2, 3 * PART), (1, PART_BYTES)):
+        cache = tmp_path / f"cache-{num_proc}-{part_bytes}"
+        assert _files_of(_build(plays, any_tokenizer, cache, num_proc, part_bytes)) == want, (num_proc, part_bytes)
+        assert [p.name for p in cache.iterdir()] == [token_cache(cache, corpus_key(plays, "text", any_tokenizer)).name]
+
+
+def _interrupted(monkeypatch, path, tokenizer, cache, part_bytes=PART) -> Path:
+    """Build, killed (KeyboardInterrupt) halfway through writing the third part's file; returns
+    the build folder."""
+    savez, calls = np.savez, []
+
+    def killed_at_the_third(f, **arrays):
+        calls.append(f)
+        if len(calls) == 3:
+            f.write(b"PK\x03\x04 half a part")
+            raise KeyboardInterrupt
+        savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _build(path, tokenizer, cache, part_bytes=part_bytes)
+    monkeypatch.setattr(np, "savez", savez)
+    folder = token_cache(cache, corpus_key(path, "text", tokenizer))
+    return cache / f".{folder.name}.build"
+
+
+def _tokenized(monkeypatch) -> list[int]:
+    """The indices of the parts tokenized from now on (in this process: num_proc=1)."""
+    write, seen = tokens._write_part, []
+
+    def counted(build, index, *args):
+        seen.append(index)
+        write(build, index, *args)
+
+    monkeypatch.setattr(tokens, "_write_part", counted)
+    return seen
+
+
+def test_a_killed_build_keeps_its_finished_parts_and_the_next_build_resumes_from_them(
+    tmp_path, plays, tokenizer, monkeypatch
+):
+    cache = tmp_path / "cache"
+    build = _interrupted(monkeypatch, plays, tokenizer, cache)
+    assert [p.name for p in cache.iterdir()] == [build.name]  # no cache folder, whole or partial
+    assert sorted(p.name for p in build.iterdir()) == ["part-000000.npz", "part-000001.npz"]
+    tokens._remove_abandoned_builds(cache)  # what cached_tokens does first: a build of today is kept
+    seen = _tokenized(monkeypatch)
+    folder = _build(plays, tokenizer, cache)
+    assert seen == list(range(2, seen[-1] + 1)) and len(seen) >= 3  # the parts not finished before
+    assert _files_of(folder) == _reference(plays, tokenizer)
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "byte_changed"])
+def test_a_damaged_part_is_tokenized_again_not_used(tmp_path, plays, tokenizer, monkeypatch, damage):
+    cache = tmp_path / "cache"
+    part = _interrupted(monkeypatch, plays, tokenizer, cache) / "part-000001.npz"
+    raw = bytearray(part.read_bytes())
+    if damage == "cut_short":
+        raw = raw[: len(raw) // 2]
+    else:  # a bit flipped in the tokens: the zip CRC no longer matches
+        raw[len(raw) // 2] ^= 1
+    part.write_bytes(bytes(raw))
+    seen = _tokenized(monkeypatch)
+    folder = _build(plays, tokenizer, cache)
+    assert seen[0] == 1 and 0 not in seen
+    assert _files_of(folder) == _reference(plays, tokenizer)
+
+
+def test_parts_of_another_part_size_are_not_used(tmp_path, tokenizer, monkeypatch):
+    """A killed build cut at 100 bytes finished parts [doc 0] and [docs 1-5]; cut at 120 bytes the
+    parts are [docs 0-1] and [docs 2-6]: as many documents in part 1, other ones. Nothing is reused."""
+    path, cache = _corpus(tmp_path, ["a" * 100] + [f"{i:03d} " * 6 for i in range(1, 40)]), tmp_path / "cache"
+    _interrupted(monkeypatch, path, tokenizer, cache, part_bytes=100)
+    seen = _tokenized(monkeypatch)
+    folder = _build(path, tokenizer, cache, part_bytes=120)
+    assert seen == list(range(len(seen))) and len(seen) >= 3
+    assert _files_of(folder) == _reference(path, tokenizer)
