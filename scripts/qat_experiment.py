@@ -303,6 +303,14 @@ def _mean_and_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1%} +- {statistics.stdev(values):.1%} (std over {len(values)} seeds)"
 
 
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A markdown table's lines; floats as perplexities (4 decimals), strings as given."""
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in rows
+    ]
+
+
 def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
     seeds = results["seeds"]
     lines = [
@@ -312,11 +320,10 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
         f"fine-tune {a.finetune_steps} steps at lr "
         f"{a.finetune_lr}, overrides `{' '.join(extra) or 'none'}`",
         "",
-        "| seed | " + " | ".join(ROWS) + " | recovery |",
-        "|---" * (len(ROWS) + 2) + "|",
+        *_table(
+            ["seed", *ROWS, "recovery"], [[s, *(r[k] for k in ROWS), f"{r['recovery']:.1%}"] for s, r in seeds.items()]
+        ),
     ]
-    for seed, r in seeds.items():
-        lines.append(f"| {seed} | " + " | ".join(f"{r[k]:.4f}" for k in ROWS) + f" | {r['recovery']:.1%} |")
     if seeds:
         names = [k for k in (*ROWS, *QAD_ROWS) if all(k in r for r in seeds.values())]
         lines += [
@@ -324,31 +331,40 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
             "Token perplexity, the same evaluations over the held-out tokens (exp(NLL / tokens), where word "
             "perplexity is exp(NLL / words)):",
             "",
-            "| seed | tokens | words | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 3) + "|",
+            *_table(
+                ["seed", "tokens", "words", *names],
+                [
+                    [
+                        s,
+                        r["held_out"]["tokens"],
+                        r["held_out"]["words"],
+                        *(token_perplexity(r[k], r["held_out"]) for k in names),
+                    ]
+                    for s, r in seeds.items()
+                ],
+            ),
         ]
-        for seed, r in seeds.items():
-            n = r["held_out"]
-            lines.append(
-                f"| {seed} | {n['tokens']} | {n['words']} | "
-                + " | ".join(f"{token_perplexity(r[k], n):.4f}" for k in names)
-                + " |"
-            )
     if any("qad" in r for r in seeds.values()):
         lines += [
             "",
             'QAD (`qat.loss = "kl"`, teacher: the base model; recovery against the teacher, '
             "(base_ptq - qad) / (base_ptq - base)):",
             "",
-            "| seed | base | base_ptq | " + " | ".join(QAD_ROWS) + " | QAD recovery | QAT recovery |",
-            "|---" * (len(QAD_ROWS) + 5) + "|",
+            *_table(
+                ["seed", "base", "base_ptq", *QAD_ROWS, "QAD recovery", "QAT recovery"],
+                [
+                    [
+                        s,
+                        r["base"],
+                        r["base_ptq"],
+                        *(r[k] for k in QAD_ROWS),
+                        f"{r['qad_recovery']:.1%}",
+                        f"{r['recovery']:.1%}",
+                    ]
+                    for s, r in seeds.items()
+                ],
+            ),
         ]
-        for seed, r in seeds.items():
-            lines.append(
-                f"| {seed} | {r['base']:.4f} | {r['base_ptq']:.4f} | "
-                + " | ".join(f"{r[k]:.4f}" for k in QAD_ROWS)
-                + f" | {r['qad_recovery']:.1%} | {r['recovery']:.1%} |"
-            )
     if seeds:
         qad_rec = [r["qad_recovery"] for r in seeds.values() if "qad_recovery" in r]
         if qad_rec:
@@ -366,6 +382,13 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
             main += f", main rows: qat {r['qat']:.4f}, recovery {r['recovery']:.1%}"
             if "qad" in r:
                 main += f"; qad {r['qad']:.4f}, recovery {r['qad_recovery']:.1%}"
+        rows = []
+        for name, r in results["ablations"].items():
+            qad = ABLATIONS[name].qad
+            keys = (
+                ("base", "base_ptq", "qad", "qad_recovery") if qad else ("float_ft", "float_ft_ptq", "qat", "recovery")
+            )
+            rows.append([name, ABLATIONS[name].what, *(r[k] for k in keys[:3]), f"{r[keys[3]]:.1%}"])
         lines += [
             "",
             f"## Ablations ({main}; one knob each)",
@@ -373,18 +396,8 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
             "QAT rows are compared with a float fine-tune of the same budget (float = float_ft), QAD rows "
             "with their teacher (float = base); PTQ quantizes that float model.",
             "",
-            "| ablation | what changes | float | PTQ | quantized | recovery |",
-            "|---|---|---|---|---|---|",
+            *_table(["ablation", "what changes", "float", "PTQ", "quantized", "recovery"], rows),
         ]
-        for name, r in results["ablations"].items():
-            float_, ptq, quantized, rec = (
-                (r["base"], r["base_ptq"], r["qad"], r["qad_recovery"])
-                if ABLATIONS[name].qad
-                else (r["float_ft"], r["float_ft_ptq"], r["qat"], r["recovery"])
-            )
-            lines.append(
-                f"| {name} | {ABLATIONS[name].what} | {float_:.4f} | {ptq:.4f} | {quantized:.4f} | {rec:.1%} |"
-            )
     return "\n".join(lines) + "\n"
 
 
