@@ -13,7 +13,7 @@ Each measurement runs in a fresh process (peak RSS is its ru_maxrss):
   part files, concatenation and hashing, end to end.
 - later start: ``cached_tokens`` + ``windows_from_tokens`` + one batch read (what the trainer runs),
   and train.py under ``torchrun --nproc_per_node 2`` (gloo, CPU, one step), each rank's
-  ``data ready in X s, peak RSS Y GiB`` line.
+  ``data ready in X s, peak RSS of this process Y GiB`` line.
 - old: ``load_documents`` + ``build_windows`` (tokenize in memory at every start); only where the
   corpus is at most ``--old-max-mb`` (its RSS grows ~50x the corpus).
 
@@ -105,7 +105,8 @@ def _train_ranks(corpus: Path, cache: Path, run: Path, seq_len: int) -> list[dic
     rows = []
     for rank in range(RANKS):
         m = re.search(
-            r"data ready in ([\d.]+) s, peak RSS ([\d.]+) GiB", (run / "logs" / f"rank{rank}.log").read_text()
+            r"data ready in ([\d.]+) s, peak RSS of this process ([\d.]+) GiB",
+            (run / "logs" / f"rank{rank}.log").read_text(),
         )
         rows.append({"seconds": float(m[1]), "peak_rss_gib": float(m[2])})
     return rows

@@ -1,9 +1,10 @@
 """Tokenize a corpus into the token cache that train.py memory-maps, ahead of training.
 
-    python scripts/tokenize_corpus.py --dataset.path=CORPUS [--recipe R] [--model.tokenizer_path=T]
+    python scripts/tokenize_corpus.py [--recipe R] [--dataset.path=CORPUS] [--model.tokenizer_path=T]
         [--dataset.text_field=text] [--dataset.cache_dir=DIR] [--dataset.num_proc=N]
 
-Takes the recipe and overrides as train.py does and builds exactly the cache a run of them reads
+Takes the recipe and overrides as train.py does (without --dataset.path: the recipe's corpus, by
+default the bundled plays) and builds exactly the cache a run of them reads
 (keyed by the corpus files, the text field and the tokenizer), so the first run starts at once
 and a multi-node job can share one built cache. Tokenizes with dataset.num_proc processes (0:
 every core this process may use); a killed build resumes from its finished parts. Prints the cache
@@ -36,6 +37,12 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the parts tokenized so far stay in the cache folder; the same command resumes from them",
+            file=sys.stderr,
+        )
+        return 130
     print(f"{tf.folder}: {tf.n_docs} documents, {int(tf.offsets[-1])} tokens")
     return 0
 

@@ -18,6 +18,7 @@ bit for bit) without holding the corpus in memory: a batch reads its windows fro
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
@@ -25,6 +26,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections import deque
@@ -138,12 +140,27 @@ def _load_part(build: Path, index: int, first: int, n_docs: int) -> tuple[np.nda
 _worker_tokenizer: Tokenizer | None = None  # a worker process's own, loaded once by _init_worker
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, parent: int) -> None:
     global _worker_tokenizer
+    # Ctrl-C reaches the whole process group: the main process stops the build (and its workers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(parent)
     # one thread per worker (the tiktoken tokenizer reads the same switch): num_proc workers fill
     # num_proc cores instead of each starting a thread per core
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when ``parent`` (the process that spawned it)
+    dies, killed or out of memory, so that no worker outlives its build; elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
 
 
 def _write_part(build: Path, index: int, first: int, docs: list[str], tokenizer: Tokenizer | None = None) -> None:
@@ -160,6 +177,7 @@ def _write_part(build: Path, index: int, first: int, docs: list[str], tokenizer:
         lengths += counts
     words = np.asarray([len(d.split()) for d in docs], dtype=np.int64)
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=build)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared cache's parts from the team
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, tokens=np.concatenate(tokens), lengths=np.asarray(lengths, np.int64), words=words, first=first)
@@ -179,8 +197,8 @@ def _done() -> Future:
 def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., Future]]:
     """``submit(build, index, first, docs)`` -> a Future of ``_write_part``: run by one of
     ``workers`` spawned processes (fork is unsafe with the tokenizers' threads), or, with one
-    worker, at once in this process with ``tokenizer`` and its own threads. On an error the
-    queued parts are dropped and the running ones finish (their files serve the next build)."""
+    worker, at once in this process with ``tokenizer`` and its own threads. On an error or an
+    interrupt the workers are stopped at once; the parts finished serve the next build."""
     if workers == 1:
 
         def here(*args: object) -> Future:
@@ -190,12 +208,21 @@ def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., 
         yield here
         return
     pool = ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(str(tokenizer.path),)
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(tokenizer.path), os.getpid()),
     )
     try:
         yield lambda *args: pool.submit(_write_part, *args)
-    finally:
+    except BaseException:  # an error or Ctrl-C: stop now, not after the running parts
+        # a part being written is left as a temporary file, never as a part; there is no public
+        # way to stop a running task before Python 3.14's terminate_workers
+        for process in list((pool._processes or {}).values()):
+            process.kill()
         pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _tokenized_parts(
@@ -236,10 +263,12 @@ def tokenize_corpus(
     tokenized by one of ``num_proc`` processes (0: ``available_cpus()``; 1: this process, with
     the tokenizer's own threads) into a part file of the build folder ``.<out name>.build``
     beside ``out``. A killed build's finished parts are kept there and reused by the next build
-    of the same ``key`` (a folder untouched for a day is removed as abandoned). The parts are
-    then concatenated in order into a temporary folder beside ``out``, renamed when whole: an
-    interrupted run leaves no folder that looks complete (``open_tokens`` rejects partial ones),
-    and a concurrent run that finished first is kept. The files are the same bytes for any
+    of the same ``key``, however late (``cached_tokens`` removes other keys' build folders
+    untouched for a day). An error or Ctrl-C stops the workers at once; a worker dies with the
+    process that started it. The parts are then concatenated in order into a temporary folder
+    beside ``out``, renamed when whole: an interrupted run leaves no folder that looks complete
+    (``open_tokens`` rejects partial ones), a concurrent run that finished first is kept, and
+    killed runs' temporary folders of ``out`` are removed. The files are the same bytes for any
     ``num_proc`` and ``part_bytes``.
 
     Raises DataError for unreadable corpora (and removes the build folder: fixing the corpus
@@ -255,8 +284,10 @@ def tokenize_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as any folder the user makes: a team can share the cache
     corpus_bytes = sum(f[1] for f in key["files"])
+    compressed = key["files"][0][0].endswith(".parquet")  # its text is larger than its files
     # no more workers than parts: a corpus of one part is tokenized here, without starting a pool
-    workers = max(1, min(num_proc or available_cpus(), -(-corpus_bytes // part_bytes)))
+    wanted = num_proc or available_cpus()
+    workers = wanted if compressed else max(1, min(wanted, -(-corpus_bytes // part_bytes)))
     try:
         digest, lengths, words = hashlib.sha256(), [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         with (
@@ -264,7 +295,7 @@ def tokenize_corpus(
             # the text of jsonl/txt files is about their size; parquet's is compressed: no total
             tqdm(
                 desc=f"tokenizing {path}",
-                total=None if key["files"][0][0].endswith(".parquet") else corpus_bytes,
+                total=None if compressed else corpus_bytes,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -312,6 +343,9 @@ def tokenize_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(build, ignore_errors=True)
+    # a killed build's partial copy, or a concurrent build's (which then reads this one): no run reads them
+    for leftover in out.parent.glob(f".{out.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     return out
 
 
@@ -425,11 +459,14 @@ def windows_from_tokens(
 _ABANDONED_S = 24 * 3600  # a build's temporary folder untouched this long was killed, not running
 
 
-def _remove_abandoned_builds(cache_dir: Path) -> None:
+def _remove_abandoned_builds(folder: Path) -> None:
     """Remove the temporary and build folders of killed builds (``.tokens-<key>.*``, nothing else)
-    in ``cache_dir``, of any key: a corpus edited since will never resume them."""
+    beside ``folder``, of any key (a corpus edited since will never resume them) but ``folder``'s
+    own build folder, which the build about to start resumes however old it is."""
     now = time.time()
-    for tmp in cache_dir.glob(".tokens-*.*"):
+    for tmp in folder.parent.glob(".tokens-*.*"):
+        if tmp.name == f".{folder.name}.build":
+            continue
         try:
             touched = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
         except OSError:  # not a folder, or finished meanwhile
@@ -475,19 +512,29 @@ def cached_tokens(
     """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
     (``build``, by ``num_proc`` processes: see ``tokenize_corpus``; else DataError). Never reads
     a cache of another corpus or tokenizer."""
+    corpus = Path(path).resolve()
+    if corpus.is_dir() and Path(cache_dir).resolve().is_relative_to(corpus):
+        raise DataError(
+            f"dataset.cache_dir {cache_dir} lies inside the corpus folder {path}: the cache's own files would be "
+            "read as corpus files; set dataset.cache_dir outside the corpus folder"
+        )
     key = corpus_key(path, text_field, tokenizer)
     folder = token_cache(cache_dir, key)
     tf = open_tokens(folder, key)
     if tf is None and build:
         try:
-            _remove_abandoned_builds(folder.parent)
+            _remove_abandoned_builds(folder)
             if folder.exists():  # damaged (a copy cut short, a disk error): rebuilt, kept aside
                 aside = tempfile.mkdtemp(prefix=f"{folder.name}.damaged-", dir=folder.parent)
-                folder.rename(aside)
-                log.warning(
-                    f"the token cache {folder} does not match its manifest (a file missing, cut short or changed "
-                    f"on disk): set aside as {Path(aside).name} (removed after a day) and rebuilt"
-                )
+                try:
+                    folder.rename(aside)
+                except FileNotFoundError:  # another process (a node of a shared cache) set it aside first
+                    os.rmdir(aside)
+                else:
+                    log.warning(
+                        f"the token cache {folder} does not match its manifest (a file missing, cut short or changed "
+                        f"on disk): set aside as {Path(aside).name} (removed after a day) and rebuilt"
+                    )
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress, num_proc)
             _remove_stale_versions(folder, key)
         except OSError as e:

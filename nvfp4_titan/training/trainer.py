@@ -3,6 +3,7 @@ load -> loop with metrics, validation and DCP checkpoints."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from nvfp4_titan.training.optim import build_optimizer, clip_grad_norm_, lr_at, 
 from nvfp4_titan.training.runtime import ScheduledGC, init_distributed, pick_device, setup_logging
 
 log = logging.getLogger("nvfp4_titan")
+TOKENIZE_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for the token cache's build
 _SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "tie_word_embeddings")
 
 
@@ -222,7 +224,7 @@ class Trainer:
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False
             )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        self._data_ready = f"data ready in {time.perf_counter() - start:.2f} s, peak RSS {peak:.2f} GiB"
+        self._data_ready = f"data ready in {time.perf_counter() - start:.2f} s, peak RSS of this process {peak:.2f} GiB"
 
     def _tokens(self, tokenizer) -> TokenFile:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
@@ -236,7 +238,12 @@ class Trainer:
             except DataError as e:  # every rank stops with the builder's message
                 error = str(e)
         errors: list[str | None] = [None] * self.world
-        dist.all_gather_object(errors, error)
+        # the build may outlast the default group's timeout (10 min under NCCL, 30 under gloo): the
+        # other ranks wait for it on a gloo group of its own with a day's timeout
+        wait = dist.new_group(backend="gloo", timeout=TOKENIZE_TIMEOUT) if self.world > 1 else None
+        dist.all_gather_object(errors, error, group=wait)
+        if wait is not None:
+            dist.destroy_process_group(wait)
         if first := next((e for e in errors if e is not None), None):
             raise DataError(first)
         if tokens is None:  # the other ranks map what the builder made

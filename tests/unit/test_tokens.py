@@ -7,6 +7,9 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from nvfp4_titan.data.tokens import (
     windows_from_tokens,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = "data/assets/shakespeare.jsonl"
 
 
@@ -195,6 +199,44 @@ def test_abandoned_builds_are_removed_running_ones_kept(tmp_path, tokenizer):
     assert not old.exists() and not old_of_another_key.exists() and fresh.exists() and other.exists()
 
 
+def test_a_build_resumed_days_later_keeps_its_parts(tmp_path, plays, tokenizer, monkeypatch):
+    """The one-day rule removes other keys' killed builds, never the build about to resume."""
+    cache = tmp_path / "cache"
+    build = _interrupted(monkeypatch, plays, tokenizer, cache)
+    three_days_ago = time.time() - 3 * 24 * 3600
+    for p in [*build.iterdir(), build]:
+        os.utime(p, (three_days_ago, three_days_ago))
+    tokens._remove_abandoned_builds(token_cache(cache, corpus_key(plays, "text", tokenizer)))  # as cached_tokens
+    seen = _tokenized(monkeypatch)
+    assert _files_of(_build(plays, tokenizer, cache)) == _reference(plays, tokenizer) and seen[0] == 2
+
+
+def test_a_cache_dir_inside_the_corpus_folder_is_refused(tmp_path, tokenizer):
+    """Its manifest.json would be read as a corpus file by the next run."""
+    path = _corpus(tmp_path, ["alpha", "beta"])
+    with pytest.raises(DataError, match="lies inside the corpus folder .* set dataset.cache_dir outside"):
+        cached_tokens(path.parent, "text", tokenizer, path.parent / "cache")
+
+
+def test_a_damaged_cache_set_aside_first_by_another_process_is_rebuilt(tmp_path, tokenizer, monkeypatch):
+    """Two nodes sharing a cache find it damaged at once: the one whose set-aside comes second
+    rebuilds without an error and leaves no empty folder."""
+    path, cache = _corpus(tmp_path, ["alpha beta", "gamma"]), tmp_path / "cache"
+    folder = cached_tokens(path, "text", tokenizer, cache).folder
+    with open(folder / "tokens.bin", "r+b") as f:
+        f.truncate(4)
+    rename, taken = Path.rename, tmp_path / "set-aside-by-the-other-node"
+
+    def the_other_node_first(self, target):
+        if self == folder and not taken.exists():
+            rename(self, taken)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", the_other_node_first)
+    tf = cached_tokens(path, "text", tokenizer, cache)
+    assert tf.n_docs == 2 and [p.name for p in cache.iterdir()] == [folder.name]
+
+
 def test_relative_xdg_cache_home_is_ignored(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     assert resolve_cache_dir() == Path.home() / ".cache" / "nvfp4-titan"
@@ -327,7 +369,7 @@ def test_a_killed_build_keeps_its_finished_parts_and_the_next_build_resumes_from
     build = _interrupted(monkeypatch, plays, tokenizer, cache)
     assert [p.name for p in cache.iterdir()] == [build.name]  # no cache folder, whole or partial
     assert sorted(p.name for p in build.iterdir()) == ["part-000000.npz", "part-000001.npz"]
-    tokens._remove_abandoned_builds(cache)  # what cached_tokens does first: a build of today is kept
+    tokens._remove_abandoned_builds(token_cache(cache, corpus_key(plays, "text", tokenizer)))  # as cached_tokens
     seen = _tokenized(monkeypatch)
     folder = _build(plays, tokenizer, cache)
     assert seen == list(range(2, seen[-1] + 1)) and len(seen) >= 3  # the parts not finished before
@@ -360,3 +402,85 @@ def test_parts_of_another_part_size_are_not_used(tmp_path, tokenizer, monkeypatc
     folder = _build(path, tokenizer, cache, part_bytes=120)
     assert seen == list(range(len(seen))) and len(seen) >= 3
     assert _files_of(folder) == _reference(path, tokenizer)
+
+
+_BUILD_SCRIPT = """
+import sys
+from pathlib import Path
+from nvfp4_titan.data.tokenizer import load_tokenizer
+from nvfp4_titan.data.tokens import corpus_key, token_cache, tokenize_corpus
+if __name__ == "__main__":
+    tok = load_tokenizer(sys.argv[3])
+    key = corpus_key(sys.argv[1], "text", tok)
+    tokenize_corpus(sys.argv[1], "text", tok, token_cache(Path(sys.argv[2]), key), key, False, 2, 32_000)
+"""
+
+
+def _running_build(tmp_path, tokenizer) -> tuple[subprocess.Popen, Path, list[int]]:
+    """A 2-worker build in its own process group, once its first part is written: the process,
+    the build folder and the processes it started (workers, multiprocessing's resource tracker)."""
+    path, cache = _corpus(tmp_path, load_documents(CORPUS) * 2), tmp_path / "cache"
+    (tmp_path / "build.py").write_text(_BUILD_SCRIPT)
+    cmd = [sys.executable, str(tmp_path / "build.py"), str(path), str(cache), str(tokenizer.path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    build = cache / f".{token_cache(cache, corpus_key(path, 'text', tokenizer)).name}.build"
+    deadline = time.time() + 60
+    while not list(build.glob("part-*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    children = [
+        int(pid) for t in Path(f"/proc/{proc.pid}/task").iterdir() for pid in (t / "children").read_text().split()
+    ]
+    assert proc.poll() is None and len(children) >= 2, "the build ended before it could be interrupted"
+    return proc, build, children
+
+
+def _kill(proc: subprocess.Popen, children: list[int]) -> None:
+    """Whatever a failed test left running."""
+    for pid in (proc.pid, *children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=20)
+
+
+def _gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        alive = [
+            p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()
+        ]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_ctrl_c_twice_stops_a_parallel_build_at_once_and_keeps_its_parts(tmp_path, tokenizer):
+    """Ctrl-C reaches the whole process group, twice: the build stops within seconds, no worker
+    outlives it, and its finished parts stay for the next build."""
+    proc, build, children = _running_build(tmp_path, tokenizer)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+        assert _gone(children, 10), "a worker outlived the build"
+        assert list(build.glob("part-*.npz"))
+    finally:
+        _kill(proc, children)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_workers_die_with_a_killed_build(tmp_path, tokenizer):
+    """SIGKILL (the OOM killer) to the building process alone: its workers do not run on."""
+    proc, _, children = _running_build(tmp_path, tokenizer)
+    try:
+        proc.kill()
+        proc.wait(timeout=20)
+        assert _gone(children, 10), "a worker outlived the build"
+    finally:
+        _kill(proc, children)
