@@ -538,7 +538,8 @@ def cached_tokens(
             tokenize_corpus(path, text_field, tokenizer, folder, key, progress, num_proc)
             _remove_stale_versions(folder, key)
         except OSError as e:
-            if blocker := next((p for p in (Path(cache_dir), *Path(cache_dir).parents) if p.is_file()), None):
+            candidates = (Path(cache_dir), *Path(cache_dir).parents)
+            if blocker := next((p for p in candidates if p.exists() and not p.is_dir()), None):
                 raise DataError(
                     f"dataset.cache_dir {cache_dir}: {blocker} is a file, not a folder; set dataset.cache_dir "
                     "to a folder"

@@ -176,6 +176,8 @@ def test_unwritable_cache_dir_is_one_error(tmp_path, tokenizer):
     for cache in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(DataError, match=r"dataset.cache_dir .*: .*afile is a file, not a folder"):
             cached_tokens(path, "text", tokenizer, cache)
+    with pytest.raises(DataError, match=r"dataset.cache_dir /dev/null: /dev/null is a file, not a folder"):
+        cached_tokens(path, "text", tokenizer, "/dev/null")  # a device, not a regular file
     with pytest.raises(
         DataError, match=r"cannot write the token cache in /proc/.* \(\w+Error: .*set dataset.cache_dir"
     ):
