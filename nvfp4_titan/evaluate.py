@@ -15,7 +15,7 @@ import torch
 from nvfp4_titan.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source
 from nvfp4_titan.data.dataset import validation_ids
 from nvfp4_titan.data.tokenizer import Tokenizer
-from nvfp4_titan.data.tokens import cached_tokens, resolve_cache_dir
+from nvfp4_titan.data.tokens import dataset_tokens
 from nvfp4_titan.models.llama3 import Transformer, from_hf
 from nvfp4_titan.training.config import Config
 from nvfp4_titan.training.loss import cross_entropy
@@ -101,10 +101,7 @@ def held_out_tokens(
     if data is None and cfg is None:
         raise ConvertError("give --data: this model carries no recipe naming its held-out split")
     path, field = (data, text_field) if data is not None else (cfg.dataset.path, cfg.dataset.text_field)
-    cache, num_proc = (
-        (resolve_cache_dir(cfg.dataset.cache_dir), cfg.dataset.num_proc) if cfg else (resolve_cache_dir(), 0)
-    )
-    tf = cached_tokens(path, field, tokenizer, cache, num_proc=num_proc)
+    tf = dataset_tokens(path, field, tokenizer, cfg.dataset if cfg else None)
     if data is not None:
         return tf.documents(np.arange(tf.n_docs))
     held_out = sorted(validation_ids(tf.n_docs, cfg.dataset.validation_fraction, cfg.training.seed))

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4_titan.data.dataset import DataError  # noqa: E402
 from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer  # noqa: E402
-from nvfp4_titan.data.tokens import cached_tokens, resolve_cache_dir  # noqa: E402
+from nvfp4_titan.data.tokens import dataset_tokens  # noqa: E402
 from nvfp4_titan.training.config import ConfigError, load_config  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.recipe, overrides)
         d = cfg.dataset
         tok = load_tokenizer(cfg.model.tokenizer_path)
-        tf = cached_tokens(d.path, d.text_field, tok, resolve_cache_dir(d.cache_dir), num_proc=d.num_proc)
+        tf = dataset_tokens(d.path, d.text_field, tok, d)
     except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

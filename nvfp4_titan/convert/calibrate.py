@@ -16,16 +16,15 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, co
     ``data``), read from the token cache that training reads."""
     from nvfp4_titan.data.dataset import DataError
     from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer
-    from nvfp4_titan.data.tokens import cached_tokens, resolve_cache_dir, windows_from_tokens
+    from nvfp4_titan.data.tokens import dataset_tokens, windows_from_tokens
 
     cfg = src.config
     if data is None and cfg is None:
         raise ConvertError("a Hugging Face source has no recipe: give --calibration-data (or --calibration-batches 0)")
     try:  # the loaders' messages name recipe keys; the converter's options are the fix here
         tok = load_tokenizer(tokenizer_dir(src) if src.config is None else src.tokenizer)
-        cache = resolve_cache_dir(cfg.dataset.cache_dir if cfg else "")
-        field, num_proc = (cfg.dataset.text_field, cfg.dataset.num_proc) if cfg else ("text", 0)
-        tokens = cached_tokens(data or cfg.dataset.path, field, tok, cache, num_proc=num_proc)
+        field = cfg.dataset.text_field if cfg else "text"
+        tokens = dataset_tokens(data or cfg.dataset.path, field, tok, cfg.dataset if cfg else None)
     except TokenizerError as e:
         raise ConvertError(
             f"calibration: {str(e).removesuffix('; set model.tokenizer_path')}; pass --tokenizer PATH "

@@ -35,12 +35,16 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
 from nvfp4_titan.data.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # the recipe's section; its module imports nothing of this one
+    from nvfp4_titan.training.config import Dataset
 
 log = logging.getLogger("nvfp4_titan")
 FORMAT = 3  # 2: sha256 of tokens.bin in the manifest; 3: words.npy, sha256 of every data file
@@ -554,3 +558,16 @@ def cached_tokens(
     if tf.n_docs == 0:
         raise DataError(f"{path}: no documents with text")
     return tf
+
+
+def dataset_tokens(
+    path: str | Path, text_field: str, tokenizer: Tokenizer, dataset: Dataset | None, build: bool = True
+) -> TokenFile:
+    """``cached_tokens`` of the corpus at ``path`` in the cache a recipe's ``[dataset]`` section
+    names, built with its ``num_proc`` (``dataset`` None: the default cache, every core): what
+    train.py, ``tokenize_corpus.py``, calibration and evaluation read."""
+    if dataset is None:
+        return cached_tokens(path, text_field, tokenizer, resolve_cache_dir(), build)
+    return cached_tokens(
+        path, text_field, tokenizer, resolve_cache_dir(dataset.cache_dir), build, num_proc=dataset.num_proc
+    )

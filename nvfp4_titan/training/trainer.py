@@ -26,7 +26,7 @@ from nvfp4.fsdp import precompute_weight_scales
 from nvfp4_titan.data.dataset import DataError
 from nvfp4_titan.data.loader import GlobalBatchLoader
 from nvfp4_titan.data.tokenizer import load_tokenizer
-from nvfp4_titan.data.tokens import TokenFile, cached_tokens, resolve_cache_dir, windows_from_tokens
+from nvfp4_titan.data.tokens import TokenFile, dataset_tokens, windows_from_tokens
 from nvfp4_titan.models.llama3 import ModelArgs, Transformer, flavor
 from nvfp4_titan.models.llama3.args import model_args_from_json, model_args_json
 from nvfp4_titan.models.llama3.hf import (
@@ -230,11 +230,10 @@ class Trainer:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
         needed (node-local or shared caches alike), every rank maps it."""
         d = self.cfg.dataset
-        cache = resolve_cache_dir(d.cache_dir)
         error, tokens = None, None
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             try:
-                tokens = cached_tokens(d.path, d.text_field, tokenizer, cache, num_proc=d.num_proc)
+                tokens = dataset_tokens(d.path, d.text_field, tokenizer, d)
             except DataError as e:  # every rank stops with the builder's message
                 error = str(e)
         errors: list[str | None] = [None] * self.world
@@ -247,7 +246,7 @@ class Trainer:
         if first := next((e for e in errors if e is not None), None):
             raise DataError(first)
         if tokens is None:  # the other ranks map what the builder made
-            tokens = cached_tokens(d.path, d.text_field, tokenizer, cache, build=False)
+            tokens = dataset_tokens(d.path, d.text_field, tokenizer, d, build=False)
         return tokens
 
     # Keys a resumed run must share with its checkpoint: they fix which windows the data order
