@@ -179,8 +179,8 @@ class NVFP4QATLinear(nn.Linear):
         (q/k/v, gate/up: shared weight amax, see ``prepare``) x is quantized once and the
         group's weight scale computed once (one all-reduce under tensor parallelism). Under a TP
         plan the modules' layout hooks run around the shared forward (``_layout_hooks_only``).
-        Anything else (other module hooks, biases, calibration, weights of different
-        placements) takes the per-module path."""
+        Anything else (other module hooks, a forward replaced on the instance, biases, calibration,
+        weights of different placements) takes the per-module path."""
         if not _shares_input(linears):
             return [m(x) for m in linears]
         args = [_run_pre_hooks(m, (x,)) for m in linears]  # the TP plan's input layouts (or (x,))
@@ -307,6 +307,7 @@ def _shares_input(linears: Sequence[nn.Module]) -> bool:
             or m.bias is not None
             or m.config != first.config
             or not _layout_hooks_only(m)
+            or "forward" in m.__dict__  # a wrapped forward (torchtitan's parallelize) must run
         ):
             return False
         v = m.weight

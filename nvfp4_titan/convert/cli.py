@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tokenizer", type=Path, help="tokenizer file or folder to copy (default: the run's model.tokenizer_path)"
     )
+    p.add_argument(
+        "--torchtitan",
+        metavar="MODULE:FUNCTION",
+        help="CHECKPOINT is a torchtitan run's; its config function (as trained with --module M --config F)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
         "--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch"
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         a.calibration_data,
         a.calibration_seq_len,
         tokenizer=a.tokenizer,
+        torchtitan=a.torchtitan,
     )
     try:
         src = convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)

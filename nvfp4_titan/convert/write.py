@@ -53,6 +53,7 @@ class Options:
     calibration_seq_len: int | None = None
     max_shard_bytes: int = 5 * 2**30
     tokenizer: Path | None = None  # instead of the run's model.tokenizer_path
+    torchtitan: str | None = None  # MODULE:FUNCTION of a torchtitan run's config (the source is its DCP)
 
 
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
@@ -181,12 +182,12 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
 def _special_token_ids(src: Source) -> dict[str, int]:
     """bos/eos/pad ids for config.json: a Hugging Face source's own; a run's EOS (documents are
     trained with EOS appended and no BOS, so no BOS is claimed)."""
-    if src.config is None:
+    if src.config is None and (src.path / "config.json").is_file():
         hf = read_config(src.path)
         return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     from nvfp4_titan.data.tokenizer import load_tokenizer
 
-    return {"eos_token_id": load_tokenizer(src.tokenizer).eos_id}
+    return {} if src.tokenizer is None else {"eos_token_id": load_tokenizer(src.tokenizer).eos_id}
 
 
 def convert_checkpoint(
@@ -196,7 +197,12 @@ def convert_checkpoint(
     if o.fmt not in (*FORMATS, "hf"):
         raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")
     check_output(source, output, overwrite)
-    src = resolve_source(source)
+    if o.torchtitan:
+        from nvfp4_titan.torchtitan_qat.export import torchtitan_source  # needs the torchtitan extra
+
+        src = torchtitan_source(source, o.torchtitan)
+    else:
+        src = resolve_source(source)
     if o.tokenizer is not None:
         src.tokenizer = o.tokenizer
     with atomic_folder(output, source) as tmp:
