@@ -4,6 +4,9 @@ trains function F):
 
 - ``debug``: torchtitan's debug Llama (6 layers, dim 256) at this project's bundled tokenizer's
   vocabulary, on the bundled Shakespeare corpus (``data/assets``), 60 steps.
+- ``llama3_1b_qat``: ``recipes/llama3_1b_qat.toml`` (the Llama 3.2 1B shape from scratch on the
+  bundled corpus and tokenizer, FSDP over every GPU, bf16 params, selective AC, compile, lr 3e-4 with
+  30 warm-up steps, 300 steps of 4 x 2048 tokens per GPU); ``llama3_1b_bf16``: its float twin.
 - ``llama3_3b_qat``: the NVFP4 QAT fine-tune of ``recipes/llama3_3b_qat.toml`` (Llama-3.2-3B from a local
   Hugging Face folder, FSDP x TP 2, bf16 params, selective AC, compile, lr 2e-5 with 50 warm-up steps
   and cosine decay to 0.1x, 1000 steps of 64 x 2048 tokens).
@@ -14,6 +17,8 @@ linears need their weight shards as DTensors (``QATLinear.parallelize`` refuses 
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from datasets import load_dataset
 from torchtitan.components.checkpoint import CheckpointManager
@@ -80,32 +85,66 @@ def debug() -> Trainer.Config:
     )
 
 
-def _llama3_3b(converters: list) -> Trainer.Config:
-    spec = model_registry("3B", converters=converters)
+def _llama3(flavor: str, converters: list, **fields) -> Trainer.Config:
+    """A Llama 3 ``flavor`` run as this project's recipes set it: bf16 params, fp32 reductions,
+    FSDP over every GPU, selective activation checkpointing, compile, seq 2048, local batch 4."""
+    spec = model_registry(flavor, converters=converters)
+    training = {"local_batch_size": 4, "seq_len": 2048, "mixed_precision_param": "bfloat16"}
     return _trainer(
         spec,
+        training=TrainingConfig(**training, mixed_precision_reduce="float32", **fields.pop("training")),
+        dataloader=HuggingFaceTextDataLoader.Config(dataset=JSONL),
+        compile=CompileConfig(enable=True, components=["model"]),
+        activation_checkpoint=SelectiveAC.Config(),
+        **fields,
+    )
+
+
+def _llama3_1b(converters: list) -> Trainer.Config:
+    return _llama3(
+        "1B",
+        converters,
+        hf_assets_path="data/assets",
+        dump_folder="outputs/torchtitan_llama3_1b",
+        training={"steps": 300},
+        optimizer=default_adamw(lr=3e-4),
+        lr_scheduler=LRSchedulersContainer.Config(warmup_steps=30),
+        metrics=MetricsProcessor.Config(log_freq=10),
+        parallelism=ParallelismConfig(data_parallel_shard_degree=-1, spmd_backend="partial_dtensor"),
+        checkpoint=CheckpointManager.Config(enable=True, interval=100),
+    )
+
+
+def llama3_1b_qat() -> Trainer.Config:
+    """``recipes/llama3_1b_qat.toml`` in torchtitan: the Llama 3.2 1B shape from scratch with NVFP4 QAT
+    on the bundled corpus and tokenizer."""
+    return _llama3_1b([NVFP4QATConverter.Config(model_compile_enabled=True)])
+
+
+def llama3_1b_bf16() -> Trainer.Config:
+    """The float twin of ``llama3_1b_qat``."""
+    return _llama3_1b([])
+
+
+def _llama3_3b(converters: list) -> Trainer.Config:
+    return _llama3(
+        "3B",
+        converters,
         hf_assets_path=LLAMA_3B,
         dump_folder="outputs/torchtitan_llama3_3b",
+        training={"global_batch_size": 64, "steps": 1000, "max_norm": 1.0},
         optimizer=default_adamw(lr=2e-5, weight_decay=0.0),
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=50, decay_type="cosine", min_lr_factor=0.1),
-        training=TrainingConfig(
-            local_batch_size=4,
-            global_batch_size=64,
-            seq_len=2048,
-            steps=1000,
-            max_norm=1.0,
-            mixed_precision_param="bfloat16",
-            mixed_precision_reduce="float32",
-        ),
-        dataloader=HuggingFaceTextDataLoader.Config(dataset=JSONL),
         metrics=MetricsProcessor.Config(log_freq=10, enable_wandb=True),
         parallelism=ParallelismConfig(
             data_parallel_shard_degree=-1, tensor_parallel_degree=2, spmd_backend="partial_dtensor"
         ),
-        compile=CompileConfig(enable=True, components=["model"]),
-        activation_checkpoint=SelectiveAC.Config(),
         checkpoint=CheckpointManager.Config(
-            enable=True, interval=200, keep_latest_k=2, initial_load_path=LLAMA_3B, initial_load_in_hf=True
+            enable=True,
+            interval=200,
+            keep_latest_k=2,
+            initial_load_path=str(Path(LLAMA_3B).resolve()),  # torchtitan wants it absolute
+            initial_load_in_hf=True,
         ),
         validator=Validator.Config(freq=100, steps=4),
     )
