@@ -60,12 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE:FUNCTION",
         help="CHECKPOINT is a torchtitan run's; its config function (as trained with --module M --config F)",
     )
+    p.add_argument(
+        "--torchtitan-override",
+        metavar="TARGET",
+        action="append",
+        default=[],
+        help="with --torchtitan: an --override.imports entry the run was trained with (repeatable)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
         "--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch"
     )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.torchtitan_override and not a.torchtitan:
+        p.error("--torchtitan-override needs --torchtitan MODULE:FUNCTION")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     o = Options(
         a.format,
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         a.calibration_seq_len,
         tokenizer=a.tokenizer,
         torchtitan=a.torchtitan,
+        torchtitan_overrides=tuple(a.torchtitan_override),
     )
     try:
         src = convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)

@@ -47,6 +47,7 @@ class Source:
     tokenizer: Path | None = None  # the tokenizer file or folder the run names (HF: the folder)
     input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     method: str = "PTQ of a Hugging Face checkpoint"  # what the export is, for its metadata
+    run: bool = False  # a training run's checkpoint (train.py, torchtitan): its tokenizer must be found
 
 
 def _dcp_step(path: Path) -> Path | None:
@@ -115,6 +116,7 @@ def _dcp_source(step: Path) -> Source:
         cfg,
         Path(cfg.model.tokenizer_path),
         method=_method(step, cfg),
+        run=True,
     )
     if cfg.qat.activation_scale == "static":
         src.input_amax = {

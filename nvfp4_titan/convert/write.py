@@ -54,6 +54,7 @@ class Options:
     max_shard_bytes: int = 5 * 2**30
     tokenizer: Path | None = None  # instead of the run's model.tokenizer_path
     torchtitan: str | None = None  # MODULE:FUNCTION of a torchtitan run's config (the source is its DCP)
+    torchtitan_overrides: tuple[str, ...] = ()  # that run's --override.imports entries
 
 
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
@@ -73,10 +74,11 @@ def _copy_tokenizer(src: Source, out: Path) -> list[str]:
     if src.tokenizer is not None and src.tokenizer.is_file() and src.tokenizer.name not in TOKENIZER_FILES:
         folder = None  # not a tokenizer file: copy nothing from beside it
     has_files = folder is not None and any((folder / n).is_file() for n in TOKENIZER_FILES)
-    if not has_files and src.config is not None:
+    if not has_files and src.run:
+        named_by = "model.tokenizer_path" if src.config is not None else "hf_assets_path"
         raise ConvertError(
             f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) at {src.tokenizer}, the run's "
-            f"model.tokenizer_path (relative paths are taken from the current directory); pass --tokenizer PATH"
+            f"{named_by} (relative paths are taken from the current directory); pass --tokenizer PATH"
         )
     return copy_tokenizer_files(folder, out)
 
@@ -200,7 +202,7 @@ def convert_checkpoint(
     if o.torchtitan:
         from nvfp4_titan.torchtitan_qat.export import torchtitan_source  # needs the torchtitan extra
 
-        src = torchtitan_source(source, o.torchtitan)
+        src = torchtitan_source(source, o.torchtitan, o.torchtitan_overrides)
     else:
         src = resolve_source(source)
     if o.tokenizer is not None:

@@ -34,10 +34,13 @@ from nvfp4_titan.torchtitan_qat.modules import QATLinear
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def trainer_config(spec: str):
-    """The ``Trainer.Config`` that ``MODULE:FUNCTION`` returns (what ``--module M --config F`` trains).
+def trainer_config(spec: str, overrides: tuple[str, ...] = ()):
+    """The ``Trainer.Config`` that ``MODULE:FUNCTION`` returns (what ``--module M --config F`` trains),
+    with torchtitan's ``overrides`` applied (``--override.imports`` entries: ``module.function`` or
+    ``module.function={json kwargs}``).
 
-    Raises ``ConvertError`` for a spec that is not ``module:function`` or names nothing callable."""
+    Raises ``ConvertError`` for a spec that is not ``module:function``, names nothing callable, or an
+    override that cannot be applied."""
     module, _, function = spec.partition(":")
     if not module or not function:
         raise ConvertError(
@@ -47,7 +50,16 @@ def trainer_config(spec: str):
         fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
         raise ConvertError(f"--torchtitan {spec!r}: {e}") from None
-    return fn()
+    config = fn()
+    if overrides:
+        from torchtitan.config.override import OverrideConfig, apply_overrides, parse_cli_imports
+
+        try:
+            if not apply_overrides(OverrideConfig(imports=parse_cli_imports(list(overrides))), config):
+                raise ConvertError(f"--torchtitan-override {' '.join(overrides)}: replaced nothing in {spec}")
+        except (ImportError, ValueError, TypeError) as e:
+            raise ConvertError(f"--torchtitan-override {' '.join(overrides)}: {e}") from None
+    return config
 
 
 def model_args(model_config) -> ModelArgs:
@@ -103,7 +115,7 @@ def qat_config(model_config) -> nvfp4.QATConfig:
     if not converted:
         raise ConvertError(
             "the torchtitan config converts no linear to NVFP4 QAT: add NVFP4QATConverter.Config() to its "
-            "model_registry converters"
+            "model_registry converters, or name the run's --override.imports with --torchtitan-override"
         )
     qat = converted[0][1].qat
     names = tuple(n for fqn, *_ in converted for n in our_modules(fqn))
@@ -131,15 +143,16 @@ def latest_step(path: Path) -> Path:
     )
 
 
-def torchtitan_source(path: Path, spec: str) -> Source:
+def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) -> Source:
     """The DCP step (or the latest step of the run folder) ``path`` of a torchtitan run trained with
-    ``spec`` (``MODULE:FUNCTION``) as a ``Source`` in this project's tensor names.
+    ``spec`` (``MODULE:FUNCTION``) and ``overrides`` (its ``--override.imports``) as a ``Source`` in
+    this project's tensor names.
 
     Raises ``ConvertError`` for a missing or damaged step or a checkpoint of another model."""
     if not path.exists():
         raise ConvertError(f"{path} does not exist")
     step = latest_step(path)
-    config = trainer_config(spec)
+    config = trainer_config(spec, overrides)
     model_config = config.model_spec.model
     args = model_args(model_config)
     tt_adapter = Llama3StateDictAdapter(model_config, None)
@@ -197,4 +210,5 @@ def torchtitan_source(path: Path, spec: str) -> Source:
         None,
         Path(config.hf_assets_path),
         method=f"QAT in torchtitan ({qat_config(model_config).activation_scale} activation scales), {spec}",
+        run=True,
     )
