@@ -51,7 +51,10 @@ def run(smollm2_hf, tmp_path_factory):
             "--validation.freq=1",
             "--validation.steps=2",
             f"--checkpoint.interval={STEPS}",
-            "--optimizer.lr=1e-4",
+            # 3e-4: Adam's first steps move every weight by about lr whatever its gradient, so at 1e-4 the
+            # held-out loss of 3 steps went up or down with the CPU's float rounding (4.90 -> 4.86 here,
+            # 4.86 -> 4.87 on CI); at 3e-4 adapting to the plays wins: 4.78-4.79 -> 4.68-4.72 for lr +-1%
+            "--optimizer.lr=3e-4",
         ),
         recipe=RECIPE,
         timeout=600,
