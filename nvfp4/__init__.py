@@ -22,6 +22,7 @@ from nvfp4.inference import NVFP4Linear
 from nvfp4.qat.api import (
     calibrate,
     convert,
+    mark_calibrated,
     needs_calibration,
     prepare,
     qat_linears,
@@ -48,6 +49,7 @@ __all__ = [
     "dequantize",
     "dequantize_unscaled",
     "fake_quantize",
+    "mark_calibrated",
     "needs_calibration",
     "nvfp4_matmul",
     "prepare",

@@ -94,12 +94,12 @@ def test_codes_scales_and_outputs_equal_this_projects_model():
 @pytest.mark.parametrize(
     "qat,message",
     [
-        ({"activation_scale": "static"}, "no calibration pass"),
+        ({"activation_scale": "static", "calibration_batches": 0}, "calibration_batches = 0: give at least 1"),
         ({"share_fused_amax": False}, "fuses q, k and v into one linear"),
         ({"include": ["nothing.*"]}, "select no linear"),
         ({"tensor_scale": "e8m0"}, "tensor_scale='e8m0'"),
     ],
-    ids=["static", "unshared_qkv", "nothing", "bad_scale"],
+    ids=["no_calibration_batches", "unshared_qkv", "nothing", "bad_scale"],
 )
 def test_settings_it_cannot_train_as_deployed_are_refused(qat, message):
     with pytest.raises(ValueError, match=message):

@@ -62,8 +62,8 @@ def test_override_settings():
     assert len(linears) == 30 and all(m.config.tensor_scale == "amax" for m in linears)
     with pytest.raises(ValueError, match="unknown settings"):
         _overridden(exclude=["*"])
-    with pytest.raises(ValueError, match="no calibration pass"):
-        _overridden(activation_scale="static")
+    static = qat_linears(build(_overridden(activation_scale="static", calibration_batches=2))).values()
+    assert all(m.config.activation_scale == "static" and m.calibration_batches == 2 for m in static)
 
 
 def test_checkpoint_converts_with_the_override(tmp_path, monkeypatch, capsys):

@@ -2,11 +2,14 @@
 each QAT linear's weight amax is the unsharded weight's (with its fused peers'), and its per-shard
 NVFP4 quantization (this rank's shard, global tensor scale) joined across the ranks equals the
 quantization of the unsharded weight, computed here from the gathered weight (``nvfp4.quantize``).
-Writes ``shard_check.rank<N>.txt`` into the dump folder: the number of linears checked, or the first
-mismatch."""
+Writes into the dump folder, for rank N: ``shard_check.rankN.txt`` (the number of linears checked, or
+the first mismatch), ``batches.rankN.txt`` (a sha256 of each trained batch's tokens, one line per
+step) and ``input_amax.rankN.pt`` (every QAT linear's input amax, by name)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -50,15 +53,27 @@ def main() -> None:
     launch.patch_torchtitan()
     from torchtitan.trainer import Trainer
 
-    train = Trainer.train
+    train, step = Trainer.train, Trainer.forward_backward_step
+    trained: list[str] = []
+
+    def record_then_step(self, *, input_dict, labels, global_valid_tokens):
+        trained.append(hashlib.sha256(input_dict["input"].cpu().numpy().tobytes()).hexdigest())
+        return step(self, input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
 
     def train_then_check(self):
         train(self)
-        result = check(self.model_parts[0])
-        rank = torch.distributed.get_rank()
-        Path(self.config.dump_folder, f"shard_check.rank{rank}.txt").write_text(result)
+        model = self.model_parts[0]
+        dump, rank = Path(self.config.dump_folder), torch.distributed.get_rank()
+        (dump / f"shard_check.rank{rank}.txt").write_text(check(model))
+        (dump / f"batches.rank{rank}.txt").write_text("".join(f"{h}\n" for h in trained))
+        amax = {
+            re.sub(r"(_checkpoint_wrapped_module|_orig_mod)\.", "", n): m.input_amax.clone()  # the module's own name
+            for n, m in model.named_modules()
+            if isinstance(m, nvfp4.NVFP4QATLinear)
+        }
+        torch.save(amax, dump / f"input_amax.rank{rank}.pt")
 
-    Trainer.train = train_then_check
+    Trainer.train, Trainer.forward_backward_step = train_then_check, record_then_step
     from torchtitan.train import main as titan_main
 
     titan_main()

@@ -104,11 +104,33 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup
         dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
         for m, a in zip(layers, amaxes):
             m.input_amax.copy_(a)
-    for m in layers:
+    mark_calibrated(model)
+    return n
+
+
+def mark_calibrated(model: nn.Module) -> None:
+    """Check that every static-mode QAT linear of ``model`` holds a calibrated input amax (one host
+    sync) and mark it so: its forward then has no host check, as ``torch.compile(fullgraph=True)``
+    needs after loading a calibrated checkpoint. Fused-group peers are compared now, not in the first
+    (compiled) forward.
+
+    Raises ``RuntimeError`` naming the first uncalibrated linear (input amax -1).
+    """
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, NVFP4QATLinear) and m.config.activation_scale == "static"
+    }
+    if not layers:
+        return
+    amaxes = torch.stack([local(m.input_amax) for m in layers.values()]).tolist()
+    for name, a in zip(layers, amaxes):
+        if a < 0:
+            raise RuntimeError(f"{name}: static activation scale is not calibrated; run nvfp4.calibrate")
+    for m in layers.values():
         m._calibrated = True
         m._same_input_amax = None
-        m._peers_share_input_amax()  # now, not in the first (compiled) forward
-    return n
+        m._peers_share_input_amax()
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@ functions returning a ``Trainer.Config``; ``--module nvfp4_titan.torchtitan_qat.
 trains function F):
 
 - ``debug``: torchtitan's debug Llama (6 layers, dim 256) at this project's bundled tokenizer's
-  vocabulary, on the bundled Shakespeare corpus (``data/assets``), 60 steps.
+  vocabulary, on the bundled Shakespeare corpus (``data/assets``), 60 steps; ``debug_static``: the
+  same with static activation scales.
 - ``llama3_1b_qat``: ``recipes/llama3_1b_qat.toml`` (the Llama 3.2 1B shape from scratch on the
   bundled corpus and tokenizer, FSDP over every GPU, bf16 params, selective AC, compile, lr 3e-4 with
   30 warm-up steps, 300 steps of 4 x 2048 tokens per GPU); ``llama3_1b_bf16``: its float twin.
@@ -70,10 +71,11 @@ def debug_spec(**qat) -> ModelSpec:
     return _set_vocab(model_registry("debugmodel", converters=[NVFP4QATConverter.Config(**qat)]), DEBUG_VOCAB)
 
 
-def debug() -> Trainer.Config:
-    """torchtitan's debug Llama with NVFP4 QAT (dynamic activation scales, pow2 tensor scales)."""
+def debug(**qat) -> Trainer.Config:
+    """torchtitan's debug Llama with NVFP4 QAT (by default dynamic activation scales, pow2 tensor
+    scales; ``qat``: ``NVFP4QATConverter.Config`` fields)."""
     return _trainer(
-        debug_spec(),
+        debug_spec(**qat),
         hf_assets_path="data/assets",
         dump_folder="outputs/torchtitan_debug",
         optimizer=default_adamw(lr=1e-3),
@@ -83,6 +85,11 @@ def debug() -> Trainer.Config:
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
         checkpoint=CheckpointManager.Config(enable=True, interval=20),
     )
+
+
+def debug_static() -> Trainer.Config:
+    """``debug`` with static activation scales, calibrated by the launcher on the first 4 batches."""
+    return debug(activation_scale="static")
 
 
 def _llama3(flavor: str, converters: list, **fields) -> Trainer.Config:

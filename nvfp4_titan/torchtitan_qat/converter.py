@@ -31,8 +31,9 @@ class NVFP4QATConverter(QuantizationConverter):
 
     Raises ``ValueError`` for what would train with numerics the deployed model does not have: a
     selected linear whose in_features is not a multiple of 16, ``share_fused_amax = False`` with a
-    fused ``wqkv``, ``activation_scale = "static"`` (torchtitan's trainer has no calibration pass)
-    and a converter that selects no linear.
+    fused ``wqkv``, a ``calibration_batches`` below 1 and a converter that selects no linear. Static
+    activation scales are calibrated by ``nvfp4_titan.torchtitan_qat.launch`` (torchtitan's own
+    ``torchtitan.train`` has no calibration pass; its first forward raises ``RuntimeError``).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -42,11 +43,15 @@ class NVFP4QATConverter(QuantizationConverter):
         exclude: list[str] = field(default_factory=lambda: ["lm_head", "*.lm_head"])
         """Patterns kept in high precision (default: the output head, as this project's recipes)."""
         activation_scale: str = "dynamic"
-        """dynamic (per-input amax) or none (weight-only, W4A16); see ``nvfp4.QATConfig``."""
+        """dynamic (per-input amax), static (calibrated on the run's first ``calibration_batches`` batches by
+        the launcher, then frozen) or none (weight-only, W4A16); see ``nvfp4.QATConfig``."""
         tensor_scale: str = "pow2"
         """pow2 (power-of-two tensor scales, decoded identically by every engine) or amax."""
         share_fused_amax: bool = True
         """One weight amax for the linears engines fuse (q/k/v, gate/up)."""
+        calibration_batches: int = 4
+        """Static activation scales: the training batches (per rank, before the first step) whose input
+        amax, the max over all ranks, becomes every QAT linear's frozen input amax."""
 
         def qat_config(self) -> nvfp4.QATConfig:
             """The ``nvfp4.QATConfig`` these fields describe (raises ``ValueError`` for bad values)."""
@@ -61,11 +66,8 @@ class NVFP4QATConverter(QuantizationConverter):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.qat = config.qat_config()
-        if self.qat.activation_scale == "static":
-            raise ValueError(
-                "activation_scale = 'static' needs calibrated input amaxes, and torchtitan's trainer has no "
-                "calibration pass: use 'dynamic' (or train.py, whose recipes calibrate)"
-            )
+        if config.calibration_batches < 1:
+            raise ValueError(f"calibration_batches = {config.calibration_batches}: give at least 1")
 
     def convert(self, model_config):
         """Rewrite ``model_config`` (a torchtitan ``Decoder.Config``) in place and return it."""
@@ -92,7 +94,11 @@ class NVFP4QATConverter(QuantizationConverter):
                     f"{fqn}: in_features={cfg.in_features} is not a multiple of {nvfp4.BLOCK_SIZE}, along which "
                     f"NVFP4 blocks run; exclude it"
                 )
-            new = QATLinear.Config(**{f.name: getattr(cfg, f.name) for f in fields(Linear.Config)}, qat=qat)
+            new = QATLinear.Config(
+                **{f.name: getattr(cfg, f.name) for f in fields(Linear.Config)},
+                qat=qat,
+                calibration_batches=self.config.calibration_batches,
+            )
             _replace(parent, attr, new)
             swapped += 1
         if swapped == 0:

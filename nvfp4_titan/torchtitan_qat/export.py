@@ -181,10 +181,7 @@ def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) ->
             f"{spec}'s model (flavor {config.model_spec.flavor})?"
         )
 
-    def read(name: str) -> torch.Tensor:
-        key = keys.get(name)
-        if key is None:
-            raise ConvertError(f"{step}: has no tensor for {name}")
+    def load(key: str) -> torch.Tensor:
         m = meta[key]
         t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
         try:
@@ -195,20 +192,36 @@ def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) ->
             raise ConvertError(
                 f"{step}: cannot read {key}: truncated or corrupt ({str(e).splitlines()[0][:200]})"
             ) from None
-        return next(iter(tt_adapter.to_hf({key: t}).values()))
+        return t
+
+    def read(name: str) -> torch.Tensor:
+        key = keys.get(name)
+        if key is None:
+            raise ConvertError(f"{step}: has no tensor for {name}")
+        return next(iter(tt_adapter.to_hf({key: load(key)}).values()))
 
     for name, shape in shapes.items():
         if tuple(meta[keys[name]].size) != shape:
             raise ConvertError(f"{step}: {keys[name]} has shape {tuple(meta[keys[name]].size)}, not {spec}'s model's")
+    qat = qat_config(model_config)
+    input_amax = {}  # static: our module name -> the calibrated amax (a fused wqkv's is q's, k's and v's)
+    if qat.activation_scale == "static":
+        for key in meta:
+            if key.endswith(".input_amax"):
+                amax = load(key)
+                input_amax |= {name: amax for name in our_modules(key.removesuffix(".input_amax"))}
+        if missing := sorted(set(qat.include) - set(input_amax)):
+            raise ConvertError(f"{step}: has no calibrated input amax for {missing[0]} ({len(missing)} missing)")
     return Source(
         step,
         args,
-        qat_config(model_config),
+        qat,
         _DTYPES[config.training.mixed_precision_param],
         read,
         sorted(expected),
         None,
         Path(config.hf_assets_path),
-        method=f"QAT in torchtitan ({qat_config(model_config).activation_scale} activation scales), {spec}",
+        input_amax=input_amax,
+        method=f"QAT in torchtitan ({qat.activation_scale} activation scales), {spec}",
         run=True,
     )

@@ -12,16 +12,26 @@ without a GPU, on the CPU:
   form of the same block mask (document-causal: the same attention, slower). FSDP reduces
   gradients with SUM: gloo has no PREMUL_SUM, and torchtitan's divide factor is 1 (it scales the
   loss by the global token count), so the sums are the same.
+
+And one addition, for static activation scales (``NVFP4QATConverter.Config(activation_scale="static")``):
+before the first step of a run whose QAT linears are not calibrated, their input amax is calibrated
+on the run's first ``calibration_batches`` batches (max over every rank), which the run then trains
+on, as ``train.py`` does; a run resumed from a checkpoint keeps the amax it saved. torchtitan's own
+``torchtitan.train`` stops at the first forward of an uncalibrated model (``RuntimeError``).
 Everything else is torchtitan's own trainer, unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+import nvfp4
 
 
 def _keep_timeouts(timeout, parallel_dims) -> None:
@@ -56,6 +66,56 @@ def _flex_as_sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa).transpose(1, 2)
 
 
+class _TrainerForward(nn.Module):
+    """``model`` called as torchtitan's training step calls it, on one ``(input_dict, labels)`` batch."""
+
+    def __init__(self, trainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.model = trainer.model_parts[0]
+
+    def forward(self, batch) -> torch.Tensor:
+        t = self.trainer
+        input_dict = {k: v.to(t.device) if isinstance(v, torch.Tensor) else v for k, v in batch[0].items()}
+        seen = t.ntokens_seen  # counted again when the step trains on this batch
+        inputs, _, kwargs = t.post_dataloading_process(input_dict, batch[1].to(t.device))
+        t.ntokens_seen = seen
+        return self.model(inputs, **kwargs)
+
+
+def _calibrating(batch_generator):
+    """torchtitan's ``Trainer.batch_generator``, which first calibrates static activation scales on the
+    run's next ``calibration_batches`` batches when the model (loaded by then) holds none. The data
+    loader is rewound after reading them (its state saved and loaded back), so the run trains on the
+    same batches, and a checkpoint's data position counts only trained ones."""
+    from torchtitan.tools.logging import logger
+
+    def generate(self, data_iterable):
+        model = self.model_parts[0]
+        static = [m for m in nvfp4.qat_linears(model) if m.config.activation_scale == "static"]
+        if static and len(self.model_parts) > 1:
+            raise NotImplementedError(
+                "static activation scales with pipeline parallelism: use activation_scale = 'dynamic' or "
+                "parallelism.pipeline_parallel_degree = 1"
+            )
+        if static and nvfp4.needs_calibration(model):
+            n = static[0].calibration_batches
+            state = self.dataloader.state_dict()
+            batches = list(itertools.islice(iter(data_iterable), n))
+            self.dataloader.load_state_dict(state)
+            if len(batches) < n:
+                raise ValueError(
+                    f"calibration_batches = {n}, but the data holds {len(batches)} batches per rank: lower it"
+                )
+            nvfp4.calibrate(_TrainerForward(self), batches)
+            logger.info(f"NVFP4 QAT: calibrated static activation scales on {n} batches per rank")
+        elif static:
+            nvfp4.mark_calibrated(model)
+        yield from batch_generator(self, data_iterable)
+
+    return generate
+
+
 _CPU = types.SimpleNamespace(
     set_device=lambda device: None,
     current_device=lambda: 0,
@@ -79,6 +139,11 @@ _DEVICE_MODULES = (  # torchtitan modules that bind device_type / device_module 
 def patch_torchtitan() -> None:
     """Apply the compatibility fixes of the module docstring (idempotent)."""
     import torchtitan.distributed.utils as dist_utils
+    from torchtitan.trainer import Trainer
+
+    if not getattr(Trainer.batch_generator, "calibrates", False):
+        Trainer.batch_generator = _calibrating(Trainer.batch_generator)
+        Trainer.batch_generator.calibrates = True
 
     if not hasattr(torch.distributed, "set_timeout"):
         dist_utils.set_pg_timeouts = _keep_timeouts

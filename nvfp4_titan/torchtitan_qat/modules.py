@@ -42,6 +42,8 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
     @dataclass(kw_only=True, slots=True)
     class Config(Linear.Config):
         qat: nvfp4.QATConfig = field(default_factory=nvfp4.QATConfig)
+        calibration_batches: int = 4
+        """Static activation scales: batches the launcher calibrates on (``NVFP4QATConverter.Config``)."""
 
         def build(self, **kwargs) -> QATLinear:
             instance = Module.Config.build(self, **kwargs)  # slots=True: no zero-argument super()
@@ -54,6 +56,7 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
     def __init__(self, config: Config) -> None:
         super().__init__(config.in_features, config.out_features, bias=config.bias, config=config.qat)
         self.register_buffer("input_amax", None)  # see the class docstring; _init_self_buffers fills it
+        self.calibration_batches = config.calibration_batches
 
     def parallelize(self, parallel_dims) -> None:
         if parallel_dims.tp_enabled and parallel_dims.spmd_backend != "partial_dtensor":

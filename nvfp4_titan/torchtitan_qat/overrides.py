@@ -9,9 +9,9 @@
 configs become ``QATLinear`` configs and its ``FeedForward`` a ``QATFeedForward`` (gate and up share
 one amax), exactly as ``NVFP4QATConverter`` does with its defaults (the output head stays in high
 precision). Keyword arguments (``'...nvfp4_qat={"tensor_scale": "amax"}'``) set
-``activation_scale`` and ``tensor_scale``. One override on the block: torchtitan applies a claim to
-the node's parent as collected, so separate claims on a feed-forward and on its linears would leave
-the replaced feed-forward holding the old linears.
+``activation_scale``, ``tensor_scale`` and ``calibration_batches``. One override on the block:
+torchtitan applies a claim to the node's parent as collected, so separate claims on a feed-forward
+and on its linears would leave the replaced feed-forward holding the old linears.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from nvfp4_titan.torchtitan_qat.converter import NVFP4QATConverter
 )
 def nvfp4_qat(cfg: TransformerBlock.Config, **qat) -> TransformerBlock.Config:
     """The block ``cfg`` with its linears NVFP4 QAT ones (``qat``: ``activation_scale``,
-    ``tensor_scale``). Raises ``ValueError`` for other keys or values ``NVFP4QATConverter`` refuses."""
-    if unknown := set(qat) - {"activation_scale", "tensor_scale"}:
-        raise ValueError(f"nvfp4_qat: unknown settings {sorted(unknown)}; give activation_scale, tensor_scale")
+    ``tensor_scale``, ``calibration_batches``). Raises ``ValueError`` for other keys or values
+    ``NVFP4QATConverter`` refuses."""
+    if unknown := set(qat) - {"activation_scale", "tensor_scale", "calibration_batches"}:
+        raise ValueError(
+            f"nvfp4_qat: unknown settings {sorted(unknown)}; give activation_scale, tensor_scale, calibration_batches"
+        )
     block = derive(cfg, type(cfg))
     return NVFP4QATConverter(NVFP4QATConverter.Config(**qat)).convert(block)

@@ -292,6 +292,23 @@ def test_calibrated_amax_survives_state_dict_round_trip():
     assert torch.equal(dst(x), src(x))
 
 
+def test_mark_calibrated_lets_a_loaded_static_model_compile_without_graph_breaks():
+    src = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 16))
+    nvfp4.prepare(src, QATConfig(activation_scale="static"))
+    nvfp4.calibrate(src, _batches(2, 3, 32))
+    dst = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 16))
+    nvfp4.prepare(dst, QATConfig(activation_scale="static"))
+    with pytest.raises(RuntimeError, match=r"^0: static activation scale is not calibrated"):
+        nvfp4.mark_calibrated(dst)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 32)
+    with pytest.raises(torch._dynamo.exc.UserError, match="input_amax"):  # the first forward's host check
+        torch.compile(dst, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    nvfp4.mark_calibrated(dst)
+    assert torch.equal(torch.compile(dst, backend="eager", fullgraph=True)(x), src(x))
+
+
 def test_prepare_rejects_k_not_multiple_of_16_naming_layer():
     model = nn.Sequential(nn.Linear(20, 16))
     with pytest.raises(ValueError, match=r"^0: in_features=20"):
