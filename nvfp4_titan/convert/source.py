@@ -75,6 +75,22 @@ class _MetadataOnceReader(dcp.FileSystemReader):
         return self._metadata
 
 
+def load_tensor(step: Path, reader: _MetadataOnceReader, key: str) -> torch.Tensor:
+    """The tensor ``key`` of the DCP step ``step``, read alone (in its stored dtype, on the CPU).
+    Raises ``ConvertError`` when the step's files cannot give it (truncated or corrupt)."""
+    m = reader.read_metadata().state_dict_metadata[key]
+    t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load({key: t}, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        raise ConvertError(
+            f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})"
+        ) from None
+    return t
+
+
 def _dcp_source(step: Path) -> Source:
     for need in ("config.toml", "model_args.json"):
         if not (step / need).is_file():
@@ -93,17 +109,7 @@ def _dcp_source(step: Path) -> Source:
         key = f"model.{name}"
         if key not in meta:
             raise ConvertError(f"{step}: has no tensor {key}; is it a checkpoint of this model?")
-        m = meta[key]
-        t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load({key: t}, storage_reader=reader, no_dist=True)
-        except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            raise ConvertError(
-                f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})"
-            ) from None
-        return t
+        return load_tensor(step, reader, key)
 
     names = [k.removeprefix("model.") for k in meta if k.startswith("model.") and not k.endswith("input_amax")]
     src = Source(

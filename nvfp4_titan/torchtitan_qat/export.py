@@ -19,13 +19,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.models.common.rope import RoPE
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
 import nvfp4
-from nvfp4_titan.convert.source import ConvertError, Source, _MetadataOnceReader
+from nvfp4_titan.convert.source import ConvertError, Source, _MetadataOnceReader, load_tensor
 from nvfp4_titan.models.llama3 import ModelArgs, Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from nvfp4_titan.models.llama3.args import RopeScaling
@@ -181,24 +179,11 @@ def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) ->
             f"{spec}'s model (flavor {config.model_spec.flavor})?"
         )
 
-    def load(key: str) -> torch.Tensor:
-        m = meta[key]
-        t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load({key: t}, storage_reader=reader, no_dist=True)
-        except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            raise ConvertError(
-                f"{step}: cannot read {key}: truncated or corrupt ({str(e).splitlines()[0][:200]})"
-            ) from None
-        return t
-
     def read(name: str) -> torch.Tensor:
         key = keys.get(name)
         if key is None:
             raise ConvertError(f"{step}: has no tensor for {name}")
-        return next(iter(tt_adapter.to_hf({key: load(key)}).values()))
+        return next(iter(tt_adapter.to_hf({key: load_tensor(step, reader, key)}).values()))
 
     for name, shape in shapes.items():
         if tuple(meta[keys[name]].size) != shape:
@@ -208,7 +193,7 @@ def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) ->
     if qat.activation_scale == "static":
         for key in meta:
             if key.endswith(".input_amax"):
-                amax = load(key)
+                amax = load_tensor(step, reader, key)
                 input_amax |= {name: amax for name in our_modules(key.removesuffix(".input_amax"))}
         if missing := sorted(set(qat.include) - set(input_amax)):
             raise ConvertError(f"{step}: has no calibrated input amax for {missing[0]} ({len(missing)} missing)")
