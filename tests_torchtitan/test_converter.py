@@ -94,12 +94,21 @@ def test_codes_scales_and_outputs_equal_this_projects_model():
 @pytest.mark.parametrize(
     "qat,message",
     [
-        ({"activation_scale": "static", "calibration_batches": 0}, "calibration_batches = 0: give at least 1"),
+        ({"activation_scale": "static", "calibration_batches": 0}, "calibration_batches = 0: give a whole number"),
+        ({"activation_scale": "static", "calibration_batches": "2"}, "calibration_batches = '2': give a whole"),
+        ({"activation_scale": "static", "calibration_batches": True}, "calibration_batches = True: give a whole"),
         ({"share_fused_amax": False}, "fuses q, k and v into one linear"),
         ({"include": ["nothing.*"]}, "select no linear"),
         ({"tensor_scale": "e8m0"}, "tensor_scale='e8m0'"),
     ],
-    ids=["no_calibration_batches", "unshared_qkv", "nothing", "bad_scale"],
+    ids=[
+        "no_calibration_batches",
+        "calibration_batches_str",
+        "calibration_batches_bool",
+        "unshared_qkv",
+        "nothing",
+        "bad_scale",
+    ],
 )
 def test_settings_it_cannot_train_as_deployed_are_refused(qat, message):
     with pytest.raises(ValueError, match=message):
@@ -110,3 +119,9 @@ def test_share_fused_amax_false_without_qkv_trains_gate_and_up_apart():
     cfg = model_config(share_fused_amax=False, exclude=["lm_head", "*.qkv_linear.*"])
     ffn = build(cfg).layers["0"].feed_forward
     assert ffn.w1.amax_peers == () and ffn.w3.amax_peers == ()
+
+
+def test_an_uncalibrated_static_model_names_the_launcher():
+    model = build(model_config(activation_scale="static"))
+    with pytest.raises(RuntimeError, match=r"before calibration: train with `-m nvfp4_titan\.torchtitan_qat\.launch`"):
+        model(torch.zeros(1, 16, dtype=torch.long))

@@ -1,7 +1,8 @@
 """A torchtitan DCP checkpoint of a QAT run converts with this project's converter
 (``--torchtitan MODULE:FUNCTION``) to an NVFP4 checkpoint whose decoded weights are, bit for bit, the
 weights torchtitan's QAT forward used (rows mapped as torchtitan's checkpoint and adapter map them);
-``--verify`` passes; a checkpoint of another model is refused by name."""
+``--verify`` passes; a checkpoint of another model, one whose tensors torchtitan's ``export_dtype``
+narrowed, and one given with another activation-scale mode than it trained with are refused by name."""
 
 from __future__ import annotations
 
@@ -61,13 +62,42 @@ def test_export_decodes_to_the_qat_forwards_weights(tmp_path, monkeypatch, fmt):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
-    model = build(model_config(), seed=2)
-    state = ModelWrapper(model).state_dict()
+def _missing_w2(state: dict) -> None:
     del state["layers.5.feed_forward.w2.weight"]
+
+
+def _amaxes(state: dict, value: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+    for key in [k for k in state if k.endswith(".input_amax")]:
+        state[key] = torch.tensor(value)
+    state["layers.2.feed_forward.w1.input_amax"] = torch.tensor(value, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "config,edit,message",
+    [
+        ("debug", _missing_w2, "has no tensor for layers.5.feed_forward.w2.weight"),
+        (  # torchtitan's export_dtype casts the last step: the fp32 weights the forward used are gone
+            "debug",
+            lambda s: s.update({"layers.1.attention.wo.weight": s["layers.1.attention.wo.weight"].bfloat16()}),
+            "layers.1.attention.wo.weight is stored in torch.bfloat16, narrower than the torch.float32",
+        ),
+        ("debug", _amaxes, "holds a calibrated amax: the run trained with static activation scales"),
+        ("debug_static", lambda s: None, "was never calibrated, as in a run trained with dynamic activation"),
+        (
+            "debug_static",
+            lambda s: _amaxes(s, 3.0, torch.bfloat16),
+            "layers.2.feed_forward.w1.input_amax is stored in torch.bfloat16, narrower than the float32 amax",
+        ),
+    ],
+    ids=["another_model", "narrowed_weight", "static_run_as_dynamic", "dynamic_run_as_static", "narrowed_amax"],
+)
+def test_checkpoint_that_would_not_export_as_trained_is_refused(tmp_path, monkeypatch, capsys, config, edit, message):
+    monkeypatch.chdir(REPO)
+    state = ModelWrapper(build(model_config(), seed=2)).state_dict()
+    edit(state)
     dcp.save(state, checkpoint_id=tmp_path / "step-1", no_dist=True)
     out = tmp_path / "nvfp4"
-    assert convert([str(tmp_path / "step-1"), str(out), "--torchtitan", CONFIG, "--calibration-batches", "0"]) == 2
-    assert "has no tensor for layers.5.feed_forward.w2.weight" in capsys.readouterr().err
+    spec = f"nvfp4_titan.torchtitan_qat.configs:{config}"
+    assert convert([str(tmp_path / "step-1"), str(out), "--torchtitan", spec, "--calibration-batches", "0"]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()

@@ -39,6 +39,9 @@ class NVFP4QATLinear(nn.Linear):
     weight amax: the max over the group.
     """
 
+    uncalibrated_fix = "run nvfp4.calibrate(model, batches) or load a calibrated checkpoint"
+    """What the error of a static-mode forward before calibration tells the user to do."""
+
     def __init__(
         self,
         in_features: int,
@@ -100,10 +103,7 @@ class NVFP4QATLinear(nn.Linear):
             return s
         if not self._calibrated:
             if float(self.input_amax) < 0:  # one host sync per module lifetime
-                raise RuntimeError(
-                    "static activation scale used before calibration: run "
-                    "nvfp4.calibrate(model, batches) or load a calibrated checkpoint"
-                )
+                raise RuntimeError(f"static activation scale used before calibration: {self.uncalibrated_fix}")
             self._calibrated = True
         return tensor_scale(self.input_amax, tensor_scale_mode)
 

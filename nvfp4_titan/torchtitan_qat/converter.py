@@ -66,8 +66,9 @@ class NVFP4QATConverter(QuantizationConverter):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.qat = config.qat_config()
-        if config.calibration_batches < 1:
-            raise ValueError(f"calibration_batches = {config.calibration_batches}: give at least 1")
+        n = config.calibration_batches
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"calibration_batches = {n!r}: give a whole number of batches, at least 1")
 
     def convert(self, model_config):
         """Rewrite ``model_config`` (a torchtitan ``Decoder.Config``) in place and return it."""

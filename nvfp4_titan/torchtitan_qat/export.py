@@ -141,6 +141,14 @@ def latest_step(path: Path) -> Path:
     )
 
 
+def _narrowed(step: Path, key: str, dtype: torch.dtype, used: str) -> str:
+    return (
+        f"{step}: {key} is stored in {dtype}, narrower than {used}: torchtitan's checkpoint.export_dtype "
+        f"casts the last step's model-only save; convert a full step saved at checkpoint.interval, or train with "
+        f"checkpoint.export_dtype = 'float32'"
+    )
+
+
 def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) -> Source:
     """The DCP step (or the latest step of the run folder) ``path`` of a torchtitan run trained with
     ``spec`` (``MODULE:FUNCTION``) and ``overrides`` (its ``--override.imports``) as a ``Source`` in
@@ -185,23 +193,39 @@ def torchtitan_source(path: Path, spec: str, overrides: tuple[str, ...] = ()) ->
             raise ConvertError(f"{step}: has no tensor for {name}")
         return next(iter(tt_adapter.to_hf({key: load_tensor(step, reader, key)}).values()))
 
+    cast = _DTYPES[config.training.mixed_precision_param]
     for name, shape in shapes.items():
-        if tuple(meta[keys[name]].size) != shape:
-            raise ConvertError(f"{step}: {keys[name]} has shape {tuple(meta[keys[name]].size)}, not {spec}'s model's")
+        m = meta[keys[name]]
+        if tuple(m.size) != shape:
+            raise ConvertError(f"{step}: {keys[name]} has shape {tuple(m.size)}, not {spec}'s model's")
+        if m.properties.dtype not in (torch.float32, cast):
+            raise ConvertError(_narrowed(step, keys[name], m.properties.dtype, f"the {cast} the QAT forward used"))
     qat = qat_config(model_config)
+    amaxes = {key: load_tensor(step, reader, key) for key in meta if key.endswith(".input_amax")}
     input_amax = {}  # static: our module name -> the calibrated amax (a fused wqkv's is q's, k's and v's)
-    if qat.activation_scale == "static":
-        for key in meta:
-            if key.endswith(".input_amax"):
-                amax = load_tensor(step, reader, key)
-                input_amax |= {name: amax for name in our_modules(key.removesuffix(".input_amax"))}
-        if missing := sorted(set(qat.include) - set(input_amax)):
-            raise ConvertError(f"{step}: has no calibrated input amax for {missing[0]} ({len(missing)} missing)")
+    for key, amax in amaxes.items():
+        if qat.activation_scale != "static" and amax >= 0:
+            raise ConvertError(
+                f"{step}: {key} holds a calibrated amax: the run trained with static activation scales, but {spec}"
+                f"{' with ' + ' '.join(overrides) if overrides else ''} gives {qat.activation_scale!r} ones; give "
+                f"--torchtitan (and --torchtitan-override) as the run was trained"
+            )
+        if qat.activation_scale == "static":
+            if amax.dtype != torch.float32:
+                raise ConvertError(_narrowed(step, key, amax.dtype, "the float32 amax the QAT forward used"))
+            if amax < 0:
+                raise ConvertError(
+                    f"{step}: {key} was never calibrated, as in a run trained with dynamic activation scales, but "
+                    f"{spec} gives static ones; give --torchtitan (and --torchtitan-override) as the run was trained"
+                )
+            input_amax |= {name: amax for name in our_modules(key.removesuffix(".input_amax"))}
+    if qat.activation_scale == "static" and (missing := sorted(set(qat.include) - set(input_amax))):
+        raise ConvertError(f"{step}: has no calibrated input amax for {missing[0]} ({len(missing)} missing)")
     return Source(
         step,
         args,
         qat,
-        _DTYPES[config.training.mixed_precision_param],
+        cast,
         read,
         sorted(expected),
         None,

@@ -39,6 +39,11 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
     reason (the input's amax would be one sequence shard's).
     """
 
+    uncalibrated_fix = (
+        "train with `-m nvfp4_titan.torchtitan_qat.launch` (torchtitan's trainer plus the calibration of "
+        "static scales before the first step) or set activation_scale = 'dynamic'"
+    )
+
     @dataclass(kw_only=True, slots=True)
     class Config(Linear.Config):
         qat: nvfp4.QATConfig = field(default_factory=nvfp4.QATConfig)
