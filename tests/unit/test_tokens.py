@@ -425,7 +425,17 @@ def _running_build(tmp_path, tokenizer) -> tuple[subprocess.Popen, Path, list[in
     (tmp_path / "build.py").write_text(_BUILD_SCRIPT)
     cmd = [sys.executable, str(tmp_path / "build.py"), str(path), str(cache), str(tokenizer.path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT at its default, as from a terminal: a suite started in the background (`cmd &` in a
+    # script) hands its children SIGINT ignored, and Python then keeps ignoring it
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     build = cache / f".{token_cache(cache, corpus_key(path, 'text', tokenizer)).name}.build"
     deadline = time.time() + 60
     while not list(build.glob("part-*.npz")) and time.time() < deadline and proc.poll() is None:
