@@ -28,6 +28,7 @@ from nvfp4.qat.api import (
     qat_linears,
     selected_linears,
     set_enabled,
+    static_linears,
 )
 from nvfp4.qat.config import QATConfig
 from nvfp4.qat.linear import NVFP4QATLinear
@@ -58,6 +59,7 @@ __all__ = [
     "quantize_with_scale",
     "selected_linears",
     "set_enabled",
+    "static_linears",
     "tensor_scale",
     "unpack_codes",
 ]

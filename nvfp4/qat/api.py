@@ -72,9 +72,18 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
         m.enabled = enabled
 
 
+def static_linears(model: nn.Module) -> dict[str, NVFP4QATLinear]:
+    """The QAT linears of ``model`` with static activation scales, by module name."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, NVFP4QATLinear) and m.config.activation_scale == "static"
+    }
+
+
 def needs_calibration(model: nn.Module) -> bool:
     """True if a static-mode QAT linear has no calibrated input amax yet (one host sync)."""
-    static = [m.input_amax for m in qat_linears(model) if m.config.activation_scale == "static"]
+    static = [m.input_amax for m in static_linears(model).values()]
     return bool(static) and bool((torch.stack([local(a) for a in static]) < 0).any())
 
 
@@ -85,7 +94,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup
     Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also
     the max over all ranks of ``group`` (default: the world). Returns the batch count.
     """
-    layers = [m for m in qat_linears(model) if m.config.activation_scale == "static"]
+    layers = list(static_linears(model).values())
     for m in layers:
         m.input_amax.zero_()
         m.calibrating = True
@@ -116,11 +125,7 @@ def mark_calibrated(model: nn.Module) -> None:
 
     Raises ``RuntimeError`` naming the first uncalibrated linear (input amax -1).
     """
-    layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, NVFP4QATLinear) and m.config.activation_scale == "static"
-    }
+    layers = static_linears(model)
     if not layers:
         return
     amaxes = torch.stack([local(m.input_amax) for m in layers.values()]).tolist()

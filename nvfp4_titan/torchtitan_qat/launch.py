@@ -92,7 +92,7 @@ def _calibrating(batch_generator):
 
     def generate(self, data_iterable):
         model = self.model_parts[0]
-        static = [m for m in nvfp4.qat_linears(model) if m.config.activation_scale == "static"]
+        static = list(nvfp4.static_linears(model).values())
         if static and len(self.model_parts) > 1:
             raise NotImplementedError(
                 "static activation scales with pipeline parallelism: use activation_scale = 'dynamic' or "
