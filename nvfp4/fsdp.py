@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 from nvfp4.format import amax, tensor_scale
 from nvfp4.fsdp_tensors import NVFP4GatheredWeight, NVFP4TrainingWeight
@@ -33,7 +34,14 @@ from nvfp4.qat.api import qat_linears
 from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import reduce_amax, sharded_dims
 
-__all__ = ["NVFP4GatheredWeight", "NVFP4TrainingWeight", "enable_nvfp4_all_gather", "precompute_weight_scales"]
+__all__ = [
+    "NVFP4GatheredWeight",
+    "NVFP4TrainingWeight",
+    "enable_nvfp4_all_gather",
+    "gathers_nvfp4",
+    "precompute_weight_scales",
+    "precompute_weight_scales_when_stale",
+]
 
 
 def enable_nvfp4_all_gather(model: nn.Module, param_dtype: torch.dtype) -> int:
@@ -98,6 +106,11 @@ def _shard(p: torch.Tensor) -> torch.Tensor:
     return p._local_tensor if isinstance(p, DTensor) else p
 
 
+def gathers_nvfp4(p: torch.Tensor) -> bool:
+    """Whether FSDP2 all-gathers parameter ``p`` as NVFP4 (``enable_nvfp4_all_gather`` wrapped it)."""
+    return isinstance(_shard(p), NVFP4TrainingWeight)
+
+
 @torch.no_grad()
 def precompute_weight_scales(model: nn.Module) -> None:
     """Set the tensor scale of every NVFP4-all-gathered weight from its global amax.
@@ -107,7 +120,7 @@ def precompute_weight_scales(model: nn.Module) -> None:
     optimizer step and weight load, before the forward: those clear the scales, and a
     forward without them is an error.
     """
-    layers = [m for m in qat_linears(model) if isinstance(_shard(m.weight), NVFP4TrainingWeight)]
+    layers = [m for m in qat_linears(model) if gathers_nvfp4(m.weight)]
     if not layers:
         return
     shards = [_shard(m.weight) for m in layers]
@@ -132,3 +145,19 @@ def precompute_weight_scales(model: nn.Module) -> None:
     scales = {mode: tensor_scale(amaxes, mode) for mode in {m.config.tensor_scale for m in layers}}
     for i, (m, s) in enumerate(zip(layers, shards)):
         s.scale = scales[m.config.tensor_scale][i]
+
+
+def precompute_weight_scales_when_stale(model: nn.Module) -> RemovableHandle:
+    """For a training loop that is not yours (torchtitan's): a forward pre-hook on ``model`` runs
+    ``precompute_weight_scales(model)`` when any NVFP4-all-gathered weight has no tensor scale: the
+    first forward, the first after each optimizer step or state-dict load (which clear them), so
+    once per step whatever the gradient accumulation. Register it after ``fully_shard(model)``:
+    it runs before FSDP2's own pre-forward hook, whose all-gather of root-level weights needs them.
+    Every rank runs the same forwards and steps, so every rank reduces the amaxes together.
+    """
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if any(gathers_nvfp4(p) and _shard(p).scale is None for p in module.parameters()):
+            precompute_weight_scales(module)
+
+    return model.register_forward_pre_hook(hook, prepend=True)

@@ -100,6 +100,7 @@ def test_codes_scales_and_outputs_equal_this_projects_model():
         ({"share_fused_amax": False}, "fuses q, k and v into one linear"),
         ({"include": ["nothing.*"]}, "select no linear"),
         ({"tensor_scale": "e8m0"}, "tensor_scale='e8m0'"),
+        ({"fsdp_nvfp4_all_gather": "yes"}, "fsdp_nvfp4_all_gather = 'yes': give true or false"),
     ],
     ids=[
         "no_calibration_batches",
@@ -108,6 +109,7 @@ def test_codes_scales_and_outputs_equal_this_projects_model():
         "unshared_qkv",
         "nothing",
         "bad_scale",
+        "all_gather_str",
     ],
 )
 def test_settings_it_cannot_train_as_deployed_are_refused(qat, message):
@@ -125,3 +127,8 @@ def test_an_uncalibrated_static_model_names_the_launcher():
     model = build(model_config(activation_scale="static"))
     with pytest.raises(RuntimeError, match=r"before calibration: train with `-m nvfp4_titan\.torchtitan_qat\.launch`"):
         model(torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_an_nvfp4_all_gather_model_not_set_up_by_the_launcher_names_it():
+    with pytest.raises(RuntimeError, match=r"not set up to gather this weight as NVFP4: train with `-m nvfp4_titan"):
+        build(model_config(fsdp_nvfp4_all_gather=True))

@@ -64,6 +64,8 @@ def test_override_settings():
         _overridden(exclude=["*"])
     static = qat_linears(build(_overridden(activation_scale="static", calibration_batches=2))).values()
     assert all(m.config.activation_scale == "static" and m.calibration_batches == 2 for m in static)
+    cfg = _overridden(fsdp_nvfp4_all_gather=True)
+    assert all(layer.feed_forward.w2.fsdp_nvfp4_all_gather for layer in cfg.layers)
 
 
 def test_checkpoint_converts_with_the_override(tmp_path, monkeypatch, capsys):

@@ -1,9 +1,11 @@
 """torchtitan's own trainer (``nvfp4_titan.torchtitan_qat.launch``, 2 gloo ranks on the CPU) trains the
 ``debug`` config with the NVFP4 QAT converter: under TP=2 its losses equal the 1-process run's from the
 same seed checkpoint, under TP=2 and FSDP=2 each rank's shard codes joined equal the unsharded weight's
-after training, and the checkpoint it saves converts and passes ``--verify``. With static activation
-scales (``debug_static``) the launcher calibrates once, on the batches the run then trains on, to the
-1-process amax; a resumed run keeps it; the export's input scales are its tensor scales."""
+after training, and the checkpoint it saves converts and passes ``--verify``. With FSDP gathering the
+QAT weights as NVFP4 (``debug_nvfp4_all_gather``) it trains the plain FSDP run's weights bit for bit.
+With static activation scales (``debug_static``) the launcher calibrates once, on the batches the run
+then trains on, to the 1-process amax; a resumed run keeps it; the export's input scales are its tensor
+scales."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import nvfp4
 from nvfp4_titan.convert.cli import main as convert
@@ -85,17 +88,71 @@ def one(seed, tmp_path_factory) -> tuple[Path, list[float]]:
     return dump, _losses(dump, 1, *_from(seed))
 
 
-@pytest.mark.parametrize("dp,tp", [(1, 2), (2, 1)], ids=["tp2", "fsdp2"])
-def test_trainer_trains_sharded_with_unsharded_codes(tmp_path, monkeypatch, seed, one, dp, tp):
+@pytest.fixture(scope="module")
+def fsdp2(seed, tmp_path_factory) -> tuple[Path, list[float]]:
+    """The FSDP=2 run from the seed checkpoint (checkpoints at steps 2 and 3): its folder and losses."""
+    dump = tmp_path_factory.mktemp("fsdp2") / "run"
+    losses, _ = _run(dump, 2, *_from(seed), interval=2)
+    return dump, [losses[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "fsdp2"])
+def test_trainer_trains_sharded_with_unsharded_codes(tmp_path, monkeypatch, seed, one, fsdp2, layout):
     monkeypatch.chdir(REPO)
-    dump = tmp_path / "run"
-    losses = _losses(dump, 2, *_from(seed), "--parallelism.tensor_parallel_degree", str(tp))
+    if layout == "tp2":
+        dump = tmp_path / "run"
+        losses = _losses(dump, 2, *_from(seed), "--parallelism.tensor_parallel_degree", "2")
+        # the same batches as one process: the same losses, to fp32 reduction noise
+        assert all(abs(a - b) <= 1e-4 for a, b in zip(losses, one[1])), (losses, one[1])
+    else:
+        dump, losses = fsdp2
     for rank in range(2):
         assert (dump / f"shard_check.rank{rank}.txt").read_text() == "30"  # every QAT linear, bitwise
-    if tp == 2:  # the same batches as one process: the same losses, to fp32 reduction noise
-        assert all(abs(a - b) <= 1e-4 for a, b in zip(losses, one[1])), (losses, one[1])
     assert losses[-1] < losses[0]
     _converts(dump, tmp_path / "nvfp4")
+
+
+def _tensors(step: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torchtitan DCP step (model, optimizer), by key."""
+    out = tmp_path / f"{step.parent.parent.name}.{step.name}.pt"
+    dcp_to_torch_save(step, out)
+    state = torch.load(out, weights_only=False)
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+
+    walk("", state)
+    return flat
+
+
+def test_nvfp4_all_gather_trains_the_plain_runs_weights_bit_for_bit(tmp_path, monkeypatch, seed, fsdp2):
+    """The NVFP4 all-gather gives the linears the codes and scales of the plain all-gather, so FSDP=2 trains
+    the same weights and optimizer state, bit for bit; a run resumed from its checkpoint too (the tensor
+    scales are computed again after the load)."""
+    monkeypatch.chdir(REPO)
+    dump = tmp_path / "run"
+    losses, log = _run(dump, 2, *_from(seed), config="debug_nvfp4_all_gather", interval=2)
+    assert "FSDP all-gathers 30 linears' weights as NVFP4" in log
+    assert [losses[s] for s in range(1, STEPS + 1)] == fsdp2[1]
+    for rank in range(2):
+        assert (dump / f"shard_check.rank{rank}.txt").read_text() == "30"
+    want = _tensors(fsdp2[0] / "checkpoint" / f"step-{STEPS}", tmp_path)
+    got = _tensors(dump / "checkpoint" / f"step-{STEPS}", tmp_path)
+    assert sorted(got) == sorted(want) and any(".wqkv." in k for k in got)
+    assert not [k for k in want if not torch.equal(got[k], want[k])]
+    _converts(dump, tmp_path / "nvfp4", config="debug_nvfp4_all_gather")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(dump / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    losses, _ = _run(resumed, 2, config="debug_nvfp4_all_gather")
+    assert losses == {STEPS: fsdp2[1][-1]}
+    got = _tensors(resumed / "checkpoint" / f"step-{STEPS}", tmp_path)
+    assert not [k for k in want if not torch.equal(got[k], want[k])]
 
 
 def _amax(dump: Path, rank: int = 0) -> dict[str, torch.Tensor]:

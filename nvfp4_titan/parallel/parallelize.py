@@ -60,14 +60,15 @@ def check_tp(model: Transformer, tp: int) -> None:
         raise ParallelConfigError(f"{problem}; this model allows tensor_parallel_degree in {valid}")
 
 
-def check_even_rows(model: nn.Module, dp: int) -> None:
-    """NVFP4 all-gather needs every QAT weight's rows split evenly over the FSDP ranks."""
+def check_even_rows(model: nn.Module, dp: int, off: str = "qat.fsdp_nvfp4_all_gather = false") -> None:
+    """NVFP4 all-gather needs every QAT weight's rows split evenly over the FSDP ranks; ``off`` is the
+    setting that turns it off, named in the ``ParallelConfigError``."""
     for name, m in model.named_modules():
         if isinstance(m, NVFP4QATLinear) and local(m.weight).shape[0] % dp:
             raise ParallelConfigError(
                 f"{name}: {local(m.weight).shape[0]} rows do not split evenly over "
                 f"data_parallel_shard_degree={dp}, which NVFP4 all-gather needs; choose a degree "
-                f"that divides it or set qat.fsdp_nvfp4_all_gather = false"
+                f"that divides it or set {off}"
             )
 
 

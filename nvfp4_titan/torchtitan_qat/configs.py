@@ -4,7 +4,8 @@ trains function F):
 
 - ``debug``: torchtitan's debug Llama (6 layers, dim 256) at this project's bundled tokenizer's
   vocabulary, on the bundled Shakespeare corpus (``data/assets``), 60 steps; ``debug_static``: the
-  same with static activation scales.
+  same with static activation scales; ``debug_nvfp4_all_gather``: with FSDP2 gathering the QAT
+  weights as NVFP4.
 - ``llama3_1b_qat``: ``recipes/llama3_1b_qat.toml`` (the Llama 3.2 1B shape from scratch on the
   bundled corpus and tokenizer, FSDP over every GPU, bf16 params, selective AC, compile, lr 3e-4 with
   30 warm-up steps, 300 steps of 4 x 2048 tokens per GPU); ``llama3_1b_bf16``: its float twin.
@@ -90,6 +91,11 @@ def debug(**qat) -> Trainer.Config:
 def debug_static() -> Trainer.Config:
     """``debug`` with static activation scales, calibrated by the launcher on the first 4 batches."""
     return debug(activation_scale="static")
+
+
+def debug_nvfp4_all_gather() -> Trainer.Config:
+    """``debug`` with FSDP2 all-gathering the QAT weights as NVFP4 (eager; set up by the launcher)."""
+    return debug(fsdp_nvfp4_all_gather=True)
 
 
 def _llama3(flavor: str, converters: list, **fields) -> Trainer.Config:

@@ -32,8 +32,9 @@ class NVFP4QATConverter(QuantizationConverter):
     Raises ``ValueError`` for what would train with numerics the deployed model does not have: a
     selected linear whose in_features is not a multiple of 16, ``share_fused_amax = False`` with a
     fused ``wqkv``, a ``calibration_batches`` below 1 and a converter that selects no linear. Static
-    activation scales are calibrated by ``nvfp4_titan.torchtitan_qat.launch`` (torchtitan's own
-    ``torchtitan.train`` has no calibration pass; its first forward raises ``RuntimeError``).
+    activation scales and the NVFP4 all-gather are set up by ``nvfp4_titan.torchtitan_qat.launch``
+    (torchtitan's own ``torchtitan.train`` has neither; a model that needs them raises ``RuntimeError``
+    at its first forward or weight initialization).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -52,6 +53,10 @@ class NVFP4QATConverter(QuantizationConverter):
         calibration_batches: int = 4
         """Static activation scales: the training batches (per rank, before the first step) whose input
         amax, the max over all ranks, becomes every QAT linear's frozen input amax."""
+        fsdp_nvfp4_all_gather: bool = False
+        """FSDP2 all-gathers the QAT weights as NVFP4 (packed codes and block scales, 4.5 bits per element,
+        quantized per shard with the whole weight's tensor scale: the same numerics), set up by the launcher;
+        eager mode only, ``partial_dtensor`` backend, no pipeline parallelism (``nvfp4.fsdp``)."""
 
         def qat_config(self) -> nvfp4.QATConfig:
             """The ``nvfp4.QATConfig`` these fields describe (raises ``ValueError`` for bad values)."""
@@ -69,6 +74,8 @@ class NVFP4QATConverter(QuantizationConverter):
         n = config.calibration_batches
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"calibration_batches = {n!r}: give a whole number of batches, at least 1")
+        if not isinstance(config.fsdp_nvfp4_all_gather, bool):
+            raise ValueError(f"fsdp_nvfp4_all_gather = {config.fsdp_nvfp4_all_gather!r}: give true or false")
 
     def convert(self, model_config):
         """Rewrite ``model_config`` (a torchtitan ``Decoder.Config``) in place and return it."""
@@ -99,6 +106,7 @@ class NVFP4QATConverter(QuantizationConverter):
                 **{f.name: getattr(cfg, f.name) for f in fields(Linear.Config)},
                 qat=qat,
                 calibration_batches=self.config.calibration_batches,
+                fsdp_nvfp4_all_gather=self.config.fsdp_nvfp4_all_gather,
             )
             _replace(parent, attr, new)
             swapped += 1

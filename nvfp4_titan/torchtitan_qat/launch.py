@@ -18,6 +18,10 @@ before the first step of a run whose QAT linears are not calibrated, their input
 on the run's first ``calibration_batches`` batches (max over every rank), which the run then trains
 on, as ``train.py`` does; a run resumed from a checkpoint keeps the amax it saved. torchtitan's own
 ``torchtitan.train`` stops at the first forward of an uncalibrated model (``RuntimeError``).
+And the NVFP4 all-gather (``NVFP4QATConverter.Config(fsdp_nvfp4_all_gather=True)``): between tensor
+parallelism and ``fully_shard``, the QAT weights are wrapped so that FSDP2 gathers them as NVFP4
+(``nvfp4.fsdp.enable_nvfp4_all_gather``), and a forward pre-hook computes their tensor scales (one
+all-reduce) at the first forward after each optimizer step or checkpoint load.
 Everything else is torchtitan's own trainer, unchanged.
 """
 
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nvfp4
+from nvfp4.fsdp import enable_nvfp4_all_gather, precompute_weight_scales_when_stale
+from nvfp4_titan.parallel.parallelize import check_even_rows
 
 
 def _keep_timeouts(timeout, parallel_dims) -> None:
@@ -116,6 +122,39 @@ def _calibrating(batch_generator):
     return generate
 
 
+def _gathering_nvfp4(apply_fsdp):
+    """torchtitan's ``apply_fsdp_to_decoder`` (called by ``parallelize_llama`` after TP, AC and compile),
+    which first wraps the QAT weights for the NVFP4 all-gather when the converter asks for it
+    (``fsdp_nvfp4_all_gather``), and then makes every forward compute the tensor scales it needs."""
+    from torchtitan.tools.logging import logger
+
+    def apply(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype, pp_enabled: bool, **kwargs) -> None:
+        linears = [m for m in nvfp4.qat_linears(model) if getattr(m, "fsdp_nvfp4_all_gather", False)]
+        if linears:
+            _check_nvfp4_all_gather(model, dp_mesh, pp_enabled, kwargs.get("dp_mesh_dims"))
+            enable_nvfp4_all_gather(model, param_dtype)
+        apply_fsdp(model, dp_mesh, param_dtype=param_dtype, pp_enabled=pp_enabled, **kwargs)
+        if linears:
+            precompute_weight_scales_when_stale(model)
+            logger.info(f"NVFP4 QAT: FSDP all-gathers {len(linears)} linears' weights as NVFP4")
+
+    return apply
+
+
+def _check_nvfp4_all_gather(model: nn.Module, dp_mesh, pp_enabled: bool, dp_mesh_dims) -> None:
+    """Refuse what the NVFP4 all-gather does not support (``nvfp4.fsdp``), naming the fix."""
+    off = "fsdp_nvfp4_all_gather = False"
+    if any(m._compiled_call_impl is not None for m in model.modules()):
+        raise ValueError(f"the NVFP4 all-gather works in eager mode only: set compile.enable = false or {off}")
+    if dp_mesh_dims is not None:
+        raise ValueError(f"the NVFP4 all-gather needs parallelism.spmd_backend = 'partial_dtensor', or set {off}")
+    if pp_enabled:
+        raise NotImplementedError(
+            f"the NVFP4 all-gather with pipeline parallelism: set parallelism.pipeline_parallel_degree = 1 or {off}"
+        )
+    check_even_rows(model, dp_mesh.shape[-1], off)
+
+
 _CPU = types.SimpleNamespace(
     set_device=lambda device: None,
     current_device=lambda: 0,
@@ -139,8 +178,12 @@ _DEVICE_MODULES = (  # torchtitan modules that bind device_type / device_module 
 def patch_torchtitan() -> None:
     """Apply the compatibility fixes of the module docstring (idempotent)."""
     import torchtitan.distributed.utils as dist_utils
+    import torchtitan.models.llama3.parallelize as llama_parallelize
     from torchtitan.trainer import Trainer
 
+    if not getattr(llama_parallelize.apply_fsdp_to_decoder, "gathers_nvfp4", False):
+        llama_parallelize.apply_fsdp_to_decoder = _gathering_nvfp4(llama_parallelize.apply_fsdp_to_decoder)
+        llama_parallelize.apply_fsdp_to_decoder.gathers_nvfp4 = True
     if not getattr(Trainer.batch_generator, "calibrates", False):
         Trainer.batch_generator = _calibrating(Trainer.batch_generator)
         Trainer.batch_generator.calibrates = True

@@ -21,6 +21,7 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.protocols.module import Module
 
 import nvfp4
+from nvfp4.fsdp import gathers_nvfp4
 from nvfp4.sharded import local
 from nvfp4_titan.models.llama3.model import shared_input
 
@@ -49,6 +50,8 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
         qat: nvfp4.QATConfig = field(default_factory=nvfp4.QATConfig)
         calibration_batches: int = 4
         """Static activation scales: batches the launcher calibrates on (``NVFP4QATConverter.Config``)."""
+        fsdp_nvfp4_all_gather: bool = False
+        """FSDP2 gathers the weight as NVFP4, wrapped by the launcher (``NVFP4QATConverter.Config``)."""
 
         def build(self, **kwargs) -> QATLinear:
             instance = Module.Config.build(self, **kwargs)  # slots=True: no zero-argument super()
@@ -62,6 +65,7 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
         super().__init__(config.in_features, config.out_features, bias=config.bias, config=config.qat)
         self.register_buffer("input_amax", None)  # see the class docstring; _init_self_buffers fills it
         self.calibration_batches = config.calibration_batches
+        self.fsdp_nvfp4_all_gather = config.fsdp_nvfp4_all_gather
 
     def parallelize(self, parallel_dims) -> None:
         if parallel_dims.tp_enabled and parallel_dims.spmd_backend != "partial_dtensor":
@@ -78,6 +82,12 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
         super().parallelize(parallel_dims)
 
     def _init_self_buffers(self, *, buffer_device: torch.device | None = None) -> None:
+        if self.fsdp_nvfp4_all_gather and not gathers_nvfp4(self.weight):
+            raise RuntimeError(
+                "fsdp_nvfp4_all_gather = True, but FSDP was not set up to gather this weight as NVFP4: train "
+                "with `-m nvfp4_titan.torchtitan_qat.launch` (torchtitan's trainer plus the NVFP4 all-gather) "
+                "or set fsdp_nvfp4_all_gather = False"
+            )
         device = buffer_device if buffer_device is not None else local(self.weight).device
         self.input_amax = torch.empty((), dtype=torch.float32, device=device)
         self.reset_calibration()

@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor
 
 import nvfp4
 from benchmarks.fsdp_all_gather_bytes import step_bytes
-from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales
+from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales, precompute_weight_scales_when_stale
 from nvfp4.sharded import local
 from nvfp4_titan.models.llama3 import Transformer
 from nvfp4_titan.training.config import Optimizer
@@ -88,13 +88,23 @@ def test_gathered_codes_equal_unsharded(dp, tp, mode, device):
 def _training_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None:
     ref, tokens = _reference(mode)
     runs = {}
-    for all_gather in (False, True):
+    precomputed, scales = [], []
+    for run in ("off", "explicit", "hook"):  # the bf16 all-gather, NVFP4 with scales set by the loop or a hook
+        all_gather = run != "off"
         model = _sharded(ref, dp, tp, "bfloat16", all_gather)
+        if run == "hook":
+            precompute_weight_scales_when_stale(model)
+            model.register_forward_pre_hook(lambda m, args: precomputed.append(_scales_missing(m)), prepend=True)
+            first = nvfp4.qat_linears(model)[0].weight._local_tensor  # FSDP's DTensor: the wrapped shard
+            model.register_forward_pre_hook(lambda m, args: scales.append(first.scale))  # after the hook
         opt = build_optimizer(model, Optimizer(lr=1e-2))
         losses = []
         for _ in range(3):
-            if all_gather:
+            if run == "explicit":
                 precompute_weight_scales(model)
+            if run == "hook":  # a second forward in the step (an eval) finds the scales set
+                with torch.no_grad():
+                    model(tokens)
             loss = model(tokens).float().square().mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -103,20 +113,31 @@ def _training_worker(rank: int, world: int, dp: int, tp: int, mode: str) -> None
             losses.append(loss.detach())
         state = model.state_dict()
         assert all(type(local(v)) is torch.Tensor for v in state.values())  # checkpoints hold plain tensors
-        runs[all_gather] = (losses, {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()})
-        if all_gather:  # the optimizer step cleared the scales: a forward now is an error
+        runs[run] = (losses, {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()})
+        if run == "explicit":  # the optimizer step cleared the scales: a forward now is an error
             with pytest.raises(RuntimeError, match="precompute_weight_scales"):
                 model(tokens)
-    (loss_off, sd_off), (loss_on, sd_on) = runs[False], runs[True]
-    assert all(torch.equal(a, b) for a, b in zip(loss_off, loss_on)), (loss_off, loss_on)
-    assert sd_off.keys() == sd_on.keys()
-    for k in sd_off:
-        assert torch.equal(sd_off[k], sd_on[k]), k
+    # the hook found the scales missing at the first forward of each step and computed them once
+    assert precomputed == [True, False] * 3, precomputed
+    assert all(scales[i] is scales[i + 1] is not scales[i + 2] for i in (0, 2)) and scales[-1] is scales[-2]
+    loss_off, sd_off = runs["off"]
+    for run in ("explicit", "hook"):
+        loss_on, sd_on = runs[run]
+        assert all(torch.equal(a, b) for a, b in zip(loss_off, loss_on)), (run, loss_off, loss_on)
+        assert sd_off.keys() == sd_on.keys()
+        for k in sd_off:
+            assert torch.equal(sd_off[k], sd_on[k]), (run, k)
+
+
+def _scales_missing(model: Transformer) -> bool:
+    """Whether the forward about to run would find no tensor scales without the stale-scales hook."""
+    return any(m.weight._local_tensor.scale is None for m in nvfp4.qat_linears(model))
 
 
 @pytest.mark.parametrize("dp,tp,mode", [(2, 1, "pow2"), (2, 2, "amax")], ids=["fsdp2", "fsdp2xtp2-amax"])
 def test_training_steps_bit_identical_to_bf16_all_gather(dp, tp, mode):
-    """bf16 mixed precision, AdamW, clipping: 3 steps of losses and the final weights equal."""
+    """bf16 mixed precision, AdamW, clipping: 3 steps of losses and the final weights equal, with the
+    tensor scales computed by the training loop or by ``precompute_weight_scales_when_stale``."""
     run_ranks(_training_worker, dp * tp, dp, tp, mode)
 
 
