@@ -12,6 +12,7 @@ from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 import nvfp4
 from nvfp4_titan.models.llama3 import Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
+from nvfp4_titan.torchtitan_qat import configs, launch
 from nvfp4_titan.torchtitan_qat.configs import DEBUG_VOCAB
 from nvfp4_titan.torchtitan_qat.export import model_args
 from tests_torchtitan.helpers import build, model_config, qat_linears, row_maps
@@ -129,6 +130,22 @@ def test_an_uncalibrated_static_model_names_the_launcher():
         model(torch.zeros(1, 16, dtype=torch.long))
 
 
-def test_an_nvfp4_all_gather_model_not_set_up_by_the_launcher_names_it():
-    with pytest.raises(RuntimeError, match=r"not set up to gather this weight as NVFP4: train with `-m nvfp4_titan"):
-        build(model_config(fsdp_nvfp4_all_gather=True))
+def test_an_unsharded_nvfp4_all_gather_model_builds_as_the_plain_one():
+    """torchtitan makes a seed checkpoint without parallelizing: nothing to gather, the same weights."""
+    plain, wrapped = build(model_config()), build(model_config(fsdp_nvfp4_all_gather=True))
+    want = plain.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in wrapped.state_dict().items())
+
+
+def test_nvfp4_all_gather_under_cuda_graphs_is_refused(monkeypatch):
+    """A CUDA graph replay runs no Python: the tensor scales would not be recomputed after a step."""
+    with torch.device("meta"):
+        model = model_config(fsdp_nvfp4_all_gather=True).build()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ValueError, match=r"set training.disable_cuda_graphs = true"):
+        launch._check_cuda_graphs(model, disabled=False)
+    launch._check_cuda_graphs(model, disabled=True)
+    with torch.device("meta"):
+        launch._check_cuda_graphs(model_config().build(), disabled=False)  # no all-gather asked for
+    assert configs.debug_nvfp4_all_gather().training.disable_cuda_graphs

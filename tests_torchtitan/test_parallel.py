@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchtitan.distributed.parallel_dims as parallel_dims_module
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -45,10 +46,20 @@ def _step(model, x, y, scale: float) -> None:
     (F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) * scale).backward()
 
 
-def _parallelized(dp: int, tp: int, spmd_backend: str = "partial_dtensor", compile: bool = False, **qat):
+def _parallelized(
+    dp: int,
+    tp: int,
+    spmd_backend: str = "partial_dtensor",
+    compile: bool = False,
+    cpu_offload: bool = False,
+    launcher: bool = True,
+    **qat,
+):
     """The debug model converted with ``qat``, parallelized as torchtitan's trainer does (on the CPU,
-    with the launcher's patches: the NVFP4 all-gather), then initialized by ``init_weights`` from seed 0."""
-    launch.patch_torchtitan()
+    with the ``launcher``'s patches: the NVFP4 all-gather), then initialized by ``init_weights`` from seed 0."""
+    parallel_dims_module.device_type = "cpu"  # torchtitan falls back to "cuda" without a GPU
+    if launcher:
+        launch.patch_torchtitan()
     parallelism = ParallelismConfig(data_parallel_shard_degree=dp, tensor_parallel_degree=tp, spmd_backend=spmd_backend)
     dims = ParallelDims(
         dp_replicate=1, dp_shard=dp, cp=1, tp=tp, pp=1, ep=1, world_size=dp * tp, spmd_backend=spmd_backend
@@ -61,7 +72,7 @@ def _parallelized(dp: int, tp: int, spmd_backend: str = "partial_dtensor", compi
     parallelize_llama(
         model,
         parallel_dims=dims,
-        training=TrainingConfig(mixed_precision_param="float32"),
+        training=TrainingConfig(mixed_precision_param="float32", enable_cpu_offload=cpu_offload),
         parallelism=parallelism,
         compile_config=CompileConfig(enable=compile),
         ac_config=None,
@@ -167,6 +178,10 @@ def test_nvfp4_all_gather_weights_initialize_as_plain_ones(dp, tp):
 
 
 def refusal_worker(rank: int, world: int) -> None:
+    with pytest.raises(RuntimeError, match=r"not set up to gather this weight as NVFP4: the launcher `-m nvfp4_titan"):
+        _parallelized(2, 1, launcher=False, fsdp_nvfp4_all_gather=True)  # as under torchtitan.train (first here)
+    with pytest.raises(ValueError, match="NVFP4 all-gather with CPU offload: set training.enable_cpu_offload"):
+        _parallelized(2, 1, cpu_offload=True, fsdp_nvfp4_all_gather=True)
     with pytest.raises(ValueError, match="spmd_backend = 'partial_dtensor'"):
         _parallelized(1, 2, spmd_backend="spmd_types")
     with pytest.raises(ValueError, match=r"NVFP4 all-gather needs parallelism.spmd_backend = 'partial_dtensor'"):
@@ -175,5 +190,5 @@ def refusal_worker(rank: int, world: int) -> None:
         _parallelized(2, 1, compile=True, fsdp_nvfp4_all_gather=True)
 
 
-def test_tensor_parallel_under_spmd_types_and_nvfp4_all_gather_with_compile_are_refused():
+def test_tensor_parallel_under_spmd_types_and_unsupported_nvfp4_all_gathers_are_refused():
     run_ranks(refusal_worker, 2)

@@ -65,6 +65,7 @@ def check_even_rows(model: nn.Module, dp: int, off: str = "qat.fsdp_nvfp4_all_ga
     setting that turns it off, named in the ``ParallelConfigError``."""
     for name, m in model.named_modules():
         if isinstance(m, NVFP4QATLinear) and local(m.weight).shape[0] % dp:
+            name = name.replace("_checkpoint_wrapped_module.", "")  # torch's activation checkpoint wrapper
             raise ParallelConfigError(
                 f"{name}: {local(m.weight).shape[0]} rows do not split evenly over "
                 f"data_parallel_shard_degree={dp}, which NVFP4 all-gather needs; choose a degree "

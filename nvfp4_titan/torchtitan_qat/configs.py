@@ -94,8 +94,11 @@ def debug_static() -> Trainer.Config:
 
 
 def debug_nvfp4_all_gather() -> Trainer.Config:
-    """``debug`` with FSDP2 all-gathering the QAT weights as NVFP4 (eager; set up by the launcher)."""
-    return debug(fsdp_nvfp4_all_gather=True)
+    """``debug`` with FSDP2 all-gathering the QAT weights as NVFP4 (eager, without torchtitan's CUDA graph
+    of each step, whose replays would not recompute the tensor scales; set up by the launcher)."""
+    config = debug(fsdp_nvfp4_all_gather=True)
+    config.training.disable_cuda_graphs = True
+    return config
 
 
 def _llama3(flavor: str, converters: list, **fields) -> Trainer.Config:

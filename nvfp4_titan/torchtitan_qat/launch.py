@@ -19,9 +19,11 @@ on the run's first ``calibration_batches`` batches (max over every rank), which 
 on, as ``train.py`` does; a run resumed from a checkpoint keeps the amax it saved. torchtitan's own
 ``torchtitan.train`` stops at the first forward of an uncalibrated model (``RuntimeError``).
 And the NVFP4 all-gather (``NVFP4QATConverter.Config(fsdp_nvfp4_all_gather=True)``): between tensor
-parallelism and ``fully_shard``, the QAT weights are wrapped so that FSDP2 gathers them as NVFP4
-(``nvfp4.fsdp.enable_nvfp4_all_gather``), and a forward pre-hook computes their tensor scales (one
-all-reduce) at the first forward after each optimizer step or checkpoint load.
+parallelism and ``fully_shard`` of torchtitan's Llama (``models.llama3``), the QAT weights are wrapped
+so that FSDP2 gathers them as NVFP4 (``nvfp4.fsdp.enable_nvfp4_all_gather``), and a forward pre-hook
+computes their tensor scales (one all-reduce) at the first forward after each optimizer step or
+checkpoint load. Refused: compile, torchtitan's CUDA graph of each step (``training.disable_cuda_graphs``
+must be set on NVIDIA GPUs), CPU offload, pipeline parallelism, SPMD backends but ``partial_dtensor``.
 Everything else is torchtitan's own trainer, unchanged.
 """
 
@@ -90,14 +92,16 @@ class _TrainerForward(nn.Module):
 
 
 def _calibrating(batch_generator):
-    """torchtitan's ``Trainer.batch_generator``, which first calibrates static activation scales on the
-    run's next ``calibration_batches`` batches when the model (loaded by then) holds none. The data
+    """torchtitan's ``Trainer.batch_generator`` (called once, before the first step), which first refuses
+    the NVFP4 all-gather under CUDA graphs and calibrates static activation scales on the run's next
+    ``calibration_batches`` batches when the model (loaded by then) holds none. The data
     loader is rewound after reading them (its state saved and loaded back), so the run trains on the
     same batches, and a checkpoint's data position counts only trained ones."""
     from torchtitan.tools.logging import logger
 
     def generate(self, data_iterable):
         model = self.model_parts[0]
+        _check_cuda_graphs(model, self.config.training.disable_cuda_graphs)
         static = list(nvfp4.static_linears(model).values())
         if static and len(self.model_parts) > 1:
             raise NotImplementedError(
@@ -122,6 +126,19 @@ def _calibrating(batch_generator):
     return generate
 
 
+def _check_cuda_graphs(model: nn.Module, disabled: bool) -> None:
+    """Refuse the NVFP4 all-gather under torchtitan's CUDA graph of each step (on by default on NVIDIA
+    GPUs, ``distributed/cudagraph.py``): a replay runs no Python, so the tensor scales that the forward
+    pre-hook computes after each optimizer step would not be recomputed (stale scales, wrong numbers
+    with gradient accumulation; a failed capture without)."""
+    graphs = not disabled and torch.cuda.is_available() and torch.version.hip is None
+    if graphs and any(getattr(m, "fsdp_nvfp4_all_gather", False) for m in nvfp4.qat_linears(model)):
+        raise ValueError(
+            "the NVFP4 all-gather cannot run inside torchtitan's CUDA graph of each step: set "
+            "training.disable_cuda_graphs = true (--training.disable_cuda_graphs) or fsdp_nvfp4_all_gather = False"
+        )
+
+
 def _gathering_nvfp4(apply_fsdp):
     """torchtitan's ``apply_fsdp_to_decoder`` (called by ``parallelize_llama`` after TP, AC and compile),
     which first wraps the QAT weights for the NVFP4 all-gather when the converter asks for it
@@ -131,7 +148,7 @@ def _gathering_nvfp4(apply_fsdp):
     def apply(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype, pp_enabled: bool, **kwargs) -> None:
         linears = [m for m in nvfp4.qat_linears(model) if getattr(m, "fsdp_nvfp4_all_gather", False)]
         if linears:
-            _check_nvfp4_all_gather(model, dp_mesh, pp_enabled, kwargs.get("dp_mesh_dims"))
+            _check_nvfp4_all_gather(model, dp_mesh, pp_enabled, kwargs.get("dp_mesh_dims"), kwargs.get("cpu_offload"))
             enable_nvfp4_all_gather(model, param_dtype)
         apply_fsdp(model, dp_mesh, param_dtype=param_dtype, pp_enabled=pp_enabled, **kwargs)
         if linears:
@@ -141,9 +158,11 @@ def _gathering_nvfp4(apply_fsdp):
     return apply
 
 
-def _check_nvfp4_all_gather(model: nn.Module, dp_mesh, pp_enabled: bool, dp_mesh_dims) -> None:
+def _check_nvfp4_all_gather(model: nn.Module, dp_mesh, pp_enabled: bool, dp_mesh_dims, cpu_offload: bool) -> None:
     """Refuse what the NVFP4 all-gather does not support (``nvfp4.fsdp``), naming the fix."""
     off = "fsdp_nvfp4_all_gather = False"
+    if cpu_offload:  # the amax all-reduce would meet CPU shards, FSDP's copy to the GPU a shard without its scale
+        raise ValueError(f"the NVFP4 all-gather with CPU offload: set training.enable_cpu_offload = false or {off}")
     if any(m._compiled_call_impl is not None for m in model.modules()):
         raise ValueError(f"the NVFP4 all-gather works in eager mode only: set compile.enable = false or {off}")
     if dp_mesh_dims is not None:

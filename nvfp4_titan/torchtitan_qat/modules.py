@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import spmd_types as spmd
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchtitan.models.common.decoder_sharding import dense_param_placement
 from torchtitan.models.common.feed_forward import FeedForward
 from torchtitan.models.common.linear import Linear
@@ -82,11 +83,13 @@ class QATLinear(nvfp4.NVFP4QATLinear, Module):
         super().parallelize(parallel_dims)
 
     def _init_self_buffers(self, *, buffer_device: torch.device | None = None) -> None:
-        if self.fsdp_nvfp4_all_gather and not gathers_nvfp4(self.weight):
+        # sharded (FSDP always wraps torchtitan's trainer's model) but not wrapped: the launcher did not set it
+        # up; an unsharded model (a seed checkpoint's) all-gathers nothing
+        if self.fsdp_nvfp4_all_gather and isinstance(self.weight, DTensor) and not gathers_nvfp4(self.weight):
             raise RuntimeError(
-                "fsdp_nvfp4_all_gather = True, but FSDP was not set up to gather this weight as NVFP4: train "
-                "with `-m nvfp4_titan.torchtitan_qat.launch` (torchtitan's trainer plus the NVFP4 all-gather) "
-                "or set fsdp_nvfp4_all_gather = False"
+                "fsdp_nvfp4_all_gather = True, but FSDP was not set up to gather this weight as NVFP4: the launcher "
+                "`-m nvfp4_titan.torchtitan_qat.launch` sets it up for torchtitan's Llama (models.llama3); under "
+                "torchtitan's own torchtitan.train or for another model set fsdp_nvfp4_all_gather = False"
             )
         device = buffer_device if buffer_device is not None else local(self.weight).device
         self.input_amax = torch.empty((), dtype=torch.float32, device=device)
