@@ -31,7 +31,8 @@ class NVFP4QATConverter(QuantizationConverter):
 
     Raises ``ValueError`` for what would train with numerics the deployed model does not have: a
     selected linear whose in_features is not a multiple of 16, ``share_fused_amax = False`` with a
-    fused ``wqkv``, a ``calibration_batches`` below 1 and a converter that selects no linear. Static
+    fused ``wqkv``, a ``calibration_batches`` below 1, a ``fsdp_nvfp4_all_gather`` that is not a bool
+    and a converter that selects no linear. Static
     activation scales and the NVFP4 all-gather are set up by ``nvfp4_titan.torchtitan_qat.launch``
     (torchtitan's own ``torchtitan.train`` has neither; a model that needs them raises ``RuntimeError``
     at its first forward or weight initialization).
@@ -56,7 +57,8 @@ class NVFP4QATConverter(QuantizationConverter):
         fsdp_nvfp4_all_gather: bool = False
         """FSDP2 all-gathers the QAT weights as NVFP4 (packed codes and block scales, 4.5 bits per element,
         quantized per shard with the whole weight's tensor scale: the same numerics), set up by the launcher;
-        eager mode only, ``partial_dtensor`` backend, no pipeline parallelism (``nvfp4.fsdp``)."""
+        eager mode only, without torchtitan's CUDA graph of each step or CPU offload, ``partial_dtensor``
+        backend, no pipeline parallelism (``nvfp4.fsdp``; the launcher refuses the rest)."""
 
         def qat_config(self) -> nvfp4.QATConfig:
             """The ``nvfp4.QATConfig`` these fields describe (raises ``ValueError`` for bad values)."""
