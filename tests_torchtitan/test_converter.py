@@ -133,8 +133,8 @@ def test_an_uncalibrated_static_model_names_the_launcher():
 def test_an_unsharded_nvfp4_all_gather_model_builds_as_the_plain_one():
     """torchtitan makes a seed checkpoint without parallelizing: nothing to gather, the same weights."""
     plain, wrapped = build(model_config()), build(model_config(fsdp_nvfp4_all_gather=True))
-    want = plain.state_dict()
-    assert all(torch.equal(t, want[k]) for k, t in wrapped.state_dict().items())
+    want, got = plain.state_dict(), wrapped.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(t, want[k]) for k, t in got.items())
 
 
 def test_nvfp4_all_gather_under_cuda_graphs_is_refused(monkeypatch):

@@ -126,13 +126,18 @@ def _calibrating(batch_generator):
     return generate
 
 
+def _nvfp4_all_gather_linears(model: nn.Module) -> list[nn.Module]:
+    """The QAT linears whose converter asked for the NVFP4 all-gather (``QATLinear.fsdp_nvfp4_all_gather``)."""
+    return [m for m in nvfp4.qat_linears(model) if getattr(m, "fsdp_nvfp4_all_gather", False)]
+
+
 def _check_cuda_graphs(model: nn.Module, disabled: bool) -> None:
     """Refuse the NVFP4 all-gather under torchtitan's CUDA graph of each step (on by default on NVIDIA
     GPUs, ``distributed/cudagraph.py``): a replay runs no Python, so the tensor scales that the forward
     pre-hook computes after each optimizer step would not be recomputed (stale scales, wrong numbers
     with gradient accumulation; a failed capture without)."""
     graphs = not disabled and torch.cuda.is_available() and torch.version.hip is None
-    if graphs and any(getattr(m, "fsdp_nvfp4_all_gather", False) for m in nvfp4.qat_linears(model)):
+    if graphs and _nvfp4_all_gather_linears(model):
         raise ValueError(
             "the NVFP4 all-gather cannot run inside torchtitan's CUDA graph of each step: set "
             "training.disable_cuda_graphs = true (--training.disable_cuda_graphs) or fsdp_nvfp4_all_gather = False"
@@ -146,7 +151,7 @@ def _gathering_nvfp4(apply_fsdp):
     from torchtitan.tools.logging import logger
 
     def apply(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype, pp_enabled: bool, **kwargs) -> None:
-        linears = [m for m in nvfp4.qat_linears(model) if getattr(m, "fsdp_nvfp4_all_gather", False)]
+        linears = _nvfp4_all_gather_linears(model)
         if linears:
             _check_nvfp4_all_gather(model, dp_mesh, pp_enabled, kwargs.get("dp_mesh_dims"), kwargs.get("cpu_offload"))
             enable_nvfp4_all_gather(model, param_dtype)
