@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<|eot_id|>")
 
 # Llama 3's pre-tokenizer split (llama-models, llama3/tokenizer.py).
@@ -23,6 +25,8 @@ class Tokenizer(Protocol):
     eos_id: int
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
 
 
 class TokenizerError(ValueError):
@@ -47,6 +51,13 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character index where each token starts) of a rendered chat: special tokens
+        written in the text are recognized, as transformers tokenizes ``apply_chat_template``'s
+        text (``add_special_tokens=False``)."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, [start for start, _ in e.offsets]
 
 
 class TiktokenTokenizer:
@@ -84,6 +95,14 @@ class TiktokenTokenizer:
         # false, one thread each); tiktoken would start 8 threads per call regardless
         off = os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "0", "false", "f", "no", "n", "off")
         return self._enc.encode_ordinary_batch(texts, num_threads=1 if off else 8)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character index where each token starts) of a rendered chat, its special
+        tokens (``<|begin_of_text|>``, ``<|eot_id|>``...) recognized as transformers does."""
+        ids = self._enc.encode(text, allowed_special="all")
+        byte_starts = np.cumsum([0] + [len(self._enc.decode_single_token_bytes(i)) for i in ids[:-1]])
+        char_ends = np.cumsum([len(c.encode()) for c in text])  # byte offset after each character
+        return ids, np.searchsorted(char_ends, byte_starts, side="right").tolist()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
