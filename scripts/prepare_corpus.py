@@ -171,15 +171,26 @@ def build(sources: dict[str, tuple[Path, str]], out: Path, seed: int = 0, min_ch
     with (out / "corpus.jsonl").open("w") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    lines = ["# Sources", "", "| source | from | documents | license |", "|---|---|---:|---|"]
-    lines += [f"| {n} | {sources[n][1]} | {counts[n]} | {LICENSES[n]} |" for n in sources]
-    lines += [
-        "",
+    write_sources(
+        out,
+        sources,
+        counts,
+        "documents",
         f"Exact duplicates (whitespace- and case-folded) dropped; documents under {min_chars} "
         f"characters dropped; order shuffled with seed {seed}. Split by document at training time.",
-    ]
-    (out / "SOURCES.md").write_text("\n".join(lines) + "\n")
+    )
     return counts
+
+
+def write_sources(
+    out: Path, sources: dict[str, tuple[Path, str]], counts: dict[str, int], unit: str, note: str
+) -> None:
+    """``out/SOURCES.md``: one row per source (the package file it came from, how many ``unit``
+    it gave, its license), then ``note`` (how the rows were filtered and ordered)."""
+    lines = ["# Sources", "", f"| source | from | {unit} | license |", "|---|---|---:|---|"]
+    lines += [f"| {n} | {sources[n][1]} | {counts[n]} | {LICENSES[n]} |" for n in sources]
+    lines += ["", note]
+    (out / "SOURCES.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
