@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import nvfp4
@@ -25,8 +24,10 @@ from nvfp4_titan.models.llama3.hf import (
     read_config,
 )
 from nvfp4_titan.parallel.parallelize import DTYPES
+from nvfp4_titan.training import safe_dcp
 from nvfp4_titan.training.checkpoint import damage, latest, step_number
 from nvfp4_titan.training.config import Config, ConfigError, load_config
+from nvfp4_titan.training.safe_dcp import SafeFileSystemReader, UnsafeCheckpointError
 
 
 class ConvertError(ValueError):
@@ -65,7 +66,7 @@ def _dcp_step(path: Path) -> Path | None:
     return None
 
 
-class _MetadataOnceReader(dcp.FileSystemReader):
+class _MetadataOnceReader(SafeFileSystemReader):
     """Reads ``.metadata`` once: ``dcp.load`` asks for it on every call, and the converter loads
     tensor by tensor (unpickling it each time cost 23 of 31 s for a 135M-parameter run)."""
 
@@ -83,7 +84,9 @@ def load_tensor(step: Path, reader: _MetadataOnceReader, key: str) -> torch.Tens
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load({key: t}, storage_reader=reader, no_dist=True)
+            safe_dcp.load({key: t}, step, reader, no_dist=True)
+    except UnsafeCheckpointError as e:
+        raise ConvertError(str(e)) from None
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise ConvertError(
             f"{step}: cannot read {key}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:200]})"

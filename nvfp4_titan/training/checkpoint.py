@@ -29,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from nvfp4_titan.models.llama3.hf import CheckpointError
+from nvfp4_titan.training import safe_dcp
+from nvfp4_titan.training.safe_dcp import UnsafeCheckpointError
 
 _STEP = re.compile(r"step-(\d+)")
 log = logging.getLogger("nvfp4_titan")
@@ -71,9 +73,11 @@ def damage(path: Path, run_step: bool = True) -> str | None:
         if not (path / name).is_file():
             return f"its {name} is missing (train.py writes one into every step)"
     try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata()
+        meta = safe_dcp.read_metadata(path)
     except FileNotFoundError:
         return "it has no .metadata (an interrupted save or deletion)"
+    except UnsafeCheckpointError:  # not damage: refused, whatever step it is
+        raise
     except Exception as e:  # a truncated or corrupt pickle
         return f"its .metadata is unreadable ({type(e).__name__})"
     needed: dict[str, int] = {}
@@ -250,7 +254,9 @@ def _root(e: BaseException) -> BaseException:
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        safe_dcp.load(state, path)
+    except UnsafeCheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in a BaseException
         root = _root(e)
         # Bytes of a whole-sized file changed on disk (a zeroed header, a bad copy): its pickled
@@ -263,7 +269,9 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
 def check_model_shapes(path: Path, expected: dict[str, torch.Size]) -> None:
     """Compare a DCP checkpoint's model tensor shapes with this model's, before any work."""
     try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        meta = safe_dcp.read_metadata(path).state_dict_metadata
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: not a DCP checkpoint folder ({e})") from None
     for name, shape in expected.items():

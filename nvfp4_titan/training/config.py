@@ -60,6 +60,11 @@ class Training:
     """Optimizer steps to train."""
     max_norm: float = 1.0
     """Gradient clipping by global L2 norm; 0 disables it."""
+    skip_nonfinite_steps: int = 0
+    """Steps in a row whose loss or gradient norm is NaN or Inf that are skipped (no optimizer
+    step; each logged with the first parameter whose gradient is non-finite and counted in the
+    metric skipped_steps), as Megatron skips them; one more stops the run, naming the step, that
+    parameter and the last good checkpoint. 0: stop at the first. The count restarts at a resume."""
     seed: int = 0
     """Seed for initialization and data order (the global batches depend on it alone)."""
     mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
@@ -248,11 +253,13 @@ class Config:
             (t.seq_len > 0, "training.seq_len must be > 0"),
             (t.steps > 0, "training.steps must be > 0"),
             (t.max_norm >= 0, "training.max_norm must be >= 0 (0 disables clipping)"),
+            (t.skip_nonfinite_steps >= 0, "training.skip_nonfinite_steps must be >= 0 (0: stop at the first)"),
             (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
             (0 <= t.seed < 2**32, "training.seed must be in [0, 2**32)"),
             (self.job.dump_folder.strip() != "", "job.dump_folder must name a folder (empty: the current directory)"),
             (self.dataset.path.strip() != "", "dataset.path must name a corpus file or folder"),
-            (self.optimizer.lr > 0, "optimizer.lr must be > 0"),
+            # the optimizer's fp32 arithmetic takes lr as a float32 (1e39 stopped AdamW with a traceback)
+            (0 < self.optimizer.lr < 3.4e38, "optimizer.lr must be > 0 and below float32's largest value"),
             (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
             (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),

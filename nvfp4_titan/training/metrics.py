@@ -85,6 +85,8 @@ class MetricsLogger:
 
 
 def _fmt(v: float) -> str:
+    if isinstance(v, int):  # counts (skipped_steps)
+        return str(v)
     return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) and abs(v) < 1e5 else f"{v:.4e}"
 
 

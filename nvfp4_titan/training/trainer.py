@@ -12,7 +12,7 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch.distributed as dist
 import nvfp4
 from nvfp4.export import export_problems
 from nvfp4.fsdp import precompute_weight_scales
+from nvfp4.sharded import local
 from nvfp4_titan.data.dataset import DataError
 from nvfp4_titan.data.loader import GlobalBatchLoader
 from nvfp4_titan.data.tokenizer import load_tokenizer
@@ -118,6 +119,8 @@ class Trainer:
         self.cfg = config
         self.step = 0
         self.stop_requested = False
+        self.nonfinite_in_a_row = 0  # steps skipped for a non-finite loss or gradient, in a row
+        self.skipped_steps = 0
 
     # ---- setup: everything that can fail on bad input happens before any file is written
     def setup(self) -> None:
@@ -566,21 +569,55 @@ class Trainer:
             for k, v in parts.items():
                 self._parts[k] = self._parts.get(k, 0) + v / tokens
         max_norm = self.cfg.training.max_norm or math.inf
-        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(clip_grad_norm_(self.model.parameters(), max_norm))  # global: every rank decides alike
         lr = lr_at(self.step, self.cfg.optimizer.lr, self.cfg.training.steps, self.cfg.lr_scheduler)
         set_lr(self.optimizer, lr)
         dist.all_reduce(loss_sum)  # every rank of a TP group holds the same loss: mean over all
         loss_value = loss_sum.item() / self.world
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = ckpt.latest(self.ckpt_folder)
-            raise TrainingError(
-                f"non-finite loss ({loss_value}) at step {self.step}; nothing was saved. Last good "
-                f"checkpoint: {last or 'none'}. Lower optimizer.lr or check the data and initial weights"
-            )
-        self.optimizer.step()
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._skip_or_stop(loss_value, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, float(grad_norm), lr
+        return loss_value, grad_norm, lr
+
+    def _skip_or_stop(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN or Inf never reaches the optimizer: skipped
+        while ``training.skip_nonfinite_steps`` allows (Megatron's skipped iterations), else the run
+        stops naming the step, the first parameter with a non-finite gradient and the last good
+        checkpoint."""
+        what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient (norm {grad_norm})"
+        first = self._first_nonfinite((n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None)
+        where = f" (first non-finite gradient: {first})" if first else ""
+        limit = self.cfg.training.skip_nonfinite_steps
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row > limit:
+            self.optimizer.zero_grad(set_to_none=True)
+            before = f"after {limit} skipped in a row (training.skip_nonfinite_steps), " if limit else ""
+            raise TrainingError(
+                f"{what} at step {self.step}{where}, {before}stopping; nothing of it was applied or saved. Last good "
+                f"checkpoint: {self._last_checkpoint()}. Lower optimizer.lr or check the data and initial weights; "
+                "training.skip_nonfinite_steps = N skips up to N such steps in a row"
+            )
+        self.skipped_steps += 1
+        log.warning(
+            f"{what} at step {self.step}{where}: skipped, no optimizer step ({self.nonfinite_in_a_row} in a row of at "
+            f"most {limit}, training.skip_nonfinite_steps)"
+        )
+
+    def _first_nonfinite(self, named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+        """The name of the first tensor holding NaN or Inf, over every rank's shard (the same
+        answer on every rank: one all-reduce), or None."""
+        named = list(named)
+        finite = torch.stack([torch.isfinite(local(t)).all() for _, t in named]) if named else torch.ones(0)
+        bad = (~finite).nonzero()
+        first = torch.tensor([int(bad[0]) if len(bad) else len(named)], device=self.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        return named[int(first)][0] if int(first) < len(named) else None
+
+    def _last_checkpoint(self) -> str:
+        return str(ckpt.latest(self.ckpt_folder) or "none")
 
     def _metrics(
         self, loss: float, grad_norm: float, lr: float, tps: float, fpt: float, peak: float | None
@@ -599,6 +636,8 @@ class Trainer:
             # window's compilation and Triton autotuning would hide what training itself needs.
             values["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.cfg.training.skip_nonfinite_steps:
+            values["skipped_steps"] = self.skipped_steps
         if self.cfg.qat.enable and self.step > self.cfg.qat.start_step:
             values.update(qat_health(self.model))
         if self.teacher is not None:  # this step's distillation terms, token means over the global batch
@@ -633,6 +672,18 @@ class Trainer:
     def _save(self) -> None:
         if not self.cfg.checkpoint.enable:
             return
+        state = [(n, p) for n, p in self.model.named_parameters()]
+        state += [
+            (f"the optimizer's {k} of {n}", v)
+            for n, p in self.model.named_parameters()
+            for k, v in self.optimizer.state.get(p, {}).items()
+            if torch.is_tensor(v)
+        ]
+        if (bad := self._first_nonfinite(state)) is not None:  # one isfinite pass, one all-reduce
+            raise TrainingError(
+                f"after step {self.step}, {bad} holds NaN or Inf: the checkpoint was not written. Last good "
+                f"checkpoint: {self._last_checkpoint()}. Lower optimizer.lr or check the data and initial weights"
+            )
         files = {
             "config.toml": to_toml(self.cfg),
             "model_args.json": model_args_json(self.args),

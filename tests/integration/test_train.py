@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.integration.helpers import FAST, ROOT, losses, metrics, train
+from tests.integration.helpers import FAST, ROOT, losses, metrics, model_weights, train
 
 
 def test_debug_recipe_learns_logs_and_checkpoints(tmp_path):
@@ -311,7 +312,8 @@ def test_sigterm_to_torchrun_workers_saves_and_torchrun_exits_0(tmp_path):
     assert len(saved) == 1 and saved[0].startswith("step-") and "stopped by signal" in out
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path):
+    # huge finite weights after step 1: step 2's gradients overflow and the run stops there
     dump = tmp_path / "run"
     r = train(
         dump,
@@ -324,7 +326,10 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         "--qat.enable=false",
     )
     assert r.returncode == 1
-    assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "non-finite gradient (norm nan) at step 2" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"Last good checkpoint: {dump / 'checkpoint' / 'step-1'}." in r.stderr
+    assert sorted(p.name for p in (dump / "checkpoint").glob("step-*")) == ["step-1"]
+    assert all(torch.isfinite(t).all() for t in model_weights(dump / "checkpoint" / "step-1").values())
 
 
 def test_resume_on_a_corpus_edited_in_place_is_refused(tmp_path):
