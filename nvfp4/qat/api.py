@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -93,8 +94,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup
 
     Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also
     the max over all ranks of ``group`` (default: the world). Returns the batch count.
+
+    Raises ``ValueError`` when ``batches`` is empty, or naming the first linear whose amax is not
+    finite (an input held NaN or Inf, on any rank: every rank raises); the input amaxes then keep
+    the values they held before the call, as when a batch's forward raises.
     """
     layers = list(static_linears(model).values())
+    before = [m.input_amax.clone() for m in layers]
     for m in layers:
         m.input_amax.zero_()
         m.calibrating = True
@@ -103,17 +109,23 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup
         for batch in batches:
             model(batch)
             n += 1
+        if n == 0:
+            raise ValueError("calibrate got no batches")
+        if layers and dist.is_available() and dist.is_initialized():
+            amaxes = torch.stack([m.input_amax for m in layers])
+            # NaN as +Inf: a max need not keep a NaN, and every rank must see any rank's fault
+            amaxes = torch.where(torch.isnan(amaxes), math.inf, amaxes)
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
+            for m, a in zip(layers, amaxes):
+                m.input_amax.copy_(a)
+        mark_calibrated(model)
+    except BaseException:
+        for m, a in zip(layers, before):
+            m.input_amax.copy_(a)
+        raise
     finally:
         for m in layers:
             m.calibrating = False
-    if n == 0:
-        raise ValueError("calibrate got no batches")
-    if layers and dist.is_available() and dist.is_initialized():
-        amaxes = torch.stack([m.input_amax for m in layers])
-        dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
-        for m, a in zip(layers, amaxes):
-            m.input_amax.copy_(a)
-    mark_calibrated(model)
     return n
 
 
@@ -123,7 +135,8 @@ def mark_calibrated(model: nn.Module) -> None:
     needs after loading a calibrated checkpoint. Fused-group peers are compared now, not in the first
     (compiled) forward.
 
-    Raises ``RuntimeError`` naming the first uncalibrated linear (input amax -1).
+    Raises ``RuntimeError`` naming the first uncalibrated linear (input amax -1), ``ValueError``
+    naming the first whose input amax is NaN or Inf (its input scale would make every output NaN).
     """
     layers = static_linears(model)
     if not layers:
@@ -132,15 +145,27 @@ def mark_calibrated(model: nn.Module) -> None:
     for name, a in zip(layers, amaxes):
         if a < 0:
             raise RuntimeError(f"{name}: static activation scale is not calibrated; run nvfp4.calibrate")
+        _check_finite_input_amax(name, a)
     for m in layers.values():
         m._calibrated = True
         m._same_input_amax = None
         m._peers_share_input_amax()
 
 
+def _check_finite_input_amax(name: str, amax: float) -> None:
+    if not math.isfinite(amax):
+        raise ValueError(
+            f"{name}: input amax {amax} is not finite: a calibration input held NaN or Inf (its static "
+            "activation scale would make every output NaN)"
+        )
+
+
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
-    """Swap every ``NVFP4QATLinear`` for an ``NVFP4Linear`` holding its quantized weight."""
+    """Swap every ``NVFP4QATLinear`` for an ``NVFP4Linear`` holding its quantized weight.
+
+    Raises ``RuntimeError`` naming a static-mode linear never calibrated, ``ValueError`` naming one
+    whose input amax is NaN or Inf; the model is unchanged then."""
     qat = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4QATLinear)}
     # Quantize all before swapping anything: fused peers must still see each other's weights.
     converted = {}
@@ -148,6 +173,8 @@ def convert(model: nn.Module) -> nn.Module:
         static = m.config.activation_scale == "static"
         if static and float(m.input_amax) < 0:
             raise RuntimeError(f"{name}: static activation scale is not calibrated; run calibrate")
+        if static:
+            _check_finite_input_amax(name, float(m.input_amax))
         converted[name] = NVFP4Linear(
             m.quantized_weight(),
             bias=None if m.bias is None else m.bias.detach().clone(),

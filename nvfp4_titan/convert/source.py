@@ -197,13 +197,17 @@ def stored_name(src: Source, name: str) -> str:
     return adapter.to_hf(name) if src.config is None else name
 
 
+def read_finite(src: Source, name: str) -> torch.Tensor:
+    """The tensor ``name`` as stored; ``ConvertError`` naming it when it holds NaN or Inf (before
+    calibration or quantization hides which tensor it was)."""
+    t = src.read(name)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ConvertError(f"{src.path}: tensor {stored_name(src, name)} holds NaN or Inf; refusing to export it")
+    return t
+
+
 def _weight(src: Source, module: str) -> torch.Tensor:
-    w = _cast(src.read(f"{module}.weight"), src.cast)
-    if not torch.isfinite(w).all():
-        raise ConvertError(
-            f"{src.path}: tensor {stored_name(src, f'{module}.weight')} holds NaN or Inf; refusing to export it"
-        )
-    return w
+    return _cast(read_finite(src, f"{module}.weight"), src.cast)
 
 
 def quantized_groups(src: Source):
@@ -217,12 +221,13 @@ def quantized_groups(src: Source):
 
 def build_model(src: Source, qat: nvfp4.QATConfig | None) -> Transformer:
     """The whole model in memory with the weights as the forward saw them (cast), QAT
-    prepared with ``qat`` if given; calibrated input amaxes loaded, others uncalibrated."""
+    prepared with ``qat`` if given; calibrated input amaxes loaded, others uncalibrated.
+    Raises ``ConvertError`` naming a tensor that holds NaN or Inf."""
     with torch.device("meta"):
         model = Transformer(src.args)
     if qat is not None:
         nvfp4.prepare(model, qat)
-    state = {n: _cast(src.read(n), src.cast) for n in src.names}
+    state = {n: _cast(read_finite(src, n), src.cast) for n in src.names}
     state.update({f"{k}.input_amax": v for k, v in src.input_amax.items()})
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

@@ -27,8 +27,8 @@ from nvfp4_titan.convert.source import (
     Source,
     qat_groups,
     quantized_groups,
+    read_finite,
     resolve_source,
-    stored_name,
     tokenizer_dir,
 )
 from nvfp4_titan.models.llama3 import Transformer
@@ -156,10 +156,7 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
     for name in src.names:
         if name.removesuffix(".weight") in quantized or (src.args.tie_word_embeddings and name == "output.weight"):
             continue
-        t = src.read(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ConvertError(f"{src.path}: tensor {stored_name(src, name)} holds NaN or Inf; refusing to export it")
-        writer.add(adapter.to_hf(name), _cast(t, out_dtype))
+        writer.add(adapter.to_hf(name), _cast(read_finite(src, name), out_dtype))
     writer.close()
     # Engines and transformers run NVFP4 checkpoints in 16 bits (compressed-tensors' forward fails
     # on fp32 activations): an fp32 run keeps its float tensors, and config.json says bfloat16.

@@ -541,7 +541,13 @@ class Trainer:
             n = self.cfg.qat.calibration_batches
             c = self.loader.consumed
             batches = [x.to(self.device) for b in range(c, c + n) for x, _ in self.loader.batch(b)]
-            nvfp4.calibrate(self.model, batches)
+            try:
+                nvfp4.calibrate(self.model, batches)
+            except ValueError as e:  # a non-finite input amax: the run cannot go on
+                raise TrainingError(
+                    f"calibrating static activation scales at step {self.step}: {e}; nothing was saved. Check the "
+                    "initial weights and the data"
+                ) from None
             log.info(f"calibrated static activation scales on {n} batches")
 
     def _refresh_weight_scales(self) -> None:

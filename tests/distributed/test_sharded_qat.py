@@ -155,3 +155,20 @@ def test_sharded_codes_equal_unsharded(dp, tp, mode, act, device):
 
 def test_negative_control_local_amax_gives_different_codes():
     run_ranks(codes_worker, 2, 1, 2, "amax", False)
+
+
+def non_finite_calibration_worker(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    nvfp4.prepare(model, nvfp4.QATConfig(activation_scale="static"))
+    x = torch.randn(3, 32)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^0: input amax inf is not finite"):
+        nvfp4.calibrate(model, [x])
+    assert model[0].input_amax.item() == -1  # left uncalibrated, as before the call
+
+
+def test_a_nan_on_one_rank_stops_calibration_on_every_rank():
+    """A max over ranks need not keep a NaN: rank 0's finite amax would hide rank 1's fault."""
+    run_ranks(non_finite_calibration_worker, 2)

@@ -120,3 +120,27 @@ def test_bad_input_fails_cleanly(tmp_path, case):
     assert len(lines) == 1
     assert re.search(message, lines[0]), lines[0]
     assert not dump.exists()  # no partial output
+
+
+def test_non_finite_calibration_stops_naming_the_linear(tmp_path):
+    """Initial weights whose attention scores overflow give the output projection an Inf input
+    amax: calibration stops the run there (it would train every step on NaN outputs). The run has
+    started, so it exits 1 as a stopped run does, with no checkpoint written."""
+    torch.manual_seed(0)
+    model = Transformer(FLAVORS["debug"].with_(n_layers=1))
+    model.init_weights(0)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.mul_(1e30)
+        model.layers[0].attention.wk.weight.mul_(1e30)
+    to_hf(model, tmp_path / "hf")
+    hf = [f"--checkpoint.initial_load_path={tmp_path / 'hf'}", "--checkpoint.initial_load_in_hf=true"]
+    static = ["--qat.activation_scale=static", "--qat.calibration_batches=1", "--lr_scheduler.warmup_steps=0"]
+    r = train(tmp_path / "run", *FAST, *hf, *static, "--model.flavor=hf", "--training.steps=1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert error == [
+        "error: calibrating static activation scales at step 1: layers.0.attention.wo: input amax inf is not finite: "
+        "a calibration input held NaN or Inf (its static activation scale would make every output NaN); nothing "
+        "was saved. Check the initial weights and the data"
+    ]
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -309,6 +309,41 @@ def test_mark_calibrated_lets_a_loaded_static_model_compile_without_graph_breaks
     assert torch.equal(torch.compile(dst, backend="eager", fullgraph=True)(x), src(x))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=str)
+def test_calibrate_refuses_a_non_finite_amax_naming_the_linear_and_keeps_the_amaxes(bad):
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 16))
+    nvfp4.prepare(model, QATConfig(activation_scale="static"))
+    fresh = [m.input_amax.clone() for m in nvfp4.qat_linears(model)]
+    poisoned = _batches(2, 3, 32)
+    poisoned[1][2, 5] = bad
+    with pytest.raises(ValueError, match=rf"^0: input amax {bad} is not finite: a calibration input held NaN or Inf"):
+        nvfp4.calibrate(model, poisoned)
+    assert all(torch.equal(m.input_amax, a) for m, a in zip(nvfp4.qat_linears(model), fresh))
+    assert nvfp4.needs_calibration(model)
+    nvfp4.calibrate(model, _batches(2, 3, 32))
+    calibrated = [m.input_amax.clone() for m in nvfp4.qat_linears(model)]
+    with pytest.raises(ValueError, match="^0: input amax"):
+        nvfp4.calibrate(model, poisoned)  # a recalibration that fails keeps the earlier scales
+    assert all(torch.equal(m.input_amax, a) for m, a in zip(nvfp4.qat_linears(model), calibrated))
+    with pytest.raises(ValueError, match="got no batches"):
+        nvfp4.calibrate(model, [])
+    assert all(torch.equal(m.input_amax, a) for m, a in zip(nvfp4.qat_linears(model), calibrated))
+
+
+def test_convert_and_mark_calibrated_refuse_a_non_finite_input_amax():
+    """A checkpoint can hold what calibrate refuses: convert must not deploy an input scale
+    that makes every output NaN."""
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 16))
+    nvfp4.prepare(model, QATConfig(activation_scale="static"))
+    nvfp4.calibrate(model, _batches(2, 3, 32))
+    model[1].input_amax.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"^1: input amax nan is not finite"):
+        nvfp4.convert(model)
+    assert all(isinstance(m, NVFP4QATLinear) for m in model)  # nothing swapped
+    with pytest.raises(ValueError, match=r"^1: input amax nan is not finite"):
+        nvfp4.mark_calibrated(model)
+
+
 def test_prepare_rejects_k_not_multiple_of_16_naming_layer():
     model = nn.Sequential(nn.Linear(20, 16))
     with pytest.raises(ValueError, match=r"^0: in_features=20"):
