@@ -13,7 +13,15 @@ weight_scale_2) and ``hf_quant_config.json`` parsing in the same file.
 ``compressors/nvfp4/base.py`` (unpack: low nibble first) and
 ``quantization/lifecycle/forward_helpers.py`` (_dequantize: scale / global_scale).
 
-With the default power-of-two tensor scale, both decodings give our bits exactly.
+With the default power-of-two tensor scale, both decodings give our bits exactly. With
+``tensor_scale = "amax"`` (amax / 2688, no power of two) neither format can be decoded as trained,
+whatever scale is stored: ``code * block_scale * s`` then needs up to 24 significant bits, and
+compressed-tensors' decompressor (``NVFP4PackedCompressor.decompress``: the codes unpacked in
+bfloat16, ``_dequantize`` divides by the global scale and casts back) and vLLM's NVFP4 emulation
+(``nvfp4_emulation_utils.dequantize_to_dtype``, cast to the activations' dtype) hold the weight in
+16 bits; vLLM's W4A4 kernels quantize inputs with ``input_global_scale_inv = 1 / input_scale``
+(``ModelOptNvFp4LinearMethod.process_weights_after_loading``), a rounded reciprocal. So
+``export_problems`` lists the mode.
 """
 
 from __future__ import annotations
@@ -124,10 +132,18 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
 
     Engines fuse q/k/v and gate/up into one GEMM of one precision with one weight tensor scale
     (vLLM's ModelOptNvFp4LinearMethod keeps the max ``weight_scale_2`` of a fused layer and
-    refuses fused layers of mixed precision), and tie ``lm_head`` to the float embedding when
-    ``tie_word_embeddings`` is set. The trainer checks this before any work, the converter again.
+    refuses fused layers of mixed precision), tie ``lm_head`` to the float embedding when
+    ``tie_word_embeddings`` is set, and decode only power-of-two tensor scales as trained (the
+    module docstring). The trainer checks this before any work, the converter again.
     """
     problems, split, separate = [], {}, []
+    if config.tensor_scale == "amax":
+        problems.append(
+            "tensor_scale=amax: a tensor scale that is no power of two makes code x block scale x tensor scale "
+            "longer than the bfloat16 weights compressed-tensors (transformers) and vLLM's emulation decode into, "
+            "and vLLM quantizes inputs with the rounded 1 / input_scale: neither format decodes it as trained; "
+            "use tensor_scale=pow2 (the default)"
+        )
     for group in getattr(model, "fused_linear_groups", list)():
         chosen = [n for n in group if config.selects(n)]
         if chosen and len(chosen) < len(group):  # one line per kind of split, not per layer

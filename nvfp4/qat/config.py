@@ -29,7 +29,8 @@ class QATConfig:
     (W4A16): inputs stay in high precision."""
     tensor_scale: TensorScaleMode = "pow2"
     """pow2: per-tensor scale rounded up to a power of two (decodes identically in every
-    engine). amax: amax / 2688, as torchao and ModelOpt PTQ."""
+    engine). amax: amax / 2688, as torchao and ModelOpt PTQ; no engine decodes its checkpoints as
+    trained (``nvfp4.export.export_problems``)."""
     share_fused_amax: bool = True
     """Give the linears that engines fuse (q/k/v, gate/up) one weight amax, as engines assume."""
 

@@ -6,7 +6,7 @@ folder -> an NVFP4 Hugging Face checkpoint that engines decode exactly as traine
 written, ``cli`` is the command line (``scripts/convert_to_nvfp4.py``, ``nvfp4-convert``)."""
 
 from nvfp4_titan.convert.calibrate import calibrated_input_amax
-from nvfp4_titan.convert.read import load_nvfp4_model, verify
+from nvfp4_titan.convert.read import VerifyError, load_nvfp4_model, verify
 from nvfp4_titan.convert.source import (
     ConvertError,
     Source,
@@ -26,6 +26,7 @@ __all__ = [
     "ConvertError",
     "Options",
     "Source",
+    "VerifyError",
     "build_model",
     "calibrated_input_amax",
     "check_exportable",

@@ -18,7 +18,7 @@ from pathlib import Path
 from nvfp4.export import (
     FORMATS,
 )
-from nvfp4_titan.convert.read import verify
+from nvfp4_titan.convert.read import VerifyError
 from nvfp4_titan.convert.source import ConvertError
 from nvfp4_titan.convert.write import Options, convert_checkpoint
 from nvfp4_titan.models.llama3 import CheckpointError
@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
-        "--verify", action="store_true", help="decode every weight again and compare; non-zero exit on mismatch"
+        "--verify",
+        action="store_true",
+        help="decode every weight again and compare before the output is put in place; exit 1 and write "
+        "nothing on a mismatch",
     )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -86,16 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=a.tokenizer,
         torchtitan=a.torchtitan,
         torchtitan_overrides=tuple(a.torchtitan_override),
+        verify=a.verify,
     )
     try:
-        src = convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)
+        convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)
         print(f"wrote {a.output} ({a.format})")
-        if a.verify and a.format != "hf":
-            return 1 if verify(a.output, src, a.format) else 0
         return 0
     except (ConvertError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, VerifyError) else 2
     except KeyboardInterrupt:  # convert's cleanup already ran: nothing was written
         print(f"interrupted: {a.output} was not written", file=sys.stderr)
         return 130

@@ -12,7 +12,7 @@ import nvfp4
 from nvfp4.export import (
     decode,
 )
-from nvfp4_titan.convert.source import Source, quantized_groups
+from nvfp4_titan.convert.source import ConvertError, Source, quantized_groups
 from nvfp4_titan.models.llama3 import Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
 from nvfp4_titan.models.llama3.hf import (
@@ -20,6 +20,11 @@ from nvfp4_titan.models.llama3.hf import (
     args_from_hf_config,
     read_config,
 )
+
+
+class VerifyError(ConvertError):
+    """``--verify`` found weights that the reader's formula decodes differently from the QAT
+    forward's; nothing was written."""
 
 
 def verify(output: Path, src: Source, fmt: str, log: Callable[[str], None] = print) -> int:

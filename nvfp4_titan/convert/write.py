@@ -22,6 +22,7 @@ from nvfp4.export import (
 )
 from nvfp4_titan.convert.calibrate import calibrated_input_amax
 from nvfp4_titan.convert.output import MARKER, atomic_folder, check_output
+from nvfp4_titan.convert.read import VerifyError, verify
 from nvfp4_titan.convert.source import (
     ConvertError,
     Source,
@@ -55,6 +56,7 @@ class Options:
     tokenizer: Path | None = None  # instead of the run's model.tokenizer_path
     torchtitan: str | None = None  # MODULE:FUNCTION of a torchtitan run's config (the source is its DCP)
     torchtitan_overrides: tuple[str, ...] = ()  # that run's --override.imports entries
+    verify: bool = False  # decode every quantized weight again before the output is put in place
 
 
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
@@ -192,7 +194,10 @@ def _special_token_ids(src: Source) -> dict[str, int]:
 def convert_checkpoint(
     source: Path, output: Path, o: Options, overwrite: bool = False, log: Callable[[str], None] = lambda s: None
 ) -> Source:
-    """Convert ``source`` into ``output`` atomically (nothing is left behind on failure)."""
+    """Convert ``source`` into ``output`` atomically (nothing is left behind on failure). With
+    ``o.verify`` the NVFP4 weights are decoded from the written files (``verify``, its table
+    printed) before the output is put in place: ``VerifyError`` on a mismatch, and an existing
+    ``output`` is left as it was."""
     if o.fmt not in (*FORMATS, "hf"):
         raise ConvertError(f"--format {o.fmt}: use one of {(*FORMATS, 'hf')}")
     check_output(source, output, overwrite)
@@ -206,4 +211,9 @@ def convert_checkpoint(
         src.tokenizer = o.tokenizer
     with atomic_folder(output, source) as tmp:
         write_checkpoint(src, tmp, o, log)
+        if o.verify and o.fmt != "hf" and (bad := verify(tmp, src, o.fmt)):
+            raise VerifyError(
+                f"--verify: {bad} quantized weights of {output} decode differently from the QAT forward's "
+                "(the rows marked NO in the table it printed); nothing was written"
+            )
     return src

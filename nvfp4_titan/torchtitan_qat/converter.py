@@ -48,7 +48,8 @@ class NVFP4QATConverter(QuantizationConverter):
         """dynamic (per-input amax), static (calibrated on the run's first ``calibration_batches`` batches by
         the launcher, then frozen) or none (weight-only, W4A16); see ``nvfp4.QATConfig``."""
         tensor_scale: str = "pow2"
-        """pow2 (power-of-two tensor scales, decoded identically by every engine) or amax."""
+        """pow2 (power-of-two tensor scales, decoded identically by every engine) or amax (its
+        checkpoints export in float only: no engine decodes them as trained)."""
         share_fused_amax: bool = True
         """One weight amax for the linears engines fuse (q/k/v, gate/up)."""
         calibration_batches: int = 4

@@ -130,7 +130,8 @@ class QAT:
     """dynamic: each input's own amax; static: calibrated over calibration_batches, frozen;
     none: weight-only QAT (W4A16), inputs stay in high precision."""
     tensor_scale: TensorScaleMode = "pow2"
-    """pow2: per-tensor scale rounded up to 2**k (every engine decodes the same bits); amax: amax/2688."""
+    """pow2: per-tensor scale rounded up to 2**k (every engine decodes the same bits); amax: amax/2688
+    (torchao, ModelOpt PTQ), which no engine decodes as trained: needs allow_unexportable."""
     share_fused_amax: bool = True
     """One weight amax for q/k/v and for gate/up, as inference engines fuse them."""
     calibration_batches: int = 4
@@ -142,8 +143,8 @@ class QAT:
     before the gather with one batched amax all-reduce per step; same numerics. Eager only."""
     allow_unexportable: bool = False
     """Accept settings whose checkpoints engines cannot decode as trained (share_fused_amax =
-    false, part of a fused q/k/v or gate/up group excluded, a quantized tied head): for
-    experiments only; the converter refuses to export such checkpoints as NVFP4."""
+    false, part of a fused q/k/v or gate/up group excluded, a quantized tied head, tensor_scale =
+    amax): for experiments only; the converter refuses to export such checkpoints as NVFP4."""
     loss: DistillLoss = "ce"
     """ce: cross-entropy on the labels (QAT); kl: quantization-aware distillation (QAD), the KL
     divergence from the frozen float teacher's output distribution; mix: (1 - kl_weight) ce +

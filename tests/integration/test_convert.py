@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 import nvfp4
+import nvfp4.export
 from nvfp4_titan.convert import ConvertError, Options, convert_checkpoint, load_nvfp4_model
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer
 from nvfp4_titan.models.llama3 import state_dict_adapter as adapter
@@ -167,6 +168,26 @@ def test_independent_readers_decode_identical_weights(runs, tmp_path):
             assert torch.equal((fp4.reshape(fp4.shape[0], -1, 16) * scale[..., None]).flatten(1), want), m
     hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
     assert hq["quant_algo"] == "NVFP4" and hq["group_size"] == 16 and hq["exclude_modules"] == ["lm_head"]
+
+
+def test_readers_decode_amax_tensor_scales_differently_from_training():
+    """Why the export contract refuses tensor_scale = "amax": compressed-tensors' own decompressor
+    and vLLM's formula decode other weights than the QAT forward used, whatever scale is stored
+    (the decompressor's bfloat16 cannot hold them), where pow2 scales decode bitwise (above)."""
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = nvfp4.export.quantization_config("compressed-tensors", [], {})
+    qc.pop("nvfp4_titan")
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        q = nvfp4.quantize(torch.randn(256, 256, generator=g) * 0.02, tensor_scale_mode="amax")
+        want = nvfp4.dequantize(q)  # what the QAT forward multiplies
+        ct = NVFP4PackedCompressor.decompress(nvfp4.export.layer_tensors("compressed-tensors", q, None), scheme)
+        assert not torch.equal(ct["weight"].float(), want)
+        assert not torch.equal(want.bfloat16().float(), want)  # no stored global scale could fix it
+        assert not torch.equal(nvfp4.export.decode("modelopt", nvfp4.export.layer_tensors("modelopt", q, None)), want)
 
 
 def test_cli_verify_and_overwrite(runs, tmp_path):

@@ -20,9 +20,12 @@ from tokenizers import Tokenizer
 from nvfp4_titan.convert import (
     ConvertError,
     Options,
+    VerifyError,
     check_exportable,
+    cli,
     convert_checkpoint,
     resolve_source,
+    write,
 )
 from tests.integration.helpers import FAST, ROOT, train
 
@@ -66,6 +69,61 @@ def test_unexportable_settings_train_only_when_asked_and_are_refused_for_export(
         convert_checkpoint(runs["separate_amax"], tmp_path / "out", Options(calibration_batches=1))
     assert not (tmp_path / "out").exists()
     convert_checkpoint(runs["separate_amax"], tmp_path / "float", Options(fmt="hf"))  # the float model exports
+
+
+def _with_config_line(runs, tmp_path, pattern: str, line: str):
+    """A copy of the qat run whose config.toml has ``line`` in place of the line ``pattern`` matches."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["qat"], run)
+    toml = run / "checkpoint" / "step-2" / "config.toml"
+    text, n = re.subn(pattern, line, toml.read_text(), flags=re.M)
+    assert n == 1
+    toml.write_text(text)
+    return run
+
+
+def test_amax_tensor_scales_are_refused_for_export(runs, tmp_path):
+    """No stored scale lets compressed-tensors or vLLM decode a non-power-of-two tensor scale as
+    trained (test_convert.py shows their decoders differ): a run trained with it under
+    qat.allow_unexportable exports in float only."""
+    run = _with_config_line(runs, tmp_path, r'^tensor_scale = "pow2"$', 'tensor_scale = "amax"')
+    for fmt in ("modelopt", "compressed-tensors"):
+        with pytest.raises(ConvertError, match=r"tensor_scale=amax: .*Export it in float with --format hf"):
+            convert_checkpoint(run, tmp_path / "out", Options(fmt=fmt, calibration_batches=0))
+        assert not (tmp_path / "out").exists()
+    convert_checkpoint(run, tmp_path / "float", Options(fmt="hf"))
+
+
+def _corrupt_down_projections(monkeypatch):
+    """The writer stores wrong codes for the (256, 768) down projections (what --verify is for)."""
+    layer_tensors = write.layer_tensors
+
+    def corrupted(fmt, q, s_in):
+        tensors = layer_tensors(fmt, q, s_in)
+        if q.packed.shape == (256, 384):
+            tensors["weight"] = tensors["weight"] ^ 1  # the low bit of every even element's code
+        return tensors
+
+    monkeypatch.setattr(write, "layer_tensors", corrupted)
+
+
+def test_a_failed_verify_writes_nothing_and_keeps_the_old_output(runs, tmp_path, monkeypatch, capsys):
+    old = tmp_path / "old"
+    convert_checkpoint(runs["qat"], old, Options(calibration_batches=0))
+    before = _tree(old)
+    _corrupt_down_projections(monkeypatch)
+    message = r"--verify: 4 quantized weights of .* decode differently .*; nothing was written"
+    with pytest.raises(VerifyError, match=message):
+        convert_checkpoint(runs["qat"], tmp_path / "new", Options(calibration_batches=0, verify=True))
+    with pytest.raises(VerifyError, match=message):
+        convert_checkpoint(runs["qat"], old, Options(calibration_batches=0, verify=True), overwrite=True)
+    assert _tree(old) == before and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temporary folder either
+    capsys.readouterr()
+    assert cli.main([str(runs["qat"]), str(tmp_path / "cli"), "--verify", "--calibration-batches=0", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert "4 mismatches" in out and err.startswith("error: --verify: 4 quantized weights")
+    assert not (tmp_path / "cli").exists()
 
 
 def test_static_scales_of_a_step_before_qat_are_refused(runs, tmp_path):
@@ -156,12 +214,7 @@ def test_an_nvfp4_export_is_no_source(runs, tmp_path):
 
 
 def test_a_config_that_quantizes_nothing_is_refused(runs, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(runs["qat"], run)
-    toml = run / "checkpoint" / "step-2" / "config.toml"
-    text, n = re.subn(r"^exclude = \[.*\]$", 'exclude = ["*"]', toml.read_text(), flags=re.M)
-    assert n == 1
-    toml.write_text(text)
+    run = _with_config_line(runs, tmp_path, r"^exclude = \[.*\]$", 'exclude = ["*"]')
     with pytest.raises(ConvertError, match="selects no linear layer: there is nothing to quantize"):
         convert_checkpoint(run, tmp_path / "out", Options(calibration_batches=0))
 

@@ -70,6 +70,10 @@ CASES = {
         r"layers.\*.attention.wk excluded from QAT but not the rest of its fused group \[.*\] \(4 group",
     ),
     "qat_selects_nothing": (lambda tmp: ['--qat.exclude=["*"]'], r"selects? no linear layer"),
+    "amax_tensor_scale": (
+        lambda tmp: ["--qat.tensor_scale=amax"],
+        r"tensor_scale=amax: .*neither format decodes it as trained; use tensor_scale=pow2 .*qat.allow_unexportable",
+    ),
     "quantized_tied_head": (
         lambda tmp: ["--qat.exclude=[]"],
         r"output shares its weight with tok_embeddings \(tied embeddings\)",
