@@ -133,8 +133,11 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
     Engines fuse q/k/v and gate/up into one GEMM of one precision with one weight tensor scale
     (vLLM's ModelOptNvFp4LinearMethod keeps the max ``weight_scale_2`` of a fused layer and
     refuses fused layers of mixed precision), tie ``lm_head`` to the float embedding when
-    ``tie_word_embeddings`` is set, and decode only power-of-two tensor scales as trained (the
-    module docstring). The trainer checks this before any work, the converter again.
+    ``tie_word_embeddings`` is set, keep an untied ``lm_head`` in high precision (vLLM 0.22's
+    ParallelLMHead registers ``lm_head.weight`` only: vLLM issues 44081 and 45102), and decode only
+    power-of-two tensor scales as trained (the module docstring). The model names its output head
+    with ``get_output_embeddings()``, as Hugging Face models do. The trainer checks this before any
+    work, the converter again.
     """
     problems, split, separate = [], {}, []
     if config.tensor_scale == "amax":
@@ -165,11 +168,19 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
     uses: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         uses.setdefault(id(p), []).append(name.removesuffix(".weight"))
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and config.selects(name) and len(shared := uses[id(m.weight)]) > 1:
+        if not (isinstance(m, nn.Linear) and config.selects(name)):
+            continue
+        if len(shared := uses[id(m.weight)]) > 1:
             problems.append(
                 f"{name} shares its weight with {', '.join(s for s in shared if s != name)} (tied embeddings): a "
                 f"quantized tied head cannot be exported; keep '{name}' in the QAT exclude patterns"
+            )
+        elif m is head:
+            problems.append(
+                f"{name} is the output head (lm_head): vLLM loads no NVFP4 lm_head for Llama (its ParallelLMHead "
+                f"registers lm_head.weight only: vLLM issues 44081, 45102); keep '{name}' in the QAT exclude patterns"
             )
     return problems
 

@@ -143,8 +143,9 @@ class QAT:
     before the gather with one batched amax all-reduce per step; same numerics. Eager only."""
     allow_unexportable: bool = False
     """Accept settings whose checkpoints engines cannot decode as trained (share_fused_amax =
-    false, part of a fused q/k/v or gate/up group excluded, a quantized tied head, tensor_scale =
-    amax): for experiments only; the converter refuses to export such checkpoints as NVFP4."""
+    false, part of a fused q/k/v or gate/up group excluded, a quantized output head, tied or not,
+    tensor_scale = amax): for experiments only; the converter refuses to export such checkpoints
+    as NVFP4."""
     loss: DistillLoss = "ce"
     """ce: cross-entropy on the labels (QAT); kl: quantization-aware distillation (QAD), the KL
     divergence from the frozen float teacher's output distribution; mix: (1 - kl_weight) ce +

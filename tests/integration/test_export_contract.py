@@ -17,6 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+import nvfp4
 from nvfp4_titan.convert import (
     ConvertError,
     Options,
@@ -27,6 +28,7 @@ from nvfp4_titan.convert import (
     resolve_source,
     write,
 )
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer, to_hf
 from tests.integration.helpers import FAST, ROOT, train
 
 EOS = Tokenizer.from_file(str(ROOT / "data" / "assets" / "tokenizer.json")).token_to_id("<|end_of_text|>")
@@ -143,6 +145,18 @@ def test_non_finite_static_input_amax_is_refused(runs):
     src.input_amax["layers.1.feed_forward.w2"] = torch.tensor(float("nan"))
     with pytest.raises(ConvertError, match="input amax of layers.1.feed_forward.w2 is nan"):
         check_exportable(src)
+
+
+def test_a_quantized_untied_head_is_refused(tmp_path):
+    """vLLM loads no NVFP4 lm_head for Llama: an untied head is exported in high precision only."""
+    to_hf(Transformer(FLAVORS["debug"].with_(n_layers=1, tie_word_embeddings=False)), tmp_path / "hf")
+    src = resolve_source(tmp_path / "hf")
+    check_exportable(src)  # the default QAT config keeps the head in high precision
+    src.qat = nvfp4.QATConfig(exclude=())
+    with pytest.raises(ConvertError, match=r"output is the output head \(lm_head\): vLLM loads no NVFP4 lm_head"):
+        check_exportable(src)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "out", Options(calibration_batches=0))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
 
 
 def test_metadata_says_qat_or_ptq(runs, tmp_path):

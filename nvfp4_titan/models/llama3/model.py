@@ -131,6 +131,11 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output head (Hugging Face's accessor name): the export contract keeps it in high
+        precision (``nvfp4.export.export_problems``)."""
+        return self.output
+
     def fused_linear_groups(self) -> list[list[str]]:
         """Linears that inference engines fuse into one GEMM (one weight tensor scale)."""
         groups = []
