@@ -29,8 +29,9 @@ from nvfp4.qat.api import (
     selected_linears,
     set_enabled,
     static_linears,
+    unquantizable_linears,
 )
-from nvfp4.qat.config import QATConfig
+from nvfp4.qat.config import QATConfig, layer_pattern
 from nvfp4.qat.linear import NVFP4QATLinear
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "dequantize",
     "dequantize_unscaled",
     "fake_quantize",
+    "layer_pattern",
     "mark_calibrated",
     "needs_calibration",
     "nvfp4_matmul",
@@ -62,4 +64,5 @@ __all__ = [
     "static_linears",
     "tensor_scale",
     "unpack_codes",
+    "unquantizable_linears",
 ]

@@ -26,14 +26,13 @@ bfloat16, ``_dequantize`` divides by the global scale and casts back) and vLLM's
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from nvfp4.format import BLOCK_SIZE, NVFP4, e2m1_values, scale_blocks
-from nvfp4.qat.config import QATConfig
+from nvfp4.qat.config import QATConfig, layer_pattern
 
 FORMATS = ("modelopt", "compressed-tensors")
 
@@ -150,8 +149,8 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
     for group in getattr(model, "fused_linear_groups", list)():
         chosen = [n for n in group if config.selects(n)]
         if chosen and len(chosen) < len(group):  # one line per kind of split, not per layer
-            left = tuple(_any_layer(n) for n in group if n not in chosen)
-            split.setdefault((left, tuple(map(_any_layer, group))), []).append(group[0])
+            left = tuple(layer_pattern(n) for n in group if n not in chosen)
+            split.setdefault((left, tuple(map(layer_pattern, group))), []).append(group[0])
         elif len(chosen) > 1 and not config.share_fused_amax:
             separate.append(group)
     for (left, group), firsts in split.items():
@@ -183,8 +182,3 @@ def export_problems(model: nn.Module, config: QATConfig) -> list[str]:
                 f"registers lm_head.weight only: vLLM issues 44081, 45102); keep '{name}' in the QAT exclude patterns"
             )
     return problems
-
-
-def _any_layer(name: str) -> str:
-    """``layers.3.attention.wk`` -> ``layers.*.attention.wk``: one name for a layer's role."""
-    return re.sub(r"\.\d+\.", ".*.", name)

@@ -35,22 +35,31 @@ def selected_linears(model: nn.Module, config: QATConfig) -> list[str]:
     return [name for name, mod in model.named_modules() if type(mod) is nn.Linear and config.selects(name)]
 
 
+def unquantizable_linears(model: nn.Module, config: QATConfig) -> dict[str, int]:
+    """The linears ``config`` selects whose ``in_features`` is not a multiple of 16, by name, with
+    their ``in_features``: NVFP4's blocks of 16 run along it, so ``prepare`` refuses them and
+    ``config`` must exclude them (``QATConfig.excluding``). Works on the meta device."""
+    sizes = {name: model.get_submodule(name).in_features for name in selected_linears(model, config)}
+    return {name: k for name, k in sizes.items() if k % BLOCK_SIZE}
+
+
 def prepare(model: nn.Module, config: QATConfig | None = None) -> nn.Module:
     """Swap the selected ``nn.Linear``s of ``model`` for ``NVFP4QATLinear``s, in place.
 
     A model may define ``fused_linear_groups() -> list[list[str]]`` naming linears that
-    engines fuse; with ``share_fused_amax`` their weights share one amax.
+    engines fuse; with ``share_fused_amax`` their weights share one amax. Raises ``ValueError``
+    naming the first selected linear whose ``in_features`` is not a multiple of 16, before any swap.
     """
     config = config or QATConfig()
+    if bad := unquantizable_linears(model, config):
+        name, k = next(iter(bad.items()))
+        raise ValueError(
+            f"{name}: in_features={k} is not a multiple of {BLOCK_SIZE}; NVFP4 blocks run along it. "
+            f"Exclude the layer with QATConfig.exclude"
+        )
     swapped: dict[str, NVFP4QATLinear] = {}
     for name in selected_linears(model, config):
-        mod = model.get_submodule(name)
-        if mod.in_features % BLOCK_SIZE:
-            raise ValueError(
-                f"{name}: in_features={mod.in_features} is not a multiple of {BLOCK_SIZE}; "
-                f"NVFP4 blocks run along it. Exclude the layer with QATConfig.exclude"
-            )
-        swapped[name] = NVFP4QATLinear.from_linear(mod, config)
+        swapped[name] = NVFP4QATLinear.from_linear(model.get_submodule(name), config)
         _swap(model, name, swapped[name])
     groups = getattr(model, "fused_linear_groups", lambda: [])()
     if config.share_fused_amax:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -45,3 +47,13 @@ class QATConfig:
     def selects(self, name: str) -> bool:
         match = lambda pats: any(fnmatch.fnmatchcase(name, p) for p in pats)  # noqa: E731
         return match(self.include) and not match(self.exclude)
+
+    def excluding(self, names: Iterable[str]) -> tuple[str, ...]:
+        """These exclude patterns and the ``layer_pattern`` of each of ``names``: the exclude list
+        that keeps those linears (in every layer) in high precision."""
+        return tuple(dict.fromkeys((*self.exclude, *map(layer_pattern, names))))
+
+
+def layer_pattern(name: str) -> str:
+    """The pattern of a linear's role in every layer: ``layers.3.attention.wk`` -> ``layers.*.attention.wk``."""
+    return re.sub(r"\.\d+\.", ".*.", name)

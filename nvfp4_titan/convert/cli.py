@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="with --torchtitan: an --override.imports entry the run was trained with (repeatable)",
     )
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        metavar="PATTERN",
+        help="a Hugging Face CHECKPOINT (PTQ): the linears kept in high precision, fnmatch patterns of module "
+        "names as qat.exclude (layers.0.feed_forward.w2; they replace its default: output lm_head *.output "
+        "*.lm_head)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
         "--verify",
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         torchtitan=a.torchtitan,
         torchtitan_overrides=tuple(a.torchtitan_override),
         verify=a.verify,
+        exclude=None if a.exclude is None else tuple(a.exclude),
     )
     try:
         convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)

@@ -5,7 +5,9 @@ all read from the checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,7 @@ class Options:
     torchtitan: str | None = None  # MODULE:FUNCTION of a torchtitan run's config (the source is its DCP)
     torchtitan_overrides: tuple[str, ...] = ()  # that run's --override.imports entries
     verify: bool = False  # decode every quantized weight again before the output is put in place
+    exclude: tuple[str, ...] | None = None  # a Hugging Face source's QAT exclude patterns (PTQ); None: the default
 
 
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
@@ -100,14 +103,25 @@ def _input_amaxes(src: Source, o: Options) -> tuple[dict[str, torch.Tensor], str
 
 
 def check_exportable(src: Source) -> None:
-    """Refuse, naming the checkpoint, what engines could not decode as trained: the QAT settings
-    ``export_problems`` lists, and static input scales not calibrated or not finite."""
+    """Refuse, naming the checkpoint, what engines could not decode as trained: a QAT config that
+    selects no linear or one NVFP4 cannot quantize (``in_features`` not a multiple of 16: the fix
+    named as ``--exclude`` patterns for a Hugging Face source), the QAT settings ``export_problems``
+    lists, and static input scales not calibrated or not finite."""
     with torch.device("meta"):
         model = Transformer(src.args)
     if not nvfp4.selected_linears(model, src.qat):
         raise ConvertError(
             f"{src.path}: its QAT config (include {list(src.qat.include)}, exclude "
             f"{list(src.qat.exclude)}) selects no linear layer: there is nothing to quantize"
+        )
+    if bad := nvfp4.unquantizable_linears(model, src.qat):
+        name, k = next(iter(bad.items()))
+        fix = "exclude them in the run's QAT config"
+        if not src.run:
+            fix = f"keep them in high precision with --exclude {shlex.join(src.qat.excluding(bad))}"
+        raise ConvertError(
+            f"{src.path}: {name} ({adapter.to_hf_module(name)}) has in_features={k}, not a multiple of 16 (NVFP4 "
+            f"quantizes blocks of 16 along it; {len(bad)} such linears): {fix}"
         )
     if problems := export_problems(model, src.qat):
         raise ConvertError(
@@ -209,6 +223,13 @@ def convert_checkpoint(
         src = resolve_source(source)
     if o.tokenizer is not None:
         src.tokenizer = o.tokenizer
+    if o.exclude is not None:
+        if src.run:
+            raise ConvertError(
+                f"--exclude chooses what PTQ of a Hugging Face folder quantizes; {source} is a training run's "
+                "checkpoint, exported as it trained (its QAT config)"
+            )
+        src.qat = dataclasses.replace(src.qat, exclude=o.exclude)
     with atomic_folder(output, source) as tmp:
         write_checkpoint(src, tmp, o, log)
         if o.verify and o.fmt != "hf" and (bad := verify(tmp, src, o.fmt)):

@@ -368,6 +368,13 @@ class Trainer:
                 f"qat.enable = true but qat.include {q.include} and qat.exclude {q.exclude} select "
                 "no linear layer (names like layers.0.attention.wq); fix the patterns or set qat.enable = false"
             )
+        if q.enable and (bad := nvfp4.unquantizable_linears(self.model, q.nvfp4_config())):
+            name, k = next(iter(bad.items()))
+            raise ConfigError(
+                f"{name} has in_features={k}, not a multiple of 16 (NVFP4 quantizes blocks of 16 along it; "
+                f"{len(bad)} such linears): keep them in high precision with "
+                f"qat.exclude = {toml_value(list(q.nvfp4_config().excluding(bad)))}"
+            )
         if q.enable and not q.allow_unexportable and (problems := export_problems(self.model, q.nvfp4_config())):
             raise ConfigError(
                 f"these QAT settings train a model that inference engines cannot run as trained: "

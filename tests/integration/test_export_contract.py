@@ -5,6 +5,7 @@ a compressed-tensors export loads and runs in transformers with default argument
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import nvfp4
@@ -157,6 +159,37 @@ def test_a_quantized_untied_head_is_refused(tmp_path):
         check_exportable(src)
     convert_checkpoint(tmp_path / "hf", tmp_path / "out", Options(calibration_batches=0))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
+
+
+def test_hf_shapes_nvfp4_cannot_quantize_export_with_the_suggested_exclude(runs, tmp_path):
+    """PTQ of a Hugging Face model whose intermediate_size (760) is no multiple of 16: refused with
+    the --exclude that fixes it, which exports it (down_proj in high precision) and passes --verify;
+    --exclude keeps the export contract, and a training run is exported with its own QAT config."""
+    to_hf(Transformer(FLAVORS["debug"].with_(n_layers=1, ffn_dim=760)), tmp_path / "hf")
+    with pytest.raises(ConvertError) as refused:
+        convert_checkpoint(tmp_path / "hf", tmp_path / "out", Options(calibration_batches=0))
+    message = str(refused.value)
+    assert message.endswith(
+        "layers.0.feed_forward.w2 (model.layers.0.mlp.down_proj) has in_features=760, not a multiple of 16 (NVFP4 "
+        "quantizes blocks of 16 along it; 1 such linears): keep them in high precision with "
+        "--exclude output lm_head '*.output' '*.lm_head' 'layers.*.feed_forward.w2'"
+    )
+    assert not (tmp_path / "out").exists()
+    suggested = shlex.split(message.split("with ")[-1])
+    cli_args = [str(tmp_path / "hf"), str(tmp_path / "out"), "--calibration-batches=0", "--verify", *suggested]
+    assert cli.main(cli_args) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["ignore"] == ["lm_head", "model.layers.0.mlp.down_proj"]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").shape == (256, 760)
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.uint8
+    with pytest.raises(ConvertError, match=r"layers.\*.attention.wk excluded from QAT but not the rest of its fused"):
+        convert_checkpoint(
+            tmp_path / "hf", tmp_path / "split", Options(calibration_batches=0, exclude=(*suggested[1:], "*.wk"))
+        )
+    with pytest.raises(ConvertError, match=r"--exclude chooses what PTQ of a Hugging Face folder quantizes; .*run"):
+        convert_checkpoint(runs["qat"], tmp_path / "run", Options(calibration_batches=0, exclude=("output",)))
+    assert not (tmp_path / "split").exists() and not (tmp_path / "run").exists()
 
 
 def test_metadata_says_qat_or_ptq(runs, tmp_path):

@@ -80,6 +80,12 @@ CASES = {
         lambda tmp: ["--qat.tensor_scale=amax"],
         r"tensor_scale=amax: .*neither format decodes it as trained; use tensor_scale=pow2 .*qat.allow_unexportable",
     ),
+    "in_features_not_a_multiple_of_16": (
+        lambda tmp: _hf_args(tmp / "hf", ffn_dim=760),
+        r"layers.0.feed_forward.w2 has in_features=760, not a multiple of 16 \(NVFP4 quantizes blocks of 16 along "
+        r"it; 1 such linears\): keep them in high precision with qat.exclude = "
+        r"\[\"output\", \"lm_head\", \"\*.output\", \"\*.lm_head\", \"layers.\*.feed_forward.w2\"\]$",
+    ),
     "quantized_untied_head": (
         lambda tmp: [*_hf_args(tmp / "hf", tie_word_embeddings=False), "--qat.exclude=[]"],
         r"output is the output head \(lm_head\): vLLM loads no NVFP4 lm_head .*45102\); keep 'output' in the QAT "
@@ -159,3 +165,12 @@ def test_non_finite_calibration_stops_naming_the_linear(tmp_path):
         "was saved. Check the initial weights and the data"
     ]
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_the_suggested_exclude_trains_a_model_of_unquantizable_shape(tmp_path):
+    """The qat.exclude that the in_features error suggests, given as the user would, trains."""
+    hf, run = _hf_args(tmp_path / "hf", ffn_dim=760), tmp_path / "run"
+    r = train(run, *FAST, *hf, "--training.steps=1", "--lr_scheduler.warmup_steps=0")
+    suggested = re.search(r"qat.exclude = (\[.*\])$", r.stderr.strip()).group(1)
+    r = train(run, *FAST, *hf, "--training.steps=1", "--lr_scheduler.warmup_steps=0", f"--qat.exclude={suggested}")
+    assert r.returncode == 0, r.stderr[-3000:]

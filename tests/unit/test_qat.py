@@ -344,10 +344,14 @@ def test_convert_and_mark_calibrated_refuse_a_non_finite_input_amax():
         nvfp4.mark_calibrated(model)
 
 
-def test_prepare_rejects_k_not_multiple_of_16_naming_layer():
-    model = nn.Sequential(nn.Linear(20, 16))
-    with pytest.raises(ValueError, match=r"^0: in_features=20"):
+def test_prepare_rejects_k_not_multiple_of_16_naming_layer_and_swaps_nothing():
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 20), nn.Linear(20, 16))
+    assert nvfp4.unquantizable_linears(model, QATConfig()) == {"2": 20}
+    with pytest.raises(ValueError, match=r"^2: in_features=20"):
         nvfp4.prepare(model)
+    assert [type(m) for m in model] == [nn.Linear] * 3
+    nvfp4.prepare(model, QATConfig(exclude=QATConfig().excluding(["2"])))
+    assert [type(m) for m in model] == [NVFP4QATLinear, NVFP4QATLinear, nn.Linear]
 
 
 def test_prepare_on_meta_device_shares_parameters():
