@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nvfp4.sharded  # noqa: E402
+from nvfp4_titan.data.packing import Batch  # noqa: E402
 from nvfp4_titan.models.llama3 import FLAVORS  # noqa: E402
 from nvfp4_titan.parallel import build_mesh, resolve_dims  # noqa: E402
 from nvfp4_titan.training.config import load_config  # noqa: E402
@@ -123,18 +124,26 @@ class DynamoLog(logging.Handler):
 
 
 class RandomLoader:
-    """``GlobalBatchLoader.next()``'s shape: [(x, y)] of one micro-batch, same on every rank
-    (data-parallel degree 1), on the device already."""
+    """``GlobalBatchLoader``'s interface: one micro-batch (a ``Batch``) per step, the same on every
+    rank (data-parallel degree 1), on the device already."""
 
     def __init__(self, batch: int, seq: int, vocab: int, device: torch.device, n: int = 4) -> None:
         g = torch.Generator().manual_seed(0)
         self.batches = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device) for _ in range(n)]
         self.i = 0
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def consumed(self) -> int:
+        return self.i
+
+    def counted(self, b: int) -> int:
+        t = self.batches[b % len(self.batches)]
+        return t.shape[0] * (t.shape[1] - 1)
+
+    def next(self) -> list[Batch]:
         t = self.batches[self.i % len(self.batches)]
         self.i += 1
-        return [(t[:, :-1], t[:, 1:])]
+        return [Batch.from_windows(t)]
 
 
 def build_trainer(args, qat: bool, ac: str, mesh, device, rank: int, world: int) -> Trainer:
@@ -186,11 +195,11 @@ def enqueue_step(tr: Trainer) -> None:
     """``Trainer._train_step`` without its loss ``.item()`` and non-finite check: only enqueues work."""
     tr.step += 1
     tr._prepare_qat()
+    tokens = tr.loader.counted(tr.loader.consumed)
     micro = tr.loader.next()
-    tokens = sum(y.numel() for _, y in micro)
     loss_sum = torch.zeros((), device=tr.device)
-    for x, y in micro:
-        loss = cross_entropy(tr.model(x), y) / tokens
+    for mb in micro:
+        loss = cross_entropy(tr.model(mb.inputs, mb.segments), mb.labels) / tokens
         loss.backward()
         loss_sum += loss.detach()
     clip_grad_norm_(tr.model.parameters(), tr.cfg.training.max_norm or math.inf)

@@ -101,7 +101,8 @@ def needs_calibration(model: nn.Module) -> bool:
 def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup | None = None) -> int:
     """Set the static input amax of every QAT linear to the max over ``batches``.
 
-    Each batch is passed as ``model(batch)``. Under torch.distributed the amax is also
+    Each batch is passed as ``model(batch)``, or ``model(*batch)`` when it is a tuple (e.g.
+    tokens and their packed examples' segments). Under torch.distributed the amax is also
     the max over all ranks of ``group`` (default: the world). Returns the batch count.
 
     Raises ``ValueError`` when ``batches`` is empty, or naming the first linear whose amax is not
@@ -116,7 +117,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: dist.ProcessGroup
     n = 0
     try:
         for batch in batches:
-            model(batch)
+            model(*batch) if isinstance(batch, tuple) else model(batch)
             n += 1
         if n == 0:
             raise ValueError("calibrate got no batches")

@@ -9,11 +9,13 @@ import torch
 
 import nvfp4
 from nvfp4_titan.convert.source import ConvertError, Source, build_model, tokenizer_dir
+from nvfp4_titan.data.packing import Batch
 
 
-def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, count: int) -> torch.Tensor:
-    """The first ``count`` held-out windows (int64 [n, seq + 1]) of the recipe's corpus (or
-    ``data``), read from the token cache that training reads."""
+def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, count: int) -> Batch:
+    """The first ``count`` held-out windows of the recipe's corpus (or ``data``), read from the
+    token cache that training reads, packed as training packs them (chat examples with their
+    segments)."""
     from nvfp4_titan.data.dataset import DataError
     from nvfp4_titan.data.tokenizer import TokenizerError, load_tokenizer
     from nvfp4_titan.data.tokens import dataset_tokens, windows_from_tokens
@@ -42,9 +44,10 @@ def _calibration_windows(src: Source, data: Path | None, seq_len: int | None, co
         )
     seq = seq_len or (cfg.training.seq_len if cfg else 2048)
     split, seed = (cfg.dataset.validation_fraction, cfg.training.seed) if cfg else (0.05, 0)
-    w = windows_from_tokens(tokens, seq, split, seed, tok.vocab_size)
+    d = cfg.dataset if cfg else None
+    w = windows_from_tokens(tokens, seq, split, seed, tok.vocab_size, long_examples=d.long_examples if d else "drop")
     windows = w.validation if len(w.validation) else w.train
-    return windows[torch.arange(min(count, len(windows)))]
+    return windows.batch(torch.arange(min(count, len(windows))))
 
 
 def calibrated_input_amax(
@@ -52,6 +55,6 @@ def calibrated_input_amax(
 ) -> dict[str, torch.Tensor]:
     """Input amaxes of every QAT linear over ``n_batches`` held-out batches (the model in memory)."""
     model = build_model(src, nvfp4.QATConfig(**{**src.qat.__dict__, "activation_scale": "static"}))
-    windows = _calibration_windows(src, data, seq_len, n_batches * batch_size)[:, :-1]
-    nvfp4.calibrate(model, list(windows.split(batch_size)))
+    windows = _calibration_windows(src, data, seq_len, n_batches * batch_size)
+    nvfp4.calibrate(model, [(mb.inputs, mb.segments) for mb in windows.split(batch_size)])
     return {n: m.input_amax for n, m in model.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}

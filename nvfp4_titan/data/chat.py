@@ -29,9 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from nvfp4_titan.data.tokenizer import Tokenizer
 
 ROW_FORMATS = ("chat", "sharegpt", "alpaca")  # dataset.format besides "text"
 ROLES = ("system", "user", "assistant", "tool")
@@ -284,3 +289,31 @@ def load_chat_template(
         'Set dataset.chat_template to a jinja2 file, or to "plain" for a base model (turns as they are, EOS '
         "after each answer)"
     )
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How the rows of a chat-type corpus become training tokens: their format (``chat``,
+    ``sharegpt``, ``alpaca``) and the template that renders them. Picklable (cache workers)."""
+
+    name: str
+    template: ChatTemplate
+
+    def encode(self, row: dict[str, Any], tokenizer: Tokenizer) -> tuple[list[int], np.ndarray, int]:
+        """One row -> (token ids of the rendered conversation, their assistant mask uint8 [n]:
+        1 where a token starts inside an assistant span, the words of its assistant turns).
+
+        Raises:
+            RowError: the row or its rendering cannot be trained on (the reason).
+        """
+        messages = to_messages(self.name, row)
+        text, spans = self.template.render_with_spans(messages)
+        ids, starts = tokenizer.encode_with_offsets(text)
+        starts_a = np.asarray(starts, dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for a, b in spans:
+            mask[(starts_a >= a) & (starts_a < b)] = 1
+        if not mask.any():
+            raise RowError("its assistant turns hold no token once tokenized")
+        words = sum(len(m["content"].split()) for m in messages if m["role"] == "assistant")
+        return ids, mask, words

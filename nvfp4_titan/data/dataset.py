@@ -85,41 +85,16 @@ def iter_documents(path: str | Path, text_field: str = "text", batch_size: int =
 
 def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[list]:
     """The text field's values in batches, read with ``datasets`` offline (or the plain reader)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     builder, files = _files(Path(path))
-    try:
-        import datasets
-    except ImportError:
+    datasets = _datasets()
+    if datasets is None:
         log.warning("datasets is not installed: reading %s with the plain jsonl/txt reader", path)
         docs = _read_plain(builder, files, text_field, Path(path))
         for i in range(0, len(docs), batch_size):
             yield docs[i : i + batch_size]
         return
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
     with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
-        except Exception as e:
-            cause: BaseException | None = e
-            while cause is not None and not isinstance(cause, UnicodeDecodeError):
-                cause = cause.__cause__ or cause.__context__  # datasets wraps the decoding error
-            if cause is not None:
-                raise cause from None
-            if all(os.path.getsize(f) == 0 for f in files):
-                raise DataError(f"{path} is empty: no documents") from None
-            # "An error occurred while generating the dataset" wraps the reason (e.g. the row)
-            inner = (e.__cause__ or e.__context__ or e) if type(e).__name__ == "DatasetGenerationError" else e
-            why = str(inner).strip() or type(inner).__name__
-            if "column names don't match" in why and len(files) > 1:
-                raise DataError(
-                    f"{path}: its {len(files)} {builder} files do not all hold the same fields "
-                    f"({why.splitlines()[0][:200]}); give files of one layout (dataset.text_field names the text)"
-                ) from None
-            raise DataError(f"{path}: datasets could not read it as {builder} ({why})") from None
+        ds = _load_dataset(datasets, builder, files, path, cache)
         if text_field not in ds.column_names:
             raise DataError(
                 f"{path}: no field {text_field!r}; its fields are {ds.column_names} (set dataset.text_field)"
@@ -127,6 +102,89 @@ def _batches(path: str | Path, text_field: str, batch_size: int) -> Iterator[lis
         for batch in ds.select_columns([text_field]).iter(batch_size=batch_size):
             yield batch[text_field]
         del ds  # the Arrow files are memory-mapped: unmapped before the folder goes
+
+
+def iter_rows(path: str | Path, fields: list[str], batch_size: int = 1024) -> Iterator[list[tuple[dict, str]]]:
+    """The rows of a jsonl/json/parquet corpus (chat, ShareGPT or alpaca data), file by file in
+    corpus order, ``batch_size`` at a time: (a dict of those of ``fields`` the file has, its
+    location ``"FILE row N"``, N counted from 1). A row lacking a field its file has gets None.
+
+    Raises DataError for a .txt corpus, a file holding none of ``fields`` (naming the fields it
+    has), or a file ``datasets`` cannot read."""
+    try:
+        yield from _rows(path, fields, batch_size)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): re-encode it as UTF-8") from None
+
+
+def _rows(path: str | Path, fields: list[str], batch_size: int) -> Iterator[list[tuple[dict, str]]]:
+    builder, files = _files(Path(path))
+    if builder == "text":
+        raise DataError(f"{path}: .txt files hold plain text; rows of {fields} need jsonl, json or parquet files")
+    datasets = _datasets()
+    for f in files:
+        if datasets is None:
+            if not f.endswith(".jsonl"):
+                raise DataError(f"{path}: reading {builder} files needs the datasets package (pip install datasets)")
+            lines = [
+                (i, line) for i, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines()) if line.strip()
+            ]
+            rows = [(json.loads(line), f"{f} row {n + 1}") for n, (_, line) in enumerate(lines)]
+            present = {k for r, _ in rows for k in r}
+            if rows and not present & set(fields):
+                raise DataError(f"{f}: none of the fields {fields}; its rows hold {sorted(present)}")
+            rows = [({k: r.get(k) for k in fields if k in present}, where) for r, where in rows]
+            for i in range(0, len(rows), batch_size):
+                yield rows[i : i + batch_size]
+            continue
+        with tempfile.TemporaryDirectory(prefix="nvfp4-titan-hf-") as cache:
+            ds = _load_dataset(datasets, builder, [f], f, cache)
+            present = [k for k in fields if k in ds.column_names]
+            if not present:
+                raise DataError(f"{f}: none of the fields {fields}; its fields are {ds.column_names}")
+            n = 0
+            for batch in ds.select_columns(present).iter(batch_size=batch_size):
+                size = len(batch[present[0]])
+                yield [({k: batch[k][i] for k in present}, f"{f} row {n + i + 1}") for i in range(size)]
+                n += size
+            del ds
+
+
+def _datasets():
+    """The ``datasets`` module set up offline and quiet, or None when it is not installed."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        return None
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _load_dataset(datasets, builder: str, files: list[str], path: str | Path, cache: str):
+    """``datasets.load_dataset`` of local ``files`` into ``cache``; its failures as one DataError."""
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **kwargs)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__  # datasets wraps the decoding error
+        if cause is not None:
+            raise cause from None
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise DataError(f"{path} is empty: no documents") from None
+        # "An error occurred while generating the dataset" wraps the reason (e.g. the row)
+        inner = (e.__cause__ or e.__context__ or e) if type(e).__name__ == "DatasetGenerationError" else e
+        why = str(inner).strip() or type(inner).__name__
+        if "column names don't match" in why and len(files) > 1:
+            raise DataError(
+                f"{path}: its {len(files)} {builder} files do not all hold the same fields "
+                f"({why.splitlines()[0][:200]}); give files of one layout (dataset.text_field names the text)"
+            ) from None
+        raise DataError(f"{path}: datasets could not read it as {builder} ({why})") from None
 
 
 @dataclass

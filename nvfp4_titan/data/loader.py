@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from nvfp4_titan.data.packing import Batch
+
 
 class GlobalBatchLoader:
     def __init__(
@@ -50,14 +52,26 @@ class GlobalBatchLoader:
             order = torch.arange(len(self.windows))
         return order[i * self.global_batch : (i + 1) * self.global_batch]
 
-    def batch(self, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches (inputs [local, S], targets [local, S]) of global batch b."""
+    def _read(self, idx: torch.Tensor) -> Batch:
+        if isinstance(self.windows, torch.Tensor):  # windows packed in memory (build_windows)
+            return Batch.from_windows(self.windows[idx])
+        return self.windows.batch(idx)
+
+    def batch(self, b: int) -> list[Batch]:
+        """This rank's micro-batches (each ``local_batch`` rows) of global batch b."""
         per_rank = self.global_batch // self.dp_size
         idx = self._global_indices(b)[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        w = self.windows[idx]
-        return [(m[:, :-1], m[:, 1:]) for m in w.split(self.local_batch)]
+        return self._read(idx).split(self.local_batch)
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def counted(self, b: int) -> int:
+        """Labels the loss counts in the whole global batch b (every rank's): the token mean's
+        denominator, the same on every rank without communication."""
+        idx = self._global_indices(b)
+        if isinstance(self.windows, torch.Tensor):
+            return len(idx) * (self.windows.shape[1] - 1)
+        return self.windows.counted(idx)
+
+    def next(self) -> list[Batch]:
         out = self.batch(self.consumed)
         self.consumed += 1
         return out

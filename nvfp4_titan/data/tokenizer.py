@@ -23,6 +23,7 @@ class Tokenizer(Protocol):
     path: Path  # the tokenizer file (its bytes identify token caches)
     vocab_size: int
     eos_id: int
+    eos_token: str  # its text, as chat templates write it
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -48,6 +49,7 @@ class HFTokenizer:
         if eos is None:
             raise TokenizerError(f"{path}: none of the EOS tokens {EOS_CANDIDATES} is in the vocabulary")
         self.eos_id = eos
+        self.eos_token = self._tok.id_to_token(eos)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -89,6 +91,7 @@ class TiktokenTokenizer:
         )
         self.vocab_size = n + LLAMA3_NUM_SPECIAL
         self.eos_id = n + 1
+        self.eos_token = special[1]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # TOKENIZERS_PARALLELISM is the Hugging Face tokenizers' switch (token cache workers set it

@@ -4,7 +4,10 @@ On disk (a folder, written whole or not at all): ``tokens.bin`` (uint32, every d
 followed by EOS, documents in corpus order), ``offsets.npy`` (int64 [n_docs + 1]: where each
 document starts in ``tokens.bin``), ``words.npy`` (int64 [n_docs]: each document's
 whitespace-separated words, for word perplexity) and ``manifest.json`` (format, tokenizer hash, corpus files
-with sizes and mtimes, counts, the sha256 of each data file). ``verified.json`` records the data
+with sizes and mtimes, counts, the sha256 of each data file). A chat-type corpus
+(``nvfp4_titan.data.chat``: one example per row, rendered with its chat template, no EOS appended)
+adds ``mask.bin`` (uint8 per token: 1 inside an assistant turn) and keys the cache by its row format
+and template too. ``verified.json`` records the data
 files' (size, mtime, ctime) when their content last matched: any write to a file changes them, and
 the next start hashes it again, so bytes changed on disk are never trained on.
 ``token_cache`` keys the folder by (corpus files, text field, tokenizer), so a changed corpus or
@@ -14,10 +17,13 @@ resumable: a killed build's finished parts are reused by the next one.
 
 ``PackedWindows`` gives the windows that ``nvfp4_titan.data.dataset.build_windows`` packs (the same tokens,
 bit for bit) without holding the corpus in memory: a batch reads its windows from the map.
+``ExampleWindows`` packs a chat-type corpus's examples whole into windows, with their loss mask and
+example boundaries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -40,7 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, validation_ids
+from nvfp4_titan.data.chat import ChatFormat, RowError, load_chat_template, row_fields
+from nvfp4_titan.data.dataset import DataError, TokenWindows, _files, iter_documents, iter_rows, validation_ids
+from nvfp4_titan.data.packing import Batch, ExampleWindows, LongExamples
 from nvfp4_titan.data.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # the recipe's section; its module imports nothing of this one
@@ -64,25 +72,35 @@ def _sha256(path: Path) -> str:
 
 
 DATA_FILES = ("tokens.bin", "offsets.npy", "words.npy")
+MASK_FILE = "mask.bin"  # chat-type corpora only
 
 
-def _stat_key(folder: Path) -> list[list[int]]:
-    return [[(st := (folder / f).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns] for f in DATA_FILES]
+def data_files(key: dict) -> tuple[str, ...]:
+    """The data files of a cache built from ``key`` (a manifest holds its key)."""
+    return DATA_FILES + ((MASK_FILE,) if "row_format" in key else ())
 
 
-def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer) -> dict:
+def _stat_key(folder: Path, files: tuple[str, ...]) -> list[list[int]]:
+    return [[(st := (folder / f).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns] for f in files]
+
+
+def corpus_key(path: str | Path, text_field: str, tokenizer: Tokenizer, chat: ChatFormat | None = None) -> dict:
     """What a token cache is built from: the corpus files (path, size, mtime, ctime: any write or
     copy of a file changes its ctime, which no tool sets back), the text field, the tokenizer
-    file's sha256 and the format. Raises DataError as ``nvfp4_titan.data.dataset`` does."""
+    file's sha256 and the format; for chat-type rows (``chat``) their row format and the chat
+    template's sha256. Raises DataError as ``nvfp4_titan.data.dataset`` does."""
     _, files = _files(Path(path))
     stats = [(str(Path(f).resolve()), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files]
-    return {
+    key = {
         "format": FORMAT,
         "files": stats,
         "text_field": text_field,
         "tokenizer_sha256": _sha256(Path(tokenizer.path)),
         "eos_id": tokenizer.eos_id,
     }
+    if chat is not None:
+        key |= {"row_format": chat.name, "chat_template_sha256": chat.template.sha256}
+    return key
 
 
 def resolve_cache_dir(configured: str | Path = "") -> Path:
@@ -107,15 +125,19 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _parts(path: str | Path, text_field: str, part_bytes: int) -> Iterator[tuple[list[str], int]]:
-    """The corpus's documents in corpus order, cut into parts of at least ``part_bytes`` of UTF-8
-    text (the last one may hold less), with their byte counts. The cut depends on the documents
-    and ``part_bytes`` alone, so a resumed build cuts the same parts."""
+def _parts(
+    path: str | Path, text_field: str, part_bytes: int, chat: ChatFormat | None = None
+) -> Iterator[tuple[list, int]]:
+    """The corpus's documents in corpus order (``chat``: its rows, each with its location), cut
+    into parts of at least ``part_bytes`` of UTF-8 text (a row's: its JSON) (the last one may hold
+    less), with their byte counts. The cut depends on the documents and ``part_bytes`` alone, so a
+    resumed build cuts the same parts."""
     docs, size = [], 0
-    for batch in iter_documents(path, text_field, _BATCH):
+    batches = iter_documents(path, text_field, _BATCH) if chat is None else iter_rows(path, row_fields(chat.name))
+    for batch in batches:
         for d in batch:
             docs.append(d)
-            size += len(d.encode())
+            size += len(d.encode()) if chat is None else len(json.dumps(d[0], ensure_ascii=False).encode())
             if size >= part_bytes:
                 yield docs, size
                 docs, size = [], 0
@@ -127,25 +149,30 @@ def _part_file(build: Path, index: int) -> Path:
     return build / f"part-{index:06d}.npz"
 
 
-def _load_part(build: Path, index: int, first: int, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Part ``index``'s tokens (uint32 [n], each document's tokens then EOS), lengths (int64
-    [n_docs], tokens per document with its EOS, summing to n) and words (int64 [n_docs]) if its
-    file is whole and holds documents ``first`` to ``first + n_docs`` (not a part of another
-    cut); else None: missing, cut short or damaged (np.load checks each array's zip CRC)."""
+def _load_part(build: Path, index: int, first: int, n_docs: int, chat: bool = False) -> tuple[np.ndarray, ...] | None:
+    """Part ``index``'s tokens (uint32 [n], each document's tokens then EOS; a chat row's without),
+    lengths (int64 [n_docs], tokens per document, summing to n), words (int64 [n_docs]) and, for
+    ``chat``, the assistant mask (uint8 [n]) if its file is whole and holds documents ``first`` to
+    ``first + n_docs`` (not a part of another cut); else None: missing, cut short or damaged
+    (np.load checks each array's zip CRC)."""
     try:
         with np.load(_part_file(build, index)) as z:
             tokens, lengths, words, start = z["tokens"], z["lengths"], z["words"], int(z["first"])
+            mask = z["mask"] if chat else None
     except Exception:  # any unreadable file: tokenized again
         return None
     whole = start == first and lengths.shape == words.shape == (n_docs,) and int(lengths.sum()) == tokens.size
-    return (tokens, lengths, words) if whole and tokens.dtype == np.uint32 else None
+    whole = whole and (mask is None or (mask.shape == tokens.shape and mask.dtype == np.uint8))
+    return (tokens, lengths, words, mask) if whole and tokens.dtype == np.uint32 else None
 
 
 _worker_tokenizer: Tokenizer | None = None  # a worker process's own, loaded once by _init_worker
+_worker_chat: ChatFormat | None = None
 
 
-def _init_worker(tokenizer_path: str, parent: int) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_path: str, parent: int, chat: ChatFormat | None) -> None:
+    global _worker_tokenizer, _worker_chat
+    _worker_chat = chat
     # Ctrl-C reaches the whole process group: the main process stops the build (and its workers)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
@@ -167,24 +194,56 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _write_part(build: Path, index: int, first: int, docs: list[str], tokenizer: Tokenizer | None = None) -> None:
-    """Tokenize ``docs`` (documents ``first``...) into part ``index`` of ``build`` (``_load_part``
-    reads it) with ``tokenizer`` (None: this worker's). Written under a temporary name and renamed
-    when whole, so a killed build leaves no part file that looks finished."""
-    tok = tokenizer or _worker_tokenizer
-    tokens, lengths = [], []
-    for i in range(0, len(docs), _BATCH):  # bounds the tokenizer's per-token objects in memory
-        ids = tok.encode_batch(docs[i : i + _BATCH])
-        counts = [len(t) + 1 for t in ids]
-        flat = itertools.chain.from_iterable((*t, tok.eos_id) for t in ids)
-        tokens.append(np.fromiter(flat, dtype=np.uint32, count=sum(counts)))
-        lengths += counts
-    words = np.asarray([len(d.split()) for d in docs], dtype=np.int64)
+def _write_part(
+    build: Path,
+    index: int,
+    first: int,
+    docs: list,
+    tokenizer: Tokenizer | None = None,
+    chat: ChatFormat | None = None,
+    worker: bool = True,
+) -> None:
+    """Tokenize ``docs`` (documents ``first``...; chat-type rows with their locations when
+    ``chat``) into part ``index`` of ``build`` (``_load_part`` reads it) with ``tokenizer`` and
+    ``chat`` (``worker``: this worker's). Written under a temporary name and renamed when whole,
+    so a killed build leaves no part file that looks finished. Raises DataError naming a row that
+    cannot be trained on."""
+    tok, chat = (_worker_tokenizer, _worker_chat) if worker else (tokenizer, chat)
+    arrays: dict[str, np.ndarray] = {}
+    if chat is None:
+        tokens, lengths = [], []
+        for i in range(0, len(docs), _BATCH):  # bounds the tokenizer's per-token objects in memory
+            ids = tok.encode_batch(docs[i : i + _BATCH])
+            counts = [len(t) + 1 for t in ids]
+            flat = itertools.chain.from_iterable((*t, tok.eos_id) for t in ids)
+            tokens.append(np.fromiter(flat, dtype=np.uint32, count=sum(counts)))
+            lengths += counts
+        words = np.asarray([len(d.split()) for d in docs], dtype=np.int64)
+    else:
+        tokens, lengths, masks, n_words = [], [], [], []
+        for row, where in docs:
+            try:
+                ids, mask, w = chat.encode(row, tok)
+            except RowError as e:
+                raise DataError(f"{where}: {e}") from None
+            tokens.append(np.asarray(ids, dtype=np.uint32))
+            masks.append(mask)
+            lengths.append(len(ids))
+            n_words.append(w)
+        words = np.asarray(n_words, dtype=np.int64)
+        arrays["mask"] = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=build)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared cache's parts from the team
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, tokens=np.concatenate(tokens), lengths=np.asarray(lengths, np.int64), words=words, first=first)
+            np.savez(
+                f,
+                tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.uint32),
+                lengths=np.asarray(lengths, np.int64),
+                words=words,
+                first=first,
+                **arrays,
+            )
         os.replace(tmp, _part_file(build, index))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,7 +257,7 @@ def _done() -> Future:
 
 
 @contextmanager
-def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., Future]]:
+def _part_writers(tokenizer: Tokenizer, workers: int, chat: ChatFormat | None) -> Iterator[Callable[..., Future]]:
     """``submit(build, index, first, docs)`` -> a Future of ``_write_part``: run by one of
     ``workers`` spawned processes (fork is unsafe with the tokenizers' threads), or, with one
     worker, at once in this process with ``tokenizer`` and its own threads. On an error or an
@@ -206,7 +265,7 @@ def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., 
     if workers == 1:
 
         def here(*args: object) -> Future:
-            _write_part(*args, tokenizer)
+            _write_part(*args, tokenizer, chat, worker=False)
             return _done()
 
         yield here
@@ -215,7 +274,7 @@ def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., 
         workers,
         mp_context=mp.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(tokenizer.path), os.getpid()),
+        initargs=(str(tokenizer.path), os.getpid(), chat),
     )
     try:
         yield lambda *args: pool.submit(_write_part, *args)
@@ -230,15 +289,21 @@ def _part_writers(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[..., 
 
 
 def _tokenized_parts(
-    path: str | Path, text_field: str, build: Path, part_bytes: int, submit: Callable[..., Future], window: int
+    path: str | Path,
+    text_field: str,
+    build: Path,
+    part_bytes: int,
+    submit: Callable[..., Future],
+    window: int,
+    chat: ChatFormat | None,
 ) -> Iterator[tuple[int, int, int, int]]:
     """(index, first document, documents, text bytes) of each part of the corpus, in corpus order,
     once its file in ``build`` is whole: kept from a killed build, else tokenized by ``submit``
     with at most ``window`` parts in flight (their text is held until they are done)."""
     pending: deque[tuple[tuple[int, int, int, int], Future]] = deque()
     first = 0
-    for index, (docs, size) in enumerate(_parts(path, text_field, part_bytes)):
-        kept = _load_part(build, index, first, len(docs)) is not None
+    for index, (docs, size) in enumerate(_parts(path, text_field, part_bytes, chat)):
+        kept = _load_part(build, index, first, len(docs), chat is not None) is not None
         pending.append(((index, first, len(docs), size), _done() if kept else submit(build, index, first, docs)))
         first += len(docs)
         while len(pending) >= window or (pending and pending[0][1].done()):
@@ -259,9 +324,11 @@ def tokenize_corpus(
     progress: bool = True,
     num_proc: int = 0,
     part_bytes: int = PART_BYTES,
+    chat: ChatFormat | None = None,
 ) -> Path:
     """Tokenize the corpus at ``path`` into the folder ``out`` (see the module docstring), recording
     ``key`` (``corpus_key``, taken once by the caller that named ``out`` after it); returns ``out``.
+    ``chat``: the corpus holds chat-type rows, rendered and masked by it (``mask.bin``).
 
     The documents are cut, in corpus order, into parts of about ``part_bytes`` of text, each
     tokenized by one of ``num_proc`` processes (0: ``available_cpus()``; 1: this process, with
@@ -296,6 +363,7 @@ def tokenize_corpus(
         digest, lengths, words = hashlib.sha256(), [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         with (
             open(tmp / "tokens.bin", "wb") as f,
+            open(tmp / MASK_FILE, "wb") if chat is not None else contextlib.nullcontext() as mask_file,
             # the text of jsonl/txt files is about their size; parquet's is compressed: no total
             tqdm(
                 desc=f"tokenizing {path}",
@@ -305,15 +373,17 @@ def tokenize_corpus(
                 unit_divisor=1024,
                 disable=not progress,
             ) as bar,
-            _part_writers(tokenizer, workers) as submit,
+            _part_writers(tokenizer, workers, chat) as submit,
         ):
             for index, first, n_docs, size in _tokenized_parts(
-                path, text_field, build, part_bytes, submit, 2 * workers
+                path, text_field, build, part_bytes, submit, 2 * workers, chat
             ):
-                part = _load_part(build, index, first, n_docs)
+                part = _load_part(build, index, first, n_docs, chat is not None)
                 if part is None:
                     raise FileNotFoundError(f"{_part_file(build, index)} was removed or changed during the build")
                 f.write(part[0])
+                if mask_file is not None:
+                    mask_file.write(part[3])
                 digest.update(part[0])  # hashed as written: tokens.bin is not read again
                 lengths.append(part[1])
                 words.append(part[2])
@@ -326,11 +396,11 @@ def tokenize_corpus(
             **key,
             "n_docs": len(offsets) - 1,
             "n_tokens": int(offsets[-1]),
-            "sha256": {"tokens.bin": digest.hexdigest(), **{f: _sha256(tmp / f) for f in DATA_FILES[1:]}},
+            "sha256": {"tokens.bin": digest.hexdigest(), **{f: _sha256(tmp / f) for f in data_files(key)[1:]}},
             "created": time.time(),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp)))  # the inodes move with tmp
+        (tmp / "verified.json").write_text(json.dumps(_stat_key(tmp, data_files(key))))  # the inodes move with tmp
         tmp.rename(out)
     except BrokenProcessPool:
         raise DataError(
@@ -356,17 +426,18 @@ def tokenize_corpus(
 class TokenFile:
     """A tokenized corpus, memory-mapped: ``tokens`` uint32 [n_tokens], ``offsets`` int64
     [n_docs + 1] (document d is ``tokens[offsets[d]:offsets[d + 1]]``, its EOS last), ``words``
-    int64 [n_docs] (each document's whitespace-separated words)."""
+    int64 [n_docs] (each document's whitespace-separated words; a chat row's assistant words),
+    ``mask`` uint8 [n_tokens] (chat-type corpora: 1 inside an assistant turn) or None."""
 
     def __init__(self, folder: Path, manifest: dict) -> None:
         self.folder, self.manifest = folder, manifest
         self.offsets = np.load(folder / "offsets.npy")
         self.words = np.load(folder / "words.npy")
-        self.tokens = (
-            np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r")
-            if self.offsets[-1]
-            else np.zeros(0, dtype=np.uint32)
-        )
+        n = int(self.offsets[-1])
+        self.tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r") if n else np.zeros(0, np.uint32)
+        self.mask = None
+        if "row_format" in manifest:
+            self.mask = np.memmap(folder / MASK_FILE, dtype=np.uint8, mode="r") if n else np.zeros(0, np.uint8)
 
     @property
     def n_docs(self) -> int:
@@ -392,6 +463,7 @@ def open_tokens(folder: Path, key: dict) -> TokenFile | None:
             and tf.words.shape == (tf.n_docs,)
             and int(tf.offsets[-1]) == manifest["n_tokens"]
             and bool(np.all(np.diff(tf.offsets) > 0))
+            and (tf.mask is None or tf.mask.shape == (manifest["n_tokens"],))
         )
         return tf if whole and _content_matches(folder, manifest) else None
     except Exception:  # any unreadable or inconsistent file: not a cache to trust
@@ -403,13 +475,14 @@ def _content_matches(folder: Path, manifest: dict) -> bool:
     ctime) are those ``verified.json`` recorded, else hashed again (and recorded where the cache
     is writable)."""
     stamp = folder / "verified.json"
-    now = _stat_key(folder)
+    files = data_files(manifest)
+    now = _stat_key(folder, files)
     try:
         if json.loads(stamp.read_text()) == now:
             return True
     except (OSError, ValueError):
         pass
-    if any(_sha256(folder / f) != manifest["sha256"][f] for f in DATA_FILES):
+    if any(_sha256(folder / f) != manifest["sha256"][f] for f in files):
         return False
     try:
         stamp.write_text(json.dumps(now))
@@ -446,15 +519,37 @@ class PackedWindows:
             )
         return torch.from_numpy(w)
 
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """Windows ``idx`` as a ``Batch``: every next token counted, no segments."""
+        return Batch.from_windows(self[idx])
+
+    def counted(self, idx: torch.Tensor) -> int:
+        return len(idx) * (self.width - 1)
+
 
 def windows_from_tokens(
-    tf: TokenFile, seq_len: int, validation_fraction: float, seed: int, vocab_size: int
+    tf: TokenFile,
+    seq_len: int,
+    validation_fraction: float,
+    seed: int,
+    vocab_size: int,
+    train_on_prompt: bool = False,
+    long_examples: LongExamples = "drop",
 ) -> TokenWindows:
-    """``build_windows``'s train and validation windows (same split, same tokens) over ``tf``."""
+    """``build_windows``'s train and validation windows (same split, same tokens) over ``tf``; for a
+    chat-type ``tf``, its examples packed whole (``ExampleWindows``: ``train_on_prompt``,
+    ``long_examples``), the held-out split being whole examples too."""
     val = validation_ids(tf.n_docs, validation_fraction, seed)
     is_val = np.zeros(tf.n_docs, dtype=bool)
     is_val[list(val)] = True
     ids = np.arange(tf.n_docs)
+    if tf.mask is not None:
+        return TokenWindows(
+            *(
+                ExampleWindows(tf, ids[part], seq_len, vocab_size, seed, train_on_prompt, long_examples)
+                for part in (~is_val, is_val)
+            )
+        )
     return TokenWindows(
         PackedWindows(tf, ids[~is_val], seq_len, vocab_size), PackedWindows(tf, ids[is_val], seq_len, vocab_size)
     )
@@ -496,7 +591,7 @@ def _remove_stale_versions(folder: Path, key: dict) -> None:
         try:
             m = json.loads((other / "manifest.json").read_text())
             same_corpus = [f[0] for f in m["files"]] == paths and all(
-                m.get(k) == key[k] for k in ("text_field", "tokenizer_sha256")
+                m.get(k) == key.get(k) for k in ("text_field", "tokenizer_sha256", "row_format")
             )
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue  # not one of ours, or unreadable: left alone
@@ -512,17 +607,18 @@ def cached_tokens(
     build: bool = True,
     progress: bool = True,
     num_proc: int = 0,
+    chat: ChatFormat | None = None,
 ) -> TokenFile:
     """The corpus's token file from ``cache_dir``, built first when missing, stale or damaged
     (``build``, by ``num_proc`` processes: see ``tokenize_corpus``; else DataError). Never reads
-    a cache of another corpus or tokenizer."""
+    a cache of another corpus, tokenizer, row format or chat template (``chat``: chat-type rows)."""
     corpus = Path(path).resolve()
     if corpus.is_dir() and Path(cache_dir).resolve().is_relative_to(corpus):
         raise DataError(
             f"dataset.cache_dir {cache_dir} lies inside the corpus folder {path}: the cache's own files would be "
             "read as corpus files; set dataset.cache_dir outside the corpus folder"
         )
-    key = corpus_key(path, text_field, tokenizer)
+    key = corpus_key(path, text_field, tokenizer, chat)
     folder = token_cache(cache_dir, key)
     tf = open_tokens(folder, key)
     if tf is None and build:
@@ -539,7 +635,7 @@ def cached_tokens(
                         f"the token cache {folder} does not match its manifest (a file missing, cut short or changed "
                         f"on disk): set aside as {Path(aside).name} (removed after a day) and rebuilt"
                     )
-            tokenize_corpus(path, text_field, tokenizer, folder, key, progress, num_proc)
+            tokenize_corpus(path, text_field, tokenizer, folder, key, progress, num_proc, chat=chat)
             _remove_stale_versions(folder, key)
         except OSError as e:
             candidates = (Path(cache_dir), *Path(cache_dir).parents)
@@ -560,14 +656,34 @@ def cached_tokens(
     return tf
 
 
+def chat_format(dataset: Dataset | None, tokenizer: Tokenizer) -> ChatFormat | None:
+    """The recipe's chat-type row format and template (``dataset.format``, ``dataset.chat_template``),
+    or None for plain text. Raises DataError when the template cannot be had (the message names
+    the setting that fixes it)."""
+    if dataset is None or dataset.format == "text":
+        return None
+    try:
+        template = load_chat_template(tokenizer.path, dataset.chat_template, tokenizer.eos_token)
+    except RowError as e:
+        raise DataError(str(e)) from None
+    return ChatFormat(dataset.format, template)
+
+
 def dataset_tokens(
     path: str | Path, text_field: str, tokenizer: Tokenizer, dataset: Dataset | None, build: bool = True
 ) -> TokenFile:
     """``cached_tokens`` of the corpus at ``path`` in the cache a recipe's ``[dataset]`` section
-    names, built with its ``num_proc`` (``dataset`` None: the default cache, every core): what
-    train.py, ``tokenize_corpus.py``, calibration and evaluation read."""
+    names, built with its ``num_proc`` and read in its ``format`` (``dataset`` None: plain text,
+    the default cache, every core): what train.py, ``tokenize_corpus.py``, calibration and
+    evaluation read."""
     if dataset is None:
         return cached_tokens(path, text_field, tokenizer, resolve_cache_dir(), build)
     return cached_tokens(
-        path, text_field, tokenizer, resolve_cache_dir(dataset.cache_dir), build, num_proc=dataset.num_proc
+        path,
+        text_field,
+        tokenizer,
+        resolve_cache_dir(dataset.cache_dir),
+        build,
+        num_proc=dataset.num_proc,
+        chat=chat_format(dataset, tokenizer),
     )

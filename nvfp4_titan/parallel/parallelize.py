@@ -78,7 +78,7 @@ def _block_plan() -> dict:
     return {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

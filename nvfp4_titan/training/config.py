@@ -57,7 +57,10 @@ class Training:
     seq_len: int = 128
     """Tokens per sequence."""
     steps: int = 60
-    """Optimizer steps to train."""
+    """Optimizer steps to train (see epochs)."""
+    epochs: float = 0
+    """> 0: train this many passes over the training windows instead, training.steps being set
+    to epochs x windows / global batch, rounded up, once the data is read (the log says it)."""
     max_norm: float = 1.0
     """Gradient clipping by global L2 norm; 0 disables it."""
     skip_nonfinite_steps: int = 0
@@ -174,10 +177,25 @@ class QAT:
 class Dataset:
     path: str = "data/assets/shakespeare.jsonl"
     """Local corpus: a jsonl/json/parquet/txt file or a folder of them (never downloaded)."""
+    format: Literal["text", "chat", "sharegpt", "alpaca"] = "text"
+    """text: documents (text_field) tokenized, EOS after each, packed back to back into windows
+    (pretraining). chat ({"messages": [{"role", "content"}]}), sharegpt ({"conversations":
+    [{"from", "value"}]}) or alpaca ({"instruction", "input", "output"}) rows: one example each,
+    rendered with the chat template, packed whole into windows where positions restart and
+    attention never crosses an example; the loss counts the assistant turns (train_on_prompt)."""
+    chat_template: str = ""
+    """Chat formats: "" renders with the tokenizer folder's own template (chat_template.jinja or
+    tokenizer_config.json, as transformers); "plain" (base models): the turns' text as it is, BOS
+    first and EOS after each answer; or the path of a jinja2 template file."""
+    train_on_prompt: bool = False
+    """Chat formats: count system and user tokens in the loss too (axolotl's train_on_inputs)."""
+    long_examples: Literal["drop", "truncate"] = "drop"
+    """Chat formats: an example longer than training.seq_len + 1 tokens is dropped (a cut
+    conversation may lose its whole answer) or truncated to that length; the log counts both."""
     text_field: str = "text"
-    """Field holding the document text (jsonl/json/parquet)."""
+    """Field holding the document text (format text; jsonl/json/parquet)."""
     validation_fraction: float = 0.05
-    """Share of documents held out for validation (split by document, seeded)."""
+    """Share of documents (chat formats: examples) held out for validation (split whole, seeded)."""
     cache_dir: str = ""
     """Where the corpus is tokenized once and memory-mapped by every rank and later run (keyed by
     corpus files and tokenizer); empty: $XDG_CACHE_HOME/nvfp4-titan or ~/.cache/nvfp4-titan."""
@@ -254,6 +272,7 @@ class Config:
             (t.global_batch_size == -1 or t.global_batch_size > 0, "training.global_batch_size must be > 0 or -1"),
             (t.seq_len > 0, "training.seq_len must be > 0"),
             (t.steps > 0, "training.steps must be > 0"),
+            (t.epochs >= 0, "training.epochs must be >= 0 (0: train training.steps)"),
             (t.max_norm >= 0, "training.max_norm must be >= 0 (0 disables clipping)"),
             (t.skip_nonfinite_steps >= 0, "training.skip_nonfinite_steps must be >= 0 (0: stop at the first)"),
             (t.gc_freq >= 0, "training.gc_freq must be >= 0 (0: automatic garbage collection)"),
@@ -265,17 +284,12 @@ class Config:
             (self.optimizer.eps > 0, "optimizer.eps must be > 0"),
             (self.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),
-            (
-                0 <= self.lr_scheduler.warmup_steps <= t.steps,
-                f"lr_scheduler.warmup_steps must be in [0, training.steps={t.steps}]",
-            ),
             (0 <= self.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor must be in [0, 1]"),
             (self.parallelism.tensor_parallel_degree >= 1, "parallelism.tensor_parallel_degree must be >= 1"),
             (
                 self.parallelism.data_parallel_shard_degree == -1 or self.parallelism.data_parallel_shard_degree >= 1,
                 "parallelism.data_parallel_shard_degree must be >= 1 or -1",
             ),
-            (0 <= self.qat.start_step < t.steps, f"qat.start_step must be in [0, training.steps={t.steps})"),
             (self.qat.calibration_batches > 0, "qat.calibration_batches must be > 0"),
             (
                 not self.qat.fsdp_nvfp4_all_gather or (self.qat.enable and self.qat.start_step == 0),
@@ -320,6 +334,16 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if not t.epochs:  # else once the data fixes the steps
+            self.check_steps()
+
+    def check_steps(self) -> None:
+        """The rules that involve training.steps (ConfigError naming the key)."""
+        t = self.training
+        if not 0 <= self.lr_scheduler.warmup_steps <= t.steps:
+            raise ConfigError(f"lr_scheduler.warmup_steps must be in [0, training.steps={t.steps}]")
+        if not 0 <= self.qat.start_step < t.steps:
+            raise ConfigError(f"qat.start_step must be in [0, training.steps={t.steps})")
 
 
 # ---- docs, parsing, overrides ------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from nvfp4_titan.data.packing import IGNORE
 from nvfp4_titan.training.loss import cross_entropy
 
 DistillLoss = Literal["ce", "kl", "mix"]
@@ -102,18 +103,21 @@ def distillation_loss(
     kl_weight: float = 0.5,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss summed over the B*S positions (0-dim fp32) and its detached parts
-    (sums: ``ce``, ``kl``, ``top1_agreement`` = positions whose argmax equals the teacher's).
+    """The training loss summed over the counted positions of the B*S (0-dim fp32) and its
+    detached parts (sums: ``ce``, ``kl``, ``top1_agreement`` = positions whose argmax equals the
+    teacher's).
 
     ``loss``: ce (labels only; ``teacher_logits`` may be None), kl (the teacher only), mix
-    (``(1 - kl_weight) * ce + kl_weight * kl``). Logits [B, S, V], labels [B, S] int64.
+    (``(1 - kl_weight) * ce + kl_weight * kl``). Logits [B, S, V], labels [B, S] int64; a label
+    ``IGNORE`` (a prompt, padding) drops its position from every term.
     """
     ce = cross_entropy(student_logits, labels)
     if loss == "ce":
         return ce, {"ce": ce.detach()}
-    kl = kl_divergence(student_logits, teacher_logits, temperature).sum()
+    counted = (labels != IGNORE).flatten()  # the positions the cross-entropy counts
+    kl = (kl_divergence(student_logits, teacher_logits, temperature) * counted).sum()
     with torch.no_grad():
-        agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().float()
+        agree = ((student_logits.argmax(-1) == teacher_logits.argmax(-1)).flatten() & counted).sum().float()
     parts = {"ce": ce.detach(), "kl": kl.detach(), "top1_agreement": agree}
     if loss == "kl":
         return kl, parts

@@ -26,6 +26,7 @@ from nvfp4.fsdp import precompute_weight_scales
 from nvfp4.sharded import local
 from nvfp4_titan.data.dataset import DataError
 from nvfp4_titan.data.loader import GlobalBatchLoader
+from nvfp4_titan.data.packing import IGNORE, ExampleWindows
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.data.tokens import TokenFile, dataset_tokens, windows_from_tokens
 from nvfp4_titan.models.llama3 import ModelArgs, Transformer, flavor
@@ -208,13 +209,28 @@ class Trainer:
             "n_tokens": m["n_tokens"],
             "tokens_sha256": m["sha256"]["tokens.bin"],
         }
-        windows = windows_from_tokens(tokens, t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size)
+        windows = windows_from_tokens(
+            tokens, t.seq_len, d.validation_fraction, t.seed, tokenizer.vocab_size, d.train_on_prompt, d.long_examples
+        )
+        self._data_ready = ""
+        if isinstance(windows.train, ExampleWindows):
+            w, v = windows.train, windows.validation
+            self._data_ready = (
+                f"{d.format} examples packed into windows of {t.seq_len + 1} tokens: {w.n_examples} in {len(w)} "
+                f"training windows ({w.fill():.1%} filled), {v.n_examples} in {len(v)} held out; longer than a "
+                f"window (dataset.long_examples = {d.long_examples}): {w.dropped + v.dropped} dropped, "
+                f"{w.truncated + v.truncated} truncated; "
+            )
         global_batch = t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dp
         try:
             self.loader = GlobalBatchLoader(windows.train, global_batch, t.local_batch_size, dp_rank, dp, t.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.global_batch = global_batch
+        if t.epochs:
+            t.steps = math.ceil(t.epochs * len(windows.train) / global_batch)
+            self._data_ready += f"{t.epochs} epoch(s) of {len(windows.train)} windows: training.steps = {t.steps}; "
+            self.cfg.check_steps()
         self.val_loader = None
         if self.cfg.validation.freq and len(windows.validation) < t.local_batch_size * dp:
             log.warning(
@@ -227,7 +243,9 @@ class Trainer:
                 windows.validation, t.local_batch_size * dp, t.local_batch_size, dp_rank, dp, shuffle=False
             )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        self._data_ready = f"data ready in {time.perf_counter() - start:.2f} s, peak RSS of this process {peak:.2f} GiB"
+        self._data_ready += (
+            f"data ready in {time.perf_counter() - start:.2f} s, peak RSS of this process {peak:.2f} GiB"
+        )
 
     def _tokens(self, tokenizer) -> TokenFile:
         """The corpus's token file: the first rank of each node tokenizes it into the cache when
@@ -258,6 +276,10 @@ class Trainer:
         "training.seq_len",
         "training.mixed_precision_param",
         "dataset.path",
+        "dataset.format",
+        "dataset.chat_template",
+        "dataset.train_on_prompt",
+        "dataset.long_examples",
         "dataset.text_field",
         "dataset.validation_fraction",
         "qat.enable",
@@ -527,7 +549,8 @@ class Trainer:
                         self.metrics.log(self.step, values)
                         window_tokens, window_start = 0, time.perf_counter()
                     if self.val_loader is not None and (self.step % cfg.validation.freq == 0 or self.step == t.steps):
-                        self.metrics.log(self.step, {"validation/loss": self._validate()})
+                        if (val := self._validate()) is not None:
+                            self.metrics.log(self.step, {"validation/loss": val})
                     if self._should_stop():
                         self._save()
                         log.info(f"stopped by signal after step {self.step}; resume by running the same command")
@@ -547,7 +570,8 @@ class Trainer:
         if on and nvfp4.needs_calibration(self.model):
             n = self.cfg.qat.calibration_batches
             c = self.loader.consumed
-            batches = [x.to(self.device) for b in range(c, c + n) for x, _ in self.loader.batch(b)]
+            batches = [(mb.inputs, mb.segments) for b in range(c, c + n) for mb in self.loader.batch(b)]
+            batches = [tuple(t.to(self.device) if t is not None else None for t in mb) for mb in batches]
             try:
                 nvfp4.calibrate(self.model, batches)
             except ValueError as e:  # a non-finite input amax: the run cannot go on
@@ -562,20 +586,31 @@ class Trainer:
         if self.cfg.qat.fsdp_nvfp4_all_gather:
             precompute_weight_scales(self.model)
 
-    def _train_step(self) -> tuple[float, float, float]:
+    def _train_step(self) -> tuple[float | None, float | None, float]:
+        """One optimizer step: (loss, grad norm, lr); loss and grad norm are None for a global batch
+        in which no label counts (every one a prompt, padding or an example's first token): that
+        step is skipped and counted."""
+        counted = self.loader.counted(self.loader.consumed)  # the whole global batch's: the token mean
         micro = self.loader.next()
-        tokens = sum(y.numel() for _, y in micro)
+        self._parts = {}
+        if counted == 0:
+            self.skipped_steps += 1
+            log.warning(
+                f"step {self.step}: no label of the global batch counts in the loss (only prompts or padding: "
+                "dataset.long_examples = truncate can cut answers off); skipped, no optimizer step"
+            )
+            return None, None, lr_at(self.step, self.cfg.optimizer.lr, self.cfg.training.steps, self.cfg.lr_scheduler)
+        tokens = counted / self.dp  # each data-parallel rank's share: FSDP averages the gradients
         loss_sum = torch.zeros((), device=self.device)
         q = self.cfg.qat
-        self._parts = {}
-        for x, y in micro:
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x)
+        for mb in micro:
+            mb = mb.to(self.device)
+            logits = self.model(mb.inputs, mb.segments)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(x)
-            loss_total, parts = distillation_loss(logits, teacher_logits, y, q.loss, q.kl_weight, q.temperature)
+                    teacher_logits = self.teacher(mb.inputs, mb.segments)
+            loss_total, parts = distillation_loss(logits, teacher_logits, mb.labels, q.loss, q.kl_weight, q.temperature)
             loss = loss_total / tokens
             loss.backward()
             loss_sum += loss.detach()
@@ -633,11 +668,10 @@ class Trainer:
         return str(ckpt.latest(self.ckpt_folder) or "none")
 
     def _metrics(
-        self, loss: float, grad_norm: float, lr: float, tps: float, fpt: float, peak: float | None
+        self, loss: float | None, grad_norm: float | None, lr: float, tps: float, fpt: float, peak: float | None
     ) -> dict[str, float]:
         values = {
-            "loss": loss,
-            "grad_norm": grad_norm,
+            **({"loss": loss, "grad_norm": grad_norm} if loss is not None else {}),  # None: a skipped empty batch
             "lr": lr,
             "tokens_per_s": tps,
             "tokens_per_s_per_device": tps / self.world,
@@ -649,11 +683,11 @@ class Trainer:
             # window's compilation and Triton autotuning would hide what training itself needs.
             values["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.cfg.training.skip_nonfinite_steps:
+        if self.cfg.training.skip_nonfinite_steps or self.skipped_steps:
             values["skipped_steps"] = self.skipped_steps
         if self.cfg.qat.enable and self.step > self.cfg.qat.start_step:
             values.update(qat_health(self.model))
-        if self.teacher is not None:  # this step's distillation terms, token means over the global batch
+        if self._parts:  # QAD: this step's distillation terms, token means over the global batch
             names = sorted(self._parts)
             parts = torch.stack([self._parts[k] for k in names])
             dist.all_reduce(parts)
@@ -662,17 +696,18 @@ class Trainer:
         return values
 
     @torch.no_grad()
-    def _validate(self) -> float:
+    def _validate(self) -> float | None:
+        """The held-out loss, a token mean over the counted labels of every rank's batches; None
+        when no label counts."""
         self._refresh_weight_scales()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, counted labels
         for b in range(self.cfg.validation.steps):
-            for x, y in self.val_loader.batch(b % self.val_loader.batches_per_epoch):
-                logits = self.model(x.to(self.device))
-                total += cross_entropy(logits, y.to(self.device))
-                count += y.numel()
-        dist.all_reduce(total)
-        return total.item() / (count * self.world)
+            for mb in self.val_loader.batch(b % self.val_loader.batches_per_epoch):
+                mb = mb.to(self.device)
+                sums[0] += cross_entropy(self.model(mb.inputs, mb.segments), mb.labels)
+                sums[1] += (mb.labels != IGNORE).sum()
+        dist.all_reduce(sums)  # TP ranks add the same batch to both sums alike
+        return sums[0].item() / sums[1].item() if sums[1].item() else None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_requested = True

@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 import nvfp4
 from nvfp4.fsdp import precompute_weight_scales
+from nvfp4_titan.data.packing import IGNORE, Batch
 from nvfp4_titan.models.llama3 import FLAVORS, Transformer
 from nvfp4_titan.parallel import ParallelDims, build_mesh, parallelize_llama
 from nvfp4_titan.training.distill import distillation_loss
@@ -31,6 +32,21 @@ def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     w = torch.randint(0, ARGS.vocab_size, (BATCH, SEQ + 1), generator=g)
     return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+def packed_batch(device: torch.device) -> Batch:
+    """BATCH rows of packed examples (2 to 5 a row), labels IGNORE at example boundaries and at
+    a share of the positions that differs per row (prompts), so every micro-batch, and every
+    data-parallel rank, counts another number of labels."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(0, ARGS.vocab_size, (BATCH, SEQ + 1), generator=g)
+    cuts = [torch.randperm(SEQ - 1, generator=g)[: 1 + r][None] + 1 for r in range(BATCH)]
+    segments = torch.cat([(torch.arange(SEQ)[:, None] >= c).sum(-1)[None] for c in cuts])
+    prompt = torch.rand(BATCH, SEQ, generator=g) < torch.linspace(0.2, 0.8, BATCH)[:, None]
+    boundary = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    boundary[:, :-1] = segments[:, 1:] != segments[:, :-1]
+    labels = torch.where(prompt | boundary, IGNORE, w[:, 1:])
+    return Batch(w[:, :-1], labels, segments).to(device)
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,23 +147,14 @@ def _check_gradients(ref: Transformer, model: Transformer) -> None:
 def distill_parity_worker(rank: int, world: int, dp: int, tp: int, device_type: str) -> None:
     """One QAD step (loss mix, temperature 2, the teacher = the student's float initial weights,
     sharded on the same mesh as the trainer shards it) of the (dp, tp) layout gives the
-    1-process gradients."""
+    1-process gradients; then on a packed, masked batch (``packed_batch``: chat data) a QAD step
+    and a cross-entropy step, each rank's loss divided by its share of the global batch's counted
+    labels, as the trainer divides it."""
     device = torch.device(device_type, rank if device_type == "cuda" else 0)
     ref = reference(nvfp4.QATConfig(), device)
     float_weights = {k: v.clone() for k, v in ref.state_dict().items() if not k.endswith("input_amax")}
     teacher_ref = Transformer(ARGS).to(device)
     teacher_ref.load_state_dict(float_weights)
-
-    def step(student, teacher, x, y, divide):
-        with torch.no_grad():
-            t = teacher(x)
-        loss, _ = distillation_loss(student(x), t, y, "mix", kl_weight=0.5, temperature=2.0)
-        (loss / divide).backward()
-
-    micro = list(zip(*(t.chunk(dp) for t in _batch(device))))
-    for x, y in micro:  # the global batch's token mean, accumulated as the trainer does
-        step(ref, teacher_ref, x, y, y.numel() * dp)
-
     model, mesh = sharded(ref, dp, tp, device)
     with torch.device("meta"):
         teacher = Transformer(ARGS)
@@ -155,9 +162,27 @@ def distill_parity_worker(rank: int, world: int, dp: int, tp: int, device_type: 
     teacher.requires_grad_(False)
     teacher.to_empty(device=device)
     set_model_state_dict(teacher, float_weights, options=StateDictOptions(full_state_dict=True))
-    xl, yl = micro[mesh["dp_shard"].get_local_rank()]
-    step(model, teacher, xl, yl, yl.numel())
-    _check_gradients(ref, model)
+
+    def step(student, teacher, mb, loss_kind, divide):
+        with torch.no_grad():
+            t = teacher(mb.inputs, mb.segments)
+        loss, _ = distillation_loss(
+            student(mb.inputs, mb.segments), t, mb.labels, loss_kind, kl_weight=0.5, temperature=2.0
+        )
+        (loss / divide).backward()
+
+    for batch, loss_kind in (
+        (Batch(*_batch(device)), "mix"),
+        (packed_batch(device), "mix"),
+        (packed_batch(device), "ce"),
+    ):
+        ref.zero_grad()
+        model.zero_grad()
+        micro, counted = batch.split(BATCH // dp), batch.counted()
+        for mb in micro:  # the global batch's token mean, accumulated as the trainer does
+            step(ref, teacher_ref, mb, loss_kind, counted)
+        step(model, teacher, micro[mesh["dp_shard"].get_local_rank()], loss_kind, counted / dp)
+        _check_gradients(ref, model)
 
 
 def _check_input_amaxes(ref: Transformer, model: Transformer, tp: int) -> None:

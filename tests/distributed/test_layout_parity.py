@@ -2,7 +2,8 @@
 from the same weights and global batch, every parameter's gradient under FSDP=2, TP=2 and
 FSDP=2 x TP=2 equals the 1-process gradient to fp32 reduction noise, in every activation mode,
 both tensor-scale modes, with and without NVFP4 all-gather; static calibration gives the
-unsharded input amaxes; a distillation step (QAD) gives the 1-process gradients. On gloo (CPU)
+unsharded input amaxes; a distillation step (QAD) gives the 1-process gradients, also on packed
+examples with masked labels (chat data). On gloo (CPU)
 and, under ``.ci/gpu multi``, NCCL (one GPU per rank)."""
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def test_initial_model_equals_unsharded(dp, tp, all_gather, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dp,tp", LAYOUTS[:2], ids=LAYOUT_IDS[:2])
 def test_distillation_gradients_equal_unsharded(dp, tp, device):
-    """QAD: the teacher sharded on the student's mesh, its logits replicated under TP."""
+    """QAD: the teacher sharded on the student's mesh, its logits replicated under TP; then chat
+    data: packed examples with prompt and boundary labels masked, a different number of counted
+    labels on each rank, QAD and cross-entropy."""
     _run(distill_parity_worker, device, dp, tp)
 
 

@@ -168,3 +168,38 @@ def test_gguf_to_hf_keeps_other_folders_and_names_bad_input(smollm2_hf, tmp_path
     with pytest.raises(CheckpointError, match="lies under the file"):
         gguf_to_hf(fake, tmp_path / "file" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes.gguf"]
+
+
+def test_chat_qad_recipe_trains_converts_with_verify_and_scores_as_the_qat_model(smollm2_hf, tmp_path):
+    """The README's chat QAD command, CPU-sized: SmolLM2 distils from itself on the bundled
+    conversations (its own chat template, answers only); the export passes --verify and its masked
+    held-out loss is the QAT model's, bit for bit."""
+    from nvfp4_titan.convert.cli import main as convert_main
+    from nvfp4_titan.data.tokens import dataset_tokens, windows_from_tokens
+    from nvfp4_titan.training.config import load_config
+    from nvfp4_titan.training.loss import cross_entropy
+
+    dump, out = tmp_path / "run", tmp_path / "nvfp4"
+    overrides = _cpu_run(smollm2_hf, "--training.steps=2", "--training.seq_len=128", "--training.local_batch_size=2")
+    r = train(
+        dump, *overrides, "--validation.freq=0", "--checkpoint.interval=2", recipe="recipes/smollm2_135m_qad_chat.toml"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chat examples packed into windows of 129 tokens" in r.stdout
+    assert all(m["distill/kl"] > 0 for m in metrics(dump) if "loss" in m)
+    assert convert_main([str(dump), str(out), "--verify", "--calibration-batches=1", "--calibration-batch-size=2"]) == 0
+
+    step = dump / "checkpoint" / "step-2"
+    cfg = load_config(step / "config.toml")
+    tok = load_tokenizer(smollm2_hf)
+    tf = dataset_tokens(cfg.dataset.path, "text", tok, cfg.dataset)
+    held_out = windows_from_tokens(tf, 128, cfg.dataset.validation_fraction, cfg.training.seed, tok.vocab_size)
+    batch = held_out.validation.batch(torch.arange(2))
+    args = model_args_from_json((step / "model_args.json").read_text())
+    qat = nvfp4.prepare(Transformer(args), nvfp4.QATConfig())
+    qat.load_state_dict(model_weights(step), strict=False)
+    qat.tie_weights()
+    with torch.no_grad():
+        want = cross_entropy(qat(batch.inputs, batch.segments), batch.labels)
+        got = cross_entropy(load_nvfp4_model(out)(batch.inputs, batch.segments), batch.labels)
+    assert torch.equal(got, want) and batch.counted() > 0

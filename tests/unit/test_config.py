@@ -17,7 +17,13 @@ def test_every_recipe_parses_and_validates(recipe):
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"debug_cpu.toml", "llama3_1b_qat.toml", "llama3_3b_qat.toml", "llama3_8b_qat.toml"} <= names
+    assert {
+        "debug_cpu.toml",
+        "llama3_1b_qat.toml",
+        "llama3_3b_qat.toml",
+        "llama3_8b_qat.toml",
+        "smollm2_135m_qad_chat.toml",
+    } <= names
 
 
 def test_overrides_beat_recipe_and_defaults(tmp_path):

@@ -49,7 +49,7 @@ def _global_batches(dp_size: int, steps: int, local: int) -> list[torch.Tensor]:
     loaders = [GlobalBatchLoader(windows, 8, local, r, dp_size, seed=5) for r in range(dp_size)]
     out = []
     for _ in range(steps):
-        parts = [torch.cat([x for x, _ in ld.next()]) for ld in loaders]
+        parts = [torch.cat([mb.inputs for mb in ld.next()]) for ld in loaders]
         out.append(torch.cat(parts))
     return out
 
@@ -67,7 +67,7 @@ def test_loader_resumes_exactly_and_checks_state():
         a.next()
     b = GlobalBatchLoader(windows, 4, 2, seed=1)
     b.load_state_dict(a.state_dict())
-    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a.next(), b.next()))
+    assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a.next(), b.next()))
     with pytest.raises(ValueError, match="seed"):
         GlobalBatchLoader(windows, 4, 2, seed=2).load_state_dict(a.state_dict())
 

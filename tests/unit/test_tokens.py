@@ -356,9 +356,9 @@ def _tokenized(monkeypatch) -> list[int]:
     """The indices of the parts tokenized from now on (in this process: num_proc=1)."""
     write, seen = tokens._write_part, []
 
-    def counted(build, index, *args):
+    def counted(build, index, *args, **kwargs):
         seen.append(index)
-        write(build, index, *args)
+        write(build, index, *args, **kwargs)
 
     monkeypatch.setattr(tokens, "_write_part", counted)
     return seen

@@ -56,13 +56,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask``: None (causal over the whole row) or [B, 1, S, S] bool, True where a query
+        (row) may attend to a key (column): packed examples' block-diagonal causal mask."""
         bs, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
         q, k, v = (y.view(bs, seq, -1, self.head_dim) for y in shared_input((self.wq, self.wk, self.wv), x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal=mask is None, enable_gqa=True
         )  # [B, H, S, D]
         return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
 
@@ -104,13 +106,15 @@ class TransformerBlock(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.full_ac and torch.is_grad_enabled():
-            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
-        return self._block(x, cos, sin)
+            return checkpoint(self._block, x, cos, sin, mask, use_reentrant=False)
+        return self._block(x, cos, sin, mask)
 
-    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         if self.selective_ac and torch.is_grad_enabled():
             return h + checkpoint(self._mlp, h, use_reentrant=False)
         return h + self._mlp(h)
@@ -181,14 +185,37 @@ class Transformer(nn.Module):
         std = 0.02 / math.sqrt(2 * (layer + 1)) if shrinks else 0.02
         return lambda t, g: nn.init.trunc_normal_(t, std=std, generator=g)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] int64 -> logits [B, S, vocab]."""
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] int64 -> logits [B, S, vocab].
+
+        ``segments`` [B, S] int (packed examples): the example each token belongs to, equal ids
+        contiguous. Positions then restart at each example and attention never crosses one
+        (``packed_positions_and_mask``), so each example's logits are those it gets alone
+        (tested to rounding: the masked attention sums other keys' zeros). None: one sequence per
+        row, causal attention (the plain-text path)."""
         seq = tokens.shape[1]
         rs = self.args.rope_scaling
         if seq > self.args.max_seq_len and not (rs and rs.rope_type == "dynamic"):  # dynamic NTK extends
             raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.args.max_seq_len}")
         cos, sin = rope_tables(self.args, seq, tokens.device)
+        mask = None
+        if segments is not None:
+            positions, mask = packed_positions_and_mask(segments)
+            cos, sin = cos[positions], sin[positions]  # [B, S, D]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
+
+
+def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``segments`` [B, S] (each token's example, equal ids contiguous): the position of each
+    token within its example [B, S] int64, and the block-diagonal causal attention mask
+    [B, 1, S, S] bool (a token sees the tokens of its own example up to itself), as
+    transformers' packed-sequence Llama and FlexAttention document masking define them."""
+    idx = torch.arange(segments.shape[1], device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, 0).cummax(dim=1).values  # where each token's example starts
+    same = segments[:, :, None] == segments[:, None, :]
+    return idx - first, (same & (idx[:, None] >= idx[None, :])).unsqueeze(1)

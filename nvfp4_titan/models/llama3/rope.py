@@ -86,7 +86,8 @@ def rope_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; cos, sin [S, D]."""
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    """x [B, S, H, D]; cos, sin [S, D] (every row's positions 0..S-1) or [B, S, D] (per-token
+    positions: packed examples)."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
