@@ -23,7 +23,7 @@ from nvfp4.fsdp import enable_nvfp4_all_gather
 from nvfp4.qat.linear import NVFP4QATLinear
 from nvfp4.sharded import check_local_blocks, local
 from nvfp4_titan.models.llama3 import Transformer
-from nvfp4_titan.parallel.mesh import ParallelConfigError
+from nvfp4_titan.parallel.mesh import ParallelConfigError, dp_mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names
 
@@ -162,7 +162,8 @@ def parallelize_llama(
     compile: bool,
     nvfp4_all_gather: bool = False,
 ) -> None:
-    """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim; in place.
+    """TP (if the tp dim > 1), compile, then FSDP2 over the dp_shard dim (HSDP over
+    ("dp_replicate", "dp_shard") when the mesh has a replicate dim); in place.
 
     ``nvfp4_all_gather``: FSDP2 gathers QAT weights as NVFP4 (nvfp4/fsdp.py; eager only).
     """
@@ -179,4 +180,4 @@ def parallelize_llama(
     if nvfp4_all_gather:
         check_even_rows(model, mesh["dp_shard"].size())
         enable_nvfp4_all_gather(model, DTYPES[param_dtype])
-    apply_fsdp(model, mesh["dp_shard"], param_dtype, reduce_dtype)
+    apply_fsdp(model, dp_mesh(mesh), param_dtype, reduce_dtype)

@@ -114,8 +114,11 @@ class LRScheduler:
 
 @dataclass
 class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """HSDP: replicas of the FSDP-sharded model (typically one per node: FSDP's all-gathers stay
+    inside a replica, only the gradient all-reduce crosses replicas). 1: plain FSDP."""
     data_parallel_shard_degree: int = -1
-    """FSDP2 degree; -1: the world size divided by the other degrees."""
+    """FSDP2 degree (within a replica); -1: the world size divided by the other degrees."""
     tensor_parallel_degree: int = 1
     """Tensor-parallel degree (Megatron-style colwise/rowwise linears)."""
 
@@ -286,6 +289,10 @@ class Config:
             (0 <= self.optimizer.beta1 < 1 and 0 <= self.optimizer.beta2 < 1, "optimizer betas must be in [0, 1)"),
             (0 <= self.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor must be in [0, 1]"),
             (self.parallelism.tensor_parallel_degree >= 1, "parallelism.tensor_parallel_degree must be >= 1"),
+            (
+                self.parallelism.data_parallel_replicate_degree >= 1,
+                "parallelism.data_parallel_replicate_degree must be >= 1 (1: no replication)",
+            ),
             (
                 self.parallelism.data_parallel_shard_degree == -1 or self.parallelism.data_parallel_shard_degree >= 1,
                 "parallelism.data_parallel_shard_degree must be >= 1 or -1",

@@ -38,7 +38,7 @@ from nvfp4_titan.models.llama3.hf import (
     read_config,
     weight_files,
 )
-from nvfp4_titan.parallel import build_mesh, parallelize_llama, resolve_dims
+from nvfp4_titan.parallel import build_mesh, dp_rank, parallelize_llama, resolve_dims
 from nvfp4_titan.training import checkpoint as ckpt
 from nvfp4_titan.training.config import QAT, Config, ConfigError, load_config, to_toml, toml_value
 from nvfp4_titan.training.distill import distillation_loss, teacher_fingerprint
@@ -131,13 +131,15 @@ class Trainer:
         self.device = pick_device(cfg.training.device)
         self.rank, self.world = init_distributed(self.device)
         setup_logging(self.rank)
+        p = cfg.parallelism
         dims = resolve_dims(
-            self.world, cfg.parallelism.data_parallel_shard_degree, cfg.parallelism.tensor_parallel_degree
+            self.world, p.data_parallel_shard_degree, p.tensor_parallel_degree, p.data_parallel_replicate_degree
         )
         self.mesh = build_mesh(dims, self.device.type)
         tokenizer = load_tokenizer(cfg.model.tokenizer_path)
         self.args = model_args(cfg, tokenizer.vocab_size)
-        self._build_data(tokenizer, dims.dp_shard, self.mesh["dp_shard"].get_local_rank())
+        rank_in_dp, self.dp = dp_rank(self.mesh)  # over replicate x shard: each replica's shards see other data
+        self._build_data(tokenizer, self.dp, rank_in_dp)
         self._build_model()
         self._build_teacher()
         self.folder = Path(cfg.job.dump_folder)
@@ -149,7 +151,6 @@ class Trainer:
             _check_dcp_source(
                 Path(cfg.checkpoint.initial_load_path), "checkpoint.initial_load_path", self._param_shapes()
             )
-        self.dp = dims.dp_shard
         self._with_readable_resume(self._check_resume)
         fresh = not self.folder.exists() or not any(self.folder.iterdir())
         self._make_run_folder()

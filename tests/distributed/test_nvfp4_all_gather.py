@@ -9,21 +9,18 @@ from torch.distributed.tensor import DTensor
 
 import nvfp4
 from benchmarks.fsdp_all_gather_bytes import step_bytes
-from nvfp4.fsdp import NVFP4GatheredWeight, precompute_weight_scales, precompute_weight_scales_when_stale
+from nvfp4.fsdp import precompute_weight_scales, precompute_weight_scales_when_stale
 from nvfp4.sharded import local
 from nvfp4_titan.models.llama3 import Transformer
 from nvfp4_titan.training.config import Optimizer
 from nvfp4_titan.training.optim import build_optimizer
 from tests.distributed.harness import (
     DEVICES,
-    ROWWISE,
     backend,
-    cat_nvfp4,
-    gather_nvfp4,
     run_ranks,
     skip_unless_ranks,
 )
-from tests.distributed.parity import ARGS, reference, sharded
+from tests.distributed.parity import ARGS, gathered_codes_parity, reference, sharded
 
 CPU = torch.device("cpu")
 
@@ -31,7 +28,7 @@ CPU = torch.device("cpu")
 def _sharded(
     ref: Transformer, dp: int, tp: int, param_dtype: str, all_gather: bool, device: torch.device = CPU
 ) -> Transformer:
-    return sharded(ref, dp, tp, device, all_gather, param_dtype)[0]
+    return sharded(ref, (1, dp, tp), device, all_gather, param_dtype)[0]
 
 
 def _reference(mode: str = "pow2", device: torch.device = CPU) -> tuple[Transformer, torch.Tensor]:
@@ -40,38 +37,8 @@ def _reference(mode: str = "pow2", device: torch.device = CPU) -> tuple[Transfor
     return reference(nvfp4.QATConfig(tensor_scale=mode), device), tokens.to(device)
 
 
-def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:
-    """Forward pre-hooks: the NVFP4 weight each QAT linear receives from the all-gather."""
-    seen: dict[str, nvfp4.NVFP4] = {}
-
-    def hook(mod, args, name):
-        w = local(mod.weight)
-        assert isinstance(w, NVFP4GatheredWeight), f"{name}: weight arrived as {type(w).__name__}, not NVFP4"
-        seen[name] = w.nvfp4
-
-    for name, m in model.named_modules():
-        if isinstance(m, nvfp4.NVFP4QATLinear):
-            m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
-    return seen
-
-
 def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, device_type: str = "cpu") -> None:
-    device = torch.device(device_type, rank if device_type == "cuda" else 0)
-    ref, tokens = _reference(mode, device)
-    model = _sharded(ref, dp, tp, "float32", all_gather=True, device=device)
-    seen = _gathered_weights(model)
-    precompute_weight_scales(model)
-    model(tokens)
-    layers = {n: m for n, m in ref.named_modules() if isinstance(m, nvfp4.NVFP4QATLinear)}
-    assert sorted(seen) == sorted(layers)
-    tp_group = model.layers[0].attention.wq.weight.device_mesh.get_group("tp") if tp > 1 else None
-    for name, got in seen.items():
-        if tp > 1:  # the TP-local weight FSDP gathered: join the TP shards (rowwise split K)
-            got = cat_nvfp4(gather_nvfp4(got, tp_group), 1 if name.endswith(ROWWISE) else 0)
-        want = layers[name].quantized_weight()  # the unsharded model's weight, its group amax
-        assert torch.equal(got.packed, want.packed), name
-        assert torch.equal(got.block_scale.view(torch.uint8), want.block_scale.view(torch.uint8)), name
-        assert torch.equal(got.tensor_scale, want.tensor_scale), name
+    gathered_codes_parity((1, dp, tp), mode, torch.device(device_type, rank if device_type == "cuda" else 0))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -73,7 +73,7 @@ def shared_group_worker(rank: int, world: int, dp: int, tp: int, cases: list[tup
     failures = []
     for act, mode, param_dtype, all_gather in cases:
         ref = reference(nvfp4.QATConfig(tensor_scale=mode, activation_scale=act), device)
-        model, mesh = sharded(ref, dp, tp, device, all_gather, param_dtype=param_dtype)
+        model, mesh = sharded(ref, (1, dp, tp), device, all_gather, param_dtype=param_dtype)
         x = _batch(device)[0].chunk(dp)[mesh["dp_shard"].get_local_rank()]
         if all_gather:
             nvfp4.fsdp.precompute_weight_scales(model)

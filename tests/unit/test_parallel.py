@@ -21,6 +21,23 @@ def test_resolve_dims():
         resolve_dims(8, 3, 2)
 
 
+def test_resolve_dims_with_replicas():
+    """HSDP: -1 fills the shard degree within each replica; the messages name every degree."""
+    dims = resolve_dims(16, -1, 2, dp_replicate=2)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 4, 2, 8)
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"data_parallel_replicate_degree=3 x tensor_parallel_degree=2 does not divide the world size 8",
+    ):
+        resolve_dims(8, -1, 2, dp_replicate=3)
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"data_parallel_replicate_degree=2 x data_parallel_shard_degree=4 x tensor_parallel_degree=2 = 16 "
+        r"!= world size 8",
+    ):
+        resolve_dims(8, 4, 2, dp_replicate=2)
+
+
 def _meta(args: ModelArgs) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
