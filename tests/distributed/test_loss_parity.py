@@ -14,6 +14,7 @@ the bugs they guard against gave: a missing TP reduction of the QAT input gradie
 clipped update)."""
 
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -65,12 +66,17 @@ def _run(dump, device: str, nproc: int, *overrides: str, torchrun: bool | None =
     return r
 
 
-def _layout(dp: int, tp: int, all_gather: bool = False) -> list[str]:
+def _layout(dp: int, tp: int, all_gather: bool = False, replicate: int = 1) -> list[str]:
     return [
+        f"--parallelism.data_parallel_replicate_degree={replicate}",
         f"--parallelism.data_parallel_shard_degree={dp}",
         f"--parallelism.tensor_parallel_degree={tp}",
         f"--qat.fsdp_nvfp4_all_gather={str(all_gather).lower()}",
     ]
+
+
+# HSDP replicate 2 x shard 2: 4 data-parallel ranks, so the global batch of 8 takes local batches of 2.
+HSDP = [*_layout(2, 1, replicate=2), "--training.local_batch_size=2"]
 
 
 def _losses_and_norms(dump) -> dict[int, tuple[float, float]]:
@@ -183,7 +189,7 @@ def test_resume_on_another_world_size(tmp_path, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
-    """One step from the seed's initial model at lr 1e-46 (0 in fp32, so the weights stay the
+    """One step from the seed's initial model (HSDP too) at lr 1e-46 (0 in fp32, so the weights stay the
     initial ones, which every layout draws bitwise alike; at 1e-30 an initial weight of exactly 0
     moved by 1e-30 times a gradient ratio that differs in the last bits), saved by each layout:
     the same weights, converted to bitwise the same NVFP4 tensors, which --verify decodes exactly."""
@@ -194,10 +200,12 @@ def test_every_layout_converts_to_the_same_nvfp4_checkpoint(tmp_path, device):
         "--lr_scheduler.decay_type=constant",
     ]
     want: dict[str, dict[str, torch.Tensor]] = {}
-    for name, (dp, tp) in {"single": (1, 1), **LAYOUTS}.items():
-        if not _runnable(device, dp * tp):
+    layouts = {name: (dp * tp, _layout(dp, tp)) for name, (dp, tp) in {"single": (1, 1), **LAYOUTS}.items()}
+    layouts["hsdp2x2"] = (4, HSDP)
+    for name, (nproc, layout) in layouts.items():
+        if not _runnable(device, nproc):
             continue
-        _run(tmp_path / name, device, dp * tp, *still, *_layout(dp, tp))
+        _run(tmp_path / name, device, nproc, *still, *layout)
         out = tmp_path / f"{name}-nvfp4"
         src = convert_checkpoint(tmp_path / name, out, Options(calibration_batches=2))
         assert verify(out, src, "modelopt", log=lambda line: None) == 0, name
@@ -216,3 +224,76 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))  # float8- and NaN-safe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_nodes(dump, nnodes: int, nproc: int, *overrides: str) -> list[subprocess.CompletedProcess]:
+    """train.py as ``nnodes`` torchrun launchers of ``nproc`` ranks each on this machine, meeting
+    by the c10d rendezvous on 127.0.0.1 (docs/distributed.md, "Across nodes"); they share the
+    dump folder (checkpoints on shared storage) and whatever token cache the overrides name."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-id=hsdp-test",
+        "--local-addr=127.0.0.1",
+    ]
+    train_args = ["train.py", "--recipe", "recipes/debug_cpu.toml", f"--job.dump_folder={dump}", *COMMON, *overrides]
+    nodes = [
+        subprocess.Popen(launch + train_args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(nnodes)
+    ]
+    done = []
+    for p in nodes:
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for r in done:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return done
+
+
+def test_hsdp_resumes_across_layouts_and_nodes(tmp_path):
+    """A 1-process checkpoint resumes under HSDP (replicate 2 x shard 2), its checkpoint under
+    FSDP=2, that one's under HSDP again, and that one's on 1 process (DCP resharding 1 -> HSDP ->
+    FSDP -> HSDP -> 1, a step each), continuing the uninterrupted 1-process run. The first leg again
+    as two "nodes" (two torchrun launchers, ``--nnodes 2``, one replica each, building one fresh
+    token cache at once) gives the one-launcher run's losses and checkpoint bit for bit. CPU: 4 ranks.
+
+    Legs of one step: with 4 data-parallel ranks at this lr, Adam grows the reduction-order noise
+    (1e-7) to 4e-4 on grad norms by the fifth step, plain FSDP=4 as much as HSDP (measured)."""
+    run = ["--training.local_batch_size=2", "--lr_scheduler.decay_type=constant", "--checkpoint.interval=1"]
+    _run(tmp_path / "whole", "cpu", 1, *run, "--training.steps=6")
+    want = _losses_and_norms(tmp_path / "whole")
+    chain = tmp_path / "chain"
+    _resume_from(tmp_path / "whole", chain)
+    for steps, nproc, layout in ((3, 4, HSDP), (4, 2, _layout(2, 1)), (5, 4, HSDP), (6, 1, _layout(1, 1))):
+        r = _run(chain, "cpu", nproc, *run, *layout, f"--training.steps={steps}", torchrun=True)
+        assert f"at step {steps - 1}" in r.stdout, r.stdout[-2000:]
+    got = _losses_and_norms(chain)
+    assert sorted(got) == [3, 4, 5, 6]
+    for s, (loss, norm) in got.items():  # HSDP sums the replicas' gradients in another order
+        first = s == 3
+        assert _close(loss, want[s][0], 1e-6 if first else 1e-5), (s, loss, want[s][0])
+        assert _close(norm, want[s][1], 1e-5 if first else 1e-4), (s, norm, want[s][1])
+
+    nodes = tmp_path / "nodes"
+    _resume_from(tmp_path / "whole", nodes)
+    rs = _run_nodes(nodes, 2, 2, *run, *HSDP, "--training.steps=3", f"--dataset.cache_dir={tmp_path / 'cache'}")
+    # each node's LOCAL_RANK 0 tokenized into the shared cache at once (its progress bar on the node's
+    # stderr): one whole copy kept, no partial one left
+    assert all("tokenizing" in r.stderr for r in rs)
+    assert [p.name.startswith("tokens-") for p in (tmp_path / "cache").iterdir()] == [True]
+    assert _losses_and_norms(nodes) == {3: got[3]}
+    step3 = [model_weights(d / "checkpoint" / "step-3") for d in (nodes, chain)]
+    assert step3[0].keys() == step3[1].keys()
+    assert all(torch.equal(step3[0][k], step3[1][k]) for k in step3[0])
