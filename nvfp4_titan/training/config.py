@@ -146,7 +146,10 @@ class QAT:
     """Train in float before this step, with QAT from it on (0: from the start)."""
     fsdp_nvfp4_all_gather: bool = False
     """FSDP2 all-gathers QAT weights as NVFP4 (4.5 bits/element instead of 16), quantized
-    before the gather with one batched amax all-reduce per step; same numerics. Eager only."""
+    before the gather with one batched amax all-reduce per step; same numerics. Eager only.
+    Off by default: within a node and under HSDP it is slower (measured 0.75x over NVLink); it is
+    predicted to pay only for FSDP across nodes on a network below ~20 GB/s per rank
+    (docs/distributed.md, "When FP4 on the wire pays")."""
     allow_unexportable: bool = False
     """Accept settings whose checkpoints engines cannot decode as trained (share_fused_amax =
     false, part of a fused q/k/v or gate/up group excluded, a quantized output head, tied or not,

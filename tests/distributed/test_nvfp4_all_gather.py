@@ -9,9 +9,10 @@ from torch.distributed.tensor import DTensor
 
 import nvfp4
 from benchmarks.fsdp_all_gather_bytes import step_bytes
+from benchmarks.fsdp_wire_model import gathered_bytes
 from nvfp4.fsdp import precompute_weight_scales, precompute_weight_scales_when_stale
 from nvfp4.sharded import local
-from nvfp4_titan.models.llama3 import Transformer
+from nvfp4_titan.models.llama3 import FLAVORS, Transformer
 from nvfp4_titan.training.config import Optimizer
 from nvfp4_titan.training.optim import build_optimizer
 from tests.distributed.harness import (
@@ -114,6 +115,8 @@ def _bytes_worker(rank: int, world: int) -> None:
     # Each block is gathered twice (forward, backward); a QAT weight element costs 2 bytes
     # in bf16 and 4.5 bits = 9/16 byte as NVFP4 (code + its share of an E4M3 block scale).
     assert off - on == 2 * qat * (2 - 9 / 16), (off, on)
+    # the FSDP step model's byte counts (benchmarks/fsdp_wire_model.py), from the shapes alone
+    assert (off, on) == (gathered_bytes(FLAVORS["debug"], False), gathered_bytes(FLAVORS["debug"], True))
 
 
 def test_bytes_on_the_wire():
