@@ -69,7 +69,7 @@ def main() -> None:
     xd, wd = x.detach(), [w.detach() for w in ws]
     sx = nvfp4.tensor_scale(nvfp4.amax(xd))
     sw = nvfp4.tensor_scale(nvfp4.amax(*wd))
-    args = (xd, None, sx, sw, True, *wd)
+    args = (xd, None, sx, sw, "pow2", "amax", *wd)
     n, s_all = len(wd), [sx] * (1 + len(wd))
     qs = [(q[0], q[1], None) for q in kernels.quantize([xd, *wd], s_all)]
     times = {name: enqueue_us(fn) for name, fn in rows.items()}
@@ -84,9 +84,9 @@ def main() -> None:
         f"dequantize x + {n} W ({launches} launches)": lambda: kernels.dequantize(qs, torch.bfloat16),
         "torch.mm (one GEMM)": lambda: torch.mm(xd, wd[0].t()),
         "torch.empty": lambda: torch.empty(a.tokens, a.k, device="cuda"),
-        "qat._forward (the quantize and GEMM glue)": lambda: _forward(xd, wd, None, sx, sw, True),
+        "qat._forward (the quantize and GEMM glue)": lambda: _forward(xd, wd, None, sx, sw, "pow2", "amax"),
         "_QATLinearFn.apply, no grad": lambda: _QATLinearFn.apply(*args),
-        "custom op nvfp4::qat_linear, no grad": lambda: _qat_linear(xd, wd, None, sx, sw, "pow2"),
+        "custom op nvfp4::qat_linear, no grad": lambda: _qat_linear(xd, wd, None, sx, sw, "pow2", "amax"),
     }
     with torch.no_grad():
         times |= {name: enqueue_us(fn) for name, fn in pieces.items()}

@@ -84,13 +84,20 @@ def main() -> None:
     elements = r * 16 // (warps * 32)  # per thread
     quantize = kernels._quantize_kernel, ["pair", "*fp32", "*u8", "*u8", "*i32", "*fp32", "i32"]
     dequantize = kernels._dequantize_kernel, ["*u8", "*u8", "*fp32", "pair", "i32"]
+
+    def flags(operand: bool, scaled: bool, four_over_six: bool = False) -> dict:
+        return dict(
+            WITH_OPERAND=operand,
+            **dict.fromkeys(_slotted("OPERAND_SCALED"), scaled),
+            **dict.fromkeys(_slotted("FOUR_OVER_SIX"), four_over_six),
+        )
+
     variants = {
-        "quantize": (*quantize, dict(WITH_OPERAND=False, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
-        "quantize + operand": (*quantize, dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), False))),
-        "quantize + scaled operand": (
-            *quantize,
-            dict(WITH_OPERAND=True, **dict.fromkeys(_slotted("OPERAND_SCALED"), True)),
-        ),
+        "quantize": (*quantize, flags(False, False)),
+        "quantize + operand": (*quantize, flags(True, False)),
+        "quantize + scaled operand": (*quantize, flags(True, True)),
+        "quantize, four_over_six": (*quantize, flags(False, False, True)),
+        "quantize + scaled operand, four_over_six": (*quantize, flags(True, True, True)),
         "dequantize (tensor scale)": (*dequantize, dict(SCALED=True)),
     }
     print(f"sm_90, {a.dtype}, R={r}, {warps} warps: {elements} elements per thread")

@@ -1,6 +1,7 @@
 """NVFP4 numerics and quantization-aware training; knows nothing of meshes or models."""
 
 from nvfp4.format import (
+    BLOCK_SCALE_RULES,
     BLOCK_SIZE,
     E4M3_MAX,
     E4M3_MIN_SCALE,
@@ -35,6 +36,7 @@ from nvfp4.qat.config import QATConfig, layer_pattern
 from nvfp4.qat.linear import NVFP4QATLinear
 
 __all__ = [
+    "BLOCK_SCALE_RULES",
     "BLOCK_SIZE",
     "E4M3_MAX",
     "E4M3_MIN_SCALE",

@@ -63,12 +63,12 @@ def enable_nvfp4_all_gather(model: nn.Module, param_dtype: torch.dtype) -> int:
     for m in layers:
         w = m.weight
         if isinstance(w, DTensor):
-            inner = NVFP4TrainingWeight(w.to_local().detach(), param_dtype)
+            inner = NVFP4TrainingWeight(w.to_local().detach(), param_dtype, m.config.block_scale_rule)
             wrapped = DTensor.from_local(
                 inner, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
             )
         else:
-            wrapped = NVFP4TrainingWeight(w.detach(), param_dtype)
+            wrapped = NVFP4TrainingWeight(w.detach(), param_dtype, m.config.block_scale_rule)
         m.weight = nn.Parameter(wrapped, requires_grad=w.requires_grad)
         m.register_state_dict_post_hook(_plain_weight_in_state_dict)
     _clear_scales_after_optimizer_steps()
@@ -142,9 +142,10 @@ def precompute_weight_scales(model: nn.Module) -> None:
     groups = [[i, *(index[id(p)] for p in m.amax_peers if id(p) in index)] for i, m in enumerate(layers)]
     width = max(map(len, groups))  # pad each group with itself: the max is unchanged
     amaxes = amaxes[torch.tensor([g + g[:1] * (width - len(g)) for g in groups], device=amaxes.device)].amax(dim=1)
-    scales = {mode: tensor_scale(amaxes, mode) for mode in {m.config.tensor_scale for m in layers}}
+    kinds = {(m.config.tensor_scale, m.config.block_scale_rule) for m in layers}
+    scales = {kind: tensor_scale(amaxes, *kind) for kind in kinds}
     for i, (m, s) in enumerate(zip(layers, shards)):
-        s.scale = scales[m.config.tensor_scale][i]
+        s.scale = scales[m.config.tensor_scale, m.config.block_scale_rule][i]
 
 
 def precompute_weight_scales_when_stale(model: nn.Module) -> RemovableHandle:

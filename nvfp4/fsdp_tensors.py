@@ -44,11 +44,12 @@ class NVFP4TrainingWeight(torch.Tensor):
     ``scale`` (fp32 0-dim) is the tensor scale of the whole weight, set by
     ``precompute_weight_scales`` and cleared when the weights change (optimizer step,
     state-dict load: hooks in nvfp4/fsdp.py). Version counters cannot tell: foreach
-    optimizers update DTensor parameters without bumping them.
+    optimizers update DTensor parameters without bumping them. ``block_scale_rule``: the QAT
+    linear's (``QATConfig.block_scale_rule``); the choice is per block, so shard by shard.
     """
 
     @staticmethod
-    def __new__(cls, tensor: torch.Tensor, param_dtype: torch.dtype):
+    def __new__(cls, tensor: torch.Tensor, param_dtype: torch.dtype, block_scale_rule: str = "amax"):
         return torch.Tensor._make_wrapper_subclass(
             cls,
             tensor.shape,
@@ -58,34 +59,40 @@ class NVFP4TrainingWeight(torch.Tensor):
             requires_grad=tensor.requires_grad,
         )
 
-    def __init__(self, tensor: torch.Tensor, param_dtype: torch.dtype) -> None:
+    def __init__(self, tensor: torch.Tensor, param_dtype: torch.dtype, block_scale_rule: str = "amax") -> None:
         self._tensor = tensor
         self.param_dtype = param_dtype
+        self.block_scale_rule = block_scale_rule
         self.scale: torch.Tensor | None = None
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        param_dtype = next(a.param_dtype for a in pytree.tree_leaves(args) if isinstance(a, cls))
+        first = next(a for a in pytree.tree_leaves(args) if isinstance(a, cls))
+        like = (first.param_dtype, first.block_scale_rule)
         if func is aten.detach.default:
-            return cls(args[0]._tensor, param_dtype)
+            return cls(args[0]._tensor, *like)
         args, kwargs = pytree.tree_map_only(cls, lambda t: t._tensor, (args, kwargs or {}))
         out = func(*args, **kwargs)
         if func not in _PRESERVE:
             return out
-        return pytree.tree_map_only(torch.Tensor, lambda t: cls(t, param_dtype), out)
+        return pytree.tree_map_only(torch.Tensor, lambda t: cls(t, *like), out)
 
     def __repr__(self) -> str:
-        return f"NVFP4TrainingWeight({self._tensor}, param_dtype={self.param_dtype})"
+        return (
+            f"NVFP4TrainingWeight({self._tensor}, param_dtype={self.param_dtype}, "
+            f"block_scale_rule={self.block_scale_rule})"
+        )
 
     def quantized_shard(self) -> NVFP4:
-        """This shard in ``param_dtype``, quantized with the whole weight's tensor scale."""
+        """This shard in ``param_dtype``, quantized with the whole weight's tensor scale and the
+        linear's block scale rule."""
         if self.scale is None:
             raise RuntimeError(
                 "NVFP4 all-gather: no tensor scale for the current weights; call "
                 "nvfp4.fsdp.precompute_weight_scales(model) after each optimizer step or "
                 "weight load, before the forward"
             )
-        return quantize_with_scale(self._tensor.to(self.param_dtype), self.scale)
+        return quantize_with_scale(self._tensor.to(self.param_dtype), self.scale, self.block_scale_rule)
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         # One uint8 input, rows [codes | block scales]: FSDP2 gathers rows, and its

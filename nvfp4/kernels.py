@@ -131,13 +131,46 @@ if HAVE_TRITON:
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
-    def _operand(rounded, grid_unit, block_scale, operand_scale, OPERAND_SCALED: tl.constexpr):
-        """|E2M1 value| * block scale (* operand_scale), fp32, from ``_e2m1``'s sum and 2**E (the
-        subtraction is exact)."""
-        operand = tl.fma(grid_unit, -M_SCALE, rounded) * block_scale
+    def _magnitude(rounded, grid_unit):
+        """|E2M1 value|, fp32, from ``_e2m1``'s sum and 2**E (the subtraction is exact)."""
+        return tl.fma(grid_unit, -M_SCALE, rounded)
+
+    @triton.jit
+    def _operand(magnitude, block_scale, operand_scale, OPERAND_SCALED: tl.constexpr):
+        """|E2M1 value| * block scale (* operand_scale), fp32."""
+        operand = magnitude * block_scale
         if OPERAND_SCALED:
             operand = operand * operand_scale
         return operand
+
+    @triton.jit
+    def _block_scale(block_amax, target, tensor_scale):
+        """``format._candidate``'s e4m3 block scale [R]: each block amax mapped to ``target``, NaN
+        for a block holding NaN or Inf."""
+        scale = tl.math.div_rn(tl.math.div_rn(block_amax, target), tensor_scale)
+        scale = tl.where(block_amax < float("inf"), _clamp(scale, 0.015625, 448.0), float("nan"))
+        return scale.to(tl.float8e4nv)
+
+    @triton.jit
+    def _squared_error(x, reciprocal, magnitude):
+        """``format._block_error``'s term (|x * r| - |E2M1 value|)**2, the difference (exact) cut to
+        12 significant bits so that its square is exact in fp32: a multiply-add contracted into
+        one fma then rounds as the reference's separate operations."""
+        d = tl.abs(x * reciprocal) - magnitude
+        d = (d.to(tl.int32, bitcast=True) & -4096).to(tl.float32, bitcast=True)
+        return d * d
+
+    @triton.jit
+    def _block_error(x_lo, x_hi, reciprocal, magnitude_lo, magnitude_hi, scale_e4m3, R: tl.constexpr):
+        """``format._block_error`` of R blocks ([R] fp32; ``scale_e4m3`` [R] their block scales): the
+        16 squares summed as its pairwise tree (element 2i + 2i+1 first, then adjacent pair sums),
+        times the block scale squared."""
+        e = _squared_error(x_lo, reciprocal, magnitude_lo) + _squared_error(x_hi, reciprocal, magnitude_hi)  # [R, 8]
+        a, b = tl.split(tl.reshape(e, [R, 4, 2]))
+        a, b = tl.split(tl.reshape(a + b, [R, 2, 2]))
+        a, b = tl.split(a + b)
+        scale = scale_e4m3.to(tl.float32)
+        return (a + b) * (scale * scale)
 
     @triton.jit
     def _quantize_blocks(
@@ -153,6 +186,7 @@ if HAVE_TRITON:
         KIND: tl.constexpr,  # element dtype: 0 bf16, 1 fp16, 2 fp32
         WITH_OPERAND: tl.constexpr,
         OPERAND_SCALED: tl.constexpr,
+        FOUR_OVER_SIX: tl.constexpr,  # the four_over_six block scale rule (else amax)
     ):
         block = pid.to(tl.int64) * R + tl.arange(0, R)  # [R] 16-element blocks
         block_mask = block < n_blocks
@@ -161,23 +195,39 @@ if HAVE_TRITON:
         lo, hi, signs = _unpack_pair(tl.load(x_ptr + pair, mask=pair_mask, other=0), KIND)
         block_amax = tl.reduce(_nan_max(tl.abs(lo), tl.abs(hi)), 1, _nan_max)  # NaN wins
         tensor_scale = tl.load(tensor_scale_ptr)
-        scale = tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), tensor_scale)
-        scale = tl.where(block_amax < float("inf"), _clamp(scale, 0.015625, 448.0), float("nan"))
-        scale_e4m3 = scale.to(tl.float8e4nv)
+        scale_e4m3 = _block_scale(block_amax, 6.0, tensor_scale)
         block_scale = scale_e4m3.to(tl.float32)[:, None]
         reciprocal = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale)
         code_lo, rounded_lo, unit_lo = _e2m1(lo, reciprocal)
         code_hi, rounded_hi, unit_hi = _e2m1(hi, reciprocal)
+        magnitude_lo, magnitude_hi = _magnitude(rounded_lo, unit_lo), _magnitude(rounded_hi, unit_hi)
+        scale_bits = scale_e4m3.to(tl.uint8, bitcast=True)
+        if FOUR_OVER_SIX:  # format._block_codes: the map-to-4 candidate where its error is smaller
+            scale4_e4m3 = _block_scale(block_amax, 4.0, tensor_scale)
+            block_scale4 = scale4_e4m3.to(tl.float32)[:, None]
+            reciprocal4 = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale4)
+            code4_lo, rounded4_lo, unit4_lo = _e2m1(lo, reciprocal4)
+            code4_hi, rounded4_hi, unit4_hi = _e2m1(hi, reciprocal4)
+            magnitude4_lo, magnitude4_hi = _magnitude(rounded4_lo, unit4_lo), _magnitude(rounded4_hi, unit4_hi)
+            error6 = _block_error(lo, hi, reciprocal, magnitude_lo, magnitude_hi, scale_e4m3, R)
+            error4 = _block_error(lo, hi, reciprocal4, magnitude4_lo, magnitude4_hi, scale4_e4m3, R)
+            four = error4 < error6  # [R]; ties and NaN: the map-to-6 candidate
+            scale_bits = tl.where(four, scale4_e4m3.to(tl.uint8, bitcast=True), scale_bits)
+            pick = four[:, None]
+            block_scale = tl.where(pick, block_scale4, block_scale)
+            code_lo, code_hi = tl.where(pick, code4_lo, code_lo), tl.where(pick, code4_hi, code_hi)
+            magnitude_lo = tl.where(pick, magnitude4_lo, magnitude_lo)
+            magnitude_hi = tl.where(pick, magnitude4_hi, magnitude_hi)
         # The byte (sign_hi, code_hi, sign_lo, code_lo): the high word of signs * (2**20 + 2**8)
         # is sign_lo * 8 + sign_hi * 128 in its low byte (and a bit above it); the sums' bits
         # above their low bytes only carry upward. Only the low byte is stored.
         byte = tl.umulhi(signs, 0x100100) + (code_lo + (code_hi << 4))
         tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=pair_mask)
-        tl.store(block_scale_ptr + block, scale_e4m3.to(tl.uint8, bitcast=True), mask=block_mask)
+        tl.store(block_scale_ptr + block, scale_bits, mask=block_mask)
         if WITH_OPERAND:  # bf16 pairs: magnitudes rounded to nearest even (exact unless scaled), signs
             operand_scale = tl.load(operand_scale_ptr) if OPERAND_SCALED else 1.0
-            operand_lo = _operand(rounded_lo, unit_lo, block_scale, operand_scale, OPERAND_SCALED)
-            operand_hi = _operand(rounded_hi, unit_hi, block_scale, operand_scale, OPERAND_SCALED)
+            operand_lo = _operand(magnitude_lo, block_scale, operand_scale, OPERAND_SCALED)
+            operand_hi = _operand(magnitude_hi, block_scale, operand_scale, OPERAND_SCALED)
             tl.store(operand_ptr + pair, _pack_pair(operand_lo, operand_hi, 0) | signs, mask=pair_mask)
 
     @triton.jit
@@ -225,6 +275,10 @@ if HAVE_TRITON:
         OPERAND_SCALED_B: tl.constexpr,
         OPERAND_SCALED_C: tl.constexpr,
         OPERAND_SCALED_D: tl.constexpr,
+        FOUR_OVER_SIX_A: tl.constexpr,  # each slot's block scale rule is four_over_six
+        FOUR_OVER_SIX_B: tl.constexpr,
+        FOUR_OVER_SIX_C: tl.constexpr,
+        FOUR_OVER_SIX_D: tl.constexpr,
         WITH_OPERAND: tl.constexpr,  # write the bf16 GEMM operands
     ):
         """The first N of the tensors in slots A to D, on consecutive ranges of programs."""
@@ -243,6 +297,7 @@ if HAVE_TRITON:
                 KIND_A,
                 WITH_OPERAND,
                 OPERAND_SCALED_A,
+                FOUR_OVER_SIX_A,
             )
         if N > 1:
             if (pid >= end_a) & (pid < end_b):
@@ -259,6 +314,7 @@ if HAVE_TRITON:
                     KIND_B,
                     WITH_OPERAND,
                     OPERAND_SCALED_B,
+                    FOUR_OVER_SIX_B,
                 )
         if N > 2:
             if (pid >= end_b) & (pid < end_c):
@@ -275,6 +331,7 @@ if HAVE_TRITON:
                     KIND_C,
                     WITH_OPERAND,
                     OPERAND_SCALED_C,
+                    FOUR_OVER_SIX_C,
                 )
         if N > 3:
             if pid >= end_c:
@@ -291,6 +348,7 @@ if HAVE_TRITON:
                     KIND_D,
                     WITH_OPERAND,
                     OPERAND_SCALED_D,
+                    FOUR_OVER_SIX_D,
                 )
 
     @triton.jit
@@ -517,10 +575,12 @@ def _quantize_launch(
     s_tensors: list[torch.Tensor],
     operand_scales: list[torch.Tensor | None],
     with_operand: bool,
+    four_over_six: list[bool],
     kernel,
 ) -> list[torch.Tensor]:
     """``quantize``'s outputs, flat: packed, e4m3 block scales, bf16 operand (empty without
-    ``with_operand``) per tensor."""
+    ``with_operand``) per tensor; ``four_over_six``: per tensor, its block scale rule is
+    four_over_six (else amax)."""
     outs, parts = [], []
     for x, s, operand_scale in zip(xs, s_tensors, operand_scales):
         lead, k = x.shape[:-1], x.shape[-1]
@@ -531,8 +591,12 @@ def _quantize_launch(
         parts.append((_pairs(x), s, packed, scales, operand, operand_scale))
         outs += [packed, scales.view(torch.float8_e4m3fn), operand.view(torch.bfloat16)]
     consts = [
-        {"KIND": _KIND[x.dtype][0], "OPERAND_SCALED": with_operand and o is not None}
-        for x, o in zip(xs, operand_scales)
+        {
+            "KIND": _KIND[x.dtype][0],
+            "OPERAND_SCALED": with_operand and o is not None,
+            "FOUR_OVER_SIX": four,
+        }
+        for x, o, four in zip(xs, operand_scales, four_over_six)
     ]
     _launch(kernel, parts, [x.numel() // 16 for x in xs], consts, WITH_OPERAND=with_operand)
     return outs
@@ -546,9 +610,12 @@ if HAVE_TRITON:
         s_tensors: list[torch.Tensor],
         operand_scales: list[torch.Tensor | None],
         with_operand: bool,
+        four_over_six: list[bool],
     ) -> list[torch.Tensor]:
         """``_quantize_launch`` for torch.compile: Inductor traces it and launches the kernel itself."""
-        return _quantize_launch(xs, s_tensors, operand_scales, with_operand, wrap_triton(_quantize_kernel))
+        return _quantize_launch(
+            xs, s_tensors, operand_scales, with_operand, four_over_six, wrap_triton(_quantize_kernel)
+        )
 
 
 def quantize(
@@ -556,15 +623,18 @@ def quantize(
     s_tensors: list[torch.Tensor],
     with_operand: bool = False,
     operand_scales: list[torch.Tensor | None] | None = None,
+    block_scale_rules: list[str] | None = None,
 ) -> list[tuple]:
     """x [..., K] (CUDA) -> for each (packed, e4m3 block scales, bf16 operand or None), shaped
     like x; four tensors per launch. An operand scale (fp32 0-dim, or None) multiplies that
-    operand in fp32 before its rounding to bf16."""
+    operand in fp32 before its rounding to bf16. ``block_scale_rules``: per tensor ``amax`` (the
+    default) or ``four_over_six`` (``format._block_codes``)."""
     operand_scales = list(operand_scales or [None] * len(xs))
+    four_over_six = [rule == "four_over_six" for rule in block_scale_rules or ["amax"] * len(xs)]
     if torch.compiler.is_compiling():
-        flat = _quantize_op(list(xs), list(s_tensors), operand_scales, with_operand)
+        flat = _quantize_op(list(xs), list(s_tensors), operand_scales, with_operand, four_over_six)
     else:  # launched directly (through the op each launch would cost a dispatch)
-        flat = _quantize_launch(xs, s_tensors, operand_scales, with_operand, _quantize_kernel)
+        flat = _quantize_launch(xs, s_tensors, operand_scales, with_operand, four_over_six, _quantize_kernel)
     return [(p, sc, operand if with_operand else None) for p, sc, operand in zip(flat[0::3], flat[1::3], flat[2::3])]
 
 

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from nvfp4.format import (
     BLOCK_SIZE,
+    BlockScaleRule,
     TensorScaleMode,
     amax,
     amax_and_scale,
@@ -59,24 +60,27 @@ def global_amax(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def global_amax_and_scale(
-    *tensors: torch.Tensor, tensor_scale_mode: TensorScaleMode
+    *tensors: torch.Tensor, tensor_scale_mode: TensorScaleMode, block_scale_rule: BlockScaleRule = "amax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``global_amax`` and its tensor scale (one CUDA kernel for both when nothing is sharded)."""
     if not isinstance(tensors[0], DTensor):
-        return amax_and_scale(*tensors, tensor_scale_mode=tensor_scale_mode)
+        return amax_and_scale(*tensors, tensor_scale_mode=tensor_scale_mode, block_scale_rule=block_scale_rule)
     amax = global_amax(*tensors)
-    return amax, tensor_scale(amax, tensor_scale_mode)
+    return amax, tensor_scale(amax, tensor_scale_mode, block_scale_rule)
 
 
 def global_amaxes_and_scales(
-    groups: list[tuple[torch.Tensor, ...]], tensor_scale_mode: TensorScaleMode
+    groups: list[tuple[torch.Tensor, ...]],
+    tensor_scale_mode: TensorScaleMode,
+    block_scale_rules: list[BlockScaleRule] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``global_amax_and_scale`` of each group (e.g. a linear's input, and its weights): the local
-    amaxes from one kernel launch, and one all-reduce for all groups sharded alike (a rowwise TP
-    linear's input and weight: one collective instead of two; the max is exact, so the values are
-    those of a reduction per group)."""
+    """``global_amax_and_scale`` of each group (e.g. a linear's input, and its weights; each with its
+    block scale rule, default amax): the local amaxes from one kernel launch, and one all-reduce for
+    all groups sharded alike (a rowwise TP linear's input and weight: one collective instead of two;
+    the max is exact, so the values are those of a reduction per group)."""
+    rules = block_scale_rules or ["amax"] * len(groups)
     if not any(isinstance(g[0], DTensor) for g in groups):
-        return amaxes_and_scales(groups, tensor_scale_mode=tensor_scale_mode)
+        return amaxes_and_scales(groups, tensor_scale_mode=tensor_scale_mode, block_scale_rules=rules)
     result = amaxes([[local(t) for t in g] for g in groups])
     pending = [i for i, g in enumerate(groups) if isinstance(g[0], DTensor) and sharded_dims(g[0])]
     while pending:
@@ -86,7 +90,7 @@ def global_amaxes_and_scales(
         for j, i in enumerate(alike):
             result[i] = reduced[j]
         pending = [i for i in pending if i not in alike]
-    return [(a, tensor_scale(a, tensor_scale_mode)) for a in result]
+    return [(a, tensor_scale(a, tensor_scale_mode, rule)) for a, rule in zip(result, rules)]
 
 
 def _sharded_alike(t: torch.Tensor, like: DTensor) -> bool:

@@ -24,10 +24,11 @@ from nvfp4.fsdp_tensors import NVFP4GatheredWeight
 from nvfp4.gemm import prescales_weight, scaled_matmul, weight_operands
 
 
-def _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode) -> list[torch.Tensor]:
+def _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule) -> list[torch.Tensor]:
     """y_i = (q(x) @ q(W_i).T) * scales (+ b: one weight only) for weights sharing one input and
-    one tensor scale; x is quantized once. Returns [y_1..y_n, x packed, x block scales, then
-    each W_i's packed and block scales]: the packed operands are saved for backward."""
+    one tensor scale; x is quantized once (block amax to 6), the weights by ``block_scale_rule``.
+    Returns [y_1..y_n, x packed, x block scales, then each W_i's packed and block scales]: the
+    packed operands are saved for backward."""
     scale = x_scale * w_scale  # the weights share their tensor scale
     prescaled = prescales_weight(x, x.dtype, bias, tensor_scale_mode)
     if isinstance(weights[0], NVFP4GatheredWeight):  # NVFP4 all-gather: quantized before gathering
@@ -37,7 +38,9 @@ def _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode) -> list[torc
     else:  # the input and the weights, four per launch on CUDA
         operand_scales = [None] + [scale if prescaled else None] * len(weights)
         (xq, x_operand), *w_pairs = quantize_operands(
-            [(x, x_scale)] + [(w, w_scale) for w in weights], operand_scales=operand_scales
+            [(x, x_scale)] + [(w, w_scale) for w in weights],
+            operand_scales=operand_scales,
+            block_scale_rules=["amax"] + [block_scale_rule] * len(weights),
         )
         wqs, w_operands = [q for q, _ in w_pairs], [operand for _, operand in w_pairs]
     ys = [scaled_matmul(x_operand, w_operand, None if prescaled else scale, bias, x.dtype) for w_operand in w_operands]
@@ -76,8 +79,8 @@ class _QATLinearFn(torch.autograd.Function):
     arguments through ``inspect.signature`` on every call."""
 
     @staticmethod
-    def forward(ctx: Any, x, bias, x_scale, w_scale, tensor_scale_mode, *weights):  # type: ignore[override]
-        outputs = _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
+    def forward(ctx: Any, x, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule, *weights):  # type: ignore[override]
+        outputs = _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule)
         _save(ctx, x_scale, w_scale, bias, weights[0].dtype, outputs, len(weights))
         return tuple(outputs[: len(weights)])
 
@@ -85,7 +88,7 @@ class _QATLinearFn(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
         backward = _qat_linear_backward if torch.compiler.is_compiling() else _backward_impl
         grad_x, grad_b, *grad_ws = backward(list(grads), list(ctx.saved_tensors), ctx.w_dtype, ctx.has_bias)
-        return grad_x, grad_b if ctx.has_bias else None, None, None, None, *grad_ws
+        return grad_x, grad_b if ctx.has_bias else None, None, None, None, None, *grad_ws
 
 
 # Under torch.compile without the Triton kernels (the reference quantizer), or with a bias, the
@@ -99,12 +102,13 @@ def _qat_linear(
     x_scale: torch.Tensor,
     w_scale: torch.Tensor,
     tensor_scale_mode: str,
+    block_scale_rule: str,
 ) -> list[torch.Tensor]:
-    return _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode)
+    return _forward(x, weights, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule)
 
 
 @_qat_linear.register_fake
-def _(x, weights, bias, x_scale, w_scale, tensor_scale_mode):
+def _(x, weights, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule):
     k, lead = x.shape[-1], x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
     packed = [
@@ -145,7 +149,7 @@ def _(grad_ys, saved, w_dtype, has_bias):
 
 
 def _op_setup_context(ctx: Any, inputs: tuple, output: list) -> None:
-    _, weights, bias, x_scale, w_scale, _ = inputs
+    _, weights, bias, x_scale, w_scale, _, _ = inputs
     n = len(weights)
     _save(ctx, x_scale, w_scale, bias, weights[0].dtype, output, n)
     ctx.set_materialize_grads(False)  # no zero gradients for the packed outputs
@@ -158,20 +162,20 @@ def _op_backward(ctx: Any, grads: list) -> tuple:
         for g, (shape, dtype, device) in zip(grads, ctx.y_like)
     ]
     grad_x, grad_b, *grad_ws = _qat_linear_backward(grad_ys, list(ctx.saved_tensors), ctx.w_dtype, ctx.has_bias)
-    return grad_x, grad_ws, grad_b if ctx.has_bias else None, None, None, None
+    return grad_x, grad_ws, grad_b if ctx.has_bias else None, None, None, None, None
 
 
 _qat_linear.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 @torch.library.custom_op("nvfp4::fake_quantize_weight", mutates_args=())
-def _fake_quantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def _fake_quantize_weight(w: torch.Tensor, w_scale: torch.Tensor, block_scale_rule: str) -> torch.Tensor:
     """dq(q(W)) in W's dtype; a custom op so that torch.compile does not trace its kernels."""
-    return dequantize(quantize_for_gemm(w, w_scale, with_operand=False)[0], w.dtype)
+    return dequantize(quantize_for_gemm(w, w_scale, with_operand=False, block_scale_rule=block_scale_rule)[0], w.dtype)
 
 
 @_fake_quantize_weight.register_fake
-def _(w, w_scale):
+def _(w, w_scale, block_scale_rule):
     return torch.empty_like(w)
 
 
@@ -179,14 +183,14 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the fake-quantized weight (exact values); backward: the gradient unchanged."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, w: torch.Tensor, w_scale: torch.Tensor, block_scale_rule: str) -> torch.Tensor:  # type: ignore[override]
         if isinstance(w, NVFP4GatheredWeight):
             return dequantize(w.nvfp4, w.dtype)
-        return _fake_quantize_weight(w, w_scale)
+        return _fake_quantize_weight(w, w_scale, block_scale_rule)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
-        return grad, None
+        return grad, None, None
 
 
 def qat_linear(
@@ -196,9 +200,11 @@ def qat_linear(
     x_scale,
     w_scale,
     tensor_scale_mode: str,
+    block_scale_rule: str = "amax",
     recomputed: bool = False,
 ) -> list[torch.Tensor]:
-    """[y_1..y_n] of ``_forward`` with the straight-through backward.
+    """[y_1..y_n] of ``_forward`` with the straight-through backward; ``block_scale_rule``: the
+    weights' (``QATConfig.block_scale_rule``).
 
     ``recomputed``: the call lies in an activation-checkpointed region. Under torch.compile it
     then runs as the opaque ``nvfp4::qat_linear``, one node that the partitioner recomputes in
@@ -207,5 +213,5 @@ def qat_linear(
     autograd.Function carry no recompute tag), so checkpointing freed nothing under QAT.
     Outside checkpointed regions ``_QATLinearFn`` is kept: about 7% faster per step (1B, H200)."""
     if torch.compiler.is_compiling() and (recomputed or bias is not None or not kernels.use_triton_op(x)):
-        return _qat_linear(x, weights, bias, x_scale, w_scale, tensor_scale_mode)[: len(weights)]
-    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, tensor_scale_mode, *weights))
+        return _qat_linear(x, weights, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule)[: len(weights)]
+    return list(_QATLinearFn.apply(x, bias, x_scale, w_scale, tensor_scale_mode, block_scale_rule, *weights))

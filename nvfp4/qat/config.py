@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from nvfp4.format import (
+    BLOCK_SCALE_RULES,
     TENSOR_SCALE_MODES,
+    BlockScaleRule,
     TensorScaleMode,
 )
 
@@ -35,12 +37,20 @@ class QATConfig:
     trained (``nvfp4.export.export_problems``)."""
     share_fused_amax: bool = True
     """Give the linears that engines fuse (q/k/v, gate/up) one weight amax, as engines assume."""
+    block_scale_rule: BlockScaleRule = "amax"
+    """How each weight block's e4m3 scale is chosen. amax: the block amax maps to 6 (engines' own
+    rule). four_over_six (arXiv 2512.02010; ModelOpt's NVFP4_FOUR_OVER_SIX_CFG, TransformerEngine's
+    nvfp4_4over6): per block of 16, the scale that maps the block amax to 4 where that quantizes the
+    block with the smaller squared error (ties: to 6), with a weight tensor scale twice amax's for
+    the headroom (docs/numerics.md). Weights only: inputs keep amax, as engines quantize them."""
 
     def __post_init__(self) -> None:
         if self.activation_scale not in ACTIVATION_SCALES:
             raise ValueError(f"activation_scale={self.activation_scale!r}: use one of {ACTIVATION_SCALES}")
         if self.tensor_scale not in TENSOR_SCALE_MODES:
             raise ValueError(f"tensor_scale={self.tensor_scale!r}: use one of {TENSOR_SCALE_MODES}")
+        if self.block_scale_rule not in BLOCK_SCALE_RULES:
+            raise ValueError(f"block_scale_rule={self.block_scale_rule!r}: use one of {BLOCK_SCALE_RULES}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

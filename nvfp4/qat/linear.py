@@ -91,7 +91,10 @@ class NVFP4QATLinear(nn.Linear):
     def weight_scale(self) -> torch.Tensor:
         """The per-tensor scale of ``weight_amax``."""
         peers = (p.weight for p in self.amax_peers)
-        return global_amax_and_scale(self.weight, *peers, tensor_scale_mode=self.config.tensor_scale)[1]
+        c = self.config
+        return global_amax_and_scale(
+            self.weight, *peers, tensor_scale_mode=c.tensor_scale, block_scale_rule=c.block_scale_rule
+        )[1]
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         tensor_scale_mode = self.config.tensor_scale
@@ -119,7 +122,7 @@ class NVFP4QATLinear(nn.Linear):
         w = local(self.weight.detach())
         if isinstance(w, NVFP4TrainingWeight):  # NVFP4 all-gather: its high-precision shard
             w = w._tensor
-        return quantize_with_scale(w, self.weight_scale())
+        return quantize_with_scale(w, self.weight_scale(), self.config.block_scale_rule)
 
     def _peers_share_input_amax(self) -> bool:
         """Static tensor_scale_mode: whether the fused group's peers hold this calibrated input amax (then
@@ -144,7 +147,7 @@ class NVFP4QATLinear(nn.Linear):
             return self._input_scale(x), self._gemm_weight_scale()
         weights = (self.weight, *(p.weight for p in self.amax_peers))
         (amax, x_scale), (_, w_scale) = global_amaxes_and_scales(
-            [(x,), weights], tensor_scale_mode=self.config.tensor_scale
+            [(x,), weights], self.config.tensor_scale, ["amax", self.config.block_scale_rule]
         )
         self.last_input_amax = amax
         return x_scale, w_scale
@@ -154,13 +157,16 @@ class NVFP4QATLinear(nn.Linear):
             return nn.functional.linear(x, self.weight, self.bias)
         w = self.weight
         if self.config.activation_scale == "none":  # weight-only: F.linear on dq(W), by STE
-            w_fq = _StraightThrough.apply(local(w), self._gemm_weight_scale())
+            w_fq = _StraightThrough.apply(local(w), self._gemm_weight_scale(), self.config.block_scale_rule)
             if isinstance(w, DTensor):
                 w_fq = DTensor.from_local(w_fq, w.device_mesh, w.placements, run_check=False)
             return nn.functional.linear(x, w_fq, self.bias)
         x_scale, w_scale = self._scales(x)
+        c = self.config
         if not isinstance(w, DTensor):
-            return qat_linear(x, [w], self.bias, x_scale, w_scale, self.config.tensor_scale, self.recomputed)[0]
+            return qat_linear(x, [w], self.bias, x_scale, w_scale, c.tensor_scale, c.block_scale_rule, self.recomputed)[
+                0
+            ]
         # Tensor parallel: quantize and multiply the local shards (global scales above),
         # then say how the local outputs combine.
         if not isinstance(x, DTensor):
@@ -170,7 +176,9 @@ class NVFP4QATLinear(nn.Linear):
             raise NotImplementedError("rowwise-parallel NVFP4 linear with a bias")
         bias = None if self.bias is None else local(self.bias)
         x_local = x.to_local(grad_placements=input_grad_placement(x, w))
-        y = qat_linear(x_local, [w.to_local()], bias, x_scale, w_scale, self.config.tensor_scale, self.recomputed)[0]
+        y = qat_linear(
+            x_local, [w.to_local()], bias, x_scale, w_scale, c.tensor_scale, c.block_scale_rule, self.recomputed
+        )[0]
         return DTensor.from_local(y, w.device_mesh, placements, run_check=False)
 
     @staticmethod
@@ -193,7 +201,10 @@ class NVFP4QATLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}"
+        return (
+            f"{super().extra_repr()}, activation_scale={c.activation_scale}, tensor_scale={c.tensor_scale}, "
+            f"block_scale_rule={c.block_scale_rule}"
+        )
 
 
 def _forward_group(linears: Sequence[NVFP4QATLinear], x: torch.Tensor) -> list[torch.Tensor]:
@@ -206,13 +217,14 @@ def _forward_group(linears: Sequence[NVFP4QATLinear], x: torch.Tensor) -> list[t
     for m in linears[1:]:
         m.last_input_amax = first.last_input_amax
     weights = [m.weight for m in linears]
-    w = weights[0]
+    w, c = weights[0], first.config
     if not isinstance(w, DTensor):
-        return qat_linear(x, weights, None, x_scale, w_scale, first.config.tensor_scale, first.recomputed)
+        return qat_linear(x, weights, None, x_scale, w_scale, c.tensor_scale, c.block_scale_rule, first.recomputed)
     placements = output_placement(x, w)
     x_local = x.to_local(grad_placements=input_grad_placement(x, w))
+    local_weights = [v.to_local() for v in weights]
     ys = qat_linear(
-        x_local, [v.to_local() for v in weights], None, x_scale, w_scale, first.config.tensor_scale, first.recomputed
+        x_local, local_weights, None, x_scale, w_scale, c.tensor_scale, c.block_scale_rule, first.recomputed
     )
     return [DTensor.from_local(y, w.device_mesh, placements, run_check=False) for y in ys]
 

@@ -18,26 +18,29 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
 @pytest.mark.parametrize("name,dtype", CASES, ids=str)
-def test_quantize_cuda_equals_cpu(name, dtype, mode):
+def test_quantize_cuda_equals_cpu(name, dtype, mode, rule):
     x = EDGES[name].to(dtype)
-    cpu = nvfp4.quantize(x, tensor_scale_mode=mode)
-    gpu = nvfp4.quantize(x.cuda(), tensor_scale_mode=mode)
+    cpu = nvfp4.quantize(x, tensor_scale_mode=mode, block_scale_rule=rule)
+    gpu = nvfp4.quantize(x.cuda(), tensor_scale_mode=mode, block_scale_rule=rule)
     assert torch.equal(gpu.packed.cpu(), cpu.packed)
     assert torch.equal(gpu.block_scale.cpu().view(torch.uint8), cpu.block_scale.view(torch.uint8))
     assert torch.equal(gpu.tensor_scale.cpu(), cpu.tensor_scale)
     assert torch.equal(
-        nvfp4.fake_quantize(x.cuda(), tensor_scale_mode=mode).cpu(), nvfp4.fake_quantize(x, tensor_scale_mode=mode)
+        nvfp4.fake_quantize(x.cuda(), tensor_scale_mode=mode, block_scale_rule=rule).cpu(),
+        nvfp4.fake_quantize(x, tensor_scale_mode=mode, block_scale_rule=rule),
     )
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_prepare_vs_convert_bitwise_on_cuda(dtype, mode):
+def test_prepare_vs_convert_bitwise_on_cuda(dtype, mode, rule):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().to(dtype)
-    nvfp4.prepare(model, nvfp4.QATConfig(activation_scale=mode))
+    nvfp4.prepare(model, nvfp4.QATConfig(activation_scale=mode, block_scale_rule=rule))
     x = torch.randn(4, 64, 256, device="cuda", dtype=dtype)
     if mode == "static":
         nvfp4.calibrate(model, [x, x * 0.5])
@@ -61,15 +64,16 @@ def test_backward_is_ste_on_cuda():
     assert torch.equal(lin.weight.grad, wd.grad)
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_shared_input_group_on_cuda_equals_each_linear_and_the_reference(mode, monkeypatch):
+def test_shared_input_group_on_cuda_equals_each_linear_and_the_reference(mode, rule, monkeypatch):
     """q/k/v quantizing x once (kernels: x and W two per launch) = each linear alone, bitwise;
     and kernels = reference for the group's forward and backward."""
     from tests.unit.test_qat import QKV, _fwd_bwd
 
     torch.manual_seed(3)
     m = QKV().cuda().to(torch.bfloat16)
-    nvfp4.prepare(m, nvfp4.QATConfig(activation_scale=mode))
+    nvfp4.prepare(m, nvfp4.QATConfig(activation_scale=mode, block_scale_rule=rule))
     x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
     if mode == "static":
         nvfp4.calibrate(m, [x * 0.7])
@@ -85,16 +89,17 @@ def test_shared_input_group_on_cuda_equals_each_linear_and_the_reference(mode, m
 SHAPES = [(1, 16), (33, 48), (7, 80), (129, 272), (2, 3, 512), (1024, 4096), (4096, 1024)]
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernels_equal_reference_on_random_tensors(shape, dtype):
+def test_kernels_equal_reference_on_random_tensors(shape, dtype, rule):
     from nvfp4.format import quantize_for_gemm
 
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 8).to(dtype)
-    s = nvfp4.tensor_scale(nvfp4.amax(x))
-    ref, ref_op = quantize_for_gemm(x, s)  # CPU reference, fp32 operand
-    got, op = quantize_for_gemm(x.cuda(), s.cuda())
+    s = nvfp4.tensor_scale(nvfp4.amax(x), "pow2", rule)
+    ref, ref_op = quantize_for_gemm(x, s, block_scale_rule=rule)  # CPU reference, fp32 operand
+    got, op = quantize_for_gemm(x.cuda(), s.cuda(), block_scale_rule=rule)
     assert torch.equal(got.packed.cpu(), ref.packed)
     assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
     assert op.dtype == torch.bfloat16 and torch.equal(op.cpu().float(), ref_op)  # exact in bf16
@@ -103,9 +108,10 @@ def test_kernels_equal_reference_on_random_tensors(shape, dtype):
     assert torch.equal(nvfp4.amax(x.cuda()).cpu(), nvfp4.amax(x))
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
+def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode, rule):
     """Every finite bf16/fp16 bit pattern: each run of 256 neighbouring values (one or two
     binades: subnormals, every tie) as its own tensor, in order and shuffled, and all of them
     shuffled into one tensor (mixed magnitudes per block); codes, scales and operand bitwise."""
@@ -116,9 +122,9 @@ def test_kernels_equal_reference_on_every_16_bit_value(dtype, mode):
     x = x[torch.isfinite(x)].reshape(-1, 256)
     tensors = [t for row in x for t in (row.reshape(16, 16), row[torch.randperm(256, generator=g)].reshape(16, 16))]
     for t in tensors + [x.flatten()[torch.randperm(x.numel(), generator=g)].reshape(-1, 256)]:
-        s = nvfp4.tensor_scale(nvfp4.amax(t), mode)
-        ref, ref_op = quantize_for_gemm(t, s)
-        got, op = quantize_for_gemm(t.cuda(), s.cuda())
+        s = nvfp4.tensor_scale(nvfp4.amax(t), mode, rule)
+        ref, ref_op = quantize_for_gemm(t, s, block_scale_rule=rule)
+        got, op = quantize_for_gemm(t.cuda(), s.cuda(), block_scale_rule=rule)
         assert torch.equal(got.packed.cpu(), ref.packed)
         assert torch.equal(got.block_scale.cpu().view(torch.uint8), ref.block_scale.view(torch.uint8))
         assert torch.equal(op.cpu().float(), ref_op)
@@ -156,8 +162,9 @@ def test_amax_and_scale_kernel_equals_reference(mode):
         assert all(torch.equal(u.cpu(), v) for u, v in zip(got, want_bf16))
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
-def test_amaxes_and_scales_of_groups_equal_reference(mode):
+def test_amaxes_and_scales_of_groups_equal_reference(mode, rule):
     """Groups of mixed dtypes share launches (four tensors each) and one buffer: each group's amax
     and scale equal the reference's of that group alone, a group spread over two launches included,
     and a NaN in one group stays there."""
@@ -172,10 +179,11 @@ def test_amaxes_and_scales_of_groups_equal_reference(mode):
     for nan in (False, True):
         if nan:
             groups[1][4][999, 5] = float("nan")  # in the second launch
-        want = [nvfp4.amax_and_scale(*grp, tensor_scale_mode=mode) for grp in groups]
+        rules = ["amax", rule, rule]  # an input's rule and the weights'
+        want = [nvfp4.amax_and_scale(*grp, tensor_scale_mode=mode, block_scale_rule=r) for grp, r in zip(groups, rules)]
         assert torch.isnan(want[1][0]) == nan
         for _ in range(20):
-            got = nvfp4.amaxes_and_scales([[t.cuda() for t in grp] for grp in groups], tensor_scale_mode=mode)
+            got = nvfp4.amaxes_and_scales([[t.cuda() for t in grp] for grp in groups], mode, rules)
             for u, v in zip((t.cpu() for pair in got for t in pair), (t for pair in want for t in pair)):
                 assert torch.equal(u, v) or bool(u.isnan() and v.isnan())
 
@@ -199,11 +207,12 @@ AMAXES = [
 ]
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("mode", ["pow2", "amax"])
-def test_tensor_scale_kernel_equals_reference(mode):
+def test_tensor_scale_kernel_equals_reference(mode, rule):
     for a in AMAXES:
-        cpu = nvfp4.tensor_scale(torch.tensor(a), mode)
-        gpu = nvfp4.tensor_scale(torch.tensor(a, device="cuda"), mode).cpu()
+        cpu = nvfp4.tensor_scale(torch.tensor(a), mode, rule)
+        gpu = nvfp4.tensor_scale(torch.tensor(a, device="cuda"), mode, rule).cpu()
         assert torch.equal(gpu, cpu) or (gpu.isnan() and cpu.isnan()), (a, gpu, cpu)
 
 
@@ -228,20 +237,23 @@ def test_kernels_take_misaligned_views():
     ids=str,
 )
 def test_operands_two_per_launch_equal_reference(dtypes):
-    """Two tensors share a launch; an odd one out runs alone."""
+    """Two tensors share a launch; an odd one out runs alone; the slots' block scale rules differ
+    (the first tensor amax, as an input; the others alternate)."""
     from nvfp4.format import dequantize_all, quantize_operands
 
     g = torch.Generator().manual_seed(7)
     shapes = [(333, 96), (3, 5, 1024), (7, 48), (64, 2048)]
     xs = [(torch.randn(*shape, generator=g) * 4**i).to(dt) for i, (shape, dt) in enumerate(zip(shapes, dtypes))]
-    scales = [nvfp4.tensor_scale(nvfp4.amax(x)) for x in xs]
-    ref = quantize_operands(list(zip(xs, scales)))
-    got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)])
+    rules = ["amax", "four_over_six", "amax", "four_over_six"][: len(xs)]
+    scales = [nvfp4.tensor_scale(nvfp4.amax(x), "pow2", r) for x, r in zip(xs, rules)]
+    ref = quantize_operands(list(zip(xs, scales)), block_scale_rules=rules)
+    got = quantize_operands([(x.cuda(), s.cuda()) for x, s in zip(xs, scales)], block_scale_rules=rules)
     factors = [None if i % 2 else s * 2.0**-7 for i, s in enumerate(scales)]  # operand scales, every other tensor
-    ref_scaled = quantize_operands(list(zip(xs, scales)), operand_scales=factors)
+    ref_scaled = quantize_operands(list(zip(xs, scales)), operand_scales=factors, block_scale_rules=rules)
     got_scaled = quantize_operands(
         [(x.cuda(), s.cuda()) for x, s in zip(xs, scales)],
         operand_scales=[None if f is None else f.cuda() for f in factors],
+        block_scale_rules=rules,
     )
     for (_, rop), (_, gop) in zip(ref_scaled, got_scaled):
         assert gop.dtype == torch.bfloat16 and torch.equal(gop.cpu(), rop.to(torch.bfloat16))
@@ -278,8 +290,9 @@ def test_prescaled_weight_gemm_equals_the_scaled_fp32_accumulator(m, k, n):
     assert torch.equal(scaled_matmul(a, b_scaled, None, None, torch.bfloat16), fp32_acc)
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
-def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp_path, monkeypatch):
+def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, rule, tmp_path, monkeypatch):
     """Under torch.compile the QAT linear's forward is traced: Inductor launches the amax and
     quantize kernels (triton_ops) itself, with no reduction of its own and no opaque forward op;
     the backward is the opaque op. Outputs and gradients equal eager's (pow2: the scales folded
@@ -288,7 +301,8 @@ def test_compiled_qat_linear_runs_the_kernels_and_equals_eager(tensor_scale, tmp
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(4)
-    lin = nvfp4.NVFP4QATLinear(512, 256, bias=False, config=nvfp4.QATConfig(tensor_scale=tensor_scale))
+    config = nvfp4.QATConfig(tensor_scale=tensor_scale, block_scale_rule=rule)
+    lin = nvfp4.NVFP4QATLinear(512, 256, bias=False, config=config)
     lin = lin.cuda().to(torch.bfloat16)
     x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 

@@ -56,16 +56,37 @@ def test_mlp_prepare_vs_convert_bitwise(mode, dtype):
     assert torch.equal(y_qat, y_conv)
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,n,bias", [(16, 16, True), (48, 80, False), (256, 33, True), (512, 512, False)])
-def test_random_linears_prepare_vs_convert_bitwise(k, n, bias, dtype, mode, tensor_scale):
+def test_random_linears_prepare_vs_convert_bitwise(k, n, bias, dtype, mode, tensor_scale, rule):
     torch.manual_seed(k + n)
     model = nn.Sequential(nn.Linear(k, n, bias=bias)).to(dtype)
-    config = QATConfig(activation_scale=mode, tensor_scale=tensor_scale)
+    config = QATConfig(activation_scale=mode, tensor_scale=tensor_scale, block_scale_rule=rule)
     y_qat, y_conv = _prepare_convert(model, config, torch.randn(2, 5, k).to(dtype))
     assert torch.equal(y_qat, y_conv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_four_over_six_quantizes_weights_by_the_rule_and_inputs_by_block_amax(dtype):
+    """The QAT forward is the emulated GEMM of the input quantized with each block amax mapped to 6
+    and the weight by four_over_six, bitwise; the converted layer holds that weight."""
+    torch.manual_seed(11)
+    lin = nn.Sequential(nn.Linear(256, 96, bias=False)).to(dtype)
+    w = lin[0].weight.detach().clone()
+    nvfp4.prepare(lin, QATConfig(block_scale_rule="four_over_six"))
+    x = torch.randn(3, 7, 256).to(dtype) * 4
+    wq = nvfp4.quantize(w, block_scale_rule="four_over_six")
+    want = nvfp4.nvfp4_matmul(nvfp4.quantize(x), wq, None, dtype, "pow2")
+    with torch.no_grad():
+        assert torch.equal(lin(x), want)
+        assert not torch.equal(lin(x), nvfp4.nvfp4_matmul(nvfp4.quantize(x), nvfp4.quantize(w), None, dtype, "pow2"))
+    nvfp4.convert(lin)
+    got = lin[0].quantized_weight()
+    assert torch.equal(got.packed, wq.packed) and torch.equal(got.tensor_scale, wq.tensor_scale)
+    assert torch.equal(got.block_scale.view(torch.uint8), wq.block_scale.view(torch.uint8))
 
 
 def test_qat_output_is_the_fake_quantized_linear():
@@ -163,13 +184,14 @@ def _fwd_bwd(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[list[torc
     return ys, grads
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("tensor_scale", ["pow2", "amax"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shared_input_quantized_once_equals_each_linear(dtype, mode, tensor_scale, monkeypatch):
+def test_shared_input_quantized_once_equals_each_linear(dtype, mode, tensor_scale, rule, monkeypatch):
     torch.manual_seed(5)
     m = QKV().to(dtype)
-    nvfp4.prepare(m, QATConfig(activation_scale=mode, tensor_scale=tensor_scale))
+    nvfp4.prepare(m, QATConfig(activation_scale=mode, tensor_scale=tensor_scale, block_scale_rule=rule))
     x = torch.randn(2, 8, 64).to(dtype)
     if mode == "static":
         nvfp4.calibrate(m, [x * 0.5])  # smaller: some inputs clip
@@ -368,6 +390,8 @@ def test_bad_config_values_rejected():
         QATConfig(activation_scale="dynamc")
     with pytest.raises(ValueError, match="tensor_scale"):
         QATConfig(tensor_scale="fp32")
+    with pytest.raises(ValueError, match=r"block_scale_rule='4/6': use one of \('amax', 'four_over_six'\)"):
+        QATConfig(block_scale_rule="4/6")
 
 
 def test_non_finite_input_makes_output_nan_not_garbage():
@@ -377,17 +401,19 @@ def test_non_finite_input_makes_output_nan_not_garbage():
     assert torch.isnan(lin(x)).all()  # the dynamic amax is NaN: the loss will say so
 
 
+@pytest.mark.parametrize("rule", nvfp4.BLOCK_SCALE_RULES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_weight_only_prepare_vs_convert_bitwise_and_inputs_unquantized(dtype):
+def test_weight_only_prepare_vs_convert_bitwise_and_inputs_unquantized(dtype, rule):
     torch.manual_seed(5)
     model = MLP().to(dtype)
-    config = QATConfig(activation_scale="none", exclude=("head",))
+    config = QATConfig(activation_scale="none", exclude=("head",), block_scale_rule=rule)
     x = torch.randn(3, 7, 64).to(dtype)
     y_qat, y_conv = _prepare_convert(model, config, x)
     assert torch.equal(y_qat, y_conv)
     assert model.up.activation_scale == "none" and model.up.input_scale is None
     qat = nn.Sequential(nn.Linear(64, 32).to(dtype))
-    want = F.linear(x, nvfp4.fake_quantize(qat[0].weight.detach()), qat[0].bias)  # x itself, dq(W)
+    w_fq = nvfp4.fake_quantize(qat[0].weight.detach(), block_scale_rule=rule)
+    want = F.linear(x, w_fq, qat[0].bias)  # x itself, dq(W)
     nvfp4.prepare(qat, config)
     assert torch.equal(qat(x), want)
 
