@@ -18,6 +18,7 @@ from pathlib import Path
 from nvfp4.export import (
     FORMATS,
 )
+from nvfp4.format import BLOCK_SCALE_RULES
 from nvfp4_titan.convert.read import VerifyError
 from nvfp4_titan.convert.source import ConvertError
 from nvfp4_titan.convert.write import Options, convert_checkpoint
@@ -75,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         "names as qat.exclude (layers.0.feed_forward.w2; they replace its default: output lm_head *.output "
         "*.lm_head)",
     )
+    p.add_argument(
+        "--block-scale-rule",
+        choices=BLOCK_SCALE_RULES,
+        help="a Hugging Face CHECKPOINT (PTQ): how each weight block's scale is chosen (qat.block_scale_rule; "
+        "default amax: block amax mapped to 6; four_over_six: to 4 where that has the smaller squared error). "
+        "A training run is exported with its own rule",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.add_argument(
         "--verify",
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         torchtitan_overrides=tuple(a.torchtitan_override),
         verify=a.verify,
         exclude=None if a.exclude is None else tuple(a.exclude),
+        block_scale_rule=a.block_scale_rule,
     )
     try:
         convert_checkpoint(a.checkpoint, a.output, o, a.overwrite, log)

@@ -216,7 +216,7 @@ def quantized_groups(src: Source):
         ws = {m: _weight(src, m) for m in group}
         amax = torch.stack([nvfp4.amax(w) for w in ws.values()]).max()
         for m, w in ws.items():
-            yield m, w, nvfp4.quantize(w, amax, src.qat.tensor_scale)
+            yield m, w, nvfp4.quantize(w, amax, src.qat.tensor_scale, src.qat.block_scale_rule)
 
 
 def build_model(src: Source, qat: nvfp4.QATConfig | None) -> Transformer:

@@ -60,6 +60,7 @@ class Options:
     torchtitan_overrides: tuple[str, ...] = ()  # that run's --override.imports entries
     verify: bool = False  # decode every quantized weight again before the output is put in place
     exclude: tuple[str, ...] | None = None  # a Hugging Face source's QAT exclude patterns (PTQ); None: the default
+    block_scale_rule: str | None = None  # a Hugging Face source's weight block scale rule (PTQ); None: amax
 
 
 def _ignored(src: Source, quantized: set[str]) -> list[str]:
@@ -166,6 +167,7 @@ def write_checkpoint(src: Source, out: Path, o: Options, log: Callable[[str], No
             "method": src.method,
             "activation_scale": src.qat.activation_scale,
             "tensor_scale": src.qat.tensor_scale,
+            "block_scale_rule": src.qat.block_scale_rule,
             "input_scale": how,
             "source": str(src.path),
         }
@@ -230,6 +232,14 @@ def convert_checkpoint(
                 "checkpoint, exported as it trained (its QAT config)"
             )
         src.qat = dataclasses.replace(src.qat, exclude=o.exclude)
+    if o.block_scale_rule is not None:
+        if src.run and o.block_scale_rule != src.qat.block_scale_rule:
+            raise ConvertError(
+                f"--block-scale-rule {o.block_scale_rule}: {source} trained with block_scale_rule "
+                f"{src.qat.block_scale_rule!r} and is exported with the block scales it trained with; drop the "
+                "option (it chooses the rule of PTQ of a Hugging Face folder)"
+            )
+        src.qat = dataclasses.replace(src.qat, block_scale_rule=o.block_scale_rule)
     with atomic_folder(output, source) as tmp:
         write_checkpoint(src, tmp, o, log)
         if o.verify and o.fmt != "hf" and (bad := verify(tmp, src, o.fmt)):

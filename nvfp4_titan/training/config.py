@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import nvfp4
-from nvfp4.format import TensorScaleMode
+from nvfp4.format import BlockScaleRule, TensorScaleMode
 from nvfp4.qat.config import ActivationScale
 from nvfp4_titan.models.llama3.args import FLAVORS
 from nvfp4_titan.training.distill import DistillLoss
@@ -140,6 +140,10 @@ class QAT:
     (torchao, ModelOpt PTQ), which no engine decodes as trained: needs allow_unexportable."""
     share_fused_amax: bool = True
     """One weight amax for q/k/v and for gate/up, as inference engines fuse them."""
+    block_scale_rule: BlockScaleRule = "amax"
+    """How each weight block's e4m3 scale is chosen: amax (block amax mapped to 6, engines' rule) or
+    four_over_six (per block the scale mapping it to 4 where that has the smaller squared error;
+    nvfp4.QATConfig.block_scale_rule). Weights only; exported as trained; a resume keeps it."""
     calibration_batches: int = 4
     """Training batches that calibrate static activation scales at start_step."""
     start_step: int = 0
@@ -176,6 +180,7 @@ class QAT:
             activation_scale=self.activation_scale,
             tensor_scale=self.tensor_scale,
             share_fused_amax=self.share_fused_amax,
+            block_scale_rule=self.block_scale_rule,
         )
 
 

@@ -287,6 +287,7 @@ class Trainer:
         "qat.activation_scale",
         "qat.tensor_scale",
         "qat.share_fused_amax",
+        "qat.block_scale_rule",
         "qat.start_step",
         "qat.loss",
         "qat.kl_weight",

@@ -263,10 +263,11 @@ def compiled_parity_worker(rank: int, world: int, layout: Layout, device_type: s
     _check_gradients(ref, model)
 
 
-def gathered_codes_parity(layout: Layout, mode: str, device: torch.device) -> None:
+def gathered_codes_parity(layout: Layout, mode: str, device: torch.device, rule: str = "amax") -> None:
     """With the NVFP4 all-gather, the codes, block scales and tensor scale each QAT linear receives
-    (joined over TP) equal the unsharded model's quantized weight bitwise."""
-    ref = reference(nvfp4.QATConfig(tensor_scale=mode), device)
+    (joined over TP) equal the unsharded model's quantized weight bitwise (weight block scale rule
+    ``rule``)."""
+    ref = reference(nvfp4.QATConfig(tensor_scale=mode, block_scale_rule=rule), device)
     model, mesh = sharded(ref, layout, device, all_gather=True)
     seen = _gathered_weights(model)
     precompute_weight_scales(model)
@@ -279,9 +280,9 @@ def gathered_codes_parity(layout: Layout, mode: str, device: torch.device) -> No
         if tp > 1:  # the TP-local weight FSDP gathered: join the TP shards (rowwise split K)
             got = cat_nvfp4(gather_nvfp4(got, mesh["tp"].get_group()), 1 if name.endswith(ROWWISE) else 0)
         want = layers[name].quantized_weight()  # the unsharded model's weight, its group amax
-        assert torch.equal(got.packed, want.packed), name
-        assert torch.equal(got.block_scale.view(torch.uint8), want.block_scale.view(torch.uint8)), name
-        assert torch.equal(got.tensor_scale, want.tensor_scale), name
+        assert torch.equal(got.packed, want.packed), (rule, name)
+        assert torch.equal(got.block_scale.view(torch.uint8), want.block_scale.view(torch.uint8)), (rule, name)
+        assert torch.equal(got.tensor_scale, want.tensor_scale), (rule, name)
 
 
 def _gathered_weights(model: Transformer) -> dict[str, nvfp4.NVFP4]:

@@ -39,7 +39,11 @@ def _reference(mode: str = "pow2", device: torch.device = CPU) -> tuple[Transfor
 
 
 def _codes_worker(rank: int, world: int, dp: int, tp: int, mode: str, device_type: str = "cpu") -> None:
-    gathered_codes_parity((1, dp, tp), mode, torch.device(device_type, rank if device_type == "cuda" else 0))
+    """Both block scale rules, in this one process group: every weight arrives from the NVFP4
+    all-gather as the unsharded model quantizes it."""
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    for rule in nvfp4.BLOCK_SCALE_RULES:
+        gathered_codes_parity((1, dp, tp), mode, device, rule)
 
 
 @pytest.mark.parametrize("device", DEVICES)

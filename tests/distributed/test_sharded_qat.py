@@ -42,14 +42,14 @@ class Recorder:
             self._quantize_operands,
         )
 
-    def _quantize_operands(self, pairs, with_operand=True, operand_scales=None):
-        out = self._orig[1](pairs, with_operand, operand_scales)
+    def _quantize_operands(self, pairs, with_operand=True, operand_scales=None, block_scale_rules=None):
+        out = self._orig[1](pairs, with_operand, operand_scales, block_scale_rules)
         for (x, _), (q, _) in zip(pairs, out):
             self._record(x, q)
         return out
 
-    def _quantize(self, x, s, with_operand=True):
-        q, operand = self._orig[0](x, s, with_operand)
+    def _quantize(self, x, s, with_operand=True, block_scale_rule="amax"):
+        q, operand = self._orig[0](x, s, with_operand, block_scale_rule)
         self._record(x, q)
         return q, operand
 
@@ -79,10 +79,22 @@ def codes_worker(
     reduce_amax: bool,
     act: str = "dynamic",
     device_type: str = "cpu",
+    rules: tuple[str, ...] = ("amax",),
 ) -> None:
+    """For each block scale rule of ``rules``, in this one process group: the sharded model's codes,
+    block scales and tensor scales equal the unsharded model's (the rule chooses per block, so shard
+    by shard); rowwise inputs equal quantizing the whole input (block amax mapped to 6)."""
     device = torch.device(device_type, rank if device_type == "cuda" else 0)
+    if not reduce_amax:  # negative control: each shard uses its own amax
+        nvfp4.sharded.reduce_amax = lambda a, like: a
+    mesh = build_mesh(ParallelDims(dp, tp), device.type)
+    for rule in rules:
+        config = nvfp4.QATConfig(tensor_scale=mode, activation_scale=act, block_scale_rule=rule)
+        _check_codes(mesh, device, tp, mode, reduce_amax, act, config)
+
+
+def _check_codes(mesh, device, tp: int, mode: str, reduce_amax: bool, act: str, config: nvfp4.QATConfig) -> None:
     torch.manual_seed(0)
-    config = nvfp4.QATConfig(tensor_scale=mode, activation_scale=act)
     args = FLAVORS["debug"].with_(n_layers=2)
     ref = Transformer(args)
     ref.init_weights()
@@ -95,9 +107,6 @@ def codes_worker(
     ref(tokens)
     rec_ref.close()
 
-    if not reduce_amax:  # negative control: each shard uses its own amax
-        nvfp4.sharded.reduce_amax = lambda a, like: a
-    mesh = build_mesh(ParallelDims(dp, tp), device.type)
     with torch.device("meta"):
         model = Transformer(args)
     nvfp4.prepare(model, config)
@@ -130,27 +139,28 @@ def codes_worker(
             if not _equal(cat_nvfp4(gather_nvfp4(got["x"][1], tp_group), -1), whole):
                 mismatches.append(f"{name}.input")
     if reduce_amax:
-        assert not mismatches, mismatches
+        assert not mismatches, (config.block_scale_rule, mismatches)
     else:
         assert mismatches, "local amaxes gave the same codes: the check cannot fail"
 
 
-CASES = {  # (FSDP, TP, tensor scale, activation scale)
-    "fsdp2": (2, 1, "pow2", "dynamic"),
-    "tp2": (1, 2, "pow2", "dynamic"),
-    "fsdp2xtp2": (2, 2, "pow2", "dynamic"),
-    "tp2-amax-scale": (1, 2, "amax", "dynamic"),
-    "tp2-weight-only": (1, 2, "pow2", "none"),
-    "tp2-static": (1, 2, "amax", "static"),
-    "fsdp2-static": (2, 1, "amax", "static"),
+BOTH = ("amax", "four_over_six")
+CASES = {  # (FSDP, TP, tensor scale, activation scale, the block scale rules checked in one spawn)
+    "fsdp2": (2, 1, "pow2", "dynamic", BOTH),
+    "tp2": (1, 2, "pow2", "dynamic", BOTH),
+    "fsdp2xtp2": (2, 2, "pow2", "dynamic", BOTH),
+    "tp2-amax-scale": (1, 2, "amax", "dynamic", BOTH),
+    "tp2-weight-only": (1, 2, "pow2", "none", ("amax",)),
+    "tp2-static": (1, 2, "amax", "static", ("amax",)),
+    "fsdp2-static": (2, 1, "amax", "static", ("amax",)),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dp,tp,mode,act", CASES.values(), ids=CASES.keys())
-def test_sharded_codes_equal_unsharded(dp, tp, mode, act, device):
+@pytest.mark.parametrize("dp,tp,mode,act,rules", CASES.values(), ids=CASES.keys())
+def test_sharded_codes_equal_unsharded(dp, tp, mode, act, rules, device):
     skip_unless_ranks(device, dp * tp)
-    run_ranks(codes_worker, dp * tp, dp, tp, mode, True, act, device, backend=backend(device))
+    run_ranks(codes_worker, dp * tp, dp, tp, mode, True, act, device, rules, backend=backend(device))
 
 
 def test_negative_control_local_amax_gives_different_codes():

@@ -38,6 +38,8 @@ def runs(tmp_path_factory):
     assert train(static, *COMMON, "--qat.activation_scale=static", "--qat.calibration_batches=2").returncode == 0
     weight_only = tmp / "weight_only"
     assert train(weight_only, *COMMON, "--qat.activation_scale=none").returncode == 0
+    four_over_six = tmp / "four_over_six"
+    assert train(four_over_six, *COMMON, "--qat.block_scale_rule=four_over_six").returncode == 0
     sharded = tmp / "fsdp2xtp2"
     cmd = [
         sys.executable,
@@ -55,7 +57,13 @@ def runs(tmp_path_factory):
     ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"single": single, "static": static, "weight_only": weight_only, "fsdp2xtp2": sharded}
+    return {
+        "single": single,
+        "static": static,
+        "weight_only": weight_only,
+        "four_over_six": four_over_six,
+        "fsdp2xtp2": sharded,
+    }
 
 
 def _consolidated(run) -> dict[str, torch.Tensor]:
@@ -168,6 +176,83 @@ def test_independent_readers_decode_identical_weights(runs, tmp_path):
             assert torch.equal((fp4.reshape(fp4.shape[0], -1, 16) * scale[..., None]).flatten(1), want), m
     hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
     assert hq["quant_algo"] == "NVFP4" and hq["group_size"] == 16 and hq["exclude_modules"] == ["lm_head"]
+
+
+def _decoded_by_readers(ct: dict, mo: dict, hf: str, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linear's weight decoded by compressed-tensors' own decompressor and by vLLM's emulation
+    formula on the modelopt layout, fp4 * (weight_scale / (1 / weight_scale_2))."""
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor
+
+    sd = {k.removeprefix(hf + "."): v for k, v in ct.items() if k.startswith(hf + ".")}
+    dec = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].float()  # bf16: exact, <= 6 bits
+    packed = mo[f"{hf}.weight"]
+    codes = torch.stack((packed & 0xF, packed >> 4), -1).flatten(-2).long()
+    fp4 = E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)
+    scale = mo[f"{hf}.weight_scale"].float() / (1.0 / mo[f"{hf}.weight_scale_2"])
+    return dec, (fp4.reshape(fp4.shape[0], -1, 16) * scale[..., None]).flatten(1)
+
+
+def test_four_over_six_run_exports_its_block_scales_decoded_bitwise_by_every_reader(runs, tmp_path):
+    """A run trained with qat.block_scale_rule = four_over_six: both layouts hold the rule's codes
+    and block scales (nvfp4.quantize of the consolidated weights, the fused group's amax), readers
+    decode them bitwise, logits equal the QAT model's, --verify passes; converting it with another
+    rule is refused and writes nothing."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    rule = "four_over_six"
+    weights = _consolidated(runs[rule])
+    convert_checkpoint(runs[rule], tmp_path / "mo", Options(calibration_batches=1, verify=True))
+    convert_checkpoint(runs[rule], tmp_path / "ct", Options(fmt="compressed-tensors", calibration_batches=1))
+    mo, ct = _tensors(tmp_path / "mo"), _tensors(tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc.pop("nvfp4_titan")["block_scale_rule"] == rule
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    chose_four = 0
+    for i in range(4):
+        group = [f"layers.{i}.feed_forward.{w}" for w in ("w1", "w3")]
+        amax = torch.stack([weights[f"{m}.weight"].abs().max() for m in group]).max()
+        for m in group:
+            q = nvfp4.quantize(weights[f"{m}.weight"], amax, block_scale_rule=rule)
+            amax_rule = nvfp4.quantize(weights[f"{m}.weight"], amax)
+            chose_four += int((q.block_scale.view(torch.uint8) != amax_rule.block_scale.view(torch.uint8)).sum())
+            hf = adapter.to_hf_module(m)
+            assert torch.equal(mo[f"{hf}.weight"], q.packed) and torch.equal(ct[f"{hf}.weight_packed"], q.packed), m
+            assert torch.equal(mo[f"{hf}.weight_scale"].view(torch.uint8), q.block_scale.view(torch.uint8)), m
+            assert torch.equal(mo[f"{hf}.weight_scale_2"], q.tensor_scale), m
+            for decoded in _decoded_by_readers(ct, mo, hf, scheme):
+                assert torch.equal(decoded, nvfp4.dequantize(q)), m
+    assert chose_four > 0
+    with torch.no_grad():
+        want = _qat_model(weights, nvfp4.QATConfig(block_scale_rule=rule))(TOKENS)
+        for fmt in ("mo", "ct"):
+            assert torch.equal(load_nvfp4_model(tmp_path / fmt)(TOKENS), want), fmt
+    with pytest.raises(ConvertError, match="trained with block_scale_rule 'four_over_six'"):
+        convert_checkpoint(runs[rule], tmp_path / "other", Options(block_scale_rule="amax"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_ptq_of_a_hugging_face_folder_with_the_four_over_six_rule(runs, tmp_path):
+    """--block-scale-rule four_over_six quantizes a float Hugging Face folder with the rule: the
+    codes and block scales of nvfp4.quantize, --verify passes; the default stays amax."""
+    hf_dir = tmp_path / "hf"
+    convert_checkpoint(runs["single"], hf_dir, Options(fmt="hf"))
+    cli = [sys.executable, "scripts/convert_to_nvfp4.py", str(hf_dir), "--verify", "--calibration-batches=0"]
+    r = subprocess.run(
+        [*cli, str(tmp_path / "ptq"), "--block-scale-rule", "four_over_six"], cwd=ROOT, text=True, capture_output=True
+    )
+    assert r.returncode == 0 and "0 mismatches" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([*cli, str(tmp_path / "ptq_amax")], cwd=ROOT, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, default = _tensors(tmp_path / "ptq"), _tensors(tmp_path / "ptq_amax")
+    w = _tensors(hf_dir)["model.layers.1.self_attn.o_proj.weight"]  # what PTQ quantizes
+    for rule, out in (("four_over_six", got), ("amax", default)):
+        q = nvfp4.quantize(w, block_scale_rule=rule)
+        assert torch.equal(out["model.layers.1.self_attn.o_proj.weight"], q.packed), rule
+        assert torch.equal(
+            out["model.layers.1.self_attn.o_proj.weight_scale"].view(torch.uint8), q.block_scale.view(torch.uint8)
+        )
+    meta = json.loads((tmp_path / "ptq" / "config.json").read_text())["quantization_config"]["nvfp4_titan"]
+    assert meta["block_scale_rule"] == "four_over_six" and meta["method"].startswith("PTQ")
 
 
 def test_readers_decode_amax_tensor_scales_differently_from_training():

@@ -370,6 +370,7 @@ def test_resume_with_another_seq_len_or_qat_setting_is_refused(tmp_path):
         ('--qat.exclude=["output", "layers.0.*"]', '--qat.exclude=["output"]'),
         ("--dataset.validation_fraction=0.1", "--dataset.validation_fraction=0.05"),
         ("--training.mixed_precision_param=bfloat16", '--training.mixed_precision_param="float32"'),
+        ("--qat.block_scale_rule=four_over_six", '--qat.block_scale_rule="amax"'),
     ):
         r = train(dump, *common, change)
         assert r.returncode == 2 and fix in r.stderr and "Traceback" not in r.stderr, (change, r.stderr[-2000:])
