@@ -1,6 +1,8 @@
-"""QAT vs bf16 on one CUDA GPU: quantize bandwidth, linear fwd+bwd, full 1B training step.
+"""QAT vs bf16 on one CUDA GPU: quantize bandwidth, the weight quantize by block scale rule, linear
+fwd+bwd, full 1B training step.
 
     python benchmarks/bench.py [--short] [--out benchmarks/results/bench_<card>.md]
+    python benchmarks/bench.py --only block_scale_rule   # four_over_six vs amax weight quantize
 
 Every row is measured side by side in this process (CUDA events, median of repeats after
 warm-up); ratios are bf16 time / QAT time (>1: QAT faster). Compile warm-up is excluded.
@@ -67,6 +69,42 @@ def bench_bandwidth(rows: list[str], short: bool) -> None:
             f"{2 * x.numel() / t_amax / 1e6 / copy_gbs:.2f} |"
         )
     rows.append("")
+
+
+def bench_block_scale_rule(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEAR_FLAVORS) -> None:
+    """The weight quantize of each block projection's weights (bf16, one launch as the QAT forward
+    quantizes them), by block scale rule: codes and scales alone (the NVFP4 all-gather, the
+    converter) and with the GEMM operand prescaled by the tensor scales (the QAT forward on CUDA).
+    The issue's target: four_over_six at most 1.3x amax."""
+    rows += [
+        "## Weight quantize by block scale rule, us of GPU time (bf16 weights; four_over_six / amax)",
+        "",
+        "| flavor | weights | elements | amax | four_over_six | ratio | amax + operand | four_over_six + operand "
+        "| ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = []
+    for flavor in flavors[:1] if short else flavors:
+        for name, k, widths in block_projections(flavor):
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n in widths]
+            t = {}
+            for rule in nvfp4.BLOCK_SCALE_RULES:
+                s = nvfp4.tensor_scale(nvfp4.amax(*ws), "pow2", rule)
+                rules, scales = [rule] * len(ws), [s] * len(ws)
+                t[rule] = timed(lambda: kernels.quantize(ws, scales, block_scale_rules=rules), gpu_only=True)
+                operand_scales = [s * 2.0**-10] * len(ws)  # a power of two, as s_x * s_w
+                t[rule, "operand"] = timed(
+                    lambda: kernels.quantize(ws, scales, True, operand_scales, rules), gpu_only=True
+                )
+            r, r_op = t["four_over_six"] / t["amax"], t["four_over_six", "operand"] / t["amax", "operand"]
+            ratios += [r, r_op]
+            us = {key: f"{v * 1e3:.1f}" for key, v in t.items()}
+            rows.append(
+                f"| {flavor} | {name} {' + '.join(f'{n}x{k}' for n in widths)} | {sum(widths) * k:,} | "
+                f"{us['amax']} | {us['four_over_six']} | {r:.2f} | {us['amax', 'operand']} | "
+                f"{us['four_over_six', 'operand']} | {r_op:.2f} |"
+            )
+    rows += ["", f"Largest ratio {max(ratios):.2f} (target: at most 1.3).", ""]
 
 
 def bench_linears(rows: list[str], short: bool, flavors: tuple[str, ...] = LINEAR_FLAVORS) -> None:
@@ -141,13 +179,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="fewer sizes and a 4-layer model (CI smoke test)")
     p.add_argument("--out", type=Path)
-    p.add_argument("--only", choices=("bandwidth", "linears", "step"))
+    p.add_argument("--only", choices=("bandwidth", "block_scale_rule", "linears", "step"))
     p.add_argument(
         "--flavors",
         nargs="+",
         choices=LINEAR_FLAVORS,
         default=LINEAR_FLAVORS,
-        help="the block projections of these flavors in the linear table",
+        help="the block projections of these flavors in the linear and block scale rule tables",
     )
     a = p.parse_args()
     require_cuda("bench.py")
@@ -161,6 +199,7 @@ def main() -> None:
     ]
     parts = (
         ("bandwidth", bench_bandwidth),
+        ("block_scale_rule", functools.partial(bench_block_scale_rule, flavors=tuple(a.flavors))),
         ("linears", functools.partial(bench_linears, flavors=tuple(a.flavors))),
         ("step", bench_step),
     )
