@@ -204,10 +204,10 @@ def _candidate(
 def _block_error(y: torch.Tensor, codes: torch.Tensor, s_block: torch.Tensor) -> torch.Tensor:
     """fp32 [..., K/16]: each block's squared quantization error in units of the tensor scale,
     s_block**2 * sum d**2 with d = |y| - |value(code)|. Computed so that the Triton kernel gets the
-    same bits whatever multiply-adds its compiler contracts into fmas: d is exact (|y| and the
-    value lie within a factor of 2 of each other, or the value is 0), then cut to 12 significant
-    bits so that d**2 is exact; the 16 squares are summed as a pairwise tree (adjacent pairs
-    first), then scaled by s_block**2 (exact) in one rounding."""
+    same bits whatever multiply-adds its compiler contracts into fmas: d is a subtraction of no
+    product (exact where |y| <= 12, as with the tensor's own amax: the two lie within a factor of 2,
+    or the value is 0), cut to 12 significant bits so that d**2 is exact; the 16 squares are summed
+    as a pairwise tree (adjacent pairs first), then scaled by s_block**2 (exact) in one rounding."""
     d = y.abs() - _CODE_TO_VALUE.to(codes.device)[(codes & 7).long()]
     d = (d.view(torch.int32) & _ERROR_BITS).view(torch.float32)
     e = d.square()
