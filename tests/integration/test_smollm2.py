@@ -171,7 +171,7 @@ def test_gguf_to_hf_keeps_other_folders_and_names_bad_input(smollm2_hf, tmp_path
 
 
 def test_chat_qad_recipe_trains_converts_with_verify_and_scores_as_the_qat_model(smollm2_hf, tmp_path):
-    """The README's chat QAD command, CPU-sized: SmolLM2 distils from itself on the bundled
+    """The chat QAD command of docs/training.md, CPU-sized: SmolLM2 distils from itself on the bundled
     conversations (its own chat template, answers only); the export passes --verify and its masked
     held-out loss is the QAT model's, bit for bit."""
     from nvfp4_titan.convert.cli import main as convert_main

@@ -280,8 +280,9 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
 
 def test_sigterm_to_torchrun_workers_saves_and_torchrun_exits_0(tmp_path):
-    """The README's way to stop a torchrun job: SIGTERM to torchrun's children (the workers). Both
-    ranks stop after the same step, save one checkpoint, and torchrun exits 0."""
+    """The documented way to stop a torchrun job (docs/reliability.md): SIGTERM to torchrun's
+    children (the workers). Both ranks stop after the same step, save one checkpoint, and torchrun
+    exits 0."""
     dump = tmp_path / "run"
     cmd = [
         sys.executable,
