@@ -29,6 +29,10 @@ class Tokenizer(Protocol):
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
 
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used; the message names it."""
@@ -61,6 +65,15 @@ class HFTokenizer:
         e = self._tok.encode(text, add_special_tokens=False)
         return e.ids, [start for start, _ in e.offsets]
 
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``text``'s ids as transformers' ``tokenizer.encode(text, add_special_tokens=...)`` gives
+        them: special tokens written in it recognized; with ``add_special_tokens`` also those the
+        tokenizer.json's post-processor adds (Llama 3's ``<|begin_of_text|>``)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 class TiktokenTokenizer:
     """Llama 3 ``tokenizer.model``: base64 BPE ranks plus 256 special tokens after them."""
@@ -92,6 +105,7 @@ class TiktokenTokenizer:
         self.vocab_size = n + LLAMA3_NUM_SPECIAL
         self.eos_id = n + 1
         self.eos_token = special[1]
+        self._bos_id = n
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # TOKENIZERS_PARALLELISM is the Hugging Face tokenizers' switch (token cache workers set it
@@ -106,6 +120,17 @@ class TiktokenTokenizer:
         byte_starts = np.cumsum([0] + [len(self._enc.decode_single_token_bytes(i)) for i in ids[:-1]])
         char_ends = np.cumsum([len(c.encode()) for c in text])  # byte offset after each character
         return ids, np.searchsorted(char_ends, byte_starts, side="right").tolist()
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """As ``HFTokenizer.encode``; the special token added is ``<|begin_of_text|>``, as the
+        post-processor of Llama 3's tokenizer.json (transformers' conversion of this file) adds it."""
+        ids = self._enc.encode(text, allowed_special="all")
+        return [self._bos_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i < self.vocab_size - LLAMA3_NUM_SPECIAL]
+        return self._enc.decode(ids)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

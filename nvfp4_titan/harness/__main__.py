@@ -1,0 +1,3 @@
+from nvfp4_titan.harness.cli import main
+
+main()
