@@ -6,7 +6,10 @@
 Per seed: pre-train in float (QAT off); from that checkpoint fine-tune (a) in float and
 (b) with NVFP4 QAT on identical data, steps and schedule; convert (b); evaluate word
 perplexity of the base, PTQ of the base, the float fine-tune, PTQ of it, the QAT model and
-its converted NVFP4 checkpoint on the recipe's held-out split. Recovery =
+its converted NVFP4 checkpoint on the recipe's held-out split (lm-evaluation-harness figures:
+its ``corpus_ppl`` task through the ``nvfp4-titan`` model, ``nvfp4_titan.harness``; the
+documents are written to DIR/seedN/held_out.jsonl, so that ``nvfp4-lm-eval`` reproduces any
+cell). Recovery =
 (PTQ_ft - QAT) / (PTQ_ft - float_ft). Writes results.md and results.json to --out.
 ``--qad`` adds quantization-aware distillation: a QAT fine-tune with ``qat.loss = "kl"`` (teacher:
 the base model), recovery against the teacher, ``(PTQ_base - QAD) / (PTQ_base - base)``.
@@ -45,6 +48,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -57,8 +61,8 @@ import torch  # noqa: E402
 
 import nvfp4  # noqa: E402
 from nvfp4_titan.convert import Options, convert_checkpoint  # noqa: E402
-from nvfp4_titan.data.tokenizer import load_tokenizer  # noqa: E402
-from nvfp4_titan.evaluate import held_out_tokens, load_model, perplexity  # noqa: E402
+from nvfp4_titan.evaluate import held_out_documents  # noqa: E402
+from nvfp4_titan.harness import corpus_perplexity  # noqa: E402
 from nvfp4_titan.training.config import load_config  # noqa: E402
 
 ROWS = ("base", "base_ptq", "float_ft", "float_ft_ptq", "qat", "nvfp4")
@@ -142,18 +146,21 @@ def run_train(recipe: str, dump: Path, nproc: int, args: list[str]) -> Path:
     return dump
 
 
-def evaluate(path: Path, ptq: nvfp4.QATConfig | None, ids: torch.Tensor, words: int, a: argparse.Namespace) -> float:
-    model, _ = load_model(path)
-    if ptq is not None:
-        nvfp4.prepare(model, ptq)
-    model.to(a.device).eval()
-    r = perplexity(model, ids.to(a.device), words, a.eval_seq_len, a.eval_stride, a.eval_batch_size, progress=False)
-    return r["word_ppl"]
+# lm-eval is not thread-safe (two evaluations at once broke in transformers' lazy imports, reached
+# through datasets): one evaluation at a time, still beside the training runs.
+_EVALUATING = threading.Lock()
+
+
+def evaluate(path: Path, ptq: nvfp4.QATConfig | None, documents: Path, a: argparse.Namespace) -> dict[str, float]:
+    """lm-eval's corpus_ppl of the model at ``path`` (PTQ by ``ptq`` if given) on ``documents``."""
+    model_args = {"path": str(path), "quant": ptq or "none", "max_length": a.eval_seq_len}
+    with _EVALUATING:
+        return corpus_perplexity(model_args, {"data": str(documents)}, a.eval_batch_size, a.device)
 
 
 class Experiment:
     """Schedules the training runs (up to --jobs at once: small models leave a GPU idle) and
-    the evaluations (up to --jobs at once, in this process, each as soon as its model exists)."""
+    the evaluations (in this process, one at a time, each as soon as its model exists)."""
 
     def __init__(self, a: argparse.Namespace, extra: list[str]) -> None:
         self.a, self.extra = a, extra
@@ -225,7 +232,7 @@ class Experiment:
             key = (seed, name, ptq)  # the same model and quantization is evaluated once
             path = a.base if name == "base" and a.base is not None else a.out / f"seed{seed}" / name
             if key not in evals:
-                evals[key] = self.eval_pool.submit(lambda: (after.result(), evaluate(path, ptq, *held_out[seed], a))[1])
+                evals[key] = self.eval_pool.submit(lambda: (after.result(), evaluate(path, ptq, held_out[seed], a))[1])
             return evals[key]
 
         rows: dict[tuple, dict[str, Future]] = {}
@@ -294,13 +301,14 @@ class Experiment:
             for (kind, key), futures in rows.items():
                 table = results[kind] if kind in ("seeds", "ablations") else results["rules"][kind]
                 if key not in table and all(x.done() for x in futures.values()):
-                    r = {k: x.result() for k, x in futures.items()}
+                    figures = {k: x.result() for k, x in futures.items()}
+                    r = {k: f["word_perplexity"] for k, f in figures.items()}
                     if "qat" in r:
                         r["recovery"] = recovery(r["float_ft_ptq"], r["qat"], r["float_ft"])
                     if "qad" in r:  # against its teacher, the base model
                         r["qad_recovery"] = recovery(r["base_ptq"], r["qad"], r["base"])
-                    ids, words = held_out[seeds[0] if kind == "ablations" else key]
-                    r["held_out"] = {"tokens": len(ids) - 1, "words": words}  # every target scored once
+                    counted = next(iter(figures.values()))  # the same documents and tokenizer in every row
+                    r["held_out"] = {"tokens": counted["tokens"], "words": counted["words"]}
                     table[key] = r
                     print(json.dumps({kind: key, **r}), flush=True)
                     self._save(results)
@@ -322,10 +330,16 @@ class Experiment:
             overwrite=True,
         )
 
-    def _held_out(self, seed: int) -> tuple[torch.Tensor, int]:
-        """The held-out split of the recipe as this seed's runs resolve it (overrides included)."""
-        cfg = load_config(Path(self.a.recipe), self._common(seed))
-        return held_out_tokens(cfg, self.a.eval_data, "text", load_tokenizer(cfg.model.tokenizer_path))
+    def _held_out(self, seed: int) -> Path:
+        """--eval-data, else DIR/seedN/held_out.jsonl: the held-out split of the recipe as this
+        seed's runs resolve it (overrides included)."""
+        if self.a.eval_data is not None:
+            return self.a.eval_data
+        out = self.a.out / f"seed{seed}" / "held_out.jsonl"
+        docs = held_out_documents(load_config(Path(self.a.recipe), self._common(seed)))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        return out
 
     def _save(self, results: dict) -> None:
         """After every evaluation, so that an interrupted experiment keeps what it measured."""
@@ -505,8 +519,7 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--eval-data", type=Path, help="held-out text (default: the recipe's validation split)")
-    p.add_argument("--eval-seq-len", type=int, default=1024)
-    p.add_argument("--eval-stride", type=int, default=512)
+    p.add_argument("--eval-seq-len", type=int, default=1024, help="tokens per window (lm-eval's max_length)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(

@@ -285,6 +285,44 @@ def test_bundled_next_line_items_are_rebuilt_from_the_plays():
         assert item["context"] + item["choices"][item["label"]] + "\n" in plays[item["play"]]
 
 
+def test_eval_ppl_reports_lm_eval_figures_on_a_runs_held_out_split(models, tmp_path, capsys):
+    """scripts/eval_ppl.py: the converted checkpoint, which carries no recipe, scored on its run's
+    validation split (--held-out-of) gives exactly the run's figures, which are lm-eval's
+    corpus_ppl; bad input is named by the flag that fixes it."""
+    from scripts import eval_ppl
+
+    run, ct, _ = models
+    figures = []
+    for argv in ([str(run)], [str(ct), "--held-out-of", str(run)]):
+        assert eval_ppl.main([*argv, "--seq-len=64", "--batch-size=64"]) == 0
+        figures.append(capsys.readouterr().out.split(":", 1)[1])
+    assert figures[0] == figures[1]
+    want = harness.corpus_perplexity({"path": str(run), "max_length": 64}, {"held_out_of": str(run)}, 64, "cpu")
+    assert f"word_ppl {want['word_perplexity']:.6f}  token_ppl {want['token_perplexity']:.6f}" in figures[0]
+    assert eval_ppl.main([str(ct)]) == 2
+    assert "give --data or --held-out-of" in capsys.readouterr().err
+    assert eval_ppl.main([str(run), "--held-out-of", str(ct)]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    assert eval_ppl.main([str(run), "--seq-len=4096"]) == 2
+    assert "--seq-len 4096 exceeds the model's max_seq_len 2048" in capsys.readouterr().err
+    for bad, said in (
+        (["--seq-len=1"], "need --seq-len >= 2 and --batch-size >= 1 (got 1 and 4)"),
+        ([f"--data={CORPUS}", f"--held-out-of={run}"], "give --data or --held-out-of, not both"),
+    ):
+        with pytest.raises(SystemExit):
+            eval_ppl.main([str(run), *bad])
+        assert said in capsys.readouterr().err
+    (tmp_path / "other.jsonl").write_text('{"body": "text under another field"}\n')
+    for bad, fix in (  # the loaders' hints name recipe keys; eval_ppl's fix is one of its flags
+        ([f"--data={tmp_path / 'missing.jsonl'}"], "does not exist; pass --data PATH"),
+        ([f"--data={tmp_path / 'other.jsonl'}"], "no field 'text'; its fields are ['body'] (pass --text-field NAME)"),
+        ([f"--tokenizer={tmp_path / 'missing.json'}"], "does not exist; pass --tokenizer PATH"),
+    ):
+        assert eval_ppl.main([str(run), *bad]) == 2
+        err = capsys.readouterr().err
+        assert fix in err and "dataset." not in err and "model.tokenizer_path" not in err, err
+
+
 def test_documents_are_encoded_as_transformers_encodes_them(tmp_path):
     """A tokenizer.json whose post-processor adds BOS (as Llama 3's does): ids as transformers'
     encode gives them, BOS included unless the text starts with the prefix token's text; a Llama 3

@@ -1,6 +1,9 @@
-"""scripts/qat_experiment.py runs end to end at toy size on the CPU and reports a table."""
+"""scripts/qat_experiment.py runs end to end at toy size on the CPU and reports a table of
+lm-eval figures."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from xml.etree import ElementTree
@@ -9,7 +12,7 @@ import pytest
 import torch
 
 from nvfp4_titan.data.tokenizer import load_tokenizer
-from nvfp4_titan.evaluate import load_model, perplexity
+from nvfp4_titan.evaluate import load_model
 from scripts.qat_experiment import token_perplexity
 from tests.integration.helpers import FAST, ROOT
 
@@ -34,9 +37,9 @@ def test_experiment_runs_at_toy_size(tmp_path):
         "--eval-data",
         "tests/integration/tiny_corpus.jsonl",
         "--eval-seq-len",
-        "64",
-        "--eval-stride",
-        "32",
+        "512",  # every document in one window: the check below scores each in one forward
+        "--eval-batch-size",
+        "1",  # each document its own dynamic activation scales, as in that check
         "--ablations",
         "tokens_x0.5",
         "weight_only",
@@ -76,19 +79,27 @@ def test_experiment_runs_at_toy_size(tmp_path):
     assert fos["qad_recovery"] == (fos["base_ptq"] - fos["qad"]) / (fos["base_ptq"] - fos["base"])
     exported = json.loads((out / "seed0" / "qat_four_over_six_nvfp4" / "config.json").read_text())
     assert exported["quantization_config"]["nvfp4_titan"]["block_scale_rule"] == "four_over_six"
-    # token perplexity: the QAT model scored directly on the tokenized held-out text
+    # token perplexity: the QAT model scored directly, each document after EOS (lm-eval's prefix
+    # token for a tokenizer that names no BOS), every token once; words as re.split counts them
     tok = load_tokenizer(ROOT / "data/assets/tokenizer.json")
     docs = [
         json.loads(line)["text"] for line in (ROOT / "tests/integration/tiny_corpus.jsonl").read_text().splitlines()
     ]
-    ids = torch.tensor([t for d in docs if d.strip() for t in (*tok.encode_batch([d])[0], tok.eos_id)])
-    assert res["held_out"] == {"tokens": len(ids) - 1, "words": sum(len(d.split()) for d in docs)}
     model, _ = load_model(out / "seed0" / "qat")
-    direct = perplexity(model.eval(), ids, res["held_out"]["words"], 64, 32, 8, progress=False)
+    nll, tokens = 0.0, 0
+    for ids in tok.encode_batch(docs):
+        x = torch.tensor([[tok.eos_id, *ids]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.eval()(x[:, :-1]).float(), -1)
+        nll -= log_probs[0].gather(1, x[0, 1:, None]).sum().item()
+        tokens += len(ids)
+    assert res["held_out"] == {"tokens": tokens, "words": sum(len(re.split(r"\s+", d)) for d in docs)}
     text = (out / "results.md").read_text()
-    token_row = next(line for line in text.splitlines() if line.startswith(f"| 0 | {len(ids) - 1} |"))
+    token_row = next(line for line in text.splitlines() if line.startswith(f"| 0 | {tokens} |"))
     header = next(line for line in text.splitlines() if line.startswith("| seed | tokens | words |"))
-    assert float(token_row.split("|")[header.split("|").index(" qat ")]) == pytest.approx(direct["token_ppl"], rel=1e-5)
+    assert float(token_row.split("|")[header.split("|").index(" qat ")]) == pytest.approx(
+        math.exp(nll / tokens), rel=1e-5
+    )
     assert "| seed | base | base_ptq" in text and "| weight_only | weight-only W4A16" in text
     assert "| seed | base | base_ptq | qad | qad_nvfp4 | QAD recovery | QAT recovery |" in text
     assert f"| qad_temperature_2 | QAD at temperature 2 | {res['base']:.4f} | {res['base_ptq']:.4f} |" in text

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nvfp4_titan.data import tokens
-from nvfp4_titan.data.dataset import DataError, build_windows, load_documents, validation_ids
+from nvfp4_titan.data.dataset import DataError, build_windows, load_documents
 from nvfp4_titan.data.tokenizer import load_tokenizer
 from nvfp4_titan.data.tokens import (
     DATA_FILES,
@@ -255,22 +255,21 @@ def test_bad_corpus_errors_come_through(tmp_path, tokenizer):
     assert os.listdir(tmp_path / "cache") == []  # the interrupted build left nothing behind
 
 
-def test_held_out_tokens_are_the_recipes_validation_documents(tmp_path, tokenizer):
-    """eval_ppl's and the QAT experiment's held-out ids and word counts, read from the token
-    cache, equal the held-out documents tokenized afresh (each followed by EOS)."""
-    from nvfp4_titan.evaluate import held_out_tokens
+def test_held_out_documents_are_the_documents_training_validates_on(tmp_path, tokenizer):
+    """What lm-eval's corpus_ppl scores for a run (nvfp4_titan.evaluate.held_out_documents), each
+    document followed by EOS, is the stream the trainer's validation windows are cut from."""
+    from nvfp4_titan.data.tokens import dataset_tokens
+    from nvfp4_titan.evaluate import held_out_documents
     from nvfp4_titan.training.config import load_config
 
     cfg = load_config(Path("recipes/debug_cpu.toml"), [f"--dataset.cache_dir={tmp_path}", "--training.seed=3"])
-    docs = load_documents(CORPUS)
-    for data, chosen in (
-        (None, sorted(validation_ids(len(docs), cfg.dataset.validation_fraction, 3))),
-        (Path(CORPUS), range(len(docs))),
-    ):
-        ids, words = held_out_tokens(cfg, data, "text", tokenizer)
-        texts = [docs[i] for i in chosen]
-        want = torch.tensor([t for d in tokenizer.encode_batch(texts) for t in (*d, tokenizer.eos_id)])
-        assert torch.equal(ids, want) and words == sum(len(d.split()) for d in texts)
+    docs = held_out_documents(cfg)
+    stream = torch.tensor([t for d in tokenizer.encode_batch(docs) for t in (*d, tokenizer.eos_id)])
+    tf = dataset_tokens(CORPUS, "text", tokenizer, cfg.dataset)
+    val = windows_from_tokens(tf, 128, cfg.dataset.validation_fraction, 3, tokenizer.vocab_size).validation
+    windows = val[torch.arange(len(val))].flatten()
+    assert 0 < len(docs) < len(load_documents(CORPUS)) and len(stream) - len(windows) < 129
+    assert torch.equal(stream[: len(windows)], windows)
 
 
 # ---- parallel, resumable builds: parts of PART text bytes, the first PLAYS documents of the plays
