@@ -15,6 +15,7 @@ hf``), its ``tokenizer``/``prefix_token_id`` if given, and the tasks' own keys:
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import Any
 import datasets
 
 from nvfp4_titan.convert import ConvertError, resolve_source
-from nvfp4_titan.data.dataset import load_documents
+from nvfp4_titan.data.dataset import DataError, load_documents
+from nvfp4_titan.data.tokenizer import TokenizerError
 from nvfp4_titan.evaluate import held_out_documents, tokenizer_path
 from nvfp4_titan.harness.encoding import Encoder
 
+log = logging.getLogger("nvfp4_titan")
 PLAYS = Path(__file__).resolve().parents[2] / "data" / "assets" / "shakespeare.jsonl"
 NEXT_LINE = Path(__file__).parent / "tasks" / "shakespeare_next_line.jsonl"
 # A speaker's tag alone on its line ("Ham.", "First Clown.", "Lady M.", "PUCK"): a speech follows.
@@ -39,11 +42,18 @@ def _split(docs: list[dict[str, Any]]) -> datasets.DatasetDict:
 
 def _encoder(metadata: dict[str, Any]) -> Encoder | None:
     """How the evaluated model tokenizes (for token perplexity), from its model arguments; None
-    when they name no model folder or run (token perplexity is then left out)."""
+    when they name no local model folder or run, or (another lm-eval model's) a tokenizer this
+    project cannot read: token perplexity is then left out."""
     model = metadata.get("path") or metadata.get("pretrained")
     if not (metadata.get("tokenizer") or (model and Path(model).exists())):
         return None
-    return Encoder(tokenizer_path(Path(model or "."), metadata.get("tokenizer")), metadata.get("prefix_token_id"))
+    try:
+        return Encoder(tokenizer_path(Path(model or "."), metadata.get("tokenizer")), metadata.get("prefix_token_id"))
+    except TokenizerError as e:
+        if "path" in metadata:  # nvfp4-titan reads its tokenizer the same way: its own error comes first
+            raise
+        log.warning("token_perplexity left out: %s", e)
+        return None
 
 
 def _perplexity_docs(texts: list[str], metadata: dict[str, Any]) -> datasets.DatasetDict:
@@ -56,7 +66,7 @@ def _perplexity_docs(texts: list[str], metadata: dict[str, Any]) -> datasets.Dat
 def plays(**metadata: Any) -> datasets.DatasetDict:
     """The bundled plays (``data/assets/shakespeare.jsonl``: 278 scenes), one document per scene."""
     if not PLAYS.is_file():
-        raise ConvertError(f"{PLAYS} is missing: shakespeare_ppl reads the repository's data/assets (pip install -e)")
+        raise DataError(f"{PLAYS} is missing: shakespeare_ppl reads the repository's data/assets (pip install -e)")
     return _perplexity_docs(load_documents(PLAYS), metadata)
 
 
