@@ -33,8 +33,11 @@ def register() -> None:
     """Register ``nvfp4-titan`` with lm-eval (lazily: the model module loads on first use).
     lm-eval's own models are registered first: ``get_model`` only imports them while its
     registry is empty, so one entry of ours would hide ``hf`` and the rest."""
-    import lm_eval.models  # noqa: F401  (registers lm-eval's models)
-    from lm_eval.api.registry import model_registry
+    try:
+        import lm_eval.models  # noqa: F401  (registers lm-eval's models)
+        from lm_eval.api.registry import model_registry
+    except ImportError as e:
+        raise ImportError(f"nvfp4_titan.harness needs lm-eval 0.4.13: pip install -e '.[eval]' ({e})") from None
 
     if MODEL not in model_registry:
         model_registry.register(MODEL, target="nvfp4_titan.harness.model:NVFP4TitanLM")
