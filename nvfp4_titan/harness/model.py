@@ -34,7 +34,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from nvfp4_titan.convert import ConvertError
-from nvfp4_titan.data.chat import ChatTemplate, load_chat_template
+from nvfp4_titan.data.chat import ChatTemplate, RowError, load_chat_template
 from nvfp4_titan.evaluate import load_model, tokenizer_path
 from nvfp4_titan.harness.encoding import Encoder
 
@@ -257,9 +257,14 @@ class NVFP4TitanLM(TemplateLM):
         return [self.encoder.decode(ids) for ids in new]
 
     def _template(self) -> ChatTemplate:
+        """The chat template (loaded on first use: base models have none). Raises RowError naming
+        this model's ``chat_template`` argument where the loader names the recipe key."""
         if self._chat is None:
             eos = self.encoder.decode([self.eot_token_id], skip_special_tokens=False)
-            self._chat = load_chat_template(self.encoder.path, self._chat_template_setting, eos)
+            try:
+                self._chat = load_chat_template(self.encoder.path, self._chat_template_setting, eos)
+            except RowError as e:
+                raise RowError(str(e).replace("dataset.chat_template", "--model_args chat_template")) from None
         return self._chat
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:

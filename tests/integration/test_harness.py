@@ -268,6 +268,11 @@ def test_bad_input_is_named(models, tmp_path):
             NVFP4TitanLM(**kwargs)
     with pytest.raises(ConvertError, match="corpus_ppl needs its documents"):
         _evaluate(NVFP4TitanLM(path=ct), ["corpus_ppl"], {"path": str(ct)})
+    no_template = NVFP4TitanLM(path=run, tokenizer=ROOT / "data" / "assets" / "tokenizer.json")
+    with pytest.raises(
+        ValueError, match=r'has no chat template .* Set --model_args chat_template to a jinja2 file, or to "plain"'
+    ):
+        no_template.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_bundled_next_line_items_are_rebuilt_from_the_plays():
