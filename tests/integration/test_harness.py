@@ -140,6 +140,33 @@ def test_a_run_is_evaluated_in_the_dtype_it_trained_in(models, tmp_path):
     assert NVFP4TitanLM(path=step).model.tok_embeddings.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.cuda
+def test_on_a_gpu_the_export_and_ptq_of_its_float_weights_score_alike(models):
+    """On CUDA (Triton kernels in the QAT linear, the emulated GEMM in NVFP4Linear): the export
+    and PTQ of the run's float export (the same quantization as the run's QAT forward) give equal
+    responses, and within float rounding of the CPU's."""
+    _, ct, float_ = models
+    items = [json.loads(line) for line in NEXT_LINE.read_text().splitlines()[:8]]
+    got = {}
+    for device in ("cuda", "cpu"):
+        for name, kw in (("export", {"path": ct}), ("ptq", {"path": float_, "quant": "nvfp4-ptq"})):
+            lm = NVFP4TitanLM(**kw, max_length=64, batch_size=8, device=device)
+            assert next(lm.model.parameters()).device.type == device
+            rolling = lm.loglikelihood_rolling(
+                [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(DOCS)]
+            )
+            pairs = [(it["context"], c) for it in items for c in it["choices"]]
+            ll = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+            kwargs = {"until": [], "max_gen_toks": 8}
+            gen = lm.generate_until(
+                [Instance("generate_until", {}, (it["context"], kwargs), i) for i, it in enumerate(items)]
+            )
+            got[device, name] = (rolling, [x for x, _ in ll], gen)
+    assert got["cuda", "export"] == got["cuda", "ptq"]
+    for want, have in zip(got["cpu", "export"][:2], got["cuda", "export"][:2]):
+        assert have == pytest.approx(want, rel=1e-4)
+
+
 def _strided_nll(model, ids: torch.Tensor, seq_len: int, stride: int) -> dict[int, float]:
     """scripts/eval_ppl.py before lm-eval (its windows, every target of the stream scored once):
     NLL of each target position of the token stream ``ids``."""
