@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nvfp4
 from nvfp4_titan.convert import ConvertError, Source, build_model, load_nvfp4_model, resolve_source
-from nvfp4_titan.data.dataset import load_documents, validation_ids
+from nvfp4_titan.data.dataset import DataError, load_documents, validation_ids
 from nvfp4_titan.models.llama3 import Transformer, from_hf
 from nvfp4_titan.parallel.parallelize import DTYPES
 from nvfp4_titan.training.config import Config
@@ -82,8 +82,15 @@ def held_out_documents(cfg: Config) -> list[str]:
     documents training held out, as ``nvfp4_titan.data.tokens.dataset_tokens`` counts them.
 
     Raises:
-        DataError: as the corpus loaders.
+        DataError: a run of chat, ShareGPT or alpaca rows (their held-out split is conversations,
+            not documents), or as the corpus loaders.
     """
+    if cfg.dataset.format != "text":
+        raise DataError(
+            f"the run trained on {cfg.dataset.format} rows ({cfg.dataset.path}): its held-out split is "
+            "conversations, which a perplexity task does not score; give the documents to score as "
+            '--metadata \'{"data": "FILE.jsonl"}\', or score the run with a chat task (--apply_chat_template)'
+        )
     docs = load_documents(cfg.dataset.path, cfg.dataset.text_field)
     held_out = sorted(validation_ids(len(docs), cfg.dataset.validation_fraction, cfg.training.seed))
     return [docs[i] for i in held_out]

@@ -272,6 +272,19 @@ def test_held_out_documents_are_the_documents_training_validates_on(tmp_path, to
     assert torch.equal(stream[: len(windows)], windows)
 
 
+def test_held_out_documents_of_a_chat_run_are_refused_with_the_way_out():
+    """A chat run's held-out split is conversations: corpus_ppl says so instead of scoring the
+    rows' missing text field (a DataError naming the 'text' field would point at the wrong fix)."""
+    from nvfp4_titan.evaluate import held_out_documents
+    from nvfp4_titan.training.config import load_config
+
+    cfg = load_config(
+        Path("recipes/debug_cpu.toml"), ["--dataset.format=chat", "--dataset.path=data/assets/chat.jsonl"]
+    )
+    with pytest.raises(DataError, match=r"trained on chat rows .*--metadata '\{\"data\""):
+        held_out_documents(cfg)
+
+
 # ---- parallel, resumable builds: parts of PART text bytes, the first PLAYS documents of the plays
 PART, PLAYS = 40_000, 50
 
