@@ -152,6 +152,19 @@ if HAVE_TRITON:
         return scale.to(tl.float8e4nv)
 
     @triton.jit
+    def _candidate(lo, hi, block_amax, target, tensor_scale):
+        """One block scale candidate of R blocks (``lo``, ``hi`` [R, 8] their element pairs): the E4M3
+        scale that maps each block's amax to ``target`` ([R]), as fp32 [R, 1], the reciprocal the
+        elements are multiplied by, and the E2M1 codes and magnitudes of the pairs under it."""
+        scale_e4m3 = _block_scale(block_amax, target, tensor_scale)
+        block_scale = scale_e4m3.to(tl.float32)[:, None]
+        reciprocal = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale)
+        code_lo, rounded_lo, unit_lo = _e2m1(lo, reciprocal)
+        code_hi, rounded_hi, unit_hi = _e2m1(hi, reciprocal)
+        magnitude_lo, magnitude_hi = _magnitude(rounded_lo, unit_lo), _magnitude(rounded_hi, unit_hi)
+        return scale_e4m3, block_scale, reciprocal, code_lo, code_hi, magnitude_lo, magnitude_hi
+
+    @triton.jit
     def _squared_error(x, reciprocal, magnitude):
         """``format._block_error``'s term (|x * r| - |E2M1 value|)**2, the difference (exact) cut to
         12 significant bits so that its square is exact in fp32: a multiply-add contracted into
@@ -195,20 +208,14 @@ if HAVE_TRITON:
         lo, hi, signs = _unpack_pair(tl.load(x_ptr + pair, mask=pair_mask, other=0), KIND)
         block_amax = tl.reduce(_nan_max(tl.abs(lo), tl.abs(hi)), 1, _nan_max)  # NaN wins
         tensor_scale = tl.load(tensor_scale_ptr)
-        scale_e4m3 = _block_scale(block_amax, 6.0, tensor_scale)
-        block_scale = scale_e4m3.to(tl.float32)[:, None]
-        reciprocal = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale)
-        code_lo, rounded_lo, unit_lo = _e2m1(lo, reciprocal)
-        code_hi, rounded_hi, unit_hi = _e2m1(hi, reciprocal)
-        magnitude_lo, magnitude_hi = _magnitude(rounded_lo, unit_lo), _magnitude(rounded_hi, unit_hi)
+        scale_e4m3, block_scale, reciprocal, code_lo, code_hi, magnitude_lo, magnitude_hi = _candidate(
+            lo, hi, block_amax, 6.0, tensor_scale
+        )
         scale_bits = scale_e4m3.to(tl.uint8, bitcast=True)
         if FOUR_OVER_SIX:  # format._block_codes: the map-to-4 candidate where its error is smaller
-            scale4_e4m3 = _block_scale(block_amax, 4.0, tensor_scale)
-            block_scale4 = scale4_e4m3.to(tl.float32)[:, None]
-            reciprocal4 = tl.math.div_rn(tl.math.div_rn(1.0, tensor_scale), block_scale4)
-            code4_lo, rounded4_lo, unit4_lo = _e2m1(lo, reciprocal4)
-            code4_hi, rounded4_hi, unit4_hi = _e2m1(hi, reciprocal4)
-            magnitude4_lo, magnitude4_hi = _magnitude(rounded4_lo, unit4_lo), _magnitude(rounded4_hi, unit4_hi)
+            scale4_e4m3, block_scale4, reciprocal4, code4_lo, code4_hi, magnitude4_lo, magnitude4_hi = _candidate(
+                lo, hi, block_amax, 4.0, tensor_scale
+            )
             error6 = _block_error(lo, hi, reciprocal, magnitude_lo, magnitude_hi, scale_e4m3, R)
             error4 = _block_error(lo, hi, reciprocal4, magnitude4_lo, magnitude4_hi, scale4_e4m3, R)
             four = error4 < error6  # [R]; ties and NaN: the map-to-6 candidate
