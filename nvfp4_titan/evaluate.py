@@ -30,7 +30,8 @@ def load_model(
 
     ``quant="nvfp4-ptq"`` fake-quantizes a float model's linears (weights and inputs, dynamic
     activation scales: ``nvfp4.QATConfig()``), a ``QATConfig`` as it says (PTQ of another kind);
-    ``dtype`` ("auto" as above, "float32", "bfloat16") casts a run's or a float folder's weights.
+    ``dtype`` ("auto" as above, or a key of ``DTYPES``: "float32", "bfloat16", "float16") casts a
+    run's or a float folder's weights.
 
     Raises:
         ConvertError: not a model, an unknown ``quant`` or ``dtype``, PTQ of a quantized model, a

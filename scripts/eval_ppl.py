@@ -28,22 +28,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4_titan.convert import ConvertError, resolve_source  # noqa: E402
-from nvfp4_titan.harness import corpus_perplexity  # noqa: E402
+from nvfp4_titan.harness import corpus_perplexity, errors  # noqa: E402
 
-# The data and tokenizer loaders name the recipe keys that fix their errors; here the fix is a flag.
-_FLAG_FOR_KEY = {
-    "set dataset.path to a local file or folder": "pass --data PATH",
-    "set dataset.text_field to the field that holds the text": "pass --text-field NAME",
-    "(set dataset.text_field)": "(pass --text-field NAME)",
-    "set model.tokenizer_path": "pass --tokenizer PATH",
+# The harness's errors name its arguments (nvfp4_titan.harness.errors); here the fix is a flag.
+_FLAG_FOR_ARGUMENT = {
+    errors.DATA: "--data PATH",
+    '--metadata \'{"data": "FILE.jsonl"}\'': "--data FILE.jsonl",
+    errors.TEXT_FIELD: "--text-field NAME",
+    errors.TOKENIZER: "--tokenizer PATH",
     "tokenizer=PATH": "--tokenizer PATH",
     "max_length=": "--seq-len ",
 }
 
 
 def _with_flags(message: str) -> str:
-    for key, flag in _FLAG_FOR_KEY.items():
-        message = message.replace(key, flag)
+    for argument, flag in _FLAG_FOR_ARGUMENT.items():
+        message = message.replace(argument, flag)
     return message
 
 
@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if (a.seq_len is not None and a.seq_len < 2) or a.batch_size < 1:
-        p.error(f"need --seq-len >= 2 and --batch-size >= 1 (got {a.seq_len} and {a.batch_size})")
+    if a.seq_len is not None and a.seq_len < 2:
+        p.error(f"need --seq-len >= 2 (got {a.seq_len})")
+    if a.batch_size < 1:
+        p.error(f"need --batch-size >= 1 (got {a.batch_size})")
     if a.held_out_of and a.data:
         p.error("give --data or --held-out-of, not both")
     model_args = {"path": str(a.model), "quant": a.quant}

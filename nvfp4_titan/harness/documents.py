@@ -10,10 +10,16 @@ hf``), its ``tokenizer``/``prefix_token_id`` if given, and the tasks' own keys:
   "text"), read as training reads it (``nvfp4_titan.data.dataset.load_documents``);
 - ``held_out_of``: a training run or step: its recipe's validation split (default for a run's own
   ``path`` when ``data`` is not given).
+
+The perplexity tasks refuse a key that is neither theirs, nor an ``nvfp4-titan`` model argument,
+nor lm-eval's own (a mistyped ``data`` would silently score the run's held-out split); with
+another lm-eval model (``pretrained``, ``model``) its arguments cannot be told from mistakes, so
+only the tasks' own keys are read.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import random
@@ -26,18 +32,41 @@ import datasets
 from nvfp4_titan.convert import ConvertError, resolve_source
 from nvfp4_titan.data.dataset import DataError, load_documents
 from nvfp4_titan.data.tokenizer import TokenizerError
-from nvfp4_titan.evaluate import held_out_documents, tokenizer_path
-from nvfp4_titan.harness.encoding import Encoder
+from nvfp4_titan.evaluate import held_out_documents
+from nvfp4_titan.harness.encoding import Encoder, model_encoder
+from nvfp4_titan.harness.errors import DATA, HarnessError, in_harness_terms, recipe_path
+from nvfp4_titan.harness.model import NVFP4TitanLM
+from nvfp4_titan.training.config import Config
 
 log = logging.getLogger("nvfp4_titan")
 PLAYS = Path(__file__).resolve().parents[2] / "data" / "assets" / "shakespeare.jsonl"
 NEXT_LINE = Path(__file__).parent / "tasks" / "shakespeare_next_line.jsonl"
 # A speaker's tag alone on its line ("Ham.", "First Clown.", "Lady M.", "PUCK"): a speech follows.
 _SPEAKER = re.compile(r"^(?:[A-Z][A-Za-z'. ]{0,30}\.|[A-Z][A-Z' ]{1,30})$")
+TASK_KEYS = ("data", "text_field", "held_out_of")
+# what lm-eval adds to every task's metadata: the YAML's own metadata, config_source (tasks/_factory.py)
+_LM_EVAL_KEYS = ("version", "config_source")
+_MODEL_KEYS = tuple(p for p in inspect.signature(NVFP4TitanLM.__init__).parameters if p not in ("self", "unknown"))
 
 
 def _split(docs: list[dict[str, Any]]) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def _check_keys(metadata: dict[str, Any]) -> None:
+    """Refuse what the perplexity tasks cannot mean (module docstring).
+
+    Raises:
+        HarnessError: an unknown key (nvfp4-titan's metadata), or both ``data`` and ``held_out_of``.
+    """
+    if not {"pretrained", "model"} & metadata.keys():
+        if unknown := sorted(metadata.keys() - {*TASK_KEYS, *_LM_EVAL_KEYS, *_MODEL_KEYS}):
+            raise HarnessError(
+                f"unknown metadata key {', '.join(map(repr, unknown))}: the perplexity tasks take "
+                f"{', '.join(TASK_KEYS)} (--metadata), besides nvfp4-titan's --model_args ({', '.join(_MODEL_KEYS)})"
+            )
+    if metadata.get("data") and metadata.get("held_out_of"):
+        raise HarnessError("give data or held_out_of, not both")
 
 
 def _encoder(metadata: dict[str, Any]) -> Encoder | None:
@@ -48,7 +77,7 @@ def _encoder(metadata: dict[str, Any]) -> Encoder | None:
     if not (metadata.get("tokenizer") or (model and Path(model).exists())):
         return None
     try:
-        return Encoder(tokenizer_path(Path(model or "."), metadata.get("tokenizer")), metadata.get("prefix_token_id"))
+        return model_encoder(Path(model or "."), metadata.get("tokenizer"), metadata.get("prefix_token_id"))
     except TokenizerError as e:
         if "path" in metadata:  # nvfp4-titan reads its tokenizer the same way: its own error comes first
             raise
@@ -65,6 +94,7 @@ def _perplexity_docs(texts: list[str], metadata: dict[str, Any]) -> datasets.Dat
 
 def plays(**metadata: Any) -> datasets.DatasetDict:
     """The bundled plays (``data/assets/shakespeare.jsonl``: 278 scenes), one document per scene."""
+    _check_keys(metadata)
     if not PLAYS.is_file():
         raise DataError(f"{PLAYS} is missing: shakespeare_ppl reads the repository's data/assets (pip install -e)")
     return _perplexity_docs(load_documents(PLAYS), metadata)
@@ -75,29 +105,44 @@ def corpus(**metadata: Any) -> datasets.DatasetDict:
     evaluated run itself).
 
     Raises:
-        ConvertError: neither is given, or ``held_out_of`` is not a training run. DataError: as
-            the corpus loaders.
+        HarnessError: as ``_check_keys``. ConvertError: neither is given, or ``held_out_of`` is not
+            a training run. DataError: as the corpus loaders (worded with ``data``/``text_field``);
+            a run's relative ``dataset.path`` not found from here.
     """
+    _check_keys(metadata)
     if metadata.get("data"):
-        return _perplexity_docs(load_documents(metadata["data"], metadata.get("text_field", "text")), metadata)
+        with in_harness_terms():
+            docs = load_documents(metadata["data"], metadata.get("text_field", "text"))
+        return _perplexity_docs(docs, metadata)
     if run := metadata.get("held_out_of"):
+        if (Path(run) / "config.json").is_file():
+            raise ConvertError(
+                f"held_out_of={run}: a Hugging Face folder (float or converted), not a training run: name the "
+                "run (or step-N folder) whose held-out split to score"
+            )
         try:
             recipe = resolve_source(Path(run)).config
         except ConvertError as e:
             raise ConvertError(f"held_out_of={run}: not a training run ({e})") from None
-        if recipe is None:
-            raise ConvertError(f"held_out_of={run}: not a training run, so no recipe names a held-out split")
     else:
-        path = metadata.get("path")
-        is_run = path and Path(path).exists() and not (Path(path) / "config.json").is_file()
-        recipe = resolve_source(Path(path)).config if is_run else None
+        run = metadata.get("path")
+        is_run = run and Path(run).exists() and not (Path(run) / "config.json").is_file()
+        recipe = resolve_source(Path(run)).config if is_run else None
         if recipe is None:
             raise ConvertError(
-                f"corpus_ppl needs its documents: {path or 'the model'} is not a training run, so pass "
+                f"corpus_ppl needs its documents: {run or 'the model'} is not a training run, so pass "
                 '--metadata \'{"data": "corpus.jsonl"}\' (a local corpus) or \'{"held_out_of": "RUN"}\' (a '
                 "training run's held-out split)"
             )
-    return _perplexity_docs(held_out_documents(recipe), metadata)
+    return _perplexity_docs(_held_out(Path(run), recipe), metadata)
+
+
+def _held_out(run: Path, recipe: Config) -> list[str]:
+    """``held_out_documents`` of the recipe of ``run``, its relative ``dataset.path`` checked first."""
+    if recipe.dataset.format == "text":  # (chat rows are refused by held_out_documents, naming them)
+        recipe_path(run, "dataset.path", recipe.dataset.path, DATA, DataError)
+    with in_harness_terms():
+        return held_out_documents(recipe)
 
 
 def perplexity_results(doc: dict[str, Any], results: list[float]) -> dict[str, tuple[float, int]]:

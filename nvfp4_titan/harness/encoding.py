@@ -10,6 +10,8 @@ from pathlib import Path
 from lm_eval.models.utils import has_bos_prefix
 
 from nvfp4_titan.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from nvfp4_titan.evaluate import tokenizer_path
+from nvfp4_titan.harness.errors import TOKENIZER, in_harness_terms, recipe_path
 
 
 def _bos_text(folder: Path) -> str | None:
@@ -56,3 +58,18 @@ class Encoder:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def model_encoder(path: Path, tokenizer: str | Path | None = None, prefix_token_id: int | None = None) -> Encoder:
+    """The ``Encoder`` of the model at ``path`` (``nvfp4_titan.evaluate.tokenizer_path``: ``tokenizer``
+    if given, else the model's own).
+
+    Raises:
+        TokenizerError: as ``Encoder``, worded with the harness's ``tokenizer`` argument; a run's
+            relative ``model.tokenizer_path`` not found from here (it is relative to where the run trained).
+    """
+    found = tokenizer_path(path, tokenizer)
+    if not tokenizer and not (path / "config.json").is_file():  # a run: its recipe names the tokenizer
+        found = recipe_path(path, "model.tokenizer_path", str(found), TOKENIZER, TokenizerError)
+    with in_harness_terms():
+        return Encoder(found, prefix_token_id)

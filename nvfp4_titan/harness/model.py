@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from nvfp4_titan.convert import ConvertError
 from nvfp4_titan.data.chat import ChatTemplate, RowError, load_chat_template
-from nvfp4_titan.evaluate import load_model, tokenizer_path
-from nvfp4_titan.harness.encoding import Encoder
+from nvfp4_titan.evaluate import load_model
+from nvfp4_titan.harness.encoding import model_encoder
+from nvfp4_titan.harness.errors import CHAT_TEMPLATE, HarnessError, recipe_path
 
 log = logging.getLogger("nvfp4_titan")
 # prefill tag of transformers' apply_chat_template(continue_final_message=True) (utils/chat_template_utils.py)
@@ -45,7 +46,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r}: give a whole number >= 1 (nvfp4-titan does not size batches itself)")
+        raise HarnessError(f"{name}={value!r}: give a whole number >= 1 (nvfp4-titan does not size batches itself)")
     return int(value)
 
 
@@ -65,33 +66,34 @@ class NVFP4TitanLM(TemplateLM):
     - ``quant``: ``none`` or ``nvfp4-ptq`` (NVFP4 PTQ of a float model; from Python also a
       ``nvfp4.QATConfig``, PTQ of that kind);
     - ``dtype``: ``auto`` (a run: its ``training.mixed_precision_param``; a float folder:
-      float32; a converted folder: as stored), ``float32`` or ``bfloat16``;
+      float32; a converted folder: as stored), ``float32``, ``bfloat16`` or ``float16``;
     - ``tokenizer``: a tokenizer file or folder instead of the model's own;
     - ``prefix_token_id``: the token documents are scored after (default: the BOS that
       ``tokenizer_config.json`` names, else EOS, as ``HFLM``);
     - ``max_length``: tokens per forward (default: the model's ``max_seq_len``);
     - ``max_gen_toks``: default generation budget (256, as ``HFLM``);
     - ``chat_template``: for ``--apply_chat_template``: "" (the tokenizer's own), ``plain``, or a
-      jinja2 file (``nvfp4_titan.data.chat.load_chat_template``);
+      jinja2 file (``nvfp4_titan.data.chat.load_chat_template``); default: a run's own
+      ``dataset.chat_template`` where its recipe sets one (the template it trained with), else "";
     - ``batch_size``, ``device``: lm-eval's ``--batch_size`` (a number) and ``--device``.
 
     Raises:
         ConvertError: a path that is not a model, a bad ``quant``/``dtype``, a tokenizer with more
             tokens than the model, ``max_length`` beyond the model's. TokenizerError: no tokenizer.
-        ValueError: ``batch_size`` or a length that is not a positive whole number.
-        TypeError: an argument it does not take.
+        HarnessError: no ``path``, an argument it does not take, ``batch_size`` or a length that
+            is not a positive whole number.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None = None,
         quant: str = "none",
         dtype: str = "auto",
         tokenizer: str | None = None,
         prefix_token_id: int | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        chat_template: str = "",
+        chat_template: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # lm-eval passes it with batch_size; used by "auto" sizing only
         device: str | None = None,
@@ -99,16 +101,21 @@ class NVFP4TitanLM(TemplateLM):
     ) -> None:
         super().__init__()
         if unknown:
-            raise TypeError(
+            raise HarnessError(
                 f"nvfp4-titan has no model argument {', '.join(sorted(unknown))}; it takes path, quant, dtype, "
                 "tokenizer, prefix_token_id, max_length, max_gen_toks, chat_template (lm-eval's hf model's "
                 "pretrained= is path= here)"
             )
+        if path is None:
+            raise HarnessError(
+                "nvfp4-titan needs the model: --model_args path=PATH (a training run or step-N folder, a "
+                "converted NVFP4 folder or a float Hugging Face folder)"
+            )
         path = Path(path)
         self._batch_size = _positive_int(batch_size, "batch_size")
         self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
-        model, _ = load_model(path, quant, dtype)
-        self.encoder = Encoder(tokenizer_path(path, tokenizer), prefix_token_id)
+        model, src = load_model(path, quant, dtype)
+        self.encoder = model_encoder(path, tokenizer, prefix_token_id)
         if self.encoder.tokenizer.vocab_size > model.args.vocab_size:
             raise ConvertError(
                 f"the tokenizer {self.encoder.path} has {self.encoder.tokenizer.vocab_size} tokens, more than "
@@ -121,7 +128,11 @@ class NVFP4TitanLM(TemplateLM):
             )
         self._device = _device(device)
         self.model = model.to(self._device).eval()
-        self._chat_template_setting = chat_template
+        # a run is scored with the template it trained with, unless chat_template says otherwise
+        recipe = src.config if src is not None else None
+        self._recipe_template = chat_template is None and recipe is not None and bool(recipe.dataset.chat_template)
+        self._chat_template_setting = recipe.dataset.chat_template if self._recipe_template else chat_template or ""
+        self._path = path
         self._chat: ChatTemplate | None = None
 
     @property
@@ -166,7 +177,7 @@ class NVFP4TitanLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
         for chunk in order.get_batched(n=self.batch_size):
             if longest := max((len(cont) for _, _, cont in chunk if len(cont) > self.max_length), default=0):
-                raise ValueError(f"a continuation of {longest} tokens does not fit in max_length={self.max_length}")
+                raise HarnessError(f"a continuation of {longest} tokens does not fit in max_length={self.max_length}")
             inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk]
             log_probs = self._log_probs(inputs)
             for (request, _, cont), inp, lp in zip(chunk, inputs, log_probs):
@@ -218,14 +229,16 @@ class NVFP4TitanLM(TemplateLM):
             contexts, all_kwargs = zip(*chunk)
             kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
             if kwargs["do_sample"]:
-                raise ValueError(
+                raise HarnessError(
                     f"generation asks for sampling ({all_kwargs[0]}); nvfp4-titan generates greedily: "
                     "pass --gen_kwargs do_sample=false"
                 )
             until = handle_stop_sequences(kwargs["until"], eos=eos_text)
             budget = kwargs["max_gen_toks"]
             if budget >= self.max_length:
-                raise ValueError(f"max_gen_toks={budget} leaves no room for a context in max_length={self.max_length}")
+                raise HarnessError(
+                    f"max_gen_toks={budget} leaves no room for a context in max_length={self.max_length}"
+                )
             prompts = [self.tok_encode(c)[-(self.max_length - budget) :] for c in contexts]
             for context, text in zip(contexts, self._greedy(prompts, until, budget)):
                 text = postprocess_generated_text(text, until, None)
@@ -258,12 +271,18 @@ class NVFP4TitanLM(TemplateLM):
 
     def _template(self) -> ChatTemplate:
         """The chat template (loaded on first use: base models have none). Raises RowError naming
-        this model's ``chat_template`` argument where the loader names the recipe key."""
+        this model's ``chat_template`` argument where the loader names the recipe key, and a run's
+        template file not found from here (the recipe's relative paths are from where it trained)."""
         if self._chat is None:
+            setting = self._chat_template_setting
+            if self._recipe_template and setting != "plain":
+                recipe_path(self._path, "dataset.chat_template", setting, CHAT_TEMPLATE, RowError)
             eos = self.encoder.decode([self.eot_token_id], skip_special_tokens=False)
             try:
-                self._chat = load_chat_template(self.encoder.path, self._chat_template_setting, eos)
+                self._chat = load_chat_template(self.encoder.path, setting, eos)
             except RowError as e:
+                if self._recipe_template:
+                    raise RowError(f"{self._path}'s recipe: {e}; or pass {CHAT_TEMPLATE}") from None
                 raise RowError(str(e).replace("dataset.chat_template", "--model_args chat_template")) from None
         return self._chat
 
@@ -273,7 +292,7 @@ class NVFP4TitanLM(TemplateLM):
         if not chat_template:
             return None
         if isinstance(chat_template, str):
-            raise ValueError(
+            raise HarnessError(
                 f"--apply_chat_template {chat_template}: nvfp4-titan has one chat template; name a file "
                 "with --model_args chat_template=PATH (or plain) and pass --apply_chat_template alone"
             )

@@ -4,6 +4,7 @@ from; lm-eval's perplexity against the project's earlier strided loop, differenc
 greedy generation, chat templates, the command line, the bundled task, bad input."""
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -16,8 +17,13 @@ from lm_eval.api.instance import Instance
 
 from nvfp4_titan import harness
 from nvfp4_titan.convert import ConvertError, Options, convert_checkpoint
+from nvfp4_titan.data.chat import RowError
+from nvfp4_titan.data.dataset import DataError
+from nvfp4_titan.data.tokenizer import TokenizerError
 from nvfp4_titan.harness.documents import NEXT_LINE, PLAYS, next_line_items
+from nvfp4_titan.harness.errors import HarnessError
 from nvfp4_titan.harness.model import NVFP4TitanLM
+from nvfp4_titan.parallel.parallelize import DTYPES
 from tests.integration.helpers import FAST, ROOT, train
 
 CORPUS = ROOT / "tests" / "integration" / "tiny_corpus.jsonl"
@@ -31,6 +37,15 @@ TEMPLATE = (  # ChatML, as SmolLM2's
 NATS_PER_TOKEN = 0.05
 # ... and HFLM sums each window's log-probabilities in bf16: within half a bf16 ulp of the sum.
 BF16_SUM = 2**-8
+
+
+@pytest.fixture(autouse=True)
+def _lm_eval_logs_to_an_open_stream(monkeypatch):
+    """lm-eval's command line adds its log handler once, on the sys.stderr of that moment: a
+    test's capture, closed after it (each later log line would print a logging traceback)."""
+    for handler in logging.getLogger("lm_eval").handlers:
+        if type(handler) is logging.StreamHandler:  # lm_eval.utils.setup_logging's (not pytest's own)
+            monkeypatch.setattr(handler, "stream", sys.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +139,41 @@ def test_run_and_its_export_score_bitwise_alike(models):
         assert [s["resps"] for s in samples] == [s["resps"] for s in got[1][task]], task
 
 
+def _step_with_recipe(run, folder, *changes: tuple[str, str]):
+    """The run's step-2 (its files linked) in ``folder``, its recipe's text with each (old, new) replaced."""
+    step = folder / "step-2"
+    step.mkdir()
+    for f in (run / "checkpoint" / "step-2").iterdir():
+        if f.name != "config.toml":
+            (step / f.name).symlink_to(f)
+    recipe = (run / "checkpoint" / "step-2" / "config.toml").read_text()
+    for old, new in changes:
+        assert old in recipe, old
+        recipe = recipe.replace(old, new)
+    (step / "config.toml").write_text(recipe)
+    return step
+
+
 def test_a_run_is_evaluated_in_the_dtype_it_trained_in(models, tmp_path):
     """training.mixed_precision_param decides: the same step, its recipe saying bfloat16, loads in bf16."""
     run, _, _ = models
-    step = tmp_path / "step-2"
-    step.mkdir()
-    for f in (run / "checkpoint" / "step-2").iterdir():
-        (step / f.name).symlink_to(f)
-    (step / "config.toml").unlink()
-    recipe = (run / "checkpoint" / "step-2" / "config.toml").read_text()
-    (step / "config.toml").write_text(
-        recipe.replace('mixed_precision_param = "float32"', 'mixed_precision_param = "bfloat16"')
-    )
+    step = _step_with_recipe(run, tmp_path, ('mixed_precision_param = "float32"', 'mixed_precision_param = "bfloat16"'))
     assert NVFP4TitanLM(path=run).model.tok_embeddings.weight.dtype == torch.float32
     assert NVFP4TitanLM(path=step).model.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_a_run_is_scored_with_the_chat_template_it_trained_with(models, tmp_path):
+    """A run whose recipe sets dataset.chat_template renders prompts with it, not with its
+    tokenizer's template (ChatML here); chat_template="" asks for the tokenizer's; a recipe that
+    sets none takes the tokenizer's."""
+    run, _, _ = models
+    step = _step_with_recipe(run, tmp_path, ('chat_template = ""', 'chat_template = "plain"'))
+    chat = [{"role": "user", "content": "Who speaks?"}]
+    # "plain": tokenizer_config.json's BOS, then the turns as they are
+    assert NVFP4TitanLM(path=step).apply_chat_template(chat) == "<|begin_of_text|>Who speaks?"
+    chatml = "<|im_start|>user\nWho speaks?<|im_end|>\n<|im_start|>assistant\n"
+    assert NVFP4TitanLM(path=step, chat_template="").apply_chat_template(chat) == chatml
+    assert NVFP4TitanLM(path=run).apply_chat_template(chat) == chatml
 
 
 @pytest.mark.cuda
@@ -276,8 +312,31 @@ def test_command_line_runs_lm_eval_with_the_model_and_tasks(models, capsys, monk
     want = harness.corpus_perplexity({"path": str(run), "max_length": 64}, {"data": str(CORPUS)}, 64, "cpu")
     row = next(line for line in capsys.readouterr().out.splitlines() if "|word_perplexity" in line)
     assert float(row.split("|")[7]) == pytest.approx(want["word_perplexity"], abs=5e-4)
-    with pytest.raises(SystemExit, match="passes its own tasks folder"):
-        main([*args, "--include_path", "x"])
+
+
+def test_command_line_names_bad_input_in_one_line(models, capsys, monkeypatch, tmp_path):
+    """The project's errors for bad input end nvfp4-lm-eval with one line on stderr, exit status
+    2, no traceback, worded with the harness's own arguments."""
+    from nvfp4_titan.harness.cli import main
+
+    run, _, _ = models
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    task = ["--tasks", "corpus_ppl", "--device", "cpu", "--limit", "1"]
+    for args, said in (
+        (["--model_args", f"pth={run}"], "error: nvfp4-titan has no model argument pth"),
+        (["--model_args", "max_length=64"], "error: nvfp4-titan needs the model: --model_args path=PATH"),
+        (
+            ["--model_args", f"path={run}", "--metadata", json.dumps({"data": str(tmp_path / "nope.jsonl")})],
+            'does not exist; name a local file or folder with --metadata \'{"data": "PATH"}\'',
+        ),
+        (["--model_args", f"path={run}", "--include_path", "x"], "error: nvfp4-lm-eval passes its own tasks folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", "nvfp4-titan", *args, *task])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        last = err.splitlines()[-1]
+        assert last.startswith("error: ") and said in last and "dataset.path" not in err, err
 
 
 def test_bad_input_is_named(models, tmp_path):
@@ -289,17 +348,76 @@ def test_bad_input_is_named(models, tmp_path):
         ({"path": run, "quant": "int4"}, ConvertError, r"quant='int4': use one of \['none', 'nvfp4-ptq'\]"),
         ({"path": run, "batch_size": "auto"}, ValueError, "batch_size='auto': give a whole number"),
         ({"path": run, "max_length": 4096}, ConvertError, "max_length=4096 exceeds the model's max_seq_len 2048"),
-        ({"path": run, "pretrained": run}, TypeError, "no model argument pretrained; .* pretrained= is path= here"),
+        ({"path": run, "pretrained": run}, HarnessError, "no model argument pretrained; .* pretrained= is path= here"),
+        ({"pretrained": run}, HarnessError, "no model argument pretrained; .* pretrained= is path= here"),
+        ({"pth": run}, HarnessError, "no model argument pth; it takes path, "),
+        ({}, HarnessError, r"needs the model: --model_args path=PATH"),
+        ({"path": run, "tokenizer": tmp_path / "no.json"}, TokenizerError, "pass --model_args tokenizer=PATH$"),
     ):
         with pytest.raises(error, match=said):
             NVFP4TitanLM(**kwargs)
-    with pytest.raises(ConvertError, match="corpus_ppl needs its documents"):
-        _evaluate(NVFP4TitanLM(path=ct), ["corpus_ppl"], {"path": str(ct)})
+    lm = NVFP4TitanLM(path=ct)
+    for metadata, error, said in (
+        ({"path": str(ct)}, ConvertError, "corpus_ppl needs its documents"),
+        (  # lm-eval merges --model_args into the metadata: those are known keys
+            {"path": str(ct), "max_length": 64, "daat": str(CORPUS)},
+            HarnessError,
+            r"unknown metadata key 'daat': the perplexity tasks take data, text_field, held_out_of \(--metadata\)",
+        ),
+        ({"path": str(ct), "data": str(CORPUS), "held_out_of": str(run)}, HarnessError, "give data or held_out_of"),
+        (
+            {"path": str(ct), "held_out_of": str(ct)},
+            ConvertError,
+            r"held_out_of=.*: a Hugging Face folder \(float or converted\), not a training run: name the run",
+        ),
+    ):
+        with pytest.raises(error, match=said) as e:
+            _evaluate(lm, ["corpus_ppl"], metadata)
+        assert "convert the float checkpoint" not in str(e.value)
     no_template = NVFP4TitanLM(path=run, tokenizer=ROOT / "data" / "assets" / "tokenizer.json")
     with pytest.raises(
         ValueError, match=r'has no chat template .* Set --model_args chat_template to a jinja2 file, or to "plain"'
     ):
         no_template.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_a_runs_relative_paths_are_named_from_elsewhere(models, tmp_path, monkeypatch):
+    """A recipe's relative paths are from the directory the run trained in: run from elsewhere,
+    the tokenizer, the held-out corpus and the chat template say so and name the argument that
+    gives them instead."""
+    run, _, _ = models
+    tok = run.parent / "tokenizer"
+    step = _step_with_recipe(
+        run,
+        tmp_path,
+        (f'"{tok}"', '"data/assets/tokenizer.json"'),
+        (f'"{CORPUS}"', '"tests/integration/tiny_corpus.jsonl"'),
+        ('chat_template = ""', 'chat_template = "templates/chat.jinja"'),
+    )
+    monkeypatch.chdir(tmp_path)
+    elsewhere = "relative to the directory the run was trained in, and there is no {} in {}: "
+    elsewhere += "run from that directory, or pass {}"
+    said = elsewhere.format("data/assets/tokenizer.json", tmp_path, "--model_args tokenizer=PATH")
+    with pytest.raises(TokenizerError) as e:
+        NVFP4TitanLM(path=step)
+    assert said in str(e.value)
+    lm = NVFP4TitanLM(path=step, tokenizer=tok)
+    said = elsewhere.format("tests/integration/tiny_corpus.jsonl", tmp_path, '--metadata \'{"data": "PATH"}\'')
+    with pytest.raises(DataError) as e:
+        _evaluate(lm, ["corpus_ppl"], {"path": str(step), "tokenizer": str(tok)})
+    assert said in str(e.value)
+    said = elsewhere.format("templates/chat.jinja", tmp_path, "--model_args chat_template=PATH")
+    with pytest.raises(RowError) as e:
+        lm.apply_chat_template([{"role": "user", "content": "x"}])
+    assert said in str(e.value)
+
+
+def test_the_docs_list_the_dtypes_the_code_takes():
+    """docs/evaluation.md and the model's docstring name every dtype load_model accepts."""
+    doc = " ".join((ROOT / "docs" / "evaluation.md").read_text().split())
+    dtype = doc[doc.index("`dtype` (`auto`") : doc.index("`tokenizer`, `prefix_token_id`")]
+    for name in DTYPES:
+        assert f"`{name}`" in dtype and f"``{name}``" in NVFP4TitanLM.__doc__, name
 
 
 def test_bundled_next_line_items_are_rebuilt_from_the_plays():
@@ -338,21 +456,30 @@ def test_eval_ppl_reports_lm_eval_figures_on_a_runs_held_out_split(models, tmp_p
     assert eval_ppl.main([str(run), "--seq-len=4096"]) == 2
     assert "--seq-len 4096 exceeds the model's max_seq_len 2048" in capsys.readouterr().err
     for bad, said in (
-        (["--seq-len=1"], "need --seq-len >= 2 and --batch-size >= 1 (got 1 and 4)"),
+        (["--seq-len=1"], "need --seq-len >= 2 (got 1)"),
+        (["--batch-size=0"], "need --batch-size >= 1 (got 0)"),
         ([f"--data={CORPUS}", f"--held-out-of={run}"], "give --data or --held-out-of, not both"),
     ):
         with pytest.raises(SystemExit):
             eval_ppl.main([str(run), *bad])
         assert said in capsys.readouterr().err
     (tmp_path / "other.jsonl").write_text('{"body": "text under another field"}\n')
-    for bad, fix in (  # the loaders' hints name recipe keys; eval_ppl's fix is one of its flags
-        ([f"--data={tmp_path / 'missing.jsonl'}"], "does not exist; pass --data PATH"),
-        ([f"--data={tmp_path / 'other.jsonl'}"], "no field 'text'; its fields are ['body'] (pass --text-field NAME)"),
-        ([f"--tokenizer={tmp_path / 'missing.json'}"], "does not exist; pass --tokenizer PATH"),
+    chat = _step_with_recipe(run, tmp_path, ('format = "text"', 'format = "chat"'))
+    for model, bad, fix in (  # the harness's hints name its arguments; eval_ppl's fix is one of its flags
+        (run, [f"--data={tmp_path / 'missing.jsonl'}"], "does not exist; name a local file or folder with --data PATH"),
+        (
+            run,
+            [f"--data={tmp_path / 'other.jsonl'}"],
+            "no field 'text'; its fields are ['body'] (name the field with --text-field NAME)",
+        ),
+        (run, [f"--tokenizer={tmp_path / 'missing.json'}"], "does not exist; pass --tokenizer PATH"),
+        (ct, [f"--held-out-of={chat}"], "give the documents to score as --data FILE.jsonl, or"),
     ):
-        assert eval_ppl.main([str(run), *bad]) == 2
-        err = capsys.readouterr().err
+        assert eval_ppl.main([str(model), *bad]) == 2
+        err = capsys.readouterr().err  # lm-eval's own log lines name --metadata
+        err = next(line for line in err.splitlines() if line.startswith("error: "))
         assert fix in err and "dataset." not in err and "model.tokenizer_path" not in err, err
+        assert "--metadata" not in err and "--model_args" not in err, err
 
 
 def test_documents_are_encoded_as_transformers_encodes_them(tmp_path):
